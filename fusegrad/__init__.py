@@ -1,0 +1,17 @@
+"""fusegrad: train Llama-family transformers with explicit, fused backward passes.
+
+>>> import fusegrad as fg
+>>> x = fg.tensor([[1.0, 2.0]], requires_grad=True)
+>>> w = fg.tensor([[3.0], [4.0]], requires_grad=True)
+>>> (x @ w).sum().backward()
+>>> w.grad.ravel().tolist()
+[1.0, 2.0]
+"""
+__version__ = "0.1.0"
+
+from fusegrad.core.errors import BackendError, FormatError, FusegradError, ShapeError  # noqa: E402
+from fusegrad.core.tensor import Tensor, is_grad_enabled, no_grad, tensor  # noqa: E402
+from fusegrad.core.trace import TRACER, trace  # noqa: E402
+from fusegrad import backends  # noqa: E402
+from fusegrad.backends.dispatch import prewarm  # noqa: E402
+from fusegrad.ops import *  # noqa: E402,F401,F403

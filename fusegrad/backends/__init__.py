@@ -1,0 +1,58 @@
+"""Backend registry: which backend owns an array, and which one new tensors use by default.
+
+>>> import fusegrad as fg
+>>> fg.backends.get_backend("numpy").name
+'numpy'
+"""
+from __future__ import annotations
+
+from fusegrad.core.errors import BackendError
+
+_REGISTRY = {}
+_FACTORIES = {}
+_DEFAULT = ["numpy"]
+
+
+def register_backend(name: str, factory) -> None:
+    """Register a backend factory; it is called once, on first use (so imports stay cheap)."""
+    _FACTORIES[name] = factory
+    _REGISTRY.pop(name, None)
+
+
+def get_backend(name: str | None = None):
+    name = name or _DEFAULT[0]
+    if name not in _REGISTRY:
+        if name not in _FACTORIES:
+            raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(_FACTORIES))}")
+        _REGISTRY[name] = _FACTORIES[name]()
+    return _REGISTRY[name]
+
+
+def set_default_backend(name: str) -> None:
+    get_backend(name)
+    _DEFAULT[0] = name
+
+
+def available_backends() -> list:
+    return sorted(_FACTORIES)
+
+
+def backend_for_array(array):
+    """The backend that owns `array`: numpy arrays -> numpy; others ask each instantiated backend."""
+    import numpy as np
+
+    if isinstance(array, np.ndarray):
+        return get_backend("numpy")
+    for backend in _REGISTRY.values():
+        if backend.owns(array):
+            return backend
+    raise BackendError(f"no backend owns an array of type {type(array).__name__}")
+
+
+def _numpy_factory():
+    from fusegrad.backends.numpy_backend import NumpyBackend
+
+    return NumpyBackend()
+
+
+register_backend("numpy", _numpy_factory)

@@ -1,0 +1,51 @@
+"""The default backend: numpy arrays, BLAS GEMMs, and the reference version of every fused kernel."""
+from __future__ import annotations
+
+import numpy as np
+
+from fusegrad.backends import reference
+from fusegrad.backends.base import Backend
+from fusegrad.backends.dispatch import GEMM_CHAIN, gemm_dims
+from fusegrad.core.trace import count, span
+
+
+def _op(x, trans: bool):
+    return x.swapaxes(-1, -2) if trans else x  # a strided view: BLAS reads it with its transpose flag
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = np
+    device = "cpu"
+
+    def asarray(self, data, dtype=None):
+        return np.asarray(data, dtype=dtype)
+
+    def to_numpy(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def full(self, shape, value, dtype):
+        return np.full(shape, value, dtype=dtype)
+
+    def owns(self, array) -> bool:
+        return isinstance(array, np.ndarray)
+
+    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        return GEMM_CHAIN.run(a, b, trans_a, trans_b, self.cpu_gemm)
+
+    def cpu_gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
+        count("dispatch:numpy")
+        with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
+            return np.matmul(_op(a, trans_a), _op(b, trans_b))
+
+    def prewarm_gemm(self, m, k, n, dtype) -> None:
+        np.matmul(np.zeros((m, k), dtype), np.zeros((k, n), dtype))
+
+    # fused kernels: the reference implementations (fusegrad.backends.reference), overridden by the
+    # JIT-compiled CPU kernels where those are installed
+    def __getattr__(self, name):
+        kernel = getattr(reference, name, None)
+        if kernel is None or name.startswith("_"):
+            raise AttributeError(f"backend numpy has no kernel {name!r}")
+        return kernel

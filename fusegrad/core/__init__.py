@@ -1,0 +1,1 @@
+"""The bottom layer: Tensor and autograd, the tracer, errors."""

@@ -1,0 +1,24 @@
+"""Errors raised by fusegrad. Every message names the op, file or value at fault."""
+
+
+class FusegradError(Exception):
+    """Base class for fusegrad's own errors."""
+
+
+class ShapeError(FusegradError, ValueError):
+    """An op got inputs whose shapes or dtypes break its contract.
+
+    >>> import fusegrad as fg
+    >>> fg.tensor([[1., 2., 3.]]) @ fg.tensor([[1., 2.]])
+    Traceback (most recent call last):
+    ...
+    fusegrad.core.errors.ShapeError: matmul: inner dimensions differ: a is (1, 3), b is (1, 2)
+    """
+
+
+class BackendError(FusegradError, RuntimeError):
+    """A backend could not run a kernel (unavailable device, failed compile, ...)."""
+
+
+class FormatError(FusegradError, ValueError):
+    """A file (checkpoint, tokenizer, data shard, adapter) is missing, corrupt or of the wrong kind."""

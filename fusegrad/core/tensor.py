@@ -1,0 +1,261 @@
+"""The Tensor and its reverse-mode autograd.
+
+A Tensor wraps one backend array (`numpy.ndarray` on the CPU). An op that builds a Tensor from inputs
+that require grad attaches a `Node`: the op's name, its input tensors, and a `backward(grad)` closure
+written beside the op's forward (see `fusegrad.ops`). `Tensor.backward()` sorts the graph
+topologically once and sweeps it in reverse, so a tensor used by several ops receives the sum of their
+gradients exactly once (unlike a recursive walk, which re-enters shared subgraphs).
+
+>>> import fusegrad as fg
+>>> a = fg.tensor([1.0, 2.0], requires_grad=True)
+>>> (a + a).sum().backward()
+>>> a.grad
+array([2., 2.], dtype=float32)
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import numpy as np
+
+from fusegrad.core.errors import ShapeError
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Ops inside build no graph: results never require grad.
+
+    >>> import fusegrad as fg
+    >>> w = fg.tensor([1.0], requires_grad=True)
+    >>> with fg.no_grad(): y = w * 2
+    >>> y.requires_grad
+    False
+    """
+    prev = is_grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = prev
+
+
+class Node:
+    """How a non-leaf tensor was made: `backward(grad) -> tuple of input grads (None where unneeded)`."""
+
+    __slots__ = ("op", "inputs", "backward")
+
+    def __init__(self, op: str, inputs: tuple, backward):
+        self.op, self.inputs, self.backward = op, inputs, backward
+
+
+class Tensor:
+    """An N-d array with an optional gradient.
+
+    >>> import fusegrad as fg
+    >>> x = fg.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    >>> y = (x @ x.T).sum()
+    >>> y.backward()
+    >>> x.grad.tolist()
+    [[8.0, 12.0], [8.0, 12.0]]
+    """
+
+    __slots__ = ("data", "grad", "requires_grad", "node", "name", "backend", "__weakref__")
+    __array_priority__ = 1000  # numpy defers `ndarray @ Tensor` etc. to Tensor's reflected ops
+
+    def __init__(self, data, requires_grad: bool = False, node: Node | None = None, name: str | None = None,
+                 backend=None):
+        from fusegrad.backends import backend_for_array  # backends sit beside core; resolved lazily
+
+        self.data = data
+        self.backend = backend if backend is not None else backend_for_array(data)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self.node = node
+        self.name = name
+        if self.requires_grad and self.data.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"tensor: only floating tensors can require grad, got dtype {self.data.dtype}")
+
+    # -- array-like facts ----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.data.shape)
+
+    def numel(self) -> int:
+        return int(np.prod(self.data.shape, dtype=np.int64))
+
+    @property
+    def size(self) -> tuple:
+        return self.shape
+
+    def __len__(self) -> int:
+        if not self.data.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.data.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        return self.backend.to_numpy(self.data)
+
+    def item(self) -> float:
+        if self.numel() != 1:
+            raise ShapeError(f"item: tensor must have exactly one element, got shape {self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        op = f", op={self.node.op}" if self.node is not None else ""
+        return f"tensor({np.array2string(self.numpy(), precision=4, threshold=20)}{grad}{op})"
+
+    # -- graph -----------------------------------------------------------------------------------
+    @property
+    def is_leaf(self) -> bool:
+        return self.node is None
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph (shares memory, like torch)."""
+        return Tensor(self.data, requires_grad=False, backend=self.backend)
+
+    def requires_grad_(self, flag: bool = True) -> "Tensor":
+        if not self.is_leaf:
+            raise ShapeError("requires_grad_: only leaf tensors can change requires_grad; use .detach() first")
+        if flag and self.data.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"requires_grad_: only floating tensors can require grad, got dtype {self.dtype}")
+        self.requires_grad = bool(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Reverse sweep from this tensor; leaf tensors that require grad accumulate into `.grad`."""
+        if not self.requires_grad:
+            raise ShapeError("backward: tensor does not require grad (no input requires grad, or built under no_grad)")
+        if grad is None:
+            if self.numel() != 1:
+                raise ShapeError(f"backward: grad can be implicit only for a one-element tensor, got shape {self.shape}")
+            grad = self.backend.full(self.shape, 1.0, self.dtype)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else self.backend.asarray(grad, self.dtype)
+            if tuple(grad.shape) != self.shape:
+                raise ShapeError(f"backward: grad has shape {tuple(grad.shape)}, tensor has shape {self.shape}")
+        run_backward(self, grad, retain_graph)
+
+
+def _topological_order(root: Tensor) -> list:
+    """Tensors reachable from root through nodes, inputs before outputs (iterative DFS, no recursion limit)."""
+    order, visited = [], {id(root)}
+    stack = [(root, False)]
+    while stack:
+        t, expanded = stack.pop()
+        if expanded:
+            order.append(t)
+            continue
+        stack.append((t, True))
+        if t.node is not None:
+            for parent in t.node.inputs:
+                if parent.requires_grad and id(parent) not in visited:
+                    visited.add(id(parent))
+                    stack.append((parent, False))
+    return order
+
+
+def _released_backward(grad):
+    raise ShapeError("backward: the graph through this tensor was already released by an earlier backward(); "
+                     "pass retain_graph=True to the first call to backward twice")
+
+
+def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
+    from fusegrad.core.trace import span
+
+    order = _topological_order(root)
+    pending = {id(root): grad}  # grads not yet consumed, keyed by tensor id; freed as consumed
+    handed_out = set()  # ids of grad arrays already given to a tensor: a second holder gets a copy,
+    # so that `.grad` of two leaves never aliases (an op may return one array for two inputs)
+    with span("backward", "autograd", nodes=len(order)):
+        for t in reversed(order):
+            g = pending.pop(id(t), None)
+            if g is None:
+                continue
+            if t.node is None:  # a leaf: accumulate into .grad
+                t.grad = g if t.grad is None else t.grad + g
+                continue
+            node = t.node
+            with span(node.op, "backward"):
+                input_grads = node.backward(g)
+            del g
+            for parent, pg in zip(node.inputs, input_grads):
+                if pg is None or not parent.requires_grad:
+                    continue
+                if tuple(pg.shape) != parent.shape:
+                    raise ShapeError(f"{node.op} backward: gradient has shape {tuple(pg.shape)}, "
+                                     f"input has shape {parent.shape} (a bug in the op)")
+                prev = pending.get(id(parent))
+                if prev is not None:
+                    pending[id(parent)] = prev + pg
+                else:
+                    if id(pg) in handed_out or (parent.is_leaf and parent.grad is None and not _owns(pg)):
+                        pg = pg.copy()
+                    handed_out.add(id(pg))
+                    pending[id(parent)] = pg
+            if not retain_graph:  # release the graph: activations saved in closures go with it
+                t.node = Node(node.op, (), _released_backward)
+
+
+def _owns(array) -> bool:
+    """True if the array owns its memory (not a view that could alias an activation)."""
+    flags = getattr(array, "flags", None)
+    return flags is None or (flags.owndata and flags.writeable)
+
+
+def default_dtype_for(data):
+    """float32 for python numbers and lists of floats; numpy arrays keep a floating dtype (as torch does);
+    integers become int64."""
+    if isinstance(data, np.ndarray):
+        if data.dtype in FLOAT_DTYPES or data.dtype == np.bool_:
+            return data.dtype
+        return np.int64 if np.issubdtype(data.dtype, np.integer) else np.float32
+    arr = np.asarray(data)
+    if arr.dtype == np.bool_:
+        return np.bool_
+    return np.int64 if np.issubdtype(arr.dtype, np.integer) else np.float32
+
+
+def tensor(data, requires_grad: bool = False, dtype=None, backend=None) -> Tensor:
+    """Build a tensor from a number, nested list or array.
+
+    >>> import fusegrad as fg
+    >>> fg.tensor([[1, 2], [3, 4]], dtype="float32").shape
+    (2, 2)
+    >>> fg.tensor([1.5]).dtype
+    dtype('float32')
+    """
+    from fusegrad.backends import get_backend
+
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    be = get_backend(backend) if isinstance(backend, (str, type(None))) else backend
+    try:
+        dt = np.dtype(dtype) if dtype is not None else default_dtype_for(data)
+        arr = np.array(data, dtype=dt)  # a copy: the tensor never aliases the caller's array
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"tensor: cannot build a tensor from {type(data).__name__}: {exc}") from None
+    return Tensor(be.asarray(arr), requires_grad=requires_grad, backend=be)

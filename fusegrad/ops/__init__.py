@@ -1,0 +1,1 @@
+"""Differentiable ops: each forward beside its explicit backward."""

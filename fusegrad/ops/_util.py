@@ -1,0 +1,80 @@
+"""What every op shares: building its result node, checking its contract, un-broadcasting grads."""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from fusegrad.core.errors import ShapeError
+from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, is_grad_enabled
+
+
+def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
+    """A Tensor from a Tensor, python scalar or array; scalars take the dtype of `like`."""
+    if isinstance(x, Tensor):
+        return x
+    if like is not None:
+        if isinstance(x, numbers.Number):
+            return Tensor(like.backend.asarray(x, like.dtype), backend=like.backend)
+        return Tensor(like.backend.asarray(x), backend=like.backend)
+    if isinstance(x, (numbers.Number, list, tuple, np.ndarray)):
+        from fusegrad.core.tensor import default_dtype_for
+        return Tensor(np.asarray(x, dtype=default_dtype_for(x)))
+    raise ShapeError(f"{op}: expected a Tensor, array or number, got {type(x).__name__}")
+
+
+def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
+    """The op's output; attaches the backward node only if grad is on and some input needs it."""
+    needs = is_grad_enabled() and any(t.requires_grad for t in inputs)
+    node = Node(op, inputs, backward) if needs else None
+    return Tensor(data, requires_grad=needs, node=node, backend=backend or inputs[0].backend)
+
+
+def check_float(op: str, *named):
+    """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError."""
+    dtypes = []
+    for name, t in named:
+        if t.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
+        dtypes.append((name, t.dtype))
+    if len({d for _, d in dtypes}) > 1:
+        listed = ", ".join(f"{n} is {d}" for n, d in dtypes)
+        raise ShapeError(f"{op}: dtypes differ: {listed}")
+
+
+def check_ndim(op: str, name: str, t: Tensor, ndim=None, min_ndim=None):
+    if ndim is not None and t.ndim != ndim:
+        raise ShapeError(f"{op}: {name} must be {ndim}-D, got shape {t.shape}")
+    if min_ndim is not None and t.ndim < min_ndim:
+        raise ShapeError(f"{op}: {name} must be at least {min_ndim}-D, got shape {t.shape}")
+
+
+def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:
+    try:
+        return tuple(np.broadcast_shapes(a.shape, b.shape))
+    except ValueError:
+        raise ShapeError(f"{op}: shapes do not broadcast: a is {a.shape}, b is {b.shape}") from None
+
+
+def unbroadcast(grad, shape: tuple):
+    """Sum `grad` over the axes that broadcasting added or stretched, so it has `shape`."""
+    if tuple(grad.shape) == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    axes = tuple(range(extra)) + tuple(i + extra for i, d in enumerate(shape) if d == 1 and grad.shape[i + extra] != 1)
+    return grad.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def normalize_axis(op: str, axis, ndim: int) -> tuple:
+    """Axis argument -> tuple of non-negative axes; ShapeError when out of range."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    out = []
+    for ax in axes:
+        if not -ndim <= ax < max(ndim, 1):
+            raise ShapeError(f"{op}: axis {ax} is out of range for a {ndim}-D tensor")
+        out.append(ax % max(ndim, 1))
+    if len(set(out)) != len(out):
+        raise ShapeError(f"{op}: repeated axis in {axis}")
+    return tuple(out)
