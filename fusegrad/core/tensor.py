@@ -161,19 +161,25 @@ class Tensor:
 
 
 def _topological_order(root: Tensor) -> list:
-    """Tensors reachable from root through nodes, inputs before outputs (iterative DFS, no recursion limit)."""
-    order, visited = [], {id(root)}
+    """Tensors reachable from root through nodes, inputs before outputs (iterative DFS, no recursion limit).
+
+    A tensor is marked visited when it is expanded, not when it is pushed: marking at push time emits a
+    tensor reached first from a near consumer before a farther consumer that also depends on it.
+    """
+    order, visited = [], set()
     stack = [(root, False)]
     while stack:
         t, expanded = stack.pop()
         if expanded:
             order.append(t)
             continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
         stack.append((t, True))
         if t.node is not None:
             for parent in t.node.inputs:
                 if parent.requires_grad and id(parent) not in visited:
-                    visited.add(id(parent))
                     stack.append((parent, False))
     return order
 
