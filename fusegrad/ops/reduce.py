@@ -53,7 +53,7 @@ def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     out = xp.max(a.data, axis=axes, keepdims=True)
 
     def backward(g):
-        hit = a.data == out
+        hit = (a.data == out).astype(a.dtype)  # a bool mask would promote the grad to float64
         share = hit / xp.sum(hit, axis=axes, keepdims=True)
         return (share * _expand_back(g, a.shape, axes, keepdims),)
     return result(out if keepdims else xp.squeeze(out, axis=axes), "max", (a,), backward)
