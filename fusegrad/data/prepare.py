@@ -1,0 +1,121 @@
+"""Text files -> pretokenized shards + the tokenizer + meta.json, ready for TokenDataset.
+
+This is what `fusegrad prepare` runs. Each text file is one document (the embedded corpus: one
+document per topic); every document is encoded with BOS in front, as llama2.c's shards are.
+
+>>> import tempfile, os
+>>> out = tempfile.mkdtemp()
+>>> meta = prepare(None, out, tokenizer="byte")        # the embedded pydoc corpus
+>>> meta["tokenizer"]["kind"], meta["dtype"], sorted(os.listdir(out))
+('byte', 'uint16', ['byte_tokenizer.json', 'data00.bin', 'meta.json'])
+"""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.data import corpus
+from fusegrad.data._io import atomic_write_text
+from fusegrad.data.shards import META_FILE, shard_dtype, shard_name, write_shard
+from fusegrad.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+
+DEFAULT_BPE_VOCAB = 4096
+_OUR_FILES = re.compile(r"^data\d+(\.u32)?\.bin$")
+
+
+def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_fraction=0.1,
+            shard_tokens=1 << 24, overwrite=False):
+    """Tokenize text into `out_dir`; return the meta dict also written to out_dir/meta.json.
+
+    inputs:       None (the embedded CPython documentation corpus), a text file, a directory (every
+                  *.txt below it, sorted), or a list of text files. Files must be non-empty UTF-8.
+    tokenizer:    "byte" (258 ids, no training), "bpe" (byte-level BPE trained here on the inputs to
+                  `vocab_size` ids, default 4096), or a path to a saved tokenizer (see load_tokenizer).
+    val_fraction: the last fraction of every shard that TokenDataset serves as validation (recorded).
+    shard_tokens: start a new shard once one holds this many tokens (whole documents per shard).
+    overwrite:    replace shards + meta.json a previous prepare left in out_dir (else FormatError).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ShapeError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
+    sources, docs = _read_documents(inputs)
+    tok = _make_tokenizer(tokenizer, vocab_size, docs)
+    _clear_out_dir(out_dir, overwrite)
+
+    shards, buf, n_buf = [], [], 0
+    for doc in docs:
+        buf.append(np.asarray(tok.encode(doc, bos=True), dtype=np.int64))
+        n_buf += len(buf[-1])
+        if n_buf >= shard_tokens:
+            shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
+            buf, n_buf = [], 0
+    if buf:
+        shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
+
+    tok.save(out_dir)
+    meta = {"format": "fusegrad-shards", "version": 1, "dtype": shard_dtype(shards[0]["file"]).name,
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "tokenizer": tok.to_json(), "val_fraction": val_fraction, "documents": len(docs),
+            "tokens": sum(s["tokens"] for s in shards), "shards": shards, "sources": sources}
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))  # last: marks completion
+    return meta
+
+
+def _read_documents(inputs):
+    """(source names, document strings) from the inputs accepted by prepare."""
+    if inputs is None:
+        return ["pydoc_data.topics"], corpus.documents()
+    if isinstance(inputs, (list, tuple)):
+        paths = [os.fspath(p) for p in inputs]
+        if not paths:
+            raise FormatError("prepare: the list of text files is empty")
+    elif os.path.isdir(inputs):
+        paths = sorted(glob.glob(os.path.join(os.fspath(inputs), "**", "*.txt"), recursive=True))
+        if not paths:
+            raise FormatError(f"{inputs}: directory holds no .txt files")
+    else:
+        paths = [os.fspath(inputs)]
+    docs = []
+    for p in paths:
+        try:
+            with open(p, encoding="utf-8") as f:
+                doc = f.read()
+        except FileNotFoundError:
+            raise FormatError(f"{p}: text file does not exist") from None
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise FormatError(f"{p}: cannot read text file: {e.strerror}") from None
+        if not doc.strip():
+            raise FormatError(f"{p}: text file is empty")
+        docs.append(doc)
+    return paths, docs
+
+
+def _make_tokenizer(tokenizer, vocab_size, docs):
+    if tokenizer == "bpe":
+        return BPETokenizer.train(docs, vocab_size or DEFAULT_BPE_VOCAB)
+    tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
+    if vocab_size is not None and vocab_size != tok.vocab_size:
+        raise ShapeError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
+                         f"{tok.vocab_size} ids (vocab_size is only chosen when training 'bpe')")
+    return tok
+
+
+def _clear_out_dir(out_dir, overwrite):
+    os.makedirs(out_dir, exist_ok=True)
+    old = [n for n in os.listdir(out_dir) if _OUR_FILES.match(n) or n == META_FILE]
+    if old and not overwrite:
+        raise FormatError(f"{out_dir}: already holds prepared data ({', '.join(sorted(old))}); "
+                          f"pass overwrite=True or choose another directory")
+    for n in old:
+        os.remove(os.path.join(out_dir, n))
+
+
+def _flush(out_dir, index, vocab_size, buf):
+    name = shard_name(index, vocab_size)
+    ids = np.concatenate(buf)
+    write_shard(os.path.join(out_dir, name), ids)
+    return {"file": name, "tokens": int(len(ids))}
