@@ -24,7 +24,7 @@ from fusegrad.ops._util import normalize_axis, result
 def reshape(a: Tensor, *shape) -> Tensor:
     """A view when the layout allows (numpy semantics); `-1` infers one dimension."""
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-    if not all(isinstance(d, numbers.Integral) for d in shape) or shape.count(-1) > 1:
+    if not all(isinstance(d, numbers.Integral) and d >= -1 for d in shape) or shape.count(-1) > 1:
         raise ShapeError(f"reshape: shape must be integers with at most one -1, got {shape}")
     known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
     if (-1 in shape and (known == 0 or a.numel() % known)) or (-1 not in shape and known != a.numel()):
@@ -51,7 +51,7 @@ def transpose(a: Tensor, dim0: int = -2, dim1: int = -1) -> Tensor:
     """Swap two axes (default: the last two) as a view; the grad is swapped back onto `a`."""
     if a.ndim < 2:
         raise ShapeError(f"transpose: tensor must be at least 2-D, got shape {a.shape}")
-    d0, d1 = normalize_axis("transpose", (dim0, dim1), a.ndim) if dim0 % a.ndim != dim1 % a.ndim else (dim0, dim0)
+    (d0,), (d1,) = normalize_axis("transpose", dim0, a.ndim), normalize_axis("transpose", dim1, a.ndim)
     axes = list(range(a.ndim))
     axes[d0], axes[d1] = axes[d1], axes[d0]
     return permute(a, axes)
@@ -61,6 +61,10 @@ def concat(tensors, axis: int = 0) -> Tensor:
     tensors = list(tensors)
     if not tensors:
         raise ShapeError("concat: need at least one tensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor) or t.ndim == 0:
+            raise ShapeError(f"concat: tensor {i} must be a Tensor of at least 1-D, got "
+                             f"{type(t).__name__} of shape {getattr(t, 'shape', None)}")
     first = tensors[0]
     (ax,) = normalize_axis("concat", axis, first.ndim)
     for i, t in enumerate(tensors[1:], 1):
