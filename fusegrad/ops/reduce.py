@@ -8,6 +8,9 @@
 """
 from __future__ import annotations
 
+import numbers
+
+from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
 from fusegrad.ops._util import check_float, normalize_axis, result
@@ -59,9 +62,15 @@ def max(a: Tensor, axis=None, keepdims: bool = False) -> Tensor:
     return result(out if keepdims else xp.squeeze(out, axis=axes), "max", (a,), backward)
 
 
+def _one_axis(op: str, axis, ndim: int) -> int:
+    if not isinstance(axis, numbers.Integral):
+        raise ShapeError(f"{op}: axis must be one integer, got {axis!r}")
+    return normalize_axis(op, axis, ndim)[0]
+
+
 def softmax(a: Tensor, axis: int = -1) -> Tensor:
     check_float("softmax", ("a", a))
-    (ax,) = normalize_axis("softmax", axis, a.ndim)
+    ax = _one_axis("softmax", axis, a.ndim)
     xp = a.backend.xp
     with span("softmax", "elementwise"):
         e = xp.exp(a.data - xp.max(a.data, axis=ax, keepdims=True))
@@ -74,7 +83,7 @@ def softmax(a: Tensor, axis: int = -1) -> Tensor:
 
 def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
     check_float("log_softmax", ("a", a))
-    (ax,) = normalize_axis("log_softmax", axis, a.ndim)
+    ax = _one_axis("log_softmax", axis, a.ndim)
     xp = a.backend.xp
     with span("log_softmax", "elementwise"):
         shifted = a.data - xp.max(a.data, axis=ax, keepdims=True)
