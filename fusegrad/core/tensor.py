@@ -194,8 +194,8 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
 
     order = _topological_order(root)
     pending = {id(root): grad}  # grads not yet consumed, keyed by tensor id; freed as consumed
-    handed_out = set()  # ids of grad arrays already given to a tensor: a second holder gets a copy,
-    # so that `.grad` of two leaves never aliases (an op may return one array for two inputs)
+    handed_out = {id(grad)}  # ids of grad arrays already given to a tensor (or the caller's): a second
+    # holder gets a copy, so `.grad` of two leaves never aliases (an op may return one array for two inputs)
     with span("backward", "autograd", nodes=len(order)):
         for t in reversed(order):
             g = pending.pop(id(t), None)
