@@ -137,6 +137,8 @@ class TokenDataset:
         self.val_fraction = val_fraction if val_fraction is not None else meta.get("val_fraction", DEFAULT_VAL_FRACTION)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ShapeError(f"TokenDataset: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if split == "val" and self.val_fraction == 0:
+            raise ShapeError(f"TokenDataset {source}: the val split is empty because val_fraction is 0")
         self.seq_len, self.split, self.paths = seq_len, split, list_shards(source)
         self.segments = []  # (path, memmap view) for this split
         for path in self.paths:
