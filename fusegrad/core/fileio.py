@@ -1,0 +1,42 @@
+"""Atomic file writes: a crash leaves either the old file or the new one, never half of one.
+
+>>> import os, tempfile
+>>> path = os.path.join(tempfile.mkdtemp(), "x.txt")
+>>> with atomic_write(path, "w") as f: _ = f.write("hello")
+>>> open(path).read()
+'hello'
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Write to a temp file beside `path`, fsync it, then rename it over `path` (and fsync the dir)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,77 @@
+"""Between fusegrad's fused llama2.c-layout parameters and Hugging Face Llama names and layout.
+
+HF rotates halves of each head (rotate_half) where llama2.c rotates interleaved pairs, so HF stores the
+rows of q_proj and k_proj permuted per head: view (heads, D/2, 2, C) -> swap the middle axes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fusegrad.core.errors import FormatError
+
+
+def permute_to_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, C)."""
+    out, cols = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    out, cols = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
+
+
+def to_hf(arrays: dict, config, partial: bool = False) -> dict:
+    """{fusegrad name: array} -> {HF name: array}. partial=True skips names missing from `arrays`."""
+    c, out = config, {}
+    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
+
+    def put(hf_name, name, fn):
+        if name in arrays:
+            out[hf_name] = np.ascontiguousarray(fn(arrays[name]))
+        elif not partial:
+            raise FormatError(f"state_dict: parameter {name} is missing")
+
+    put("model.embed_tokens.weight", "tok_embeddings", lambda a: a)
+    for i in range(c.n_layers):
+        pre, hf = f"layers.{i}.", f"model.layers.{i}."
+        put(hf + "input_layernorm.weight", pre + "attention_norm", lambda a: a)
+        put(hf + "self_attn.q_proj.weight", pre + "wqkv", lambda a: permute_to_hf(a[:C], c.n_heads))
+        put(hf + "self_attn.k_proj.weight", pre + "wqkv", lambda a: permute_to_hf(a[C:C + KV], c.n_kv_heads))
+        put(hf + "self_attn.v_proj.weight", pre + "wqkv", lambda a: a[C + KV:])
+        put(hf + "self_attn.o_proj.weight", pre + "wo", lambda a: a)
+        put(hf + "post_attention_layernorm.weight", pre + "ffn_norm", lambda a: a)
+        put(hf + "mlp.gate_proj.weight", pre + "w13", lambda a: a[:Hd])
+        put(hf + "mlp.up_proj.weight", pre + "w13", lambda a: a[Hd:])
+        put(hf + "mlp.down_proj.weight", pre + "w2", lambda a: a)
+    put("model.norm.weight", "norm", lambda a: a)
+    if not c.tie_embeddings:
+        put("lm_head.weight", "output", lambda a: a)
+    return out
+
+
+def from_hf(state: dict, config) -> dict:
+    """{HF name: array} -> {fusegrad name: array}, fusing q/k/v and gate/up; names the missing key."""
+    c = config
+
+    def get(name):
+        if name not in state:
+            raise FormatError(f"state dict has no {name!r} (has {len(state)} tensors, e.g. {sorted(state)[:3]})")
+        return np.asarray(state[name])
+
+    p = {"tok_embeddings": get("model.embed_tokens.weight")}
+    for i in range(c.n_layers):
+        hf = f"model.layers.{i}."
+        p[f"layers.{i}.attention_norm"] = get(hf + "input_layernorm.weight")
+        p[f"layers.{i}.wqkv"] = np.concatenate([
+            permute_from_hf(get(hf + "self_attn.q_proj.weight"), c.n_heads),
+            permute_from_hf(get(hf + "self_attn.k_proj.weight"), c.n_kv_heads),
+            get(hf + "self_attn.v_proj.weight")])
+        p[f"layers.{i}.wo"] = get(hf + "self_attn.o_proj.weight")
+        p[f"layers.{i}.ffn_norm"] = get(hf + "post_attention_layernorm.weight")
+        p[f"layers.{i}.w13"] = np.concatenate([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
+        p[f"layers.{i}.w2"] = get(hf + "mlp.down_proj.weight")
+    p["norm"] = get("model.norm.weight")
+    if not c.tie_embeddings:
+        p["output"] = get("lm_head.weight")
+    return p

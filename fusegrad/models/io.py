@@ -1,0 +1,197 @@
+"""Reading and writing model files: llama2.c `.bin` (versions 0 and 1) and Hugging Face directories.
+
+Everything passes through Hugging Face names and layout (see hf_names.py); llama2.c files store q/k in
+the interleaved-pair layout, so they are permuted on the way in and out. Facts: shared/FORMATS.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from fusegrad.core.errors import FormatError
+from fusegrad.core.fileio import atomic_write
+from fusegrad.models.hf_names import permute_from_hf, permute_to_hf
+from fusegrad.models.llama import LlamaConfig
+
+LLAMA2C_MAGIC = 0x616B3432  # "ak42"
+
+
+# -- llama2.c ---------------------------------------------------------------------------------------------
+def _llama2c_layout(c: LlamaConfig):
+    """(key, shape) of the per-kind arrays, each holding all layers."""
+    L, C, KV, Hd = c.n_layers, c.dim, c.kv_dim, c.hidden_dim
+    return {"emb": (c.vocab_size, C), "att_norm": (L, C), "wq": (L, C, C), "wk": (L, KV, C), "wv": (L, KV, C),
+            "wo": (L, C, C), "ffn_norm": (L, C), "w1": (L, Hd, C), "w2": (L, C, Hd), "w3": (L, Hd, C),
+            "norm": (C,), "freq": (2, c.max_seq_len, c.head_dim // 2), "cls": (c.vocab_size, C)}
+
+
+ORDER_V0 = ["emb", "att_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "norm", "freq"]
+ORDER_V1 = ["att_norm", "ffn_norm", "norm", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+def read_llama2c(path) -> tuple:
+    """-> (LlamaConfig, HF state dict). Raises FormatError naming the file on a bad header or size."""
+    path = os.fspath(path)
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{path}: cannot read llama2.c checkpoint: {exc}") from None
+    if raw.size < 28:
+        raise FormatError(f"{path}: too short ({raw.size} bytes) for a llama2.c header")
+    magic = struct.unpack_from("<I", raw, 0)[0]
+    if magic == LLAMA2C_MAGIC:
+        version = struct.unpack_from("<i", raw, 4)[0]
+        if version != 1:
+            raise FormatError(f"{path}: llama2.c export version {version} is not supported (only 0 and 1; "
+                              f"version 2 is int8-quantised)")
+        dims = struct.unpack_from("<7i", raw, 8)
+        shared = bool(raw[36])
+        offset, order = 256, ORDER_V1
+    else:
+        dims = struct.unpack_from("<7i", raw, 0)
+        shared = dims[5] > 0
+        offset, order = 28, ORDER_V0
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = dims
+    if min(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
+        raise FormatError(f"{path}: implausible llama2.c header {dims} (dim, hidden_dim, n_layers, n_heads, "
+                          f"n_kv_heads, vocab_size, seq_len)")
+    config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
+                         vocab_size=abs(vocab), max_seq_len=seq_len, tie_embeddings=shared)
+    layout = _llama2c_layout(config)
+    order = order + ([] if shared else ["cls"])
+    need = offset + 4 * sum(int(np.prod(layout[k])) for k in order)
+    if raw.size != need:
+        raise FormatError(f"{path}: size {raw.size} bytes, but header {dims} (version "
+                          f"{1 if magic == LLAMA2C_MAGIC else 0}) needs {need}; truncated or not a llama2.c file")
+    floats = np.frombuffer(raw, dtype="<f4", offset=offset)
+    arrays, pos = {}, 0
+    for key in order:
+        n = int(np.prod(layout[key]))
+        arrays[key] = floats[pos:pos + n].reshape(layout[key])
+        pos += n
+    if not np.all(np.isfinite(arrays["emb"])):
+        raise FormatError(f"{path}: token embedding holds NaN or inf")
+    state = {"model.embed_tokens.weight": arrays["emb"], "model.norm.weight": arrays["norm"]}
+    for i in range(n_layers):
+        hf = f"model.layers.{i}."
+        state[hf + "input_layernorm.weight"] = arrays["att_norm"][i]
+        state[hf + "post_attention_layernorm.weight"] = arrays["ffn_norm"][i]
+        state[hf + "self_attn.q_proj.weight"] = permute_to_hf(arrays["wq"][i], n_heads)
+        state[hf + "self_attn.k_proj.weight"] = permute_to_hf(arrays["wk"][i], n_kv)
+        state[hf + "self_attn.v_proj.weight"] = arrays["wv"][i]
+        state[hf + "self_attn.o_proj.weight"] = arrays["wo"][i]
+        state[hf + "mlp.gate_proj.weight"] = arrays["w1"][i]
+        state[hf + "mlp.down_proj.weight"] = arrays["w2"][i]
+        state[hf + "mlp.up_proj.weight"] = arrays["w3"][i]
+    if not shared:
+        state["lm_head.weight"] = arrays["cls"]
+    return config, {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+
+
+def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> None:
+    """Write a HF-named state dict as a llama2.c `.bin` of version 0 (legacy) or 1, atomically."""
+    from fusegrad.backends.reference import rope_tables
+
+    c = config
+    if version not in (0, 1):
+        raise FormatError(f"save_llama2c: version must be 0 or 1, got {version}")
+
+    def layers(fmt, fn=lambda a: a):
+        return np.stack([fn(state[fmt.format(i)]) for i in range(c.n_layers)])
+
+    hf = "model.layers.{}."
+    arrays = {
+        "emb": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
+        "att_norm": layers(hf + "input_layernorm.weight"), "ffn_norm": layers(hf + "post_attention_layernorm.weight"),
+        "wq": layers(hf + "self_attn.q_proj.weight", lambda a: permute_from_hf(a, c.n_heads)),
+        "wk": layers(hf + "self_attn.k_proj.weight", lambda a: permute_from_hf(a, c.n_kv_heads)),
+        "wv": layers(hf + "self_attn.v_proj.weight"), "wo": layers(hf + "self_attn.o_proj.weight"),
+        "w1": layers(hf + "mlp.gate_proj.weight"), "w2": layers(hf + "mlp.down_proj.weight"),
+        "w3": layers(hf + "mlp.up_proj.weight"),
+    }
+    cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)
+    arrays["freq"] = np.stack([cos, sin])
+    if not c.tie_embeddings:
+        arrays["cls"] = state["lm_head.weight"]
+    dims = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len]
+    with atomic_write(path) as f:
+        if version == 0:
+            dims[5] = c.vocab_size if c.tie_embeddings else -c.vocab_size
+            f.write(struct.pack("<7i", *dims))
+            order = ORDER_V0
+        else:
+            header = struct.pack("<Ii7iB", LLAMA2C_MAGIC, 1, *dims, int(c.tie_embeddings))
+            f.write(header + b"\0" * (256 - len(header)))
+            order = ORDER_V1
+        for key in order + ([] if c.tie_embeddings else ["cls"]):
+            f.write(np.ascontiguousarray(arrays[key], dtype="<f4").tobytes())
+
+
+# -- Hugging Face --------------------------------------------------------------------------------------
+def hf_config(c: LlamaConfig) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+            "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+            "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
+
+
+def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
+    try:
+        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return LlamaConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+                           n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                           hidden_dim=d["intermediate_size"], vocab_size=d["vocab_size"],
+                           max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(rope),
+                           norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+    except KeyError as exc:
+        raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
+
+
+def read_hf(directory) -> tuple:
+    from safetensors.numpy import load_file
+
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, "config.json")
+    try:
+        with open(cfg_path) as f:
+            config = config_from_hf(json.load(f), cfg_path)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
+    files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and not n.startswith("adapter"))
+    if not files:
+        raise FormatError(f"{directory}: no *.safetensors weights (pickle .bin weights are never loaded)")
+    state = {}
+    for name in files:
+        try:
+            state.update(load_file(os.path.join(directory, name)))
+        except Exception as exc:
+            raise FormatError(f"{os.path.join(directory, name)}: corrupt safetensors file: {exc}") from None
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return config, {k: v.astype(np.float32) for k, v in state.items()}
+
+
+def save_hf(directory, config: LlamaConfig, state: dict) -> None:
+    from safetensors.numpy import save
+
+    os.makedirs(directory, exist_ok=True)
+    blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, metadata={"format": "pt"})
+    with atomic_write(os.path.join(directory, "model.safetensors")) as f:
+        f.write(blob)
+    with atomic_write(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config(config), f, indent=2)
+
+
+def load_pretrained(path) -> tuple:
+    """A llama2.c `.bin` file or a Hugging Face directory -> (LlamaConfig, HF state dict)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return read_hf(path)
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such model file or directory")
+    return read_llama2c(path)

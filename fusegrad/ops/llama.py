@@ -1,0 +1,138 @@
+"""The Llama ops, each forward beside its backward, computed by the backend's fused kernels.
+
+Shapes: B batch, T time, C model dim, H query heads, Hkv kv heads, D head dim, Hd FFN hidden, V vocab.
+
+>>> import numpy as np, fusegrad as fg
+>>> x = fg.tensor(np.ones((2, 4)), dtype="float32", requires_grad=True)
+>>> w = fg.tensor(np.full(4, 2.0), dtype="float32", requires_grad=True)
+>>> fg.rms_norm(x, w, eps=0.0).tolist()[0]
+[2.0, 2.0, 2.0, 2.0]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fusegrad.core.errors import ShapeError
+from fusegrad.core.tensor import Tensor
+from fusegrad.core.trace import span
+from fusegrad.ops._util import check_float, result
+
+
+def _int_ids(op: str, ids, vocab_size: int):
+    ids = ids.numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ShapeError(f"{op}: token ids must be integers, got dtype {ids.dtype}")
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ShapeError(f"{op}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def embedding(weight: Tensor, ids) -> Tensor:
+    """weight (V, C), ids (...) int -> (..., C); backward scatter-adds rows (repeats accumulate)."""
+    check_float("embedding", ("weight", weight))
+    if weight.ndim != 2:
+        raise ShapeError(f"embedding: weight must be (V, C), got shape {weight.shape}")
+    V, C = weight.shape
+    ids = _int_ids("embedding", ids, V)
+    be = weight.backend
+    out = weight.data[ids]
+
+    def backward(g):
+        with span("embedding_backward", "elementwise"):
+            return (be.embedding_backward(g.reshape(-1, C), ids.reshape(-1), V),)
+    return result(out, "embedding", (weight,), backward)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """x (..., C) * rsqrt(mean(x^2) + eps) * weight (C,)."""
+    check_float("rms_norm", ("x", x), ("weight", weight))
+    if weight.ndim != 1 or x.ndim < 1 or x.shape[-1] != weight.shape[0]:
+        raise ShapeError(f"rms_norm: weight must be ({x.shape[-1] if x.ndim else '?'},) to match x {x.shape}, "
+                         f"got {weight.shape}")
+    be, C = x.backend, x.shape[-1]
+    x2 = x.data.reshape(-1, C)
+    with span("rms_norm", "elementwise"):
+        y, rstd = be.rmsnorm_forward(x2, weight.data, eps)
+
+    def backward(g):
+        with span("rms_norm_backward", "elementwise"):
+            dx, dw = be.rmsnorm_backward(g.reshape(-1, C), x2, weight.data, rstd, x.requires_grad,
+                                         weight.requires_grad)
+        return (dx.reshape(x.shape) if dx is not None else None, dw)
+    return result(y.reshape(x.shape), "rms_norm", (x, weight), backward)
+
+
+def causal_attention(qkv: Tensor, n_heads: int, n_kv_heads: int, rope_cos, rope_sin) -> Tensor:
+    """Causal grouped-query self-attention with RoPE, on the packed output of the fused QKV GEMM.
+
+    qkv (B, T, (H + 2 Hkv) D) -> (B, T, H D). The backward returns the packed grad (B, T, (H + 2 Hkv) D),
+    i.e. concat(dq, dk, dv), which the fused QKV projection turns into dx with ONE GEMM.
+    rope_cos, rope_sin: (T_max, D/2) tables (`fusegrad.backends.reference.rope_tables`).
+    """
+    check_float("causal_attention", ("qkv", qkv))
+    if qkv.ndim != 3:
+        raise ShapeError(f"causal_attention: qkv must be (B, T, (H + 2 Hkv) D), got shape {qkv.shape}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ShapeError(f"causal_attention: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
+    B, T, width = qkv.shape
+    D, rem = divmod(width, n_heads + 2 * n_kv_heads)
+    if rem or D % 2:
+        raise ShapeError(f"causal_attention: qkv width {width} is not (n_heads + 2 n_kv_heads) x even head_dim "
+                         f"for n_heads {n_heads}, n_kv_heads {n_kv_heads}")
+    if rope_cos.shape[0] < T or rope_cos.shape[1] != D // 2:
+        raise ShapeError(f"causal_attention: rope tables are {rope_cos.shape}, need at least ({T}, {D // 2})")
+    be = qkv.backend
+    with span("attention", "attention", B=B, T=T, H=n_heads):
+        y, saved = be.attention_forward(qkv.data, n_heads, n_kv_heads, rope_cos, rope_sin)
+
+    def backward(g):
+        with span("attention_backward", "attention", B=B, T=T, H=n_heads):
+            return (be.attention_backward(g, saved, n_heads, n_kv_heads),)
+    return result(y, "causal_attention", (qkv,), backward)
+
+
+def swiglu(h13: Tensor) -> Tensor:
+    """silu(h1) * h3 on the packed output of the fused W1/W3 GEMM: h13 (..., 2 Hd) -> (..., Hd).
+
+    The backward returns concat(dh1, dh3), so the fused projection's dx is ONE GEMM: [dh1, dh3] @ [W1; W3].
+    """
+    check_float("swiglu", ("h13", h13))
+    if h13.ndim < 1 or h13.shape[-1] % 2:
+        raise ShapeError(f"swiglu: last dim must be even (h1 and h3 packed), got shape {h13.shape}")
+    be = h13.backend
+    with span("swiglu", "elementwise"):
+        out = be.swiglu_forward(h13.data)
+
+    def backward(g):
+        with span("swiglu_backward", "elementwise"):
+            return (be.swiglu_backward(g, h13.data),)
+    return result(out, "swiglu", (h13,), backward)
+
+
+def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int = 256) -> Tensor:
+    """Mean cross-entropy of logits h W^T against targets, never materialising the (N, V) logits.
+
+    h (N, C), weight (V, C), targets (N,) int -> scalar. The grads of h and W are formed chunk by chunk
+    during the forward (only when something needs them) and scaled by the loss grad in the backward.
+    """
+    check_float("classifier_cross_entropy", ("h", h), ("weight", weight))
+    if h.ndim != 2 or weight.ndim != 2 or h.shape[1] != weight.shape[1]:
+        raise ShapeError(f"classifier_cross_entropy: need h (N, C) and weight (V, C), got h {h.shape}, "
+                         f"weight {weight.shape}")
+    t = _int_ids("classifier_cross_entropy", targets, weight.shape[0])
+    if t.shape != (h.shape[0],):
+        raise ShapeError(f"classifier_cross_entropy: targets must have shape ({h.shape[0]},), got {t.shape}")
+    from fusegrad.core.tensor import is_grad_enabled
+    need_dh = is_grad_enabled() and h.requires_grad
+    need_dw = is_grad_enabled() and weight.requires_grad
+    be = h.backend
+    with span("classifier_cross_entropy", "classifier", N=h.shape[0], V=weight.shape[0]):
+        loss, dh, dw = be.classifier_cross_entropy(h.data, weight.data, t, chunk, need_dh, need_dw)
+
+    def backward(g):
+        scale = g.reshape(())
+        return (dh * scale if dh is not None else None, dw * scale if dw is not None else None)
+    return result(be.asarray(loss, h.dtype), "classifier_cross_entropy", (h, weight), backward)
