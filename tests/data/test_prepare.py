@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.data import corpus
+from fusegrad.data.prepare import prepare
+from fusegrad.data.shards import TokenDataset, read_shard
+from fusegrad.data.tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
+
+
+def _documents_in(out_dir, meta):
+    """Split every shard at BOS and decode each piece with the saved tokenizer."""
+    tok = load_tokenizer(out_dir)
+    ids = np.concatenate([read_shard(out_dir / s["file"], meta["vocab_size"]) for s in meta["shards"]])
+    starts = np.flatnonzero(ids == tok.bos_id)
+    assert starts[0] == 0
+    return [tok.decode(ids[a:b]) for a, b in zip(starts, list(starts[1:]) + [len(ids)])]
+
+
+def test_embedded_corpus_byte(tmp_path):
+    meta = prepare(None, tmp_path, tokenizer="byte", val_fraction=0.05)
+    docs = corpus.documents()
+    assert meta["tokens"] == sum(len(d.encode("utf-8")) + 1 for d in docs)  # oracle: UTF-8 length + BOS
+    assert (meta["dtype"], meta["vocab_size"], meta["documents"]) == ("uint16", 258, len(docs))
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+    assert _documents_in(tmp_path, meta) == docs
+    ds = TokenDataset(tmp_path, 64, "val")  # val_fraction and vocab_size come from meta.json
+    assert ds.val_fraction == 0.05 and ds.vocab_size == 258
+    assert abs(len(ds) - 0.05 * meta["tokens"]) <= 1
+
+
+def test_text_dir_with_bpe_and_small_shards(tmp_path):
+    src = tmp_path / "texts"
+    (src / "sub").mkdir(parents=True)
+    docs = corpus.documents()[:6]
+    for i, d in enumerate(docs):
+        (src / ("sub" if i % 2 else "") / f"{i}.txt").write_text(d, encoding="utf-8")
+    (src / "notes.md").write_text("ignored: not .txt")
+    out = tmp_path / "out"
+    meta = prepare(src, out, tokenizer="bpe", vocab_size=300, shard_tokens=2000)
+    assert isinstance(load_tokenizer(out), BPETokenizer) and meta["vocab_size"] == 300
+    assert len(meta["shards"]) > 1 and meta["documents"] == 6
+    # files are read in sorted-path order: texts/0, 2, 4 sort before texts/sub/1, 3, 5
+    assert _documents_in(out, meta) == [docs[i] for i in (0, 2, 4, 1, 3, 5)]
+    with pytest.raises(FormatError, match="already holds prepared data"):
+        prepare(src, out, tokenizer="byte")
+    meta2 = prepare([src / "0.txt"], out, tokenizer="byte", overwrite=True)
+    assert [s["file"] for s in meta2["shards"]] == ["data00.bin"]
+    assert sorted(p.name for p in out.glob("*.bin")) == ["data00.bin"]  # stale shards removed
+
+
+def test_existing_sentencepiece_tokenizer(tmp_path, sp_model_proto, sp_oracle):
+    (tmp_path / "tokenizer.model").write_bytes(sp_model_proto)
+    text = corpus.documents()[3]
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    meta = prepare(tmp_path / "a.txt", tmp_path / "out", tokenizer=tmp_path / "tokenizer.model")
+    assert meta["tokenizer"]["kind"] == "sentencepiece"
+    ids = read_shard(tmp_path / "out" / "data00.bin")
+    assert ids.tolist() == [1] + sp_oracle.encode(text)
+    assert isinstance(load_tokenizer(tmp_path / "out"), SentencePieceTokenizer)
+
+
+def test_bad_inputs(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FormatError, match="nope.txt: text file does not exist"):
+        prepare(tmp_path / "nope.txt", out)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(FormatError, match="empty.txt: text file is empty"):
+        prepare(tmp_path / "empty.txt", out)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(FormatError, match="latin1.txt: not UTF-8"):
+        prepare(tmp_path / "latin1.txt", out)
+    (tmp_path / "nodata").mkdir()
+    with pytest.raises(FormatError, match="nodata: directory holds no .txt files"):
+        prepare(tmp_path / "nodata", out)
+    with pytest.raises(FormatError, match="list of text files is empty"):
+        prepare([], out)
+    with pytest.raises(ShapeError, match="vocab_size 1000 given"):
+        prepare(None, out, tokenizer="byte", vocab_size=1000)
+    with pytest.raises(FormatError, match="missing_tok"):
+        prepare(None, out, tokenizer=str(tmp_path / "missing_tok"))
+    with pytest.raises(ShapeError, match="val_fraction"):
+        prepare(None, out, val_fraction=1.0)
