@@ -90,7 +90,8 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, texts, vocab_size, min_frequency=2):
-        """Train on `texts` (an iterable of strings) to `vocab_size` ids, including 256 byte symbols + 3 specials."""
+        """Train on `texts` (an iterable of strings) to at most `vocab_size` ids (256 byte symbols, 3 specials
+        and merges); a small text can stop short when no pair occurs `min_frequency` times. Check .vocab_size."""
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         if vocab_size < 256 + 3:

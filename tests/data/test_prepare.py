@@ -83,3 +83,23 @@ def test_bad_inputs(tmp_path):
         prepare(None, out, tokenizer=str(tmp_path / "missing_tok"))
     with pytest.raises(ShapeError, match="val_fraction"):
         prepare(None, out, val_fraction=1.0)
+
+
+def test_large_vocab_writes_uint32_shards(tmp_path):
+    """A tokenizer with > 65536 ids gets *.u32.bin shards; ids above 65535 survive the round trip."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"filler{i}": i for i in range(3, 70000)}}
+    vocab.update({ch: 70000 + i for i, ch in enumerate(sorted(alphabet))})  # every byte maps above 65535
+    hf = HF(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("big vocabulary, é", encoding="utf-8")
+    meta = prepare(tmp_path / "a.txt", tmp_path / "out", tokenizer=tmp_path / "tokenizer.json")
+    assert meta["dtype"] == "uint32" and meta["shards"][0]["file"] == "data00.u32.bin"
+    ids = read_shard(tmp_path / "out" / "data00.u32.bin", meta["vocab_size"])
+    assert ids[0] == 1 and ids[1:].min() >= 70000
+    assert ids[1:].tolist() == hf.encode("big vocabulary, é").ids
+    assert load_tokenizer(tmp_path / "out").decode(ids) == "big vocabulary, é"

@@ -86,6 +86,11 @@ def test_bpe_corrupt_or_foreign_json(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_bpe_small_text_stops_short_of_target():
+    tok = BPETokenizer.train(["abc abc"], vocab_size=1000)
+    assert 259 < tok.vocab_size < 1000 and tok.decode(tok.encode("abc cab")) == "abc cab"
+
+
 def test_bpe_vocab_too_small():
     with pytest.raises(ShapeError, match="vocab_size 100"):
         BPETokenizer.train(["abc"], vocab_size=100)
