@@ -110,11 +110,10 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
-            return cls(HFTokenizer.from_file(os.fspath(path)), source=os.fspath(path))
+            hf = HFTokenizer.from_file(os.fspath(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            if isinstance(e, FormatError):
-                raise
             raise FormatError(f"{path}: not a valid Hugging Face tokenizer.json: {e}") from e
+        return cls(hf, source=os.fspath(path))
 
     def _encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -143,7 +142,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise FormatError(f"{source}: sentencepiece model has no BOS/EOS (bos_id={self.bos_id}, eos_id={self.eos_id})")
+            raise FormatError(f"{source}: sentencepiece model has no BOS/EOS "
+                              f"(bos_id={self.bos_id}, eos_id={self.eos_id})")
 
     @classmethod
     def load(cls, path):
