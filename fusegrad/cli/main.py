@@ -1,0 +1,131 @@
+"""The `fusegrad` command: train | sample | prepare | info (and more as the project grows).
+
+    fusegrad train                      # trains a small model on text every Python install has
+    fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
+    fusegrad sample --checkpoint runs/default --prompt "The list"
+    fusegrad prepare my_texts/ --out data/mine --tokenizer bpe --vocab_size 4096
+    fusegrad info runs/default
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import fusegrad
+
+
+def _cmd_train(args) -> int:
+    from fusegrad.cli.config import config_from_args
+    from fusegrad.train.trainer import TrainConfig, train
+
+    train(config_from_args(TrainConfig, args))
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    from fusegrad.data.tokenizer import load_tokenizer
+    from fusegrad.models.generate import generate
+    from fusegrad.train.trainer import load_model
+
+    model, tokenizer = load_model(args.checkpoint)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise fusegrad.FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise fusegrad.FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
+    for i in range(args.num_samples):
+        ids = generate(model, tokenizer.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature,
+                       args.top_p, seed=args.seed + i, stop_id=tokenizer.eos_id)
+        print(tokenizer.decode(ids))
+        if i + 1 < args.num_samples:
+            print("---")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from fusegrad.data.prepare import prepare
+
+    meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                   val_fraction=args.val_fraction, overwrite=args.overwrite)
+    print(f"prepared {meta.get('tokens', '?')} tokens from {meta['documents']} documents into {args.out} "
+          f"(tokenizer {meta['tokenizer']['kind']}, vocab {meta['vocab_size']})")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import numpy as np
+
+    from fusegrad.backends import available_backends
+    print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}, backends: {', '.join(available_backends())}")
+    if args.path:
+        from fusegrad.train.trainer import load_model
+
+        model, tokenizer = load_model(args.path)
+        print(f"model: {model.config}")
+        print(f"parameters: {model.num_params():,}")
+        print(f"tokenizer: {tokenizer.to_json() if tokenizer else 'none found'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fusegrad.cli.config import add_dataclass_args
+    from fusegrad.train.trainer import TrainConfig
+
+    parser = argparse.ArgumentParser(prog="fusegrad", description="Train Llama-family models with fused, "
+                                     "explicit backward passes.")
+    parser.add_argument("--version", action="version", version=f"fusegrad {fusegrad.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="pre-train a model (no arguments: a small model on the embedded corpus)",
+                       description="Pre-train a Llama model. With no arguments: a 0.8M-parameter model on "
+                                   "CPython's documentation text, a few minutes on a laptop CPU.")
+    add_dataclass_args(p, TrainConfig, {"data": "shard dir from `fusegrad prepare`, or text file/dir",
+                                        "preset": "model size: tiny, default, stories260K, stories15M, ...",
+                                        "resume": "continue from out_dir/checkpoint.safetensors"})
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint.safetensors, HF dir or llama2.c .bin")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top_p", "--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", "--num-samples", type=int, default=1)
+    p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("prepare", help="tokenize text files into training shards")
+    p.add_argument("inputs", nargs="*", help="text files or directories (none: the embedded corpus)")
+    p.add_argument("--out", default="data", help="output directory")
+    p.add_argument("--tokenizer", default="byte", help="byte, bpe, or a tokenizer file/dir")
+    p.add_argument("--vocab_size", "--vocab-size", type=int, default=None)
+    p.add_argument("--val_fraction", "--val-fraction", type=float, default=0.1)
+    p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
+    p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except fusegrad.FusegradError as exc:
+        print(f"fusegrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fusegrad {args.command}: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
