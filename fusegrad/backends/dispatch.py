@@ -10,7 +10,7 @@ accelerator is dropped only after `max_failures` failures (not, as in the seed, 
 >>> from fusegrad.backends.dispatch import GemmChain
 >>> chain = GemmChain()
 >>> def broken(a, b, ta, tb): raise RuntimeError("device lost")
->>> chain.add_offload("broken", broken, min_flops=0)
+>>> entry = chain.add_offload("broken", broken, min_flops=0)
 >>> out = chain.run(np.ones((2, 3)), np.ones((3, 4)), False, False, lambda a, b, ta, tb: a @ b)
 >>> out.shape, chain.offloads[0].failures
 ((2, 4), 1)
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
+
+import numpy as np
 
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.trace import count, instant, span
@@ -35,9 +38,10 @@ def gemm_dims(a_shape, b_shape, trans_a: bool, trans_b: bool):
     k2, n = (b_shape[-1], b_shape[-2]) if trans_b else (b_shape[-2], b_shape[-1])
     if k != k2:
         raise ShapeError(f"gemm: inner dimensions differ: op(a) is {m}x{k}, op(b) is {k2}x{n}")
-    batch = 1
-    for d in (a_shape[:-2] if len(a_shape) >= len(b_shape) else b_shape[:-2]):
-        batch *= d
+    try:  # leading axes broadcast like numpy.matmul: (3, 1, M, K) x (2, K, N) is 6 GEMMs
+        batch = math.prod(np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
+    except ValueError:
+        raise ShapeError(f"gemm: batch dimensions do not broadcast: a {tuple(a_shape)}, b {tuple(b_shape)}") from None
     return m, k, n, batch
 
 
@@ -142,8 +146,6 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
     Returns {"shapes": [...], "warmed": {backend: n}, "failed": {backend: [(shape, reason)]}}.
     Failures here count toward an accelerator's `max_failures` like any other call.
     """
-    import numpy as np
-
     from fusegrad.backends import get_backend
 
     if shapes is None:
@@ -156,6 +158,9 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
     for name, entry in targets:
         warmed, failed = 0, []
         for m, k, n in shapes:
+            if entry is not None and entry.disabled:  # stop, as run() does, once max_failures is reached
+                failed.append(((m, k, n), f"skipped: {name} disabled after {entry.failures} failures"))
+                continue
             try:
                 with span("prewarm", "matmul", m=m, k=k, n=n, backend=name):
                     if entry is None:
