@@ -13,6 +13,8 @@ Weights go into one MILBlob file per program (`@model_path/weights/w.bin`, sever
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from fusegrad.backends.ane.blob import BlobWriter
@@ -39,6 +41,8 @@ class MilBuilder:
 
     # ---- naming and consts ----------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_]\w*", base):
+            raise ShapeError(f"MIL: {base!r} is not a valid identifier (letters, digits, _; no leading digit)")
         name, n = base, 1
         while name in self._names:
             n += 1
@@ -66,6 +70,7 @@ class MilBuilder:
             type_ = MilType(dtype or "int32")
         elif isinstance(value, float):
             type_ = MilType(dtype or "fp16")
+            value = float(np.float16(value)) if type_.dtype == "fp16" else value  # print what the ANE uses
         else:
             arr = np.asarray(value)
             type_ = MilType(dtype or ("int32" if arr.dtype.kind in "iu" else "fp16"), arr.shape)
