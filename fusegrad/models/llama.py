@@ -103,7 +103,7 @@ class Llama:
         self.config = config
         self.dtype = np.dtype(dtype)
         self.params = params if params is not None else self._init_params(seed)
-        self.adapters = {}  # projection name -> callable(x Tensor) -> delta Tensor (LoRA, see fusegrad.finetune)
+        self.adapters = {}  # projection name -> callable(x) -> y replacing its linear (LoRA, fusegrad.finetune)
         c = config
         self.rope_cos, self.rope_sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta, self.dtype)
 
@@ -155,10 +155,10 @@ class Llama:
 
     # -- forward -----------------------------------------------------------------------------------
     def project(self, name: str, x: Tensor) -> Tensor:
-        """x (..., in) @ W^T for the projection `name`, plus its adapter's delta if one is attached."""
-        y = fg.linear(x, self.params[name])
+        """x (..., in) @ W^T for the projection `name`. An attached adapter computes the whole projection:
+        base GEMM plus its deltas in one op, so a frozen (or NF4) base gets only its dx GEMM."""
         adapter = self.adapters.get(name)
-        return y if adapter is None else y + adapter(x)
+        return fg.linear(x, self.params[name]) if adapter is None else adapter(x)
 
     def check_tokens(self, tokens, extra: int = 0) -> np.ndarray:
         tokens = tokens.numpy() if isinstance(tokens, Tensor) else np.asarray(tokens)
