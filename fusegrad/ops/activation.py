@@ -15,8 +15,9 @@ from fusegrad.ops._util import check_float, result
 
 def relu(a: Tensor) -> Tensor:
     check_float("relu", ("a", a))
-    mask = a.data > 0
-    return result(a.data * mask, "relu", (a,), lambda g: (g * mask,))
+    xp, mask = a.backend.xp, a.data > 0
+    # maximum/where, not x * mask: -1.0 * False is -0.0
+    return result(xp.maximum(a.data, 0), "relu", (a,), lambda g: (xp.where(mask, g, 0),))
 
 
 def sigmoid(a: Tensor) -> Tensor:
