@@ -5,7 +5,7 @@ Off by default and then near free: `span()` returns one shared no-op context aft
 >>> import fusegrad as fg
 >>> with fg.trace() as t:
 ...     y = (fg.tensor([[1.0, 2.0]]) @ fg.tensor([[3.0], [4.0]]))
->>> t.totals()["matmul"]["count"] >= 1
+>>> t.totals(by="category")["matmul"]["count"] >= 1
 True
 """
 from __future__ import annotations
