@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusegrad
+from fusegrad.cli.main import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "fusegrad.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_version_from_the_installed_command():
+    out = subprocess.run(["fusegrad", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"fusegrad {fusegrad.__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "prepare", "info"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: fusegrad {command}" in capsys.readouterr().out
+
+
+def test_prepare_then_info_then_bad_yaml(tmp_path, capsys):
+    text = tmp_path / "a.txt"
+    text.write_text("hello world, hello fusegrad.\n" * 50)
+    assert main(["prepare", str(text), "--out", str(tmp_path / "data")]) == 0
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["vocab_size"] == 258
+    assert main(["prepare", str(text), "--out", str(tmp_path / "data")]) == 2  # no overwrite without asking
+    assert "overwrite" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown setting(s) ['learning_rate']" in capsys.readouterr().err
+
+
+def test_info_on_a_llama2c_file(tmp_path, capsys):
+    from fusegrad.models import Llama
+
+    Llama.from_preset("tiny").save_llama2c(tmp_path / "m.bin")
+    assert main(["info", str(tmp_path / "m.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "dim=32" in out
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(tmp_path / "nope.bin")]) == 2
+    assert "nope.bin" in capsys.readouterr().err
