@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import fusegrad as fg
 
@@ -213,3 +214,21 @@ def test_composite_graph_with_shared_nodes(rng):
                     vals.append(_composite(FG, *[fg.tensor(a, dtype="float64") for a in arrays]).item())
             x[idx] = orig
             assert abs((vals[0] - vals[1]) / (2 * eps) - t.grad[idx]) < 1e-6
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div", "pow"])
+@given(shapes=hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3),
+       seed=seeds)
+def test_binary_broadcast_grads_match_torch(op, shapes, seed):
+    # random broadcasting patterns, 0-d included: grads are summed back to each input's own shape
+    r = np.random.default_rng(seed)
+    a, b = pos(r, *shapes.input_shapes[0]), away0(r, *shapes.input_shapes[1])
+    fa, fb = fg.tensor(a, dtype="float64", requires_grad=True), fg.tensor(b, dtype="float64", requires_grad=True)
+    out = getattr(fg, op)(fa, fb)
+    weights = r.standard_normal(out.shape)
+    (out * fg.tensor(weights, dtype="float64")).sum().backward()
+    ta, tb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    (getattr(torch, op)(ta, tb) * torch.tensor(weights)).sum().backward()
+    assert out.shape == shapes.result_shape
+    np.testing.assert_allclose(fa.grad, ta.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(fb.grad, tb.grad.numpy(), rtol=1e-10, atol=1e-12)
