@@ -1,12 +1,25 @@
 """The default backend: numpy arrays, BLAS GEMMs, and the reference version of every fused kernel."""
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 
 from fusegrad.backends import reference
 from fusegrad.backends.base import Backend
 from fusegrad.backends.dispatch import GEMM_CHAIN, gemm_dims
 from fusegrad.core.trace import count, span
+
+
+@functools.cache
+def _jit_kernels() -> dict:
+    """The numba kernels (fusegrad.backends.cpu_jit.KERNELS), or {} when numba does not import."""
+    try:
+        from fusegrad.backends import cpu_jit
+    except ImportError:
+        return {}
+    return cpu_jit.KERNELS
 
 
 def _op(x, trans: bool):
@@ -43,9 +56,12 @@ class NumpyBackend(Backend):
         np.matmul(np.zeros((m, k), dtype), np.zeros((k, n), dtype))
 
     # fused kernels: the reference implementations (fusegrad.backends.reference), overridden by the
-    # JIT-compiled CPU kernels where those are installed
+    # JIT-compiled CPU kernels where numba is installed (FUSEGRAD_JIT=0 turns them off)
     def __getattr__(self, name):
-        kernel = getattr(reference, name, None)
-        if kernel is None or name.startswith("_"):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        kernel = None if os.environ.get("FUSEGRAD_JIT", "1") == "0" else _jit_kernels().get(name)
+        kernel = kernel or getattr(reference, name, None)
+        if kernel is None:
             raise AttributeError(f"backend numpy has no kernel {name!r}")
         return kernel
