@@ -14,7 +14,7 @@ def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
     if isinstance(x, Tensor):
         return x
     if like is not None:
-        if isinstance(x, numbers.Number):
+        if isinstance(x, (numbers.Number, list, tuple)):  # python values have no dtype: take like's
             return Tensor(like.backend.asarray(x, like.dtype), backend=like.backend)
         return Tensor(like.backend.asarray(x), backend=like.backend)
     if isinstance(x, (numbers.Number, list, tuple, np.ndarray)):
@@ -69,7 +69,9 @@ def normalize_axis(op: str, axis, ndim: int) -> tuple:
     """Axis argument -> tuple of non-negative axes; ShapeError when out of range."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis) if isinstance(axis, (tuple, list)) else None
+    if axes is None or not all(isinstance(ax, numbers.Integral) for ax in axes):
+        raise ShapeError(f"{op}: axis must be an integer or a tuple of integers, got {axis!r}")
     out = []
     for ax in axes:
         if not -ndim <= ax < max(ndim, 1):
