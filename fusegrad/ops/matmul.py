@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor
-from fusegrad.ops._util import check_float, result, unbroadcast
+from fusegrad.ops._util import as_tensor, check_float, result, unbroadcast
 
 
 def _check(op: str, a: Tensor, b: Tensor, trans_b: bool):
@@ -39,6 +39,8 @@ def _check(op: str, a: Tensor, b: Tensor, trans_b: bool):
 
 
 def _gemm_op(op: str, a: Tensor, b: Tensor, trans_b: bool) -> Tensor:
+    a = as_tensor(a, like=b if isinstance(b, Tensor) else None, op=op)
+    b = as_tensor(b, like=a, op=op)
     _check(op, a, b, trans_b)
     be = a.backend
     out = be.gemm(a.data, b.data, trans_b=trans_b)  # (..., M, N)
@@ -72,6 +74,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     Leading axes of x are folded into one GEMM of (tokens, in) x (in, out).
     """
+    x, weight = as_tensor(x, op="linear"), as_tensor(weight, op="linear")
     check_float("linear", ("x", x), ("weight", weight))
     if weight.ndim != 2:
         raise ShapeError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
@@ -83,6 +86,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     y = matmul_nt(reshape(x, (-1, x.shape[-1])), weight)  # (N, in) x (out, in)^T -> (N, out)
     y = reshape(y, lead + (weight.shape[0],))
     if bias is not None:
+        bias = as_tensor(bias, like=weight, op="linear")
         if bias.shape != (weight.shape[0],):
             raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
         from fusegrad.ops.elementwise import add
