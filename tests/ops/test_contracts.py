@@ -138,6 +138,11 @@ def test_getitem_bad_keys(key):
     (lambda x: fg.softmax(x, axis=2), "softmax: axis 2"),
     (lambda x: fg.log_softmax(x, axis=None), "log_softmax: axis must be one integer"),
     (lambda x: fg.gelu(x, approximate="fast"), "gelu: approximate"),
+    (lambda x: fg.permute(x, (0.5, 1)), "permute: axis must be an integer"),
+    (lambda x: fg.transpose(x, 0.5, 1), "transpose: axis must be an integer"),
+    (lambda x: fg.sum(x, axis=0.5), "sum: axis must be an integer"),
+    (lambda x: fg.concat([x, x], axis="0"), "concat: axis must be an integer"),
+    (lambda x: fg.matmul(x, "w"), "matmul: b must be a floating tensor"),
     (lambda x: x.backward(), "backward"),
     (lambda x: fg.tensor(x).item(), r"item: .*\(2, 3\)"),
 ])
@@ -169,3 +174,10 @@ def test_cross_entropy_contract():
         fg.cross_entropy(logits, fg.tensor([0.0, 1.0, 2.0]))
     with pytest.raises(fg.ShapeError, match=r"target id 4 is outside \[0, 4\)"):
         fg.cross_entropy(logits, fg.tensor([0, 4, 1]))
+
+
+def test_python_operands_take_the_tensor_dtype():
+    x = fg.tensor(np.ones((2, 3)), dtype="float32", requires_grad=True)
+    y = fg.linear(x, [[1.0, 2.0, 3.0]], [0.5]) + [1.0, 2.0, 3.0][:1]
+    assert y.dtype == np.float32 and y.tolist() == [[7.5], [7.5]]
+    assert (x @ [[1.0], [1.0], [1.0]]).dtype == np.float32
