@@ -264,3 +264,7 @@ def sdpa_backward(dim: int, n_heads: int, n_kv_heads: int, seq: int):
             t = b.reduce_sum(b.reshape(t, (1, n_kv_heads, rep, hd * seq), name=n + "_g"), axes=[2], name=n + "_sum")
         out.append(b.reshape(t, (1, kv, 1, seq), name=n))
     return _output32(b, b.concat(out, axis=1, name="dqkv"))
+
+
+KERNELS = ("ffn_w13_backward_dx", "ffn_w13_backward_dx_dynamic", "qkv_backward_dx", "qkv_backward_dx_dynamic",
+           "ffn_forward", "ffn_forward_dynamic", "attention_forward", "attention_forward_dynamic", "sdpa_backward")
