@@ -4,7 +4,7 @@ Everything that shapes the loss trajectory (weights, optimizer moments, the data
 history) goes into the checkpoint, so `resume=True` continues bit for bit where the run stopped.
 
 >>> import tempfile
->>> cfg = TrainConfig(preset="tiny", max_steps=3, batch_size=2, seq_len=16, out_dir=tempfile.mkdtemp(),
+>>> cfg = TrainConfig(preset="tiny", max_steps=3, warmup_steps=1, batch_size=2, seq_len=16, out_dir=tempfile.mkdtemp(),
 ...                   progress=False, plot=False, sample_tokens=0, eval_interval=0, quiet=True)
 >>> result = train(cfg)
 >>> result["step"]
