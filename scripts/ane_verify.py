@@ -36,7 +36,9 @@ def cases(dim, hidden, seq, n_heads, n_kv):
     w1, w2, w3 = w(hidden, dim), w(dim, hidden), w(hidden, dim)
     wq, wk, wv, wo, g = w(dim, dim), w(kv, dim), w(kv, dim), w(dim, dim), np.ones(dim, np.float32)
     dh, dqkv, x = act(2 * hidden, 0.01), act(dim + 2 * kv, 0.1), act(dim)
-    cf = lambda a: a[None, :, None, :]  # noqa: E731  (C, S) -> (1, C, 1, S)
+    def cf(a):  # (C, S) -> (1, C, 1, S)
+        return a[None, :, None, :]
+
     yield "ffn_w13_backward_dx", K.ffn_w13_backward_dx(w1, w3, seq), cf(dh)
     yield "ffn_w13_backward_dx_dynamic", K.ffn_w13_backward_dx_dynamic(dim, hidden, seq), \
         K.pack_dynamic(dh, np.concatenate([w1, w3]))

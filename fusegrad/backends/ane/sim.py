@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusegrad.backends.ane.blob import read_blob
-from fusegrad.backends.ane.mil import NUMPY_DTYPES, Blobfile, Op, Program, parse
+from fusegrad.backends.ane.mil import NUMPY_DTYPES, Blobfile, Op, parse
 from fusegrad.core.errors import BackendError, FormatError, ShapeError
 
 

@@ -159,7 +159,10 @@ def test_sdpa_backward_chains_into_qkv_backward_dx():
 def golden_kernels():
     rng = np.random.default_rng(0)
     d, h, kv, s = 8, 16, 4, 4
-    w = lambda o, i: rand(rng, o, i)  # noqa: E731
+
+    def w(out, inp):
+        return rand(rng, out, inp)
+
     return {
         "ffn_w13_backward_dx": K.ffn_w13_backward_dx(w(h, d), w(h, d), s),
         "ffn_w13_backward_dx_dynamic": K.ffn_w13_backward_dx_dynamic(d, h, s),
