@@ -1,0 +1,278 @@
+"""LoRA adapters on fusegrad's fused projections, with the base frozen (or stored in NF4, see qlora.py).
+
+Targets are the seven Llama projections q, k, v, o, gate, up, down. q/k/v share the fused `wqkv` and
+gate/up share `w13`, so one fused projection may carry up to three adapters. Each part p has its own
+A_p (r, in) and B_p (out_p, r); the A's of one projection are stacked into ONE tensor (P r, in), so
+    y = x W^T,   u = dropout(x) A^T * s  (one GEMM, (N, P r)),   y[:, rows_p] += u_p B_p^T
+and the delta of a part without an adapter is never formed (no zeros). s = alpha / r (rsLoRA:
+alpha / sqrt(r)). The backward runs only dx through the frozen W (no dW GEMM), plus the small
+LoRA GEMMs: dB_p = g_p^T u_p, du_p = s g_p B_p, dA = du^T x (A's own layout: A is used as
+matmul_nt's right operand), dx += du A.
+
+Like PEFT: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so step 0 is the base.
+One dropout mask is drawn per fused projection (PEFT draws one per module; the distribution is equal).
+
+>>> from fusegrad.models import Llama
+>>> model = Llama.from_preset("tiny", seed=0)
+>>> lora = attach_lora(model, LoraConfig(targets=("q", "v"), r=4, alpha=8))
+>>> sorted(n for n, _ in lora.named_parameters())[:3]
+['layers.0.wqkv.lora_A', 'layers.0.wqkv.lora_B.q', 'layers.0.wqkv.lora_B.v']
+>>> model.loss(np.zeros((1, 5), np.int64)).backward()
+>>> [t.grad is None for t in model.params.values()][:2]   # the base is frozen
+[True, True]
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from fusegrad.core.errors import ShapeError
+from fusegrad.core.tensor import Tensor, is_grad_enabled
+from fusegrad.core.trace import span
+from fusegrad.ops._util import check_float, result
+
+# target -> (fused parameter kind, index of the part inside it)
+TARGETS = {"q": ("wqkv", 0), "k": ("wqkv", 1), "v": ("wqkv", 2), "o": ("wo", 0),
+           "gate": ("w13", 0), "up": ("w13", 1), "down": ("w2", 0)}
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+ALIASES = {**{m.split(".")[1]: t for t, m in HF_MODULES.items()},
+           "wq": "q", "wk": "k", "wv": "v", "wo": "o", "w1": "gate", "w3": "up", "w2": "down"}
+PROJECTIONS = ("wqkv", "wo", "w13", "w2")
+
+
+def parse_targets(spec) -> tuple:
+    """"q,v" / ["q_proj", "v_proj"] / "all" -> canonical targets in model order; ShapeError if unknown."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if items == ["all"]:
+        return tuple(TARGETS)
+    out = []
+    for item in items:
+        name = ALIASES.get(item, item)
+        if name not in TARGETS:
+            raise ShapeError(f"lora: unknown target module {item!r}; choose from {', '.join(TARGETS)} "
+                             f"(or HF names {', '.join(m.split('.')[1] for m in HF_MODULES.values())}, or 'all')")
+        out.append(name)
+    if not out:
+        raise ShapeError("lora: no target modules given (e.g. --lora_targets q,v)")
+    return tuple(t for t in TARGETS if t in out)
+
+
+def part_rows(config, target: str) -> tuple:
+    """-> (fused kind, row slice of the part inside the fused weight, in_features)."""
+    C, KV, Hd = config.dim, config.kv_dim, config.hidden_dim
+    rows = {"q": (0, C), "k": (C, C + KV), "v": (C + KV, C + 2 * KV), "o": (0, C),
+            "gate": (0, Hd), "up": (Hd, 2 * Hd), "down": (0, C)}[target]
+    return TARGETS[target][0], slice(*rows), (Hd if target == "down" else C)
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    targets: tuple = ("q", "v")
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        self.targets = parse_targets(self.targets)
+        if int(self.r) < 1:
+            raise ShapeError(f"lora: rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ShapeError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _base_weight(base):
+    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4Tensor dequantized for this GEMM."""
+    if isinstance(base, Tensor):
+        return base.data
+    with span("nf4_dequantize", "quant", shape=base.shape):
+        return base.dequantize()
+
+
+def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scaling: float,
+                dropout_mask=None) -> Tensor:
+    """x (..., in) -> (..., out) = x W^T + scaling * per-part (x A_p^T) B_p^T in rows `slices`.
+
+    base: Tensor (out, in) (frozen or not) or NF4Tensor; A (P r, in) stacked per part; Bs[p] (out_p, r).
+    dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only (as PEFT).
+    """
+    out_f, in_f = base.shape
+    if x.ndim < 1 or x.shape[-1] != in_f:
+        raise ShapeError(f"lora_linear: x has shape {x.shape}, base weight expects {in_f} features (shape {base.shape})")
+    tensors = [x] + ([A] if A is not None else []) + list(Bs)
+    check_float("lora_linear", *[(f"input{i}", t) for i, t in enumerate(tensors)])
+    P = len(Bs)
+    r = A.shape[0] // P if P else 0
+    be = x.backend
+    x2 = x.data.reshape(-1, in_f)  # (N, in)
+    y = be.gemm(x2, _base_weight(base), trans_b=True)  # (N, out)
+    xa = x2 if dropout_mask is None else x2 * dropout_mask
+    us = None
+    if P:
+        with span("lora_forward", "lora", parts=P, r=r):
+            us = be.gemm(xa, A.data, trans_b=True)  # (N, P r)
+            us *= scaling
+            for p, (rows, B) in enumerate(zip(slices, Bs)):
+                y[:, rows] += be.gemm(us[:, p * r:(p + 1) * r], B.data, trans_b=True)
+    base_t = base if isinstance(base, Tensor) else None
+    inputs = tuple(tensors) + ((base_t,) if base_t is not None else ())
+
+    def backward(g):
+        g2 = g.reshape(-1, out_f)  # (N, out)
+        dBs, dA, du = [], None, None
+        if P:
+            with span("lora_backward", "lora", parts=P, r=r):
+                du = np.empty_like(us)
+                for p, (rows, B) in enumerate(zip(slices, Bs)):
+                    gp = g2[:, rows]  # (N, out_p) view
+                    dBs.append(be.gemm(gp, us[:, p * r:(p + 1) * r], trans_a=True) if B.requires_grad else None)
+                    du[:, p * r:(p + 1) * r] = be.gemm(gp, B.data)
+                du *= scaling
+                dA = be.gemm(du, xa, trans_a=True) if A.requires_grad else None  # (P r, in)
+        dx = None
+        if x.requires_grad:
+            dx = be.gemm(g2, _base_weight(base))  # (N, in): the only GEMM the frozen base costs
+            if P:
+                dxa = be.gemm(du, A.data)
+                dx += dxa if dropout_mask is None else dxa * dropout_mask
+            dx = dx.reshape(x.shape)
+        grads = [dx] + ([dA] if A is not None else []) + dBs
+        if base_t is not None:
+            grads.append(be.gemm(g2, x2, trans_a=True) if base_t.requires_grad else None)
+        return tuple(grads)
+    return result(y.reshape(x.shape[:-1] + (out_f,)), "lora_linear", inputs, backward)
+
+
+class LoraProjection:
+    """One fused projection with its base (Tensor or NF4Tensor) and its parts' adapters; Llama calls it."""
+
+    def __init__(self, name: str, base, parts: list, state: "Lora"):
+        self.name, self.base, self.state = name, base, state
+        self.targets = [t for t, _ in parts]
+        self.slices = [rows for _, rows in parts]
+        self.A, self.B = None, {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        s, mask = self.state, None
+        if s.training and s.config.dropout > 0 and self.targets and is_grad_enabled():
+            keep = s.rng.random(x.shape[:-1] + (x.shape[-1],)) >= s.config.dropout
+            mask = (keep / (1.0 - s.config.dropout)).astype(x.dtype).reshape(-1, x.shape[-1])
+        return lora_linear(x, self.base, self.A, [self.B[t] for t in self.targets], self.slices,
+                           s.config.scaling, mask)
+
+    def A_part(self, target: str) -> np.ndarray:
+        r = self.state.config.r
+        p = self.targets.index(target)
+        return self.A.data[p * r:(p + 1) * r]
+
+    def delta(self, target: str) -> np.ndarray:
+        """scaling * B A for one part: (out_p, in), what merging adds to the base rows."""
+        return self.state.config.scaling * (self.B[target].data @ self.A_part(target))
+
+
+class Lora:
+    """The adapters attached to a model: parameters, train/eval mode, the dropout RNG, merge."""
+
+    def __init__(self, model, config: LoraConfig):
+        self.model, self.config = model, config
+        self.projections = {}  # fused parameter name -> LoraProjection
+        self.training = True
+        self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
+        self.head = None  # a classifier head read with the adapter (peft_io.load_adapter)
+
+    def named_parameters(self) -> list:
+        out = []
+        for name, proj in self.projections.items():
+            if proj.A is not None:
+                out.append((f"{name}.lora_A", proj.A))
+                out += [(f"{name}.lora_B.{t}", proj.B[t]) for t in proj.targets]
+        return out
+
+    def parameters(self) -> list:
+        return [t for _, t in self.named_parameters()]
+
+    def train(self, flag: bool = True) -> "Lora":
+        self.training = flag
+        return self
+
+    def state_dict(self) -> dict:
+        return {n: t.data for n, t in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, where: str = "lora") -> None:
+        from fusegrad.core.errors import FormatError
+
+        for n, t in self.named_parameters():
+            arr = state.get(n)
+            if arr is None or arr.shape != t.shape:
+                raise FormatError(f"{where}: LoRA parameter {n} is missing or has shape "
+                                  f"{None if arr is None else arr.shape}, expected {t.shape}")
+            t.data = np.array(arr, dtype=t.dtype)
+
+    def merge(self) -> None:
+        """Fold every adapter into its base weight (W[rows_p] += s B_p A_p) and detach them all.
+        An NF4 base is dequantized first (merging into 4-bit codes would lose the delta)."""
+        import fusegrad as fg
+
+        for name, proj in self.projections.items():
+            W = np.array(_base_weight(proj.base), dtype=self.model.dtype)
+            for t, rows in zip(proj.targets, proj.slices):
+                W[rows] += proj.delta(t).astype(W.dtype)
+            self.model.params[name] = fg.tensor(W, dtype=self.model.dtype)
+            self.model.adapters.pop(name, None)
+        self.projections = {}
+
+
+def freeze(model) -> None:
+    """requires_grad=False on every base parameter: no dW work for them, only their dx."""
+    for t in model.params.values():
+        t.requires_grad = False
+        t.grad = None
+
+
+def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lora:
+    """Freeze the model and attach LoRA adapters to every layer's target parts (PEFT init).
+
+    quantized: {fused name: NF4Tensor} bases (QLoRA); those projections get a LoraProjection even
+    without targets, so their GEMMs dequantize on the fly.
+    """
+    import fusegrad as fg
+
+    c, quantized = model.config, quantized or {}
+    freeze(model)
+    lora = Lora(model, config)
+    rng = np.random.default_rng(config.seed)
+    for i in range(c.n_layers):
+        for kind in PROJECTIONS:
+            name = f"layers.{i}.{kind}"
+            parts = []
+            for t in config.targets:
+                k, rows, in_f = part_rows(c, t)
+                if k == kind:
+                    out_f = rows.stop - rows.start
+                    if config.r > min(in_f, out_f):
+                        raise ShapeError(f"lora: rank {config.r} is larger than {t} ({name}: out {out_f}, "
+                                         f"in {in_f}); use r <= {min(in_f, out_f)}")
+                    parts.append((t, rows))
+            base = quantized.get(name, model.params.get(name))
+            if not parts and name not in quantized:
+                continue
+            proj = LoraProjection(name, base, parts, lora)
+            in_f = base.shape[1]
+            if parts:
+                bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) as torch.nn.Linear and PEFT
+                proj.A = fg.tensor(rng.uniform(-bound, bound, (len(parts) * config.r, in_f)), dtype=model.dtype,
+                                   requires_grad=True)
+                for t, rows in parts:
+                    proj.B[t] = fg.tensor(np.zeros((rows.stop - rows.start, config.r)), dtype=model.dtype,
+                                          requires_grad=True)
+            lora.projections[name] = proj
+            model.adapters[name] = proj
+    return lora
