@@ -16,6 +16,10 @@ class ShapeError(FusegradError, ValueError):
     """
 
 
+class GraphError(FusegradError, RuntimeError):
+    """The autograd graph cannot be walked (already released by an earlier backward)."""
+
+
 class BackendError(FusegradError, RuntimeError):
     """A backend could not run a kernel (unavailable device, failed compile, ...)."""
 

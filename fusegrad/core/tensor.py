@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import GraphError, ShapeError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
@@ -185,7 +185,7 @@ def _topological_order(root: Tensor) -> list:
 
 
 def _released_backward(grad):
-    raise ShapeError("backward: the graph through this tensor was already released by an earlier backward(); "
+    raise GraphError("backward: the graph through this tensor was already released by an earlier backward(); "
                      "pass retain_graph=True to the first call to backward twice")
 
 

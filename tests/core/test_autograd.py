@@ -127,7 +127,7 @@ def test_graph_released_after_backward():
     loss.backward()
     gc.collect()
     assert ref() is None  # the graph (and the activations it saved) went with the sweep
-    with pytest.raises(fg.ShapeError, match="retain_graph"):
+    with pytest.raises(fg.GraphError, match="retain_graph"):
         loss.backward()
 
 
