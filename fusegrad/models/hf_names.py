@@ -50,13 +50,39 @@ def to_hf(arrays: dict, config, partial: bool = False) -> dict:
     return out
 
 
-def from_hf(state: dict, config) -> dict:
-    """{HF name: array} -> {fusegrad name: array}, fusing q/k/v and gate/up; names the missing key."""
+def hf_shapes(config) -> dict:
+    """{HF name: shape} of every parameter a model of `config` has."""
     c = config
+    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, C), "model.norm.weight": (C,)}
+    for i in range(c.n_layers):
+        hf = f"model.layers.{i}."
+        shapes.update({hf + "input_layernorm.weight": (C,), hf + "post_attention_layernorm.weight": (C,),
+                       hf + "self_attn.q_proj.weight": (C, C), hf + "self_attn.k_proj.weight": (KV, C),
+                       hf + "self_attn.v_proj.weight": (KV, C), hf + "self_attn.o_proj.weight": (C, C),
+                       hf + "mlp.gate_proj.weight": (Hd, C), hf + "mlp.up_proj.weight": (Hd, C),
+                       hf + "mlp.down_proj.weight": (C, Hd)})
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, C)
+    return shapes
+
+
+def check_hf_state(state: dict, config, where: str = "state dict") -> None:
+    """FormatError naming `where` and the tensor when one is missing or its shape disagrees with config."""
+    for name, shape in hf_shapes(config).items():
+        if name not in state:
+            raise FormatError(f"{where}: no tensor {name!r} (has {len(state)} tensors, e.g. {sorted(state)[:3]})")
+        if tuple(np.shape(state[name])) != shape:
+            raise FormatError(f"{where}: tensor {name!r} has shape {tuple(np.shape(state[name]))}, "
+                              f"the config needs {shape}")
+
+
+def from_hf(state: dict, config) -> dict:
+    """{HF name: array} -> {fusegrad name: array}, fusing q/k/v and gate/up; names a missing or misshapen key."""
+    c = config
+    check_hf_state(state, config)
 
     def get(name):
-        if name not in state:
-            raise FormatError(f"state dict has no {name!r} (has {len(state)} tensors, e.g. {sorted(state)[:3]})")
         return np.asarray(state[name])
 
     p = {"tok_embeddings": get("model.embed_tokens.weight")}

@@ -13,7 +13,7 @@ import numpy as np
 
 from fusegrad.core.errors import FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.hf_names import permute_from_hf, permute_to_hf
+from fusegrad.models.hf_names import check_hf_state, permute_from_hf, permute_to_hf
 from fusegrad.models.llama import LlamaConfig
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
@@ -141,7 +141,16 @@ def hf_config(c: LlamaConfig) -> dict:
 
 
 def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
+    # rope scaling (Llama 3.1 "llama3", "linear", ...) changes the rotation angles: refuse it rather than
+    # silently compute something else
+    scaling = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type != "default":
+        raise FormatError(f"{path}: rope type {rope_type!r} is not supported (only the default RoPE)")
     try:
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            raise FormatError(f"{path}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
+                              f"({d['hidden_size']} / {d['num_attention_heads']}); fusegrad needs it to be")
         rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         return LlamaConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
                            n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
@@ -173,6 +182,7 @@ def read_hf(directory) -> tuple:
             raise FormatError(f"{os.path.join(directory, name)}: corrupt safetensors file: {exc}") from None
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    check_hf_state(state, config, f"{directory} (*.safetensors)")
     return config, {k: v.astype(np.float32) for k, v in state.items()}
 
 
