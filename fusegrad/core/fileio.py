@@ -40,3 +40,12 @@ def fsync_dir(directory) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def atomic_write_bytes(path, data) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -16,7 +16,7 @@ import re
 import struct
 
 from fusegrad.core.errors import FormatError
-from fusegrad.data._io import atomic_write_bytes
+from fusegrad.core.fileio import atomic_write_bytes
 from fusegrad.data.tokenizer import Tokenizer
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")

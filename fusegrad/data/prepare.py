@@ -18,7 +18,7 @@ import numpy as np
 
 from fusegrad.core.errors import FormatError, ShapeError
 from fusegrad.data import corpus
-from fusegrad.data._io import atomic_write_text
+from fusegrad.core.fileio import atomic_write_text
 from fusegrad.data.shards import META_FILE, shard_dtype, shard_name, write_shard
 from fusegrad.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 

@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 from fusegrad.core.errors import FormatError, ShapeError
-from fusegrad.data._io import atomic_write_bytes
+from fusegrad.core.fileio import atomic_write_bytes
 
 U32_SUFFIX = ".u32.bin"
 META_FILE = "meta.json"

@@ -14,7 +14,7 @@ import json
 import os
 
 from fusegrad.core.errors import FormatError, ShapeError
-from fusegrad.data._io import atomic_write_bytes, atomic_write_text
+from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
