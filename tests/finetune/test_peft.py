@@ -1,0 +1,103 @@
+"""The peer: transformers + peft on the same base weights (saved with Llama.save_pretrained).
+
+Our adapter files load with PeftModel.from_pretrained and give our logits; peft's files load into
+fusegrad likewise; LoRA gradients equal peft's (q/k rows of B permuted to HF layout)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from fusegrad.finetune.lora import LoraConfig, attach_lora  # noqa: E402
+from fusegrad.finetune.peft_io import adapter_tensors, load_adapter, save_adapter  # noqa: E402
+from fusegrad.models import Llama  # noqa: E402
+from fusegrad.models.llama import LlamaConfig  # noqa: E402
+
+CFG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=64, max_seq_len=32)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    Llama(LlamaConfig(**CFG), seed=3).save_pretrained(d)
+    return d
+
+
+def hf_peft(base_dir, **lora_kwargs):
+    from peft import LoraConfig as PeftConfig, get_peft_model
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    return get_peft_model(hf, PeftConfig(**lora_kwargs))
+
+
+def ours(base_dir, rng, **kw):
+    model = Llama.from_pretrained(base_dir)
+    lora = attach_lora(model, LoraConfig(**kw))
+    for proj in lora.projections.values():
+        for t in proj.targets:
+            proj.B[t].data = rng.normal(0, 0.2, proj.B[t].shape).astype(np.float32)
+    return model, lora
+
+
+def peft_state(tensors):
+    """Our PEFT file keys -> the keys of a live peft model (adapter name 'default')."""
+    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+            for k, v in tensors.items()}
+
+
+def test_lora_logits_and_grads_equal_peft(base_dir, rng):
+    tokens = rng.integers(0, CFG["vocab_size"], (2, 9))
+    model, lora = ours(base_dir, rng, targets="all", r=4, alpha=8, rslora=True)
+    pm = hf_peft(base_dir, r=4, lora_alpha=8, use_rslora=True, target_modules=ALL, lora_dropout=0.0)
+    missing = pm.load_state_dict({k: torch.tensor(v) for k, v in peft_state(adapter_tensors(lora)).items()},
+                                 strict=False)
+    assert not missing.unexpected_keys
+    logits = pm(torch.tensor(tokens[:, :-1])).logits
+    loss_ref = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG["vocab_size"]),
+                                                 torch.tensor(tokens[:, 1:]).reshape(-1))
+    loss_ref.backward()
+    loss = model.loss(tokens)
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
+    grads = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 7 * CFG["n_layers"]
+    # our grads in PEFT layout: temporarily swap .data for .grad and reuse the exporter
+    saved = [(t, t.data) for t in lora.parameters()]
+    for t, _ in saved:
+        t.data = t.grad
+    ours_as_peft = peft_state(adapter_tensors(lora))
+    for t, data in saved:
+        t.data = data
+    for key, g in ours_as_peft.items():
+        np.testing.assert_allclose(g, grads[key], rtol=2e-4, atol=2e-6, err_msg=key)
+
+
+def test_saved_adapter_loads_in_peft_with_same_logits(base_dir, rng, tmp_path):
+    from peft import PeftModel
+    tokens = rng.integers(0, CFG["vocab_size"], (1, 8))
+    model, lora = ours(base_dir, rng, targets=("q", "v", "down"), r=2, alpha=4)
+    save_adapter(tmp_path, lora, base_model=str(base_dir))
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    pm = PeftModel.from_pretrained(hf, tmp_path)
+    with torch.no_grad():
+        ref = pm(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_made_adapter_loads_into_fusegrad(base_dir, rng, tmp_path):
+    tokens = rng.integers(0, CFG["vocab_size"], (1, 8))
+    pm = hf_peft(base_dir, r=3, lora_alpha=5, target_modules=["k_proj", "o_proj", "up_proj"], lora_dropout=0.1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    pm.eval()
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        ref = pm(torch.tensor(tokens)).logits.numpy()
+    model = Llama.from_pretrained(base_dir)
+    lora = load_adapter(tmp_path, model)
+    assert lora.config.targets == ("k", "o", "up") and lora.config.dropout == pytest.approx(0.1)
+    lora.train(False)
+    np.testing.assert_allclose(model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
