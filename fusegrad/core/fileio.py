@@ -14,16 +14,17 @@ import tempfile
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Write to a temp file beside `path`, fsync it, then rename it over `path` (and fsync the dir)."""
+def atomic_path(path):
+    """Yield a temp path beside `path` for the caller to write; then fsync it and rename it over `path`
+    (and fsync the directory). On an exception the temp file is removed and `path` is untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -31,6 +32,13 @@ def atomic_write(path, mode: str = "wb"):
             os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open a temp file beside `path` for writing; it replaces `path` atomically when the block ends."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
 
 
 def fsync_dir(directory) -> None:

@@ -14,14 +14,13 @@ good checkpoint readable. No pickle, ever.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 import numpy as np
 
 from fusegrad.core.errors import FormatError
-from fusegrad.core.fileio import fsync_dir
+from fusegrad.core.fileio import atomic_path
 from fusegrad.core.trace import span
 
 _ARRAY = "__array__"
@@ -60,23 +59,10 @@ def save_checkpoint(path, state: dict) -> None:
     """Write `state` (nested dicts/lists of arrays, numbers, strings) to `path` atomically."""
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
     arrays = {}
     header = _flatten(state, "", arrays)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with span("save_checkpoint", "io", tensors=len(arrays)):
-        try:
-            save_file(arrays, tmp, metadata={"fusegrad": json.dumps(header)})
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(directory)
+    with span("save_checkpoint", "io", tensors=len(arrays)), atomic_path(path) as tmp:
+        save_file(arrays, tmp, metadata={"fusegrad": json.dumps(header)})
 
 
 def load_checkpoint(path) -> dict:
