@@ -123,18 +123,24 @@ def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
 
 
 # -- SwiGLU on the packed W1/W3 output ------------------------------------------------------------------
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) with exp only of -|x|: no overflow (and no RuntimeWarning) for very negative x."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
 def swiglu_forward(h13):
     """h13 (N, 2 Hd) = [h1 | h3] -> silu(h1) * h3 (N, Hd)."""
     hd = h13.shape[-1] // 2
     h1, h3 = h13[..., :hd], h13[..., hd:]
-    return h1 / (1.0 + np.exp(-h1)) * h3
+    return h1 * _sigmoid(h1) * h3
 
 
 def swiglu_backward(g, h13):
     """g (N, Hd) -> dh13 (N, 2 Hd) = [dh1 | dh3], packed for the fused W1/W3 backward GEMM."""
     hd = h13.shape[-1] // 2
     h1, h3 = h13[..., :hd], h13[..., hd:]
-    sig = 1.0 / (1.0 + np.exp(-h1))
+    sig = _sigmoid(h1)
     dh13 = np.empty_like(h13)
     dh13[..., :hd] = g * h3 * sig * (1.0 + h1 * (1.0 - sig))
     dh13[..., hd:] = g * h1 * sig
