@@ -1,0 +1,296 @@
+"""Numba versions of the fused CPU kernels: parallel over the cores, compiled once and cached on disk.
+
+Same signatures as `fusegrad.backends.reference`; `NumpyBackend` takes a kernel from `KERNELS` when numba
+imports (FUSEGRAD_JIT=0 turns that off). Only float32 arrays take the JIT path: any other dtype goes to the
+reference, so float64 gradient checks never trigger a compile. GEMMs stay in numpy BLAS; these kernels do
+what sits between them, each in one or two passes over memory, writing in place where the caller allows.
+Attention lives in `cpu_jit_attention`. Shapes: N rows (tokens), C channels, Hd FFN hidden, V vocabulary.
+
+>>> import numpy as np
+>>> from fusegrad.backends import cpu_jit, reference
+>>> x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+>>> y, rstd = cpu_jit.rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)
+>>> bool(np.allclose(y, reference.rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)[0], atol=1e-6))
+True
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from fusegrad.backends import reference
+from fusegrad.core.errors import ShapeError
+
+# Reassociation (vectorised reductions) and FMA contraction only: no 'nnan'/'ninf', so -inf masks and
+# NaNs still propagate exactly as in the reference.
+FAST = {"reassoc", "contract", "arcp", "nsz"}
+jit = njit(parallel=True, cache=True, fastmath=FAST)
+
+
+def is_f32(*arrays) -> bool:
+    """True when every array is a float32 ndarray: the only dtype the compiled kernels are built for."""
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+
+
+def row_chunks(n: int) -> int:
+    """How many row ranges a reduction over rows splits into (one partial sum per thread)."""
+    return max(1, min(n, numba.get_num_threads()))
+
+
+# -- RMSNorm ------------------------------------------------------------------------------------------
+@jit
+def _rmsnorm_forward(x, w, eps, y, rstd):  # x, y (N, C); w (C,); rstd (N, 1)
+    N, C = x.shape
+    for i in prange(N):
+        ss = 0.0
+        for j in range(C):
+            ss += x[i, j] * x[i, j]
+        r = np.float32(1.0 / math.sqrt(ss / C + eps))
+        rstd[i, 0] = r
+        for j in range(C):
+            y[i, j] = x[i, j] * r * w[j]
+
+
+@jit
+def _rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, need_dx, need_dw):
+    # rows split into len(dw_parts) ranges; range p sums its dw into dw_parts[p] (C,) in float64, no races
+    N, C = x.shape
+    P = dw_parts.shape[0]
+    for p in prange(P):
+        for i in range(p * N // P, (p + 1) * N // P):
+            r = rstd[i, 0]
+            if need_dw:
+                for j in range(C):
+                    dw_parts[p, j] += dy[i, j] * x[i, j] * r
+            if need_dx:
+                dot = 0.0  # mean(dxhat * xhat)
+                for j in range(C):
+                    dot += dy[i, j] * w[j] * x[i, j] * r
+                m = np.float32(dot / C)
+                for j in range(C):
+                    dx[i, j] = r * (dy[i, j] * w[j] - x[i, j] * r * m)
+
+
+def rmsnorm_forward(x, weight, eps: float):
+    if not is_f32(x, weight) or x.ndim != 2:
+        return reference.rmsnorm_forward(x, weight, eps)
+    x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
+    y = np.empty_like(x)
+    rstd = np.empty((x.shape[0], 1), np.float32)
+    _rmsnorm_forward(x, weight, float(eps), y, rstd)
+    return y, rstd
+
+
+def rmsnorm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
+    if not is_f32(dy, x, weight, rstd) or x.ndim != 2:
+        return reference.rmsnorm_backward(dy, x, weight, rstd, need_dx, need_dw)
+    dy, x, rstd = np.ascontiguousarray(dy), np.ascontiguousarray(x), np.ascontiguousarray(rstd)
+    N, C = x.shape
+    dx = np.empty_like(x) if need_dx else np.empty((0, C), np.float32)
+    parts = np.zeros((row_chunks(N), C if need_dw else 0), np.float64)
+    _rmsnorm_backward(dy, x, np.ascontiguousarray(weight), rstd, dx, parts, bool(need_dx), bool(need_dw))
+    return (dx if need_dx else None), (parts.sum(axis=0).astype(np.float32) if need_dw else None)
+
+
+# -- SwiGLU on the packed [h1 | h3] -------------------------------------------------------------------
+@jit
+def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
+    N, Hd = out.shape
+    for i in prange(N):
+        for j in range(Hd):
+            a = h13[i, j]
+            out[i, j] = a / (np.float32(1.0) + np.exp(-a)) * h13[i, Hd + j]
+
+
+@jit
+def _swiglu_backward(g, h13, dh13):  # g (N, Hd) -> dh13 (N, 2 Hd) = [dh1 | dh3]
+    N, Hd = g.shape
+    one = np.float32(1.0)
+    for i in prange(N):
+        for j in range(Hd):
+            a, b, gij = h13[i, j], h13[i, Hd + j], g[i, j]
+            sig = one / (one + np.exp(-a))
+            dh13[i, j] = gij * b * sig * (one + a * (one - sig))
+            dh13[i, Hd + j] = gij * a * sig
+
+
+def swiglu_forward(h13):
+    if not is_f32(h13):
+        return reference.swiglu_forward(h13)
+    h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
+    out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
+    _swiglu_forward(h2, out)
+    return out.reshape(h13.shape[:-1] + (out.shape[1],))
+
+
+def swiglu_backward(g, h13):
+    if not is_f32(g, h13):
+        return reference.swiglu_backward(g, h13)
+    h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
+    dh13 = np.empty_like(h2)
+    _swiglu_backward(np.ascontiguousarray(g).reshape(h2.shape[0], -1), h2, dh13)
+    return dh13.reshape(h13.shape)
+
+
+# -- embedding backward ---------------------------------------------------------------------------------
+@jit
+def _embedding_backward(g, tokens, dw, n_parts):
+    # columns split into n_parts ranges: each thread scatters its columns for every token, so repeated
+    # tokens never race; token order is kept, so the sums match a serial scatter-add
+    N, C = g.shape
+    for p in prange(n_parts):
+        lo, hi = p * C // n_parts, (p + 1) * C // n_parts
+        for i in range(N):
+            t = tokens[i]
+            for j in range(lo, hi):
+                dw[t, j] += g[i, j]
+
+
+def embedding_backward(g, tokens, vocab_size: int):
+    if not is_f32(g) or g.ndim != 2:
+        return reference.embedding_backward(g, tokens, vocab_size)
+    dw = np.zeros((vocab_size, g.shape[1]), np.float32)
+    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+    _embedding_backward(np.ascontiguousarray(g), tokens, dw, row_chunks(g.shape[1]))
+    return dw
+
+
+# -- classifier cross-entropy: per-chunk softmax, loss and dlogits (the GEMMs stay in BLAS) ---------------
+@jit
+def _xent_shift(logits, targets, picked):
+    # logits (n, V) -= row max, in place; picked[i] = shifted logit of the target
+    n, V = logits.shape
+    for i in prange(n):
+        mx = -np.inf
+        for j in range(V):
+            mx = max(mx, logits[i, j])
+        for j in range(V):
+            logits[i, j] -= mx
+        picked[i] = logits[i, targets[i]]
+
+
+@jit
+def _xent_finish(p, targets, picked, inv_n, need_grad, losses):
+    # p (n, V) holds exp(shifted logits); -> losses (n,), and p becomes (softmax - onehot) / N in place
+    n, V = p.shape
+    for i in prange(n):
+        z = 0.0
+        for j in range(V):
+            z += p[i, j]
+        losses[i] = math.log(z) - picked[i]
+        if need_grad:
+            scale = np.float32(inv_n / z)
+            for j in range(V):
+                p[i, j] *= scale
+            p[i, targets[i]] -= np.float32(inv_n)
+
+
+def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool = True, need_dw: bool = True):
+    """Like the reference, with one logits buffer (chunk, V) and one dW scratch reused by every chunk.
+
+    exp runs in numpy: its SIMD exp on one core beats numba's scalar expf on two (no SVML here).
+    """
+    if not is_f32(h, weight) or h.ndim != 2:
+        return reference.classifier_cross_entropy(h, weight, targets, chunk, need_dh, need_dw)
+    h, weight = np.ascontiguousarray(h), np.ascontiguousarray(weight)
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    N, V = h.shape[0], weight.shape[0]
+    chunk = max(1, min(chunk, N))
+    buf = np.empty((chunk, V), np.float32)
+    picked = np.empty(chunk, np.float32)
+    losses = np.empty(chunk, np.float64)
+    dh = np.empty_like(h) if need_dh else None
+    dw = np.empty_like(weight) if need_dw else None
+    scratch = None
+    total = 0.0
+    for lo in range(0, N, chunk):
+        hi = min(lo + chunk, N)
+        n = hi - lo
+        logits = buf[:n]
+        np.matmul(h[lo:hi], weight.T, out=logits)  # (n, V)
+        _xent_shift(logits, targets[lo:hi], picked[:n])
+        np.exp(logits, out=logits)
+        _xent_finish(logits, targets[lo:hi], picked[:n], 1.0 / N, need_dh or need_dw, losses[:n])
+        total += float(losses[:n].sum())
+        if need_dh:
+            np.matmul(logits, weight, out=dh[lo:hi])
+        if need_dw:
+            if lo == 0:
+                np.matmul(logits.T, h[lo:hi], out=dw)  # the first chunk writes dW: no zero fill
+            else:
+                scratch = np.empty_like(weight) if scratch is None else scratch
+                np.matmul(logits.T, h[lo:hi], out=scratch)
+                dw += scratch
+    return total / N, dh, dw
+
+
+# -- AdamW ------------------------------------------------------------------------------------------------
+@jit
+def _adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bias2_sqrt):
+    decay = np.float32(1.0 - lr * wd)
+    b1, b2 = np.float32(beta1), np.float32(beta2)
+    c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
+    ss, bs, e = np.float32(step_size), np.float32(bias2_sqrt), np.float32(eps)
+    for i in prange(p.size):
+        gi = g[i]
+        mi = b1 * m[i] + c1 * gi
+        vi = b2 * v[i] + c2 * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] * decay - ss * (mi / (math.sqrt(vi) / bs + e))
+
+
+def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
+    """`fusegrad.train.optim.adamw_update` in one parallel pass, in place on p, m, v (tmp is unused)."""
+    for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
+        if not is_f32(a) or not a.flags.c_contiguous or a.shape != p.shape:
+            raise ShapeError(f"adamw_update: {name} must be a C-contiguous float32 array of shape {p.shape}, "
+                             f"got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
+           float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
+           math.sqrt(1.0 - beta2 ** step))
+
+
+# -- registry and pre-warming -------------------------------------------------------------------------------
+from fusegrad.backends import cpu_jit_attention  # noqa: E402  (it imports `jit` and `is_f32` from here)
+
+KERNELS = {
+    "rmsnorm_forward": rmsnorm_forward,
+    "rmsnorm_backward": rmsnorm_backward,
+    "swiglu_forward": swiglu_forward,
+    "swiglu_backward": swiglu_backward,
+    "embedding_backward": embedding_backward,
+    "classifier_cross_entropy": classifier_cross_entropy,
+    "attention_forward": cpu_jit_attention.attention_forward,
+    "attention_backward": cpu_jit_attention.attention_backward,
+    "adamw_update": adamw_update,
+}
+
+
+def prewarm() -> float:
+    """Compile (first run) or load from the disk cache (later runs) every kernel; returns seconds taken.
+
+    >>> prewarm() >= 0.0
+    True
+    """
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    w = np.ones(8, np.float32)
+    y, rstd = rmsnorm_forward(x, w, 1e-5)
+    rmsnorm_backward(y, x, w, rstd)
+    swiglu_backward(x[:, :4], x)
+    swiglu_forward(x)
+    embedding_backward(x, np.array([0, 1, 1, 2]), 3)
+    classifier_cross_entropy(x, x, np.array([0, 1, 2, 3]), chunk=2)
+    qkv = rng.standard_normal((1, 4, 3 * 8)).astype(np.float32)  # 2 heads of size 4
+    cos, sin = reference.rope_tables(4, 4, 10000.0)
+    out, saved = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin, block=2)
+    cpu_jit_attention.attention_backward(out, saved, 2, 2)
+    p = x.copy()
+    adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    return time.perf_counter() - t0

@@ -1,0 +1,185 @@
+"""Numba causal GQA attention: RoPE folded into the head split, a softmax that skips the masked triangle.
+
+Same contract as `reference.attention_forward/backward`; the score and value GEMMs stay in numpy BLAS.
+Layout: the G query heads sharing a kv head are interleaved by position, q (B, Hkv, T G, D) with row
+t G + g, so the rows of query block [lo, hi) are ONE contiguous slice [lo G, hi G) — no per-block copy —
+and its score GEMM is (hi G - lo G, D) x (D, hi). Keys past the block's last row are never touched; within
+the block the softmax (and its backward) stops at each row's own position and writes zeros beyond it.
+
+>>> import numpy as np
+>>> from fusegrad.backends import cpu_jit_attention, reference
+>>> qkv = np.random.default_rng(0).standard_normal((1, 5, 3 * 8)).astype(np.float32)
+>>> cos, sin = reference.rope_tables(5, 4, 10000.0)
+>>> y, saved = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin)
+>>> bool(np.allclose(y, reference.attention_forward(qkv, 2, 2, cos, sin)[0], atol=1e-5))
+True
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from fusegrad.backends import reference
+from fusegrad.backends.cpu_jit import is_f32, jit
+
+
+@jit
+def _split_heads_rope(qkv, cos, sin, n_heads, q, k, v):
+    # qkv (B, T, (H + 2 Hkv) D) -> q (B, Hkv, T G, D), k, v (B, Hkv, T, D); rope rotates pairs (2i, 2i+1)
+    B, T, _ = qkv.shape
+    Hkv, D = k.shape[1], k.shape[3]
+    G = n_heads // Hkv
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(n_heads + Hkv):
+            base = h * D
+            for i in range(D // 2):
+                x0, x1 = qkv[b, t, base + 2 * i], qkv[b, t, base + 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                r0, r1 = x0 * c - x1 * s, x0 * s + x1 * c
+                if h < n_heads:  # query head h = kv head h // G, group member h % G (llama2.c order)
+                    row = t * G + h % G
+                    q[b, h // G, row, 2 * i], q[b, h // G, row, 2 * i + 1] = r0, r1
+                else:
+                    k[b, h - n_heads, t, 2 * i], k[b, h - n_heads, t, 2 * i + 1] = r0, r1
+        for h in range(Hkv):
+            base = (n_heads + Hkv + h) * D
+            for d in range(D):
+                v[b, h, t, d] = qkv[b, t, base + d]
+
+
+@jit
+def _causal_softmax(s, lo, bq, G, scale):
+    # s (R, n) scores of block rows, bq G rows per (b, kv head); row r is at position lo + (r % (bq G)) // G
+    R, n = s.shape
+    for r in prange(R):
+        valid = lo + (r % (bq * G)) // G + 1  # keys 0..pos
+        mx = -np.inf
+        for j in range(valid):
+            mx = max(mx, s[r, j])
+        z = 0.0
+        for j in range(valid):
+            e = np.exp((s[r, j] - mx) * scale)
+            s[r, j] = e
+            z += e
+        inv = np.float32(1.0 / z)
+        for j in range(valid):
+            s[r, j] *= inv
+        for j in range(valid, n):
+            s[r, j] = 0.0
+
+
+@jit
+def _causal_softmax_backward(p, dp, lo, bq, G, scale):
+    # dp (R, n) -> ds = p * (dp - sum(dp * p)) * scale, in place; zeros past each row's position
+    R, n = dp.shape
+    for r in prange(R):
+        valid = lo + (r % (bq * G)) // G + 1
+        dot = 0.0
+        for j in range(valid):
+            dot += p[r, j] * dp[r, j]
+        for j in range(valid):
+            dp[r, j] = p[r, j] * (dp[r, j] - np.float32(dot)) * scale
+        for j in range(valid, n):
+            dp[r, j] = 0.0
+
+
+@jit
+def _merge_heads(o, lo, G, y):
+    # o (B, Hkv, bq G, D) block output -> y[:, lo:lo+bq] (B, T, H D), head hk G + g
+    B, Hkv, R, D = o.shape
+    bq = R // G
+    for bt in prange(B * bq):
+        b, i = bt // bq, bt % bq
+        for hk in range(Hkv):
+            for g in range(G):
+                base = (hk * G + g) * D
+                for d in range(D):
+                    y[b, lo + i, base + d] = o[b, hk, i * G + g, d]
+
+
+@jit
+def _gather_dout(dy, lo, bq, do):
+    # dy[:, lo:lo+bq] (B, T, H D) -> do (B, Hkv, bq G, D), the layout of the block's query rows
+    B, Hkv, R, D = do.shape
+    G = R // bq
+    for bt in prange(B * bq):
+        b, i = bt // bq, bt % bq
+        for hk in range(Hkv):
+            for g in range(G):
+                base = (hk * G + g) * D
+                for d in range(D):
+                    do[b, hk, i * G + g, d] = dy[b, lo + i, base + d]
+
+
+@jit
+def _merge_grads_rope(dq, dk, dv, cos, sin, dqkv):
+    # dq (B, Hkv, T G, D), dk, dv (B, Hkv, T, D) -> dqkv (B, T, (H + 2 Hkv) D), rope rotated back
+    B, Hkv, T, D = dk.shape
+    G = dq.shape[2] // T
+    H = Hkv * G
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(H + Hkv):
+            base = h * D
+            for i in range(D // 2):
+                if h < H:
+                    x0, x1 = dq[b, h // G, t * G + h % G, 2 * i], dq[b, h // G, t * G + h % G, 2 * i + 1]
+                else:
+                    x0, x1 = dk[b, h - H, t, 2 * i], dk[b, h - H, t, 2 * i + 1]
+                c, s = cos[t, i], sin[t, i]
+                dqkv[b, t, base + 2 * i] = x0 * c + x1 * s
+                dqkv[b, t, base + 2 * i + 1] = x1 * c - x0 * s
+        for h in range(Hkv):
+            base = (H + Hkv + h) * D
+            for d in range(D):
+                dqkv[b, t, base + d] = dv[b, h, t, d]
+
+
+def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = reference.ATTENTION_BLOCK):
+    if not is_f32(qkv, cos, sin):
+        return reference.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    G = n_heads // n_kv_heads
+    cos, sin = np.ascontiguousarray(cos[:T]), np.ascontiguousarray(sin[:T])
+    q = np.empty((B, n_kv_heads, T * G, D), np.float32)
+    k = np.empty((B, n_kv_heads, T, D), np.float32)
+    v = np.empty_like(k)
+    _split_heads_rope(np.ascontiguousarray(qkv), cos, sin, n_heads, q, k, v)
+    scale = 1.0 / math.sqrt(D)
+    y = np.empty((B, T, n_heads * D), np.float32)
+    probs = []
+    for lo, hi in reference._blocks(T, block):
+        s = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale)
+        _merge_heads(np.matmul(s, v[:, :, :hi]), lo, G, y)
+        probs.append(s)
+    return y, ("cpu_jit", q, k, v, probs, cos, sin, block)
+
+
+def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
+    if saved[0] != "cpu_jit":  # the forward ran the reference (not float32)
+        return reference.attention_backward(dy, saved, n_heads, n_kv_heads)
+    _, q, k, v, probs, cos, sin, block = saved
+    B, Hkv, T, D = k.shape
+    G = q.shape[2] // T
+    scale = 1.0 / math.sqrt(D)
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    dq = np.empty_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    for (lo, hi), p in zip(reference._blocks(T, block), probs):
+        bq = hi - lo
+        do = np.empty((B, Hkv, bq * G, D), np.float32)
+        _gather_dout(dy, lo, bq, do)
+        dv[:, :, :hi] += np.matmul(p.swapaxes(-1, -2), do)  # (B, Hkv, hi, D)
+        dp = np.matmul(do, v[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        _causal_softmax_backward(p.reshape(-1, hi), dp.reshape(-1, hi), lo, bq, G, scale)
+        np.matmul(dp, k[:, :, :hi], out=dq[:, :, lo * G:hi * G])
+        dk[:, :, :hi] += np.matmul(dp.swapaxes(-1, -2), q[:, :, lo * G:hi * G])
+    dqkv = np.empty((B, T, (n_heads + 2 * Hkv) * D), np.float32)
+    _merge_grads_rope(dq, dk, dv, cos, sin, dqkv)
+    return dqkv

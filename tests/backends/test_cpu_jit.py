@@ -1,0 +1,142 @@
+"""The numba kernels against the numpy reference kernels (and AdamW against optim.adamw_update)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from fusegrad.backends import cpu_jit, cpu_jit_attention, get_backend, reference  # noqa: E402
+from fusegrad.core.errors import ShapeError  # noqa: E402
+from fusegrad.train.optim import adamw_update as reference_adamw  # noqa: E402
+
+F32 = dict(rtol=2e-5, atol=2e-6)
+
+
+def f32(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("n, c", [(1, 1), (7, 13), (64, 288), (33, 5)])
+def test_rmsnorm_matches_reference(rng, n, c):
+    x, w, dy = f32(rng, n, c), f32(rng, c), f32(rng, n, c)
+    y, rstd = cpu_jit.rmsnorm_forward(x, w, 1e-5)
+    y_ref, rstd_ref = reference.rmsnorm_forward(x, w, 1e-5)
+    np.testing.assert_allclose(y, y_ref, **F32)
+    np.testing.assert_allclose(rstd, rstd_ref, **F32)
+    dx, dw = cpu_jit.rmsnorm_backward(dy, x, w, rstd)
+    dx_ref, dw_ref = reference.rmsnorm_backward(dy, x, w, rstd_ref)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-5)
+    assert y.dtype == dx.dtype == dw.dtype == np.float32
+    # only what is asked for
+    assert cpu_jit.rmsnorm_backward(dy, x, w, rstd, need_dx=False)[0] is None
+    dx_only, dw_none = cpu_jit.rmsnorm_backward(dy, x, w, rstd, need_dw=False)
+    assert dw_none is None
+    np.testing.assert_allclose(dx_only, dx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (5, 14), (2, 3, 46), (64, 1536)])
+def test_swiglu_matches_reference(rng, shape):
+    h13 = f32(rng, *shape, scale=3.0)
+    out = cpu_jit.swiglu_forward(h13)
+    np.testing.assert_allclose(out, reference.swiglu_forward(h13), **F32)
+    g = f32(rng, *out.shape)
+    np.testing.assert_allclose(cpu_jit.swiglu_backward(g, h13), reference.swiglu_backward(g, h13), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_swiglu_extreme_inputs_stay_finite():
+    h13 = np.float32([[-200.0, 200.0, 1.0, 1.0]])
+    out = cpu_jit.swiglu_forward(h13)
+    np.testing.assert_allclose(out, reference.swiglu_forward(h13))
+    assert np.isfinite(cpu_jit.swiglu_backward(np.ones_like(out), h13)).all()
+
+
+@pytest.mark.parametrize("n, c, vocab", [(1, 3, 2), (37, 5, 4), (300, 288, 1000)])
+def test_embedding_backward_matches_reference(rng, n, c, vocab):
+    g = f32(rng, n, c)
+    tokens = rng.integers(0, vocab, n)
+    tokens[: n // 2] = tokens[0]  # many repeats must accumulate
+    np.testing.assert_allclose(cpu_jit.embedding_backward(g, tokens, vocab),
+                               reference.embedding_backward(g, tokens, vocab), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, c, vocab, chunk", [(1, 4, 3, 256), (37, 8, 50, 16), (200, 32, 513, 64), (64, 16, 40, 64)])
+def test_classifier_cross_entropy_matches_reference(rng, n, c, vocab, chunk):
+    h, w = f32(rng, n, c), f32(rng, vocab, c, scale=0.5)
+    targets = rng.integers(0, vocab, n)
+    loss, dh, dw = cpu_jit.classifier_cross_entropy(h, w, targets, chunk)
+    loss_ref, dh_ref, dw_ref = reference.classifier_cross_entropy(h, w, targets, chunk)
+    # an independent float64 oracle for the loss
+    logits = h.astype(np.float64) @ w.T.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    assert loss == pytest.approx(np.mean(lse - logits[np.arange(n), targets]), rel=1e-5)
+    assert loss == pytest.approx(loss_ref, rel=1e-5)
+    np.testing.assert_allclose(dh, dh_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-6)
+    loss2, dh2, dw2 = cpu_jit.classifier_cross_entropy(h, w, targets, chunk, need_dh=False, need_dw=False)
+    assert loss2 == pytest.approx(loss_ref, rel=1e-5) and dh2 is None and dw2 is None
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, block", [(1, 1, 1, 1, 2, 128), (2, 7, 4, 2, 6, 3), (1, 33, 6, 6, 8, 16),
+                                                    (2, 20, 6, 1, 4, 128), (1, 9, 4, 4, 10, 4)])
+def test_attention_matches_reference(rng, B, T, H, Hkv, D, block):
+    qkv = f32(rng, B, T, (H + 2 * Hkv) * D)
+    cos, sin = reference.rope_tables(T + 5, D, 10000.0)  # longer tables than T, like the model's
+    y, saved = cpu_jit_attention.attention_forward(qkv, H, Hkv, cos, sin, block)
+    y_ref, saved_ref = reference.attention_forward(qkv, H, Hkv, cos, sin, block)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = f32(rng, *y.shape)
+    np.testing.assert_allclose(cpu_jit_attention.attention_backward(dy, saved, H, Hkv),
+                               reference.attention_backward(dy, saved_ref, H, Hkv), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_probs_are_causal_and_normalised(rng):
+    qkv = f32(rng, 1, 10, 3 * 4)
+    cos, sin = reference.rope_tables(10, 4, 10000.0)
+    _, saved = cpu_jit_attention.attention_forward(qkv, 1, 1, cos, sin, block=4)
+    for (lo, hi), p in zip(reference._blocks(10, 4), saved[4]):
+        p = p.reshape(hi - lo, hi)
+        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
+        assert not np.triu(p, k=lo + 1).any()  # no weight on keys after the query's own position
+
+
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (288,), (65, 129)])
+@pytest.mark.parametrize("wd, step", [(0.0, 1), (0.1, 7)])
+def test_adamw_matches_reference(rng, shape, wd, step):
+    p, g = f32(rng, *shape), f32(rng, *shape)
+    m, v = f32(rng, *shape, scale=0.1), np.abs(f32(rng, *shape, scale=0.1))
+    ref = [a.copy() for a in (p, m, v)]
+    cpu_jit.adamw_update(p, g, m, v, 3e-3, 0.9, 0.95, 1e-8, wd, step)
+    reference_adamw(ref[0], g, ref[1], ref[2], 3e-3, 0.9, 0.95, 1e-8, wd, step)
+    for got, want in zip((p, m, v), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_rejects_non_contiguous_or_mismatched(rng):
+    p = f32(rng, 4, 4)
+    with pytest.raises(ShapeError, match="adamw_update: m"):
+        cpu_jit.adamw_update(p, p.copy(), np.zeros((4, 8), np.float32)[:, ::2], np.zeros_like(p),
+                             1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
+    with pytest.raises(ShapeError, match="adamw_update: v"):
+        cpu_jit.adamw_update(p, p.copy(), np.zeros_like(p), np.zeros((4, 4)), 1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
+
+
+def test_float64_goes_to_the_reference(rng):
+    x, w = rng.standard_normal((3, 4)), rng.standard_normal(4)
+    y, _ = cpu_jit.rmsnorm_forward(x, w, 1e-5)
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y, reference.rmsnorm_forward(x, w, 1e-5)[0])
+
+
+def test_backend_uses_jit_unless_disabled(monkeypatch):
+    backend = get_backend("numpy")
+    assert backend.rmsnorm_forward is cpu_jit.rmsnorm_forward
+    assert backend.adamw_update is cpu_jit.adamw_update
+    monkeypatch.setenv("FUSEGRAD_JIT", "0")
+    assert backend.rmsnorm_forward is reference.rmsnorm_forward
+
+
+def test_prewarm_loads_every_kernel():
+    assert cpu_jit.prewarm() >= 0.0
+    for name in cpu_jit.KERNELS:
+        assert name == "adamw_update" or hasattr(reference, name)
