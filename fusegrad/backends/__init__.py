@@ -55,4 +55,14 @@ def _numpy_factory():
     return NumpyBackend()
 
 
+def _ane_factory(name: str):
+    def make():  # "ane" off Apple Silicon raises BackendError with the reason and the ane-sim hint
+        from fusegrad.backends.ane.backend import AneBackend
+
+        return AneBackend(name)
+    return make
+
+
 register_backend("numpy", _numpy_factory)
+register_backend("ane-sim", _ane_factory("ane-sim"))
+register_backend("ane", _ane_factory("ane"))
