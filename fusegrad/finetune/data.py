@@ -1,0 +1,160 @@
+"""Fine-tuning data: JSONL or CSV records -> token examples, and batches with no padding at all.
+
+Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
+unless mask_prompt=False). Classification: `text` + `label` (an int in [0, num_classes)).
+Batches group examples of EQUAL length: a step's examples are split into (B_g, T_g) groups that run
+one after another, so no position is padding and nothing is computed for it.
+
+>>> from fusegrad.data.tokenizer import ByteTokenizer
+>>> ex = lm_examples([{"prompt": "ab", "completion": "c", "_line": 1}], ByteTokenizer(), max_len=16)
+>>> ex[0].tokens.tolist(), ex[0].loss_mask.tolist()   # BOS a b | c EOS: loss on c and EOS only
+([256, 97, 98, 99, 257], [False, False, True, True])
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from fusegrad.core.errors import FormatError
+
+
+@dataclasses.dataclass
+class Example:
+    tokens: np.ndarray  # (T+1,) int64 for lm (inputs and shifted targets); (T,) for classify
+    loss_mask: np.ndarray | None = None  # (T,) bool: which targets count (lm)
+    label: int = -1  # classify
+
+
+def read_records(path) -> list:
+    """JSONL (one object per line) or CSV (with a header row) -> list of dicts with `_line` (1-based)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FormatError(f"{path}: no such data file")
+    records = []
+    with open(path, encoding="utf-8", newline="") as f:
+        if path.endswith(".csv"):
+            for i, row in enumerate(csv.DictReader(f), start=2):
+                records.append({**row, "_line": i})
+        else:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise FormatError(f"{path}:{i}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise FormatError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+                records.append({**obj, "_line": i})
+    if not records:
+        raise FormatError(f"{path}: holds no records")
+    for r in records:
+        r["_path"] = path
+    return records
+
+
+def _where(r) -> str:
+    return f"{r.get('_path', '<records>')}:{r['_line']}"
+
+
+def _text(r, key):
+    value = r.get(key)
+    if not isinstance(value, str):
+        raise FormatError(f"{_where(r)}: field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> list:
+    """Records -> Examples of at most max_len + 1 tokens (BOS ... EOS, cut at the right).
+
+    Records whose loss would cover no token after truncation (a prompt longer than max_len) are dropped.
+    """
+    out = []
+    for r in records:
+        if "text" in r:
+            prompt, completion = [], tokenizer.encode(_text(r, "text"), bos=False, eos=True)
+            mask_prompt_here = False
+        elif "prompt" in r and "completion" in r:
+            prompt = tokenizer.encode(_text(r, "prompt"), bos=False)
+            completion = tokenizer.encode(_text(r, "completion"), bos=False, eos=True)
+            mask_prompt_here = mask_prompt
+        else:
+            raise FormatError(f"{_where(r)}: a record needs 'text', or 'prompt' and 'completion' "
+                              f"(has {sorted(k for k in r if not k.startswith('_'))})")
+        ids = ([tokenizer.bos_id] + prompt + completion)[:max_len + 1]
+        if len(ids) < 2:
+            continue
+        mask = np.ones(len(ids) - 1, bool)
+        if mask_prompt_here:
+            mask[:len(prompt)] = False  # target t is ids[t + 1]: prompt tokens are targets 0..len(prompt)-1
+        if mask.any():
+            out.append(Example(np.array(ids, np.int64), mask))
+    return out
+
+
+def classify_examples(records, tokenizer, num_classes: int, max_len: int) -> list:
+    """Records with text + label -> Examples (BOS + text, cut to max_len); label checked against num_classes."""
+    out = []
+    for r in records:
+        raw = r.get("label")
+        try:
+            label = int(raw)
+            if label != float(raw):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise FormatError(f"{_where(r)}: label must be an integer class id, got {raw!r}") from None
+        if not 0 <= label < num_classes:
+            raise FormatError(f"{_where(r)}: label {label} is outside [0, num_classes={num_classes})")
+        ids = tokenizer.encode(_text(r, "text"), bos=True)[:max_len]
+        out.append(Example(np.array(ids, np.int64), label=label))
+    return out
+
+
+def split(examples: list, val_fraction: float, seed: int) -> tuple:
+    """A seeded shuffle, then the last val_fraction (at least one example when > 0) is validation."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_val = int(round(len(examples) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), len(examples) - 1)
+    return [examples[i] for i in order[:len(order) - n_val]], [examples[i] for i in order[len(order) - n_val:]]
+
+
+def group_by_length(examples: list) -> list:
+    """-> [(tokens (B_g, L), loss_mask (B_g, L-1) or None, labels (B_g,))], one group per distinct length."""
+    groups = {}
+    for e in examples:
+        groups.setdefault(len(e.tokens), []).append(e)
+    out = []
+    for length in sorted(groups):
+        g = groups[length]
+        mask = np.stack([e.loss_mask for e in g]) if g[0].loss_mask is not None else None
+        out.append((np.stack([e.tokens for e in g]), mask, np.array([e.label for e in g], np.int64)))
+    return out
+
+
+class Sampler:
+    """Epochs of seeded permutations, batch_size examples a step; its state is two ints (exact resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+
+    def next_indices(self) -> list:
+        out = []
+        while len(out) < self.batch_size:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+            take = perm[self.pos:self.pos + self.batch_size - len(out)]
+            out += take.tolist()
+            self.pos += len(take)
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -1,0 +1,181 @@
+"""Fine-tuning runs end to end: data, masked loss, no-padding groups, exact resume, classification, CLI,
+merge, and bad input."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fusegrad as fg
+from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.finetune import data as ftdata
+from fusegrad.finetune.losses import masked_classifier_cross_entropy
+from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.finetune.trainer import FinetuneConfig, Finetuner, finetune
+from fusegrad.models import Llama
+from fusegrad.models.llama import LlamaConfig
+
+BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ft")
+    Llama(LlamaConfig(**BASE), seed=1).save_pretrained(d / "base")
+    rng = np.random.default_rng(0)
+    with open(d / "qa.jsonl", "w") as f:
+        for _ in range(24):
+            a, b = rng.integers(0, 5, 2)
+            f.write(json.dumps({"prompt": f"{a}+{b}=" + "x" * int(rng.integers(0, 3)), "completion": str(a + b)}) + "\n")
+    with open(d / "cls.csv", "w") as f:
+        f.write("text,label\n")
+        for i in range(30):
+            word = ["cat", "dog", "emu"][i % 3]
+            f.write(f"{word} {'!' * (i % 4)},{i % 3}\n")
+    return d
+
+
+def cfg(base, out, **kw):
+    kw = {"model": str(base / "base"), "data": str(base / "qa.jsonl"), "tokenizer": "byte", "out": str(out),
+          "batch_size": 6, "max_steps": 4, "rank": 2, "quiet": True, "eval_interval": 2, "ckpt_interval": 2, **kw}
+    return FinetuneConfig(**kw)
+
+
+def run_cli(argv):
+    from fusegrad.cli.finetune import add_parser
+    parser = argparse.ArgumentParser(prog="fusegrad")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_masked_loss_equals_cross_entropy_on_selected_rows(rng):
+    h = fg.tensor(rng.normal(size=(7, 5)), dtype="float64", requires_grad=True)
+    w = fg.tensor(rng.normal(size=(11, 5)), dtype="float64", requires_grad=True)
+    t = rng.integers(0, 11, 7)
+    mask = np.array([0, 1, 1, 0, 1, 0, 1], bool)
+    loss = masked_classifier_cross_entropy(h, w, t, mask, denominator=8)
+    loss.backward()
+    import torch
+    th, tw = torch.tensor(h.numpy(), requires_grad=True), torch.tensor(w.numpy(), requires_grad=True)
+    sel = torch.tensor(np.flatnonzero(mask))
+    ref = torch.nn.functional.cross_entropy(th[sel] @ tw.T, torch.tensor(t)[sel], reduction="sum") / 8
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(h.grad, th.grad.numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(w.grad, tw.grad.numpy(), rtol=1e-10)
+
+
+def test_length_groups_have_no_padding_and_give_the_token_mean(base, tmp_path):
+    ft = Finetuner(cfg(base, tmp_path))
+    batch = ft.train_set[:6]
+    groups = ftdata.group_by_length(batch)
+    assert sum(len(g[0]) for g in groups) == 6 and len({g[0].shape[1] for g in groups}) == len(groups)
+    denom = ft.denominator(batch, "lm")
+    with fg.no_grad():
+        grouped = sum(ft.group_loss(*g, denom)[0].item() for g in groups)
+        one_by_one = [ft.group_loss(e.tokens[None], e.loss_mask[None], None, int(e.loss_mask.sum()))[0].item()
+                      for e in batch]
+    weights = [int(e.loss_mask.sum()) for e in batch]
+    assert grouped == pytest.approx(np.average(one_by_one, weights=weights), rel=1e-5)
+
+
+def test_prompt_is_masked_by_default():
+    from fusegrad.data.tokenizer import ByteTokenizer
+    recs = [{"prompt": "hi ", "completion": "yo", "_line": 1}, {"text": "ab", "_line": 2}]
+    ex = ftdata.lm_examples(recs, ByteTokenizer(), max_len=32)
+    assert ex[0].loss_mask.tolist() == [False] * 3 + [True] * 3 and ex[1].loss_mask.all()
+    assert ftdata.lm_examples(recs, ByteTokenizer(), max_len=32, mask_prompt=False)[0].loss_mask.all()
+
+
+def test_lm_finetune_learns_and_resumes_exactly(base, tmp_path):
+    settings = dict(max_steps=6, dropout=0.1, lr=1e-2)
+    before = Finetuner(cfg(base, tmp_path / "fresh", **settings)).evaluate()["loss"]
+    once = finetune(cfg(base, tmp_path / "once", **settings))
+    assert once["val_loss"] < before
+    interrupted = Finetuner(cfg(base, tmp_path / "twice", **settings))
+    for _ in range(2):
+        interrupted.train_step()
+    interrupted.save()  # as the checkpoint interval would, then the process dies
+    again = finetune(cfg(base, tmp_path / "twice", resume=True, **settings))
+    assert again["loss"] == once["loss"] and again["val_loss"] == once["val_loss"]
+    from safetensors.numpy import load_file
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("once", "twice"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_qlora_finetune_reports_memory(base, tmp_path):
+    result = finetune(cfg(base, tmp_path, qlora=True, lora_targets="q,k,v,o,gate,up,down", max_steps=2))
+    assert result["memory"]["ratio"] <= 0.16
+    assert np.isfinite(result["loss"])
+
+
+def test_classify_trains_reports_accuracy_and_peft_loads_the_head(base, tmp_path):
+    out = tmp_path / "cls"
+    res = finetune(cfg(base, out, data=str(base / "cls.csv"), task="classify", num_classes=3, max_steps=12,
+                       lr=3e-2, lora_targets="all", val_fraction=0.3, eval_interval=12))
+    assert 0.0 <= res["val_accuracy"] <= 1.0 and res["val_accuracy"] > 0.34  # 3 balanced classes: chance 1/3
+    cfgj = json.load(open(out / "adapter_config.json"))
+    assert cfgj["task_type"] == "SEQ_CLS" and "score" in cfgj["modules_to_save"]
+    model = Llama.from_pretrained(base / "base")
+    lora = load_adapter(out, model)
+    assert lora.head.shape == (3, BASE["dim"])
+    tokens = np.array([[256] + list(b"dog !!")])
+    ours = fg.matmul_nt(model.hidden(tokens)[:, -1, :], fg.tensor(lora.head)).numpy()
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from peft import PeftModel
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(base / "base", num_labels=3,
+                                                                       dtype=torch.float32)
+    pm = PeftModel.from_pretrained(hf, out).eval()
+    with torch.no_grad():
+        ref = pm(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "llama2c"])
+def test_cli_finetune_then_merge(base, tmp_path, fmt):
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--model", str(base / "base"), "--data", str(base / "qa.jsonl"), "--tokenizer",
+                    "byte", "--out", str(out), "--max_steps", "3", "--lora-targets", "q,v,down", "--rank", "2",
+                    "--lr", "0.05", "--quiet"]) == 0
+    model = Llama.from_pretrained(base / "base")
+    load_adapter(out, model)
+    tokens = np.array([[256, 50, 43, 51, 61]])
+    want = model.logits(tokens).numpy()
+    dest = tmp_path / ("merged" if fmt == "hf" else "merged.bin")
+    assert run_cli(["merge", "--model", str(base / "base"), "--adapter", str(out), "--out", str(dest)]) == 0
+    np.testing.assert_allclose(Llama.from_pretrained(dest).logits(tokens).numpy(), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FormatError, match="already exists"):
+        run_cli(["merge", "--model", str(base / "base"), "--adapter", str(out), "--out", str(dest)])
+
+
+def test_cli_help_lists_the_lora_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and "--lora_targets" in text and "--qlora" in text and "--num_classes" in text
+
+
+def test_bad_input_gives_clear_errors(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(FormatError, match=r"bad.jsonl:3: malformed JSON"):
+        Finetuner(cfg(base, tmp_path / "a", data=str(bad)))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n')
+    with pytest.raises(FormatError, match=r"labels.jsonl:2: label 5 is outside \[0, num_classes=3\)"):
+        Finetuner(cfg(base, tmp_path / "b", data=str(labels), task="classify", num_classes=3))
+    with pytest.raises(ShapeError, match="unknown target module 'attn'"):
+        Finetuner(cfg(base, tmp_path / "c", lora_targets="q,attn"))
+    with pytest.raises(ShapeError, match="rank 40 is larger"):
+        Finetuner(cfg(base, tmp_path / "d", rank=40))
+    finetune(cfg(base, tmp_path / "e", max_steps=1))
+    stamp = os.path.getmtime(tmp_path / "e" / "adapter_model.safetensors")
+    with pytest.raises(FormatError, match="--force"):
+        Finetuner(cfg(base, tmp_path / "e"))
+    assert os.path.getmtime(tmp_path / "e" / "adapter_model.safetensors") == stamp
+    other = Llama(LlamaConfig(**{**BASE, "dim": 48, "hidden_dim": 64}), seed=0)
+    with pytest.raises(FormatError, match="different base"):
+        load_adapter(tmp_path / "e", other)
