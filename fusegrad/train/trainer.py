@@ -13,6 +13,7 @@ history) goes into the checkpoint, so `resume=True` continues bit for bit where 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -20,13 +21,15 @@ import time
 
 import numpy as np
 
+from fusegrad.backends import get_backend, set_default_backend
 from fusegrad.core.errors import FormatError, FusegradError, ShapeError
 from fusegrad.core.tensor import no_grad
-from fusegrad.core.trace import TRACER, span
+from fusegrad.core.trace import TRACER, count, span
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig
 from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+LOSS_SCALE_GROWTH_INTERVAL = 200  # good steps before an fp16 loss scale doubles again
 
 # the embedded default: small enough to learn visibly on a laptop CPU in a few minutes
 PRESETS.setdefault("default", dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352,
@@ -123,12 +126,16 @@ class Trainer:
         if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_steps < 1:
             raise ShapeError(f"train: batch_size, grad_accum and max_steps must be >= 1, got {cfg.batch_size}, "
                              f"{cfg.grad_accum}, {cfg.max_steps}")
+        set_default_backend(cfg.backend)  # the model's tensors live on it
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.data_dir = _prepare_data(cfg)
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
         self.train_data = TokenDataset(self.data_dir, cfg.seq_len, "train")
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
+        # fp16 backends (ane, ane-sim) ask for loss scaling: [scale, good steps since the last change]
+        scale = getattr(get_backend(), "loss_scale", None)
+        self.loss_scale = None if scale is None else [float(scale), 0]
         self.model = Llama(cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
         self.optimizer = AdamW(self.model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                weight_decay=cfg.weight_decay)
@@ -148,7 +155,7 @@ class Trainer:
                 "tokenizer": self.tokenizer.to_json(), "data_dir": os.path.abspath(self.data_dir),
                 "params": {n: t.data for n, t in self.model.params.items()},
                 "optimizer": self.optimizer.state_dict(), "data_rng": rng_state(self.rng),
-                "history": self.history}
+                "history": self.history, "loss_scale": self.loss_scale}
 
     def save(self) -> None:
         save_checkpoint(self.ckpt_path, self.state())
@@ -172,12 +179,15 @@ class Trainer:
         self.rng = rng_from_state(state["data_rng"])
         self.step = int(state["step"])
         self.history = {k: list(v) for k, v in state["history"].items()}
+        if self.loss_scale is not None and state.get("loss_scale") is not None:
+            self.loss_scale = [float(state["loss_scale"][0]), int(state["loss_scale"][1])]
 
     # -- the loop ----------------------------------------------------------------------------------
     def train_step(self) -> float:
         cfg, model = self.cfg, self.model
         lr = cosine_lr(self.step, cfg)
         total = 0.0
+        scale = self.loss_scale[0] if self.loss_scale else 1.0
         for _ in range(cfg.grad_accum):
             tokens = self.train_data.sample_batch(self.rng, cfg.batch_size)
             loss = model.loss(tokens)
@@ -186,20 +196,38 @@ class Trainer:
                 raise TrainingError(f"step {self.step + 1}: loss is {value}; training stopped. The last good "
                                     f"checkpoint ({self.ckpt_path}, if any) is kept untouched")
             total += value / cfg.grad_accum
-            (loss * (1.0 / cfg.grad_accum)).backward()  # accumulation averages the micro-batch grads
+            (loss * (scale / cfg.grad_accum)).backward()  # accumulation averages the micro-batch grads
         from fusegrad.train.optim import clip_grad_norm
 
-        if cfg.grad_clip > 0:
-            clip_grad_norm(model.parameters(), cfg.grad_clip)
-        with span("adamw", "optimizer"):
-            self.optimizer.lr = lr
-            self.optimizer.step()
+        if self.loss_scale is None or self._unscale_grads(scale):
+            if cfg.grad_clip > 0:
+                clip_grad_norm(model.parameters(), cfg.grad_clip)
+            with span("adamw", "optimizer"):
+                self.optimizer.lr = lr
+                self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
         self.history["step"].append(self.step)
         self.history["loss"].append(total)
         self.history["lr"].append(lr)
         return total
+
+    def _unscale_grads(self, scale: float) -> bool:
+        """Divide grads by the loss scale; False (skip the step, halve the scale) if any is inf/NaN,
+        and double the scale after LOSS_SCALE_GROWTH_INTERVAL good steps."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not all(np.isfinite(g).all() for g in grads):
+            self.loss_scale = [scale / 2, 0]
+            count("loss_scale:overflow")
+            logging.getLogger("fusegrad.train").warning(
+                "step %d: fp16 gradient overflow at loss scale %g; step skipped, scale now %g",
+                self.step + 1, scale, scale / 2)
+            return False
+        for g in grads:
+            g *= 1.0 / scale
+        good = self.loss_scale[1] + 1
+        self.loss_scale = [scale * 2, 0] if good >= LOSS_SCALE_GROWTH_INTERVAL else [scale, good]
+        return True
 
     def evaluate(self) -> float:
         if self.val_data is None:
@@ -265,9 +293,6 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    from fusegrad.backends import set_default_backend
-
-    set_default_backend(cfg.backend)
     return Trainer(cfg).run()
 
 
