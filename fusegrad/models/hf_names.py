@@ -22,13 +22,17 @@ def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def to_hf(arrays: dict, config, partial: bool = False) -> dict:
-    """{fusegrad name: array} -> {HF name: array}. partial=True skips names missing from `arrays`."""
+    """{fusegrad name: array} -> {HF name: array}. partial=True skips names missing from `arrays`.
+
+    The arrays are fresh copies: a state dict is a snapshot, untouched by later in-place updates of the
+    parameters, and a model loaded from it shares no memory with the source.
+    """
     c, out = config, {}
     C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
 
     def put(hf_name, name, fn):
         if name in arrays:
-            out[hf_name] = np.ascontiguousarray(fn(arrays[name]))
+            out[hf_name] = np.array(fn(arrays[name]), order="C")  # always a copy
         elif not partial:
             raise FormatError(f"state_dict: parameter {name} is missing")
 
