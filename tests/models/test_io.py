@@ -60,6 +60,22 @@ def test_state_dict_load_state_dict_round_trip(model):
     assert all(t.dtype == np.float32 and t.data.flags.c_contiguous for t in other.params.values())
 
 
+def test_state_dict_is_a_snapshot(model):
+    """In-place training updates (p.data -= ...) must not reach a state dict taken earlier, nor a model
+    loaded from it."""
+    state = model.state_dict()
+    other = Llama.from_preset("tiny", seed=7, tie_embeddings=model.config.tie_embeddings)
+    other.load_state_dict(state)
+    for t in model.parameters():
+        t.data -= 1.0
+    for name, arr in other.state_dict().items():
+        np.testing.assert_array_equal(arr, state[name], err_msg=name)
+        assert not np.shares_memory(arr, model.state_dict()[name])
+    grads = {"norm": np.ones(model.config.dim, np.float32)}
+    model.params["norm"].grad = grads["norm"]
+    assert not np.shares_memory(model.grad_dict()["model.norm.weight"], grads["norm"])
+
+
 def test_state_dict_splits_fused_weights_under_hf_names(model):
     c, state = model.config, model.state_dict()
     assert state["model.layers.0.self_attn.k_proj.weight"].shape == (c.kv_dim, c.dim)
