@@ -90,7 +90,7 @@ def test_prompt_is_masked_by_default():
 
 
 def test_lm_finetune_learns_and_resumes_exactly(base, tmp_path):
-    settings = dict(max_steps=6, dropout=0.1, lr=1e-2)
+    settings = dict(max_steps=4, dropout=0.1, lr=2e-2, eval_interval=4, batch_size=4)
     before = Finetuner(cfg(base, tmp_path / "fresh", **settings)).evaluate()["loss"]
     once = finetune(cfg(base, tmp_path / "once", **settings))
     assert once["val_loss"] < before
