@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError
+from fusegrad.core.errors import FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.hf_names import check_hf_state, permute_from_hf, permute_to_hf
 from fusegrad.models.llama import LlamaConfig
@@ -58,8 +58,11 @@ def read_llama2c(path) -> tuple:
     if min(dim, hidden, n_layers, n_heads, n_kv, abs(vocab), seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
         raise FormatError(f"{path}: implausible llama2.c header {dims} (dim, hidden_dim, n_layers, n_heads, "
                           f"n_kv_heads, vocab_size, seq_len)")
-    config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
-                         vocab_size=abs(vocab), max_seq_len=seq_len, tie_embeddings=shared)
+    try:
+        config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
+                             vocab_size=abs(vocab), max_seq_len=seq_len, tie_embeddings=shared)
+    except ShapeError as exc:
+        raise FormatError(f"{path}: header {dims} is not a valid Llama: {exc}") from None
     layout = _llama2c_layout(config)
     order = order + ([] if shared else ["cls"])
     need = offset + 4 * sum(int(np.prod(layout[k])) for k in order)
@@ -98,6 +101,9 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> No
     c = config
     if version not in (0, 1):
         raise FormatError(f"save_llama2c: version must be 0 or 1, got {version}")
+    if (c.rope_theta, c.norm_eps) != (10000.0, 1e-5):  # the .bin has no field for them; run.c hard-codes these
+        raise FormatError(f"save_llama2c {path}: a llama2.c file implies rope_theta 10000 and norm_eps 1e-5, "
+                          f"this model has {c.rope_theta} and {c.norm_eps}; use save_pretrained instead")
 
     def layers(fmt, fn=lambda a: a):
         return np.stack([fn(state[fmt.format(i)]) for i in range(c.n_layers)])
@@ -159,6 +165,8 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
                            norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)))
     except KeyError as exc:
         raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
+    except ShapeError as exc:
+        raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
 
 
 def read_hf(directory) -> tuple:
