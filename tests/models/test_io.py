@@ -156,6 +156,9 @@ def test_llama2c_bad_headers(tmp_path):
     path.write_bytes(struct.pack("<7i", 30, 64, 1, 4, 4, 64, 8) + bytes(100))  # dim 30 not divisible by 4 heads
     with pytest.raises(fg.FormatError, match=r"implausible llama2\.c header \(30, 64"):
         Llama.from_pretrained(path)
+    path.write_bytes(struct.pack("<7i", 12, 64, 1, 4, 4, 64, 8) + bytes(100))  # head size 3 is odd
+    with pytest.raises(fg.FormatError, match=r"bad\.bin: header \(12, 64.*not a valid Llama.*even size"):
+        Llama.from_pretrained(path)
     with pytest.raises(fg.FormatError, match=r"nothing\.bin: no such model file"):
         Llama.from_pretrained(tmp_path / "nothing.bin")
 
@@ -181,6 +184,27 @@ def test_hf_unreadable_or_unsupported_config(hf_dir):
     (hf_dir / "config.json").unlink()
     with pytest.raises(fg.FormatError, match=r"config\.json"):
         Llama.from_pretrained(hf_dir)
+
+
+def test_hf_invalid_llama_config(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(num_attention_heads=3, head_dim=None)  # 32 does not split into 3 heads
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fg.FormatError, match=r"config\.json: not a valid Llama config.*n_heads 3"):
+        Llama.from_pretrained(hf_dir)
+    cfg.update(num_attention_heads=4, head_dim=16)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fg.FormatError, match=r"config\.json: head_dim 16 is not hidden_size / num_attention_heads"):
+        Llama.from_pretrained(hf_dir)
+
+
+def test_llama2c_refuses_what_it_cannot_store(tmp_path):
+    model = Llama.from_preset("tiny", rope_theta=5000.0)
+    with pytest.raises(fg.FormatError, match=r"m\.bin: a llama2\.c file implies rope_theta 10000.*5000"):
+        model.save_llama2c(tmp_path / "m.bin")
+    assert not (tmp_path / "m.bin").exists()
+    with pytest.raises(fg.FormatError, match="version must be 0 or 1, got 2"):
+        Llama.from_preset("tiny").save_llama2c(tmp_path / "m.bin", version=2)
 
 
 def test_hf_rope_scaling_is_refused(hf_dir):
