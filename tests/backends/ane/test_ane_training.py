@@ -1,0 +1,178 @@
+"""Training on the ANE backend: GEMM offload vs float64, loss curve vs the CPU, compile once, fallback,
+loss scaling, and the clear error for --backend ane off a Mac."""
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+import fusegrad.backends as backends
+from fusegrad.backends.ane import AneRuntime, AneSim, CompileBudget, kernels
+from fusegrad.backends.ane.backend import AneBackend, matmul_kernel
+from fusegrad.backends.ane.mil import format_program, parse
+from fusegrad.cli.main import main
+from fusegrad.core.errors import BackendError
+from fusegrad.core.trace import TRACER
+from fusegrad.train import trainer as trainer_module
+from fusegrad.train.trainer import Trainer, TrainConfig
+
+FP16_LOSS_TOL = 2e-3  # |loss(ane-sim) - loss(cpu fp32)| per step; fp16 rounding of GEMM operands (~1e-3 relative)
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """CPU-side kernels: the numpy reference (fast on tiny shapes); the default backend restored after."""
+    monkeypatch.setenv("FUSEGRAD_JIT", "0")
+    yield
+    backends.set_default_backend("numpy")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return Trainer(tiny(tmp_path_factory.mktemp("prep"), backend="numpy")).data_dir
+
+
+def tiny(out, **kw):
+    base = dict(preset="tiny", batch_size=4, seq_len=16, max_steps=20, warmup_steps=2, eval_interval=0,
+                ckpt_interval=0, out_dir=str(out), progress=False, plot=False, sample_tokens=0, quiet=True, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def on(monkeypatch, backend):
+    """Serve `backend` under its name from the registry for this test."""
+    monkeypatch.setitem(backends._REGISTRY, backend.name, backend)
+    return backend.name
+
+
+def run_steps(trainer, n):
+    per_step = []
+    for _ in range(n):
+        before = TRACER.counters.copy()
+        trainer.train_step()
+        per_step.append({k: v - before[k] for k, v in TRACER.counters.items()
+                         if k.startswith(("dispatch:", "fallback:")) and v != before[k]})
+    return np.array(trainer.history["loss"]), per_step
+
+
+class FakeCompiler:
+    """AppleNeuralEngine.framework stand-in for AneRuntime: compiles by parsing, evaluates on ane-sim."""
+
+    def compile(self, text, weights):
+        return parse(text), dict(weights)
+
+    def evaluate(self, handle, arrays, output_types):
+        program, weights = handle
+        out = AneSim().run(program, weights, {v.name: a for v, a in zip(program.inputs, arrays)})
+        return [out[name] for name in program.outputs]
+
+    def unload(self, handle):
+        pass
+
+
+class FlakyRunner:
+    """ane-sim that raises on the given call numbers (1-based)."""
+
+    def __init__(self, fail_calls):
+        self.sim, self.calls, self.fail_calls = AneSim(), 0, set(fail_calls)
+
+    def run(self, program, weights, inputs):
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise BackendError(f"injected ANE failure on call {self.calls}")
+        return self.sim.run(program, weights, inputs)
+
+
+def test_gemms_forward_and_dx_on_ane_within_fp16_of_float64_dw_on_cpu(rng):
+    be = AneBackend("ane-sim")
+    x, w, dy = rng.standard_normal((24, 32)), rng.standard_normal((48, 32)) * 0.1, rng.standard_normal((24, 48))
+    x, w, dy = (a.astype(np.float32) for a in (x, w, dy))
+    before = TRACER.counters.copy()
+    y, dx = be.gemm(x, w, trans_b=True), be.gemm(dy, w)
+    for got, ref in ((y, x.astype(np.float64) @ w.T), (dx, dy.astype(np.float64) @ w)):
+        err = np.abs(got - ref).max()
+        assert got.dtype == np.float32 and 0 < err <= 5e-3 * np.abs(ref).max(), err  # fp16, not fp32
+    dw = be.gemm(dy, x, trans_a=True)  # dW = dy^T x stays fp32 on the CPU
+    np.testing.assert_allclose(dw, dy.astype(np.float64).T @ x, rtol=1e-5, atol=1e-5)
+    assert TRACER.counters["dispatch:ane-sim"] - before["dispatch:ane-sim"] == 2
+    assert TRACER.counters["dispatch:numpy"] - before["dispatch:numpy"] == 1
+
+
+def test_fused_qkv_and_w13_dx_kernels_are_the_offloaded_program():
+    dim, kv, hidden, seq = 32, 16, 64, 8
+    assert format_program(matmul_kernel(dim + 2 * kv, dim, seq)[0]) == \
+        format_program(kernels.qkv_backward_dx_dynamic(dim, kv, seq)[0])
+    assert format_program(matmul_kernel(2 * hidden, dim, seq)[0]) == \
+        format_program(kernels.ffn_w13_backward_dx_dynamic(dim, hidden, seq)[0])
+
+
+def test_ane_sim_tracks_the_cpu_fp32_loss_curve_for_20_steps(tmp_path, monkeypatch, data_dir):
+    cpu_losses, cpu_steps = run_steps(Trainer(tiny(tmp_path / "cpu", data=data_dir, backend="numpy")), 20)
+    name = on(monkeypatch, AneBackend("ane-sim"))
+    ane_losses, ane_steps = run_steps(Trainer(tiny(tmp_path / "ane", data=data_dir, backend=name)), 20)
+    diff = np.abs(ane_losses - cpu_losses)
+    print(f"\nloss cpu {cpu_losses[0]:.4f} -> {cpu_losses[-1]:.4f}; max |ane-sim - cpu| {diff.max():.2e}")
+    assert cpu_losses[-1] < cpu_losses[0] - 0.5  # it learns
+    assert diff.max() <= FP16_LOSS_TOL and diff[1:].max() > 0  # fp16 GEMMs: close, not bitwise
+    layers = 2  # tiny preset: 4 projections per layer; forward + dx on the ANE, dW on the CPU
+    assert all(s == {"dispatch:ane-sim": 8 * layers, "dispatch:numpy": 4 * layers} for s in ane_steps), ane_steps[0]
+    assert all("dispatch:ane-sim" not in s for s in cpu_steps)
+
+
+def test_weights_restaged_every_step_without_recompiling(tmp_path, monkeypatch, data_dir):
+    runtime = AneRuntime(FakeCompiler(), CompileBudget(20))
+    name = on(monkeypatch, AneBackend("ane", runner=runtime))
+    trainer = Trainer(tiny(tmp_path, data=data_dir, backend=name))
+    run_steps(trainer, 1)
+    compiled = runtime.budget.used
+    wqkv = trainer.model.params["layers.0.wqkv"].numpy().copy()
+    losses, _ = run_steps(trainer, 3)
+    shapes = {w.shape for w in trainer.model.params.values() if w.ndim == 2} - {trainer.model.classifier.shape}
+    kernel_shapes = shapes | {(i, o) for o, i in shapes}  # forward (in -> out) and dx (out -> in) per projection
+    assert compiled == runtime.cached == len(kernel_shapes) == 5  # layers share them; qkv fwd == w2 dx, wo fwd == dx
+    assert runtime.budget.used == compiled  # the optimizer changed the weights; nothing recompiled
+    assert not np.array_equal(trainer.model.params["layers.0.wqkv"].numpy(), wqkv) and losses[-1] < losses[0]
+
+
+def test_failing_kernel_calls_fall_back_to_the_cpu_and_training_continues(tmp_path, monkeypatch, data_dir):
+    runner = FlakyRunner(fail_calls={2, 5})
+    name = on(monkeypatch, AneBackend("ane-sim", runner=runner))
+    trainer = Trainer(tiny(tmp_path, data=data_dir, backend=name))
+    with pytest.warns(RuntimeWarning, match="injected ANE failure on call 2") as record:
+        losses, steps = run_steps(trainer, 3)
+    assert sum("fusegrad: GEMM" in str(w.message) for w in record) == 1  # warned once
+    assert steps[0] == {"dispatch:ane-sim": 14, "fallback:ane-sim": 2, "dispatch:numpy": 10}  # 8 dW + 2 fallbacks
+    assert steps[1] == steps[2] == {"dispatch:ane-sim": 16, "dispatch:numpy": 8}  # still on the ANE
+    assert np.isfinite(losses).all() and trainer.step == 3
+
+
+def test_overflow_skips_the_step_and_halves_the_scale_then_scale_grows(tmp_path, monkeypatch, data_dir, caplog):
+    name = on(monkeypatch, AneBackend("ane-sim"))
+    trainer = Trainer(tiny(tmp_path, data=data_dir, backend=name))
+    assert trainer.loss_scale == [AneBackend.loss_scale, 0]
+    trainer.loss_scale = [2.0 ** 40, 0]  # scaled grads pass fp16's 65504 inside the ANE GEMMs -> inf
+    params = {n: t.numpy().copy() for n, t in trainer.model.params.items()}
+    overflows = TRACER.counters["loss_scale:overflow"]
+    with caplog.at_level(logging.WARNING, logger="fusegrad.train"), np.errstate(over="ignore", invalid="ignore"):
+        trainer.train_step()
+    assert trainer.loss_scale == [2.0 ** 39, 0] and trainer.step == 1
+    assert all(np.array_equal(t.numpy(), params[n]) for n, t in trainer.model.params.items())  # step skipped
+    assert TRACER.counters["loss_scale:overflow"] == overflows + 1
+    assert "overflow at loss scale 1.09951e+12; step skipped" in caplog.text
+
+    monkeypatch.setattr(trainer_module, "LOSS_SCALE_GROWTH_INTERVAL", 2)
+    trainer.loss_scale = [256.0, 0]
+    trainer.train_step()
+    assert trainer.loss_scale == [256.0, 1]
+    assert not np.array_equal(trainer.model.params["layers.0.w13"].numpy(), params["layers.0.w13"])
+    trainer.train_step()
+    assert trainer.loss_scale == [512.0, 0]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the non-macOS path")
+def test_backend_ane_off_a_mac_says_why_and_points_at_ane_sim(tmp_path, capsys):
+    with pytest.raises(BackendError, match=f"{sys.platform}.*--backend ane-sim"):
+        backends.get_backend("ane")
+    assert main(["train", "--backend", "ane", "--preset", "tiny", "--out_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Apple Neural Engine needs macOS" in err and "ane-sim" in err
+    assert not (tmp_path / "data").exists()  # refused before preparing any data
