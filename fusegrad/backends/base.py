@@ -33,6 +33,22 @@ class Backend:
     def owns(self, array) -> bool:
         return True
 
+    def numpy_dtype(self, dtype) -> np.dtype:
+        """The numpy dtype that names an array dtype of this backend (fusegrad's Tensor.dtype)."""
+        return np.dtype(dtype)
+
+    def copy(self, array):
+        return array.copy()
+
+    def owns_memory(self, array) -> bool:
+        """True if the array owns its memory (not a view that could alias an activation)."""
+        flags = getattr(array, "flags", None)
+        return flags is None or (flags.owndata and flags.writeable)
+
+    def index_add(self, target, key, values) -> None:
+        """target[key] += values in place, repeated indices accumulating (numpy's np.add.at)."""
+        np.add.at(target, key, values)
+
     # -- GEMM -------------------------------------------------------------------------------------
     def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
         """op(a) @ op(b) where op transposes the last two axes when its flag is set; leading axes
