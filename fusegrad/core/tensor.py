@@ -81,8 +81,8 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.node = node
         self.name = name
-        if self.requires_grad and self.data.dtype not in FLOAT_DTYPES:
-            raise ShapeError(f"tensor: only floating tensors can require grad, got dtype {self.data.dtype}")
+        if self.requires_grad and self.dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"tensor: only floating tensors can require grad, got dtype {self.dtype}")
 
     # -- array-like facts ----------------------------------------------------------------------
     @property
@@ -90,8 +90,10 @@ class Tensor:
         return tuple(self.data.shape)
 
     @property
-    def dtype(self):
-        return self.data.dtype
+    def dtype(self) -> np.dtype:
+        """Always a numpy dtype, whatever the backend's arrays call theirs (torch.float32 -> float32)."""
+        dt = self.data.dtype
+        return dt if isinstance(dt, np.dtype) else self.backend.numpy_dtype(dt)
 
     @property
     def ndim(self) -> int:
@@ -137,7 +139,7 @@ class Tensor:
     def requires_grad_(self, flag: bool = True) -> "Tensor":
         if not self.is_leaf:
             raise ShapeError("requires_grad_: only leaf tensors can change requires_grad; use .detach() first")
-        if flag and self.data.dtype not in FLOAT_DTYPES:
+        if flag and self.dtype not in FLOAT_DTYPES:
             raise ShapeError(f"requires_grad_: only floating tensors can require grad, got dtype {self.dtype}")
         self.requires_grad = bool(flag)
         return self
@@ -218,18 +220,13 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
                 if prev is not None:
                     pending[id(parent)] = prev + pg
                 else:
-                    if id(pg) in handed_out or (parent.is_leaf and parent.grad is None and not _owns(pg)):
-                        pg = pg.copy()
+                    be = parent.backend
+                    if id(pg) in handed_out or (parent.is_leaf and parent.grad is None and not be.owns_memory(pg)):
+                        pg = be.copy(pg)
                     handed_out.add(id(pg))
                     pending[id(parent)] = pg
             if not retain_graph:  # release the graph: activations saved in closures go with it
                 t.node = Node(node.op, (), _released_backward)
-
-
-def _owns(array) -> bool:
-    """True if the array owns its memory (not a view that could alias an activation)."""
-    flags = getattr(array, "flags", None)
-    return flags is None or (flags.owndata and flags.writeable)
 
 
 def default_dtype_for(data):
