@@ -36,8 +36,8 @@ def embedding(weight: Tensor, ids) -> Tensor:
     if weight.ndim != 2:
         raise ShapeError(f"embedding: weight must be (V, C), got shape {weight.shape}")
     V, C = weight.shape
-    ids = _int_ids("embedding", ids, V)
     be = weight.backend
+    ids = be.asarray(_int_ids("embedding", ids, V))  # on the weight's device (numpy: the same array)
     out = weight.data[ids]
 
     def backward(g):
