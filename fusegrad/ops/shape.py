@@ -140,6 +140,6 @@ def getitem(a: Tensor, key) -> Tensor:
         if basic:
             grad[key] = g
         else:
-            np.add.at(grad, key, g)
+            a.backend.index_add(grad, key, g)  # numpy: np.add.at
         return (grad,)
     return result(out, "index", (a,), backward)
