@@ -104,14 +104,16 @@ class AdamW:
             dup = sorted({n for n in self.names if self.names.count(n) > 1})
             raise ShapeError(f"AdamW: duplicate parameter names {dup}")
         for n, t, _ in entries:
-            if t.data.dtype != np.float32:
-                raise ShapeError(f"AdamW: parameter {n} is {t.data.dtype}; the optimizer updates float32 in place")
+            if t.dtype != np.float32:
+                raise ShapeError(f"AdamW: parameter {n} is {t.dtype}; the optimizer updates float32 in place")
         self.params = [t for _, t, _ in entries]
         self.decay = [wd for _, _, wd in entries]
-        self.exp_avg = [np.zeros_like(t.data) for t in self.params]
-        self.exp_avg_sq = [np.zeros_like(t.data) for t in self.params]
+        # moments and scratch live where the parameters do (a torch device keeps them on the device)
+        xp = self.params[0].backend.xp
+        self.exp_avg = [xp.zeros_like(t.data) for t in self.params]
+        self.exp_avg_sq = [xp.zeros_like(t.data) for t in self.params]
         self.steps = [0] * len(self.params)  # per parameter, like torch: a param without grad does not step
-        self._scratch = np.empty(max(t.data.size for t in self.params), np.float32)
+        self._scratch = xp.empty((max(t.numel() for t in self.params),), dtype=xp.float32)
 
     def step(self) -> None:
         beta1, beta2 = self.betas
@@ -121,9 +123,10 @@ class AdamW:
             if p.grad.shape != p.data.shape:
                 raise ShapeError(f"AdamW: grad of {self.names[i]} is {p.grad.shape}, parameter is {p.data.shape}")
             self.steps[i] += 1
-            tmp = self._scratch[: p.data.size].reshape(p.data.shape)
-            adamw_update(p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i], self.lr, beta1, beta2,
-                         self.eps, self.decay[i], self.steps[i], tmp=tmp)
+            tmp = self._scratch[: p.numel()].reshape(p.data.shape)
+            update = adamw_update if isinstance(p.data, np.ndarray) else p.backend.adamw_update
+            update(p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i], self.lr, beta1, beta2,
+                   self.eps, self.decay[i], self.steps[i], tmp=tmp)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -131,9 +134,12 @@ class AdamW:
 
     def state_dict(self) -> dict:
         """Nested dict of numpy arrays (moments) and JSON-able numbers, keyed by parameter name."""
+        def host_copy(p, m):
+            return m.copy() if isinstance(m, np.ndarray) else np.array(p.backend.to_numpy(m))
+
         return {"steps": dict(zip(self.names, self.steps)),
-                "exp_avg": {n: m.copy() for n, m in zip(self.names, self.exp_avg)},
-                "exp_avg_sq": {n: v.copy() for n, v in zip(self.names, self.exp_avg_sq)},
+                "exp_avg": {n: host_copy(p, m) for n, p, m in zip(self.names, self.params, self.exp_avg)},
+                "exp_avg_sq": {n: host_copy(p, v) for n, p, v in zip(self.names, self.params, self.exp_avg_sq)},
                 "hyper": {"lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                           "weight_decay": dict(zip(self.names, self.decay))}}
 
@@ -151,7 +157,7 @@ class AdamW:
                 if arr.shape != p.data.shape:
                     raise FormatError(f"AdamW.load_state_dict: {key} of {n} has shape {arr.shape}, "
                                       f"parameter has {p.data.shape}")
-                dest[i] = np.array(arr, dtype=np.float32)
+                dest[i] = p.backend.asarray(np.array(arr, dtype=np.float32))  # numpy: the same array
             self.steps[i] = int(state["steps"][n])
 
 
@@ -169,8 +175,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
     >>> print(w.grad.round(4))   # scaled by 1 / (5 + 1e-6)
     [0.6 0.8]
     """
-    grads = [t.grad for _, t in _named(params) if t.grad is not None]
-    total = 0.0
+    named = [t for _, t in _named(params) if t.grad is not None]
+    grads = [t.grad for t in named if isinstance(t.grad, np.ndarray)]
+    device_grads = [t.grad for t in named if not isinstance(t.grad, np.ndarray)]
+    total = named[0].backend.sum_of_squares(device_grads) if device_grads else 0.0  # one host sync
     for g in grads:
         flat = g.reshape(-1)
         for start in range(0, flat.size, _CLIP_CHUNK):
@@ -179,6 +187,6 @@ def clip_grad_norm(params, max_norm: float) -> float:
     norm = math.sqrt(total)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in grads:
+        for g in grads + device_grads:
             g *= scale
     return norm
