@@ -55,6 +55,14 @@ def _numpy_factory():
     return NumpyBackend()
 
 
+def _torch_factory(device=None):
+    def factory():
+        from fusegrad.backends.torch_backend import TorchBackend
+
+        return TorchBackend(device)
+    return factory
+
+
 def _ane_factory(name: str):
     def make():  # "ane" off Apple Silicon raises BackendError with the reason and the ane-sim hint
         from fusegrad.backends.ane.backend import AneBackend
@@ -66,3 +74,6 @@ def _ane_factory(name: str):
 register_backend("numpy", _numpy_factory)
 register_backend("ane-sim", _ane_factory("ane-sim"))
 register_backend("ane", _ane_factory("ane"))
+register_backend("torch", _torch_factory())  # the best device present: cuda, mps, else cpu
+for _device in ("cuda", "mps", "cpu"):
+    register_backend(f"torch:{_device}", _torch_factory(_device))
