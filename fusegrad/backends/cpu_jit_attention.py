@@ -161,7 +161,7 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
 
 
 def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
-    if saved[0] != "cpu_jit":  # the forward ran the reference (not float32)
+    if not (isinstance(saved[0], str) and saved[0] == "cpu_jit"):  # the forward ran the reference (not float32)
         return reference.attention_backward(dy, saved, n_heads, n_kv_heads)
     _, q, k, v, probs, cos, sin, block = saved
     B, Hkv, T, D = k.shape
