@@ -1,0 +1,1 @@
+"""Multi-process training: data parallelism over MPI (`fusegrad.parallel.mpi`)."""
