@@ -75,6 +75,8 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     backend: str = "numpy"
+    device: str = ""  # with backend torch: cuda, mps or cpu ("" = the best one present)
+    offload_gemm: str = ""  # e.g. torch:cuda: large GEMMs of a numpy model go there, per call, with CPU fallback
     sample_tokens: int = 200
     sample_prompt: str = ""
     temperature: float = 0.8
@@ -126,7 +128,7 @@ class Trainer:
         if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.max_steps < 1:
             raise ShapeError(f"train: batch_size, grad_accum and max_steps must be >= 1, got {cfg.batch_size}, "
                              f"{cfg.grad_accum}, {cfg.max_steps}")
-        set_default_backend(cfg.backend)  # the model's tensors live on it
+        self.backend = _setup_backend(cfg)  # the model's tensors live on it
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.data_dir = _prepare_data(cfg)
         meta = read_meta(self.data_dir)
@@ -137,6 +139,11 @@ class Trainer:
         scale = getattr(get_backend(), "loss_scale", None)
         self.loss_scale = None if scale is None else [float(scale), 0]
         self.model = Llama(cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
+        from fusegrad.parallel.mpi import DataParallel
+
+        self.dp = DataParallel.from_env()  # None unless mpirun started several ranks
+        if self.dp is not None:
+            self.dp.broadcast_params(self.model.named_parameters())
         self.optimizer = AdamW(self.model.named_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                weight_decay=cfg.weight_decay)
         self.rng = np.random.default_rng(cfg.seed)
@@ -153,7 +160,7 @@ class Trainer:
         return {"format": "fusegrad-train", "version": 1, "step": self.step,
                 "model_config": self.model.config.to_dict(), "train_config": dataclasses.asdict(self.cfg),
                 "tokenizer": self.tokenizer.to_json(), "data_dir": os.path.abspath(self.data_dir),
-                "params": {n: t.data for n, t in self.model.params.items()},
+                "params": {n: t.numpy() for n, t in self.model.params.items()},
                 "optimizer": self.optimizer.state_dict(), "data_rng": rng_state(self.rng),
                 "history": self.history, "loss_scale": self.loss_scale}
 
@@ -174,7 +181,7 @@ class Trainer:
             arr = state["params"].get(name)
             if arr is None or arr.shape != t.shape:
                 raise FormatError(f"{path}: parameter {name} is missing or has the wrong shape")
-            t.data = np.array(arr, dtype=t.dtype)
+            t.data = self.backend.asarray(np.array(arr, dtype=t.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng = rng_from_state(state["data_rng"])
         self.step = int(state["step"])
@@ -189,8 +196,8 @@ class Trainer:
         total = 0.0
         scale = self.loss_scale[0] if self.loss_scale else 1.0
         for _ in range(cfg.grad_accum):
-            tokens = self.train_data.sample_batch(self.rng, cfg.batch_size)
-            loss = model.loss(tokens)
+            tokens = self.train_data.sample_batch(self.rng, cfg.batch_size)  # the global batch, on every rank
+            loss = model.loss(tokens if self.dp is None else self.dp.shard(tokens))
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingError(f"step {self.step + 1}: loss is {value}; training stopped. The last good "
@@ -199,6 +206,9 @@ class Trainer:
             (loss * (scale / cfg.grad_accum)).backward()  # accumulation averages the micro-batch grads
         from fusegrad.train.optim import clip_grad_norm
 
+        if self.dp is not None:  # mean over ranks = the single-process grads of the global batch
+            self.dp.allreduce_grads(model.parameters())
+            total = self.dp.average(total)
         if self.loss_scale is None or self._unscale_grads(scale):
             if cfg.grad_clip > 0:
                 clip_grad_norm(model.parameters(), cfg.grad_clip)
@@ -238,6 +248,16 @@ class Trainer:
         return float(np.mean(losses))
 
     def run(self) -> dict:
+        if self.dp is None:
+            return self._run()
+        with self.dp.abort_on_error():
+            if not self.dp.is_main:  # rank 0 alone logs, plots, samples and writes checkpoints
+                self.cfg = dataclasses.replace(self.cfg, quiet=True, progress=False, plot=False, sample_tokens=0,
+                                               trace="", eval_interval=0, ckpt_interval=0)
+                self.save = lambda: None
+            return self._run()
+
+    def _run(self) -> dict:
         from fusegrad.train.progress import ProgressBar
 
         cfg = self.cfg
@@ -255,6 +275,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             if TRACER.enabled:
                 TRACER.mark_step(self.step)
+            if self.dp is not None and (self.step % self.dp.check_interval == 0 or self.step == cfg.max_steps):
+                self.dp.check_consistency(self.model.named_parameters(), self.step)
             bar.update(self.step, loss=loss, lr=self.history["lr"][-1], tok_s=tokens_per_step / dt)
             last = self.step == cfg.max_steps
             if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
@@ -287,9 +309,24 @@ class Trainer:
         from fusegrad.models.generate import generate
 
         ids = self.tokenizer.encode(prompt, bos=True)
-        out = generate(self.model, ids, max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed=self.cfg.seed,
+        model = self.model
+        if not isinstance(model.classifier.data, np.ndarray):  # generation runs on a host copy of the weights
+            import fusegrad as fg
+            model = Llama(model.config, params={n: fg.tensor(t.numpy(), backend="numpy") for n, t in model.params.items()})
+        out = generate(model, ids, max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed=self.cfg.seed,
                        stop_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(out)
+
+
+def _setup_backend(cfg: TrainConfig):
+    """The backend named by --backend/--device, made the default; --offload_gemm joins the GEMM chain."""
+    name = f"{cfg.backend}:{cfg.device}" if cfg.device else cfg.backend
+    set_default_backend(name)
+    if cfg.offload_gemm:
+        from fusegrad.backends.torch_backend import enable_gemm_offload
+
+        enable_gemm_offload(cfg.offload_gemm)
+    return get_backend(name)
 
 
 def train(cfg: TrainConfig) -> dict:
