@@ -173,6 +173,7 @@ class Finetuner:
         cfg = self.cfg
         batch = [self.train_set[i] for i in self.sampler.next_indices()]
         denom = self.denominator(batch, cfg.task)
+        self.last_tokens = sum(len(e.tokens) for e in batch)  # for tokens/s: every one is computed, no padding
         self.lora.train(True)
         total = 0.0
         for tokens, mask, labels in ftdata.group_by_length(batch):
@@ -263,7 +264,7 @@ class Finetuner:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             loss = self.train_step()
-            bar.update(self.step, loss=loss, lr=self.history["lr"][-1], tok_s=cfg.batch_size / (time.perf_counter() - t0))
+            bar.update(self.step, loss=loss, lr=self.history["lr"][-1], tok_s=self.last_tokens / (time.perf_counter() - t0))
             last = self.step == cfg.max_steps
             if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
                 val = self.evaluate()
@@ -278,7 +279,8 @@ class Finetuner:
         log(f"adapter: {cfg.out}/{WEIGHTS_FILE}")
         return {"step": self.step, "loss": self.history["loss"][-1] if self.history["loss"] else None,
                 "val_loss": self.history["val_loss"][-1] if self.history["val_loss"] else None,
-                "val_accuracy": self.history["val_accuracy"][-1] if self.history["val_accuracy"] else None,
+                "val_accuracy": self.history["val_accuracy"][-1] if cfg.task == "classify" and self.history["val_step"]
+                else None,
                 "memory": self.memory, "seconds": time.perf_counter() - t_start, "out": cfg.out}
 
 

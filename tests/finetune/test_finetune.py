@@ -179,3 +179,12 @@ def test_bad_input_gives_clear_errors(base, tmp_path):
     other = Llama(LlamaConfig(**{**BASE, "dim": 48, "hidden_dim": 64}), seed=0)
     with pytest.raises(FormatError, match="different base"):
         load_adapter(tmp_path / "e", other)
+
+
+def test_cli_reads_yaml_and_options_override_it(base, tmp_path, capsys):
+    yaml_path = tmp_path / "ft.yaml"
+    yaml_path.write_text(f"model: {base / 'base'}\ndata: {base / 'qa.jsonl'}\ntokenizer: byte\nout: {tmp_path / 'o'}\n"
+                         f"max_steps: 1\nbatch_size: 3\nrank: 3\nquiet: true\n")
+    assert run_cli(["finetune", "--config", str(yaml_path), "--rank", "2"]) == 0
+    assert json.load(open(tmp_path / "o" / "adapter_config.json"))["r"] == 2
+    assert "accuracy" not in capsys.readouterr().out  # an lm run reports no accuracy
