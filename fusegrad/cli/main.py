@@ -1,4 +1,4 @@
-"""The `fusegrad` command: train | sample | prepare | info (and more as the project grows).
+"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", "--val-fraction", type=float, default=0.1)
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
     p.set_defaults(func=_cmd_prepare)
+
+    from fusegrad.cli import finetune
+    finetune.add_parser(sub)
 
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
     p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
