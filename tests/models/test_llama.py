@@ -229,7 +229,8 @@ def rule_batch(rng, batch, length, vocab):
 
 
 def test_tiny_preset_learns_synthetic_sequences():
-    """Adam written here, 100 steps of 8 x 32 tokens: validation loss from ln(64) = 4.16 to below 0.3."""
+    """Adam written here, 60 steps of 8 x 32 tokens: validation loss from ln(64) = 4.16 to below 0.3
+    (seeded run: ~0.13), under the ln 2 floor of any model that ignores context."""
     model = Llama.from_preset("tiny", seed=0)
     V, T = model.config.vocab_size, model.config.max_seq_len
     rng, val = np.random.default_rng(0), rule_batch(np.random.default_rng(99), 32, T + 1, V)
@@ -239,7 +240,7 @@ def test_tiny_preset_learns_synthetic_sequences():
     lr, b1, b2 = 1e-2, 0.9, 0.99
     with fg.no_grad():
         first = float(model.loss(val).numpy())
-    for step in range(1, 101):
+    for step in range(1, 61):
         model.zero_grad()
         model.loss(rule_batch(rng, 8, T + 1, V)).backward()
         for p, mi, vi in zip(params, m, v):
