@@ -218,7 +218,7 @@ class Llama:
             arr = arrays[name]
             if arr.shape != t.shape:
                 raise ShapeError(f"load_state_dict: {name} has shape {arr.shape}, model expects {t.shape}")
-            t.data = np.ascontiguousarray(arr, dtype=self.dtype)
+            t.data = np.array(arr, dtype=self.dtype)  # a copy: never alias the caller's arrays
 
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
