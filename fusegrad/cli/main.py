@@ -105,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
     p.set_defaults(func=_cmd_prepare)
 
-    from fusegrad.cli import finetune
+    from fusegrad.cli import bench, finetune
     finetune.add_parser(sub)
+    bench.add_parser(sub)
 
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
     p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
