@@ -99,9 +99,11 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
     with span("generate", "generate", new=max_new_tokens):
         logits = forward_cached(model, prompt_ids, cache)
         for _ in range(max_new_tokens):
+            if len(out) >= model.config.max_seq_len:  # the context is full
+                break
             nxt = sample_token(logits, rng, temperature, top_p)
             out.append(nxt)
-            if nxt == stop_id or cache.length >= model.config.max_seq_len:
+            if nxt == stop_id or len(out) >= model.config.max_seq_len:
                 break
             logits = forward_cached(model, [nxt], cache)
     return out

@@ -53,3 +53,17 @@ def test_info_on_a_llama2c_file(tmp_path, capsys):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "nope.bin")]) == 2
     assert "nope.bin" in capsys.readouterr().err
+
+
+def test_train_then_sample_from_the_run(tmp_path):
+    run = tmp_path / "run"
+    out = run_cli("train", "--preset", "tiny", "--max_steps", "4", "--warmup_steps", "1", "--batch_size", "2",
+                  "--seq_len", "16", "--out_dir", str(run), "--eval_interval", "2", "--sample_tokens", "5")
+    assert out.returncode == 0, out.stderr
+    assert "val loss" in out.stderr and "--- sample ---" in out.stdout
+    assert (run / "checkpoint.safetensors").is_file() and (run / "loss.png").stat().st_size > 1000
+    out = run_cli("sample", "--checkpoint", str(run), "--prompt", "The", "--max_new_tokens", "8", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The")
+    again = run_cli("sample", "--checkpoint", str(run), "--prompt", "The", "--max_new_tokens", "8", "--seed", "1")
+    assert again.stdout == out.stdout  # seeded
