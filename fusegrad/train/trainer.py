@@ -133,6 +133,7 @@ class Trainer:
         self.data_dir = _prepare_data(cfg)
         meta = read_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir)
+        self.tokenizer.save(cfg.out_dir)  # beside the checkpoint, so the run dir alone is enough to sample
         self.train_data = TokenDataset(self.data_dir, cfg.seq_len, "train")
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
         # fp16 backends (ane, ane-sim) ask for loss scaling: [scale, good steps since the last change]
@@ -348,10 +349,14 @@ def load_model(path):
             raise FormatError(f"{path}: not a fusegrad training checkpoint")
         config = LlamaConfig.from_dict(state["model_config"])
         model = Llama(config, params={n: fg.tensor(a, requires_grad=True) for n, a in state["params"].items()})
-        tok_dir = state.get("data_dir", "")
-        tokenizer = load_tokenizer(tok_dir) if tok_dir and os.path.isdir(tok_dir) else None
-        if tokenizer is None and state["tokenizer"].get("kind") == "byte":
-            tokenizer = load_tokenizer("byte")
+        tokenizer = None
+        for directory in (os.path.dirname(os.path.abspath(path)), state.get("data_dir", "")):
+            try:
+                tokenizer = load_tokenizer(directory) if os.path.isdir(directory) else None
+            except FormatError:
+                continue
+            if tokenizer is not None:
+                break
         return model, tokenizer
     model = Llama.from_pretrained(path)
     tokenizer = None

@@ -67,3 +67,18 @@ def test_train_then_sample_from_the_run(tmp_path):
     assert out.stdout.startswith("The")
     again = run_cli("sample", "--checkpoint", str(run), "--prompt", "The", "--max_new_tokens", "8", "--seed", "1")
     assert again.stdout == out.stdout  # seeded
+
+
+def test_a_run_dir_alone_is_enough_to_sample(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    assert run_cli("train", "--preset", "tiny", "--max_steps", "2", "--warmup_steps", "1", "--batch_size", "2",
+                   "--seq_len", "16", "--out_dir", str(run), "--sample_tokens", "0", "--plot", "false",
+                   "--quiet").returncode == 0
+    shutil.rmtree(run / "data")  # the prepared data is gone; the tokenizer was saved beside the checkpoint
+    moved = tmp_path / "moved"
+    shutil.move(run, moved)
+    out = run_cli("sample", "--checkpoint", str(moved), "--prompt", "A", "--max_new_tokens", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("A")
