@@ -196,6 +196,13 @@ def _xent_finish(p, targets, picked, inv_n, need_grad, losses):
             p[i, targets[i]] -= np.float32(inv_n)
 
 
+@jit
+def _accumulate(out, x):  # out += x, (V, C), both cores (numpy's add runs on one)
+    for i in prange(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[i, j] += x[i, j]
+
+
 def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool = True, need_dw: bool = True):
     """Like the reference, with one logits buffer (chunk, V) and one dW scratch reused by every chunk.
 
@@ -231,7 +238,7 @@ def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool
             else:
                 scratch = np.empty_like(weight) if scratch is None else scratch
                 np.matmul(logits.T, h[lo:hi], out=scratch)
-                dw += scratch
+                _accumulate(dw, scratch)
     return total / N, dh, dw
 
 

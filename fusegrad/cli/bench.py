@@ -104,10 +104,14 @@ class FusegradSide:
         self.clip = clip_grad_norm
 
     def step(self, tokens) -> float:
+        from fusegrad.core.trace import span
+
         loss = self.model.loss(tokens)
         loss.backward()
-        self.clip(self.model.parameters(), CLIP)
-        self.opt.step()
+        with span("clip_grad_norm", "optimizer"):
+            self.clip(self.model.parameters(), CLIP)
+        with span("adamw", "optimizer"):
+            self.opt.step()
         self.opt.zero_grad()
         return loss.item()
 
