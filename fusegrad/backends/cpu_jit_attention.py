@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from fusegrad.backends import reference
-from fusegrad.backends.cpu_jit import is_f32, jit
+from fusegrad.backends.cpu_jit import fast_exp, is_f32, jit
 
 
 @jit
@@ -61,7 +61,7 @@ def _causal_softmax(s, lo, bq, G, scale):
             mx = max(mx, s[r, j])
         z = 0.0
         for j in range(valid):
-            e = np.exp((s[r, j] - mx) * scale)
+            e = fast_exp((s[r, j] - mx) * scale)
             s[r, j] = e
             z += e
         inv = np.float32(1.0 / z)

@@ -15,6 +15,31 @@ def f32(rng, *shape, scale=1.0):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+def test_fast_exp_accuracy_and_edges():
+    from numba import njit
+
+    @njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = cpu_jit.fast_exp(x[i])
+        return out
+
+    x = np.linspace(-87.0, 88.0, 100_003).astype(np.float32)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(apply(x) - want) / want) < 1e-6
+    edges = apply(np.float32([-1000.0, -88.0, 89.0, np.inf, -np.inf, np.nan, 0.0]))
+    assert edges[:2].tolist() == [0.0, 0.0] and edges[2:4].tolist() == [np.inf, np.inf]
+    assert edges[4] == 0.0 and np.isnan(edges[5]) and edges[6] == 1.0
+
+
+def test_nan_stays_visible(rng):
+    h, w = f32(rng, 4, 8), f32(rng, 10, 8)
+    h[1, 3] = np.nan
+    assert np.isnan(cpu_jit.classifier_cross_entropy(h, w, np.arange(4))[0])
+    assert np.isnan(cpu_jit.swiglu_forward(np.float32([[np.nan, 1.0]]))).all()
+
+
 @pytest.mark.parametrize("n, c", [(1, 1), (7, 13), (64, 288), (33, 5)])
 def test_rmsnorm_matches_reference(rng, n, c):
     x, w, dy = f32(rng, n, c), f32(rng, c), f32(rng, n, c)
