@@ -55,6 +55,14 @@ class NumpyBackend(Backend):
     def prewarm_gemm(self, m, k, n, dtype) -> None:
         np.matmul(np.zeros((m, k), dtype), np.zeros((k, n), dtype))
 
+    def prewarm_kernels(self) -> float:
+        """Load (or compile, on a cold disk cache) every JIT kernel now; seconds taken, 0.0 without JIT."""
+        if os.environ.get("FUSEGRAD_JIT", "1") == "0" or not _jit_kernels():
+            return 0.0
+        from fusegrad.backends import cpu_jit
+
+        return cpu_jit.prewarm()
+
     # fused kernels: the reference implementations (fusegrad.backends.reference), overridden by the
     # JIT-compiled CPU kernels where numba is installed (FUSEGRAD_JIT=0 turns them off)
     def __getattr__(self, name):
