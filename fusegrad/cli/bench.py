@@ -87,16 +87,12 @@ class FusegradSide:
     name = "fusegrad"
 
     def __init__(self, spec: dict):
-        from fusegrad.backends import numpy_backend
+        from fusegrad.backends import get_backend
         from fusegrad.core.tensor import tensor
         from fusegrad.models.llama import Llama, LlamaConfig
         from fusegrad.train.optim import AdamW, clip_grad_norm
 
-        jit = numpy_backend._jit_kernels()
-        if jit and os.environ.get("FUSEGRAD_JIT", "1") != "0":
-            from fusegrad.backends import cpu_jit
-
-            cpu_jit.prewarm()
+        get_backend("numpy").prewarm_kernels()
         config = LlamaConfig.from_dict(spec["config"])
         weights = np.load(spec["weights"])
         self.model = Llama(config, params={n: tensor(weights[n], requires_grad=True) for n in weights.files})

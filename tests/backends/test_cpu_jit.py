@@ -161,7 +161,10 @@ def test_backend_uses_jit_unless_disabled(monkeypatch):
     assert backend.rmsnorm_forward is reference.rmsnorm_forward
 
 
-def test_prewarm_loads_every_kernel():
+def test_prewarm_loads_every_kernel(monkeypatch):
     assert cpu_jit.prewarm() >= 0.0
+    assert get_backend("numpy").prewarm_kernels() > 0.0
+    monkeypatch.setenv("FUSEGRAD_JIT", "0")
+    assert get_backend("numpy").prewarm_kernels() == 0.0
     for name in cpu_jit.KERNELS:
         assert name == "adamw_update" or hasattr(reference, name)
