@@ -275,10 +275,11 @@ def _adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bias2_sqrt):
 
 def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
     """`fusegrad.train.optim.adamw_update` in one parallel pass, in place on p, m, v (tmp is unused)."""
-    for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
-        if not is_f32(a) or not a.flags.c_contiguous or a.shape != p.shape:
-            raise ShapeError(f"adamw_update: {name} must be a C-contiguous float32 array of shape {p.shape}, "
-                             f"got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    for a in (p, g, m, v):
+        if a.shape != p.shape:
+            raise ShapeError(f"adamw_update: arrays must all have p's shape {p.shape}, got {a.shape}")
+        if not is_f32(a) or not a.flags.c_contiguous:
+            return reference.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp)
     _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
            float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
            math.sqrt(1.0 - beta2 ** step))

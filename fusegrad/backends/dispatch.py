@@ -143,7 +143,8 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
             num_classes: int = 0, dtype="float32") -> dict:
     """Run every GEMM shape a training step uses once on each backend in the chain and the CPU.
 
-    Returns {"shapes": [...], "warmed": {backend: n}, "failed": {backend: [(shape, reason)]}}.
+    Returns {"shapes": [...], "warmed": {backend: n}, "failed": {backend: [(shape, reason)]},
+    "kernels_s": seconds spent loading the CPU's JIT kernels}.
     Failures here count toward an accelerator's `max_failures` like any other call.
     """
     from fusegrad.backends import get_backend
@@ -154,6 +155,7 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
         shapes = gemm_shapes(config, batch, seq, lora_rank, num_classes)
     report = {"shapes": list(shapes), "warmed": {}, "failed": {}}
     cpu = get_backend("numpy")
+    report["kernels_s"] = cpu.prewarm_kernels()  # JIT kernels from the disk cache (compiled once, cold)
     targets = [(o.name, o) for o in GEMM_CHAIN.offloads if not o.disabled] + [("numpy", None)]
     for name, entry in targets:
         warmed, failed = 0, []

@@ -19,43 +19,11 @@ from typing import Callable
 
 import numpy as np
 
+from fusegrad.backends.reference import adamw_update  # noqa: F401  (the reference kernel, re-exported)
 from fusegrad.core.errors import FormatError, ShapeError
 from fusegrad.core.tensor import Tensor
 
 _CLIP_CHUNK = 1 << 16  # elements converted to float64 at a time by clip_grad_norm
-
-
-def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
-    """One AdamW step on float32 arrays, in place on p, m, v (torch.optim.AdamW, amsgrad off).
-
-    p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-    p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).   `step` is t, counted from 1.
-    `tmp` is a float32 scratch array of p's shape (allocated when None).
-
-    >>> p, g = np.float32([1.0]), np.float32([2.0])
-    >>> m, v = np.zeros(1, np.float32), np.zeros(1, np.float32)
-    >>> adamw_update(p, g, m, v, lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.0, step=1)
-    >>> print(p, m, v)
-    [0.9] [0.2] [0.2]
-    """
-    if tmp is None:
-        tmp = np.empty_like(p)
-    if wd:
-        p *= 1.0 - lr * wd
-    m *= beta1
-    np.multiply(g, 1.0 - beta1, out=tmp)
-    m += tmp
-    v *= beta2
-    np.multiply(g, g, out=tmp)
-    tmp *= 1.0 - beta2
-    v += tmp
-    step_size = lr / (1.0 - beta1 ** step)
-    np.sqrt(v, out=tmp)
-    tmp /= math.sqrt(1.0 - beta2 ** step)
-    tmp += eps
-    np.divide(m, tmp, out=tmp)
-    tmp *= step_size
-    p -= tmp
 
 
 def decays_by_default(name: str, p) -> bool:
@@ -124,7 +92,7 @@ class AdamW:
                 raise ShapeError(f"AdamW: grad of {self.names[i]} is {p.grad.shape}, parameter is {p.data.shape}")
             self.steps[i] += 1
             tmp = self._scratch[: p.numel()].reshape(p.data.shape)
-            update = adamw_update if isinstance(p.data, np.ndarray) else p.backend.adamw_update
+            update = p.backend.adamw_update  # numpy: the JIT kernel for float32, else the reference
             update(p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i], self.lr, beta1, beta2,
                    self.eps, self.decay[i], self.steps[i], tmp=tmp)
 

@@ -100,7 +100,7 @@ class TrainConfig:
 def cosine_lr(step: int, cfg: TrainConfig) -> float:
     from fusegrad.train.schedule import cosine_schedule
 
-    return cosine_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
+    return cosine_schedule(step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps, cfg.min_lr)
 
 
 def _prepare_data(cfg: TrainConfig) -> str:
@@ -323,6 +323,7 @@ def _setup_backend(cfg: TrainConfig):
     """The backend named by --backend/--device, made the default; --offload_gemm joins the GEMM chain."""
     name = f"{cfg.backend}:{cfg.device}" if cfg.device else cfg.backend
     set_default_backend(name)
+    get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
     if cfg.offload_gemm:
         from fusegrad.backends.torch_backend import enable_gemm_offload
 
