@@ -122,7 +122,7 @@ def check_args(args) -> None:
 
 def start_workers(args, spec: dict) -> dict:
     """fusegrad's worker, then the peer's (which needs peft's target names from fusegrad's LoRA)."""
-    if not (args.vs or args.ranks):
+    if not (args.vs or args.ranks or args.backend != "numpy"):  # another backend would become the default here
         return {"fusegrad": Worker("fusegrad", spec)}
     workers = {"fusegrad": ProcessWorker("fusegrad", spec, ranks=args.ranks)}
     if args.vs == "peft":

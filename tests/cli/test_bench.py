@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import shutil
 
 import pytest
 
@@ -57,9 +58,77 @@ def test_flops_follow_palm_accounting():
     assert bench.flops_per_step(cfg, 8, 256) == 6 * bench.gemm_params(cfg) * tokens + attention
 
 
-def test_lora_needs_finetune(capsys):
-    with pytest.raises(FusegradError, match="LoRA benchmark needs fusegrad.finetune"):
-        run(capsys, "--preset", "tiny", "--lora")
+def lora_params(cfg, targets, r):
+    """Adapter weights r (in + out) per target and layer, from the config alone."""
+    out = {"q": cfg.dim, "k": cfg.kv_dim, "v": cfg.kv_dim, "o": cfg.dim, "gate": cfg.hidden_dim,
+           "up": cfg.hidden_dim, "down": cfg.dim}
+    inp = {t: (cfg.hidden_dim if t == "down" else cfg.dim) for t in out}
+    return cfg.n_layers * sum(r * (inp[t] + out[t]) for t in targets)
+
+
+def test_bench_lora_vs_peft_json(capsys):
+    pytest.importorskip("peft")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "2", "--json",
+                         "--lora", "--targets", "q,v,down", "--rank", "4", "--alpha", "8", "--vs", "peft",
+                         "--gemm-size", "64"))
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["lora"]["trainable_params"] == lora_params(cfg, ("q", "v", "down"), 4)
+    assert out["lora"]["peft_target_modules"] == ["q_proj", "v_proj", "down_proj"]
+    assert out["model_flops_per_step"] == bench.flops_per_step(cfg, 2, 8, out["lora"]["trainable_params"])
+    check_side(out, out["model_flops_per_step"], 16)
+    check_side(out["peft"], out["model_flops_per_step"], 16)
+    # B = 0 at step 0: both sides compute the base model's loss on the same batch
+    assert out["losses_agree"] and out["loss_step0"] == pytest.approx(out["peft"]["loss_step0"], rel=1e-4)
+    assert out["speedup_vs_peft"] > 0 and out["rss_ratio_vs_peft"] > 0
+
+
+def test_bench_qlora_reports_nf4_memory(capsys):
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
+                         "--lora", "--qlora", "--gemm-size", "64"))
+    cfg = preset("tiny")
+    mem = out["lora"]["memory"]
+    projections = cfg.n_layers * (cfg.dim * (cfg.dim + 2 * cfg.kv_dim) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.hidden_dim)
+    assert mem["fp32_bytes"] == 4 * projections and mem["ratio"] <= 0.16
+    assert abs(out["loss_step0"] - math.log(cfg.vocab_size)) < 0.5
+
+
+def base_loss(cfg, batch, seq):
+    from fusegrad.cli.bench_worker import batch_tokens
+    from fusegrad.models.llama import Llama
+
+    return Llama(cfg, seed=0).loss(batch_tokens(0, 0, batch, seq, cfg.vocab_size)).item()
+
+
+def test_bench_torch_backend(capsys):
+    pytest.importorskip("torch")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
+                         "--backend", "torch:cpu", "--gemm-size", "64"))
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["backend"] == "torch:cpu" and out["dispatches_per_step"] == {"torch:cpu": 3 * 4 * cfg.n_layers}
+    check_side(out, out["model_flops_per_step"], 16)
+    assert out["loss_step0"] == pytest.approx(base_loss(cfg, 2, 8), rel=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun on PATH (pip install mpich)")
+def test_bench_two_ranks_split_the_global_batch(capsys):
+    pytest.importorskip("mpi4py")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "4", "--seq", "8", "--steps", "1", "--json",
+                         "--ranks", "2", "--gemm-size", "64"))
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["ranks"] == 2 and out["tokens_per_step"] == 32
+    check_side(out, out["model_flops_per_step"], 32)
+    # the mean of the two ranks' half-batch losses is the loss of the global batch
+    assert out["loss_step0"] == pytest.approx(base_loss(cfg, 4, 8), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv, match", [(["--vs", "peft"], "--vs peft needs --lora"),
+                                         (["--lora", "--vs", "torch"], "--vs torch cannot time --lora"),
+                                         (["--qlora"], "--qlora needs --lora"),
+                                         (["--batch", "3", "--ranks", "2"], "--batch 3 must split evenly"),
+                                         (["--lora", "--ranks", "2"], "does not combine with --lora")])
+def test_bad_combinations_raise(capsys, argv, match):
+    with pytest.raises(FusegradError, match=match):
+        run(capsys, "--preset", "tiny", "--batch", "2", *argv)
 
 
 def test_bad_steps_raise(capsys):
