@@ -173,3 +173,20 @@ def test_prewarm_loads_every_kernel(monkeypatch):
     assert get_backend("numpy").prewarm_kernels() == 0.0
     for name in cpu_jit.KERNELS:
         assert name == "adamw_update" or hasattr(reference, name)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc malloc setting")
+def test_numpy_backend_keeps_freed_memory_so_big_arrays_do_not_page_fault_again():
+    import resource
+
+    from fusegrad.backends.numpy_backend import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc")
+    faults = []
+    for _ in range(3):  # a (V, C)-sized grad, made and freed as every training step does
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = np.ones((32000, 288), np.float32)
+        del a
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    assert faults[-1] < 100, faults  # 36 MB fresh from the kernel would be ~9000 faults
