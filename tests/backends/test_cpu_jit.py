@@ -190,3 +190,16 @@ def test_numpy_backend_keeps_freed_memory_so_big_arrays_do_not_page_fault_again(
         del a
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     assert faults[-1] < 100, faults  # 36 MB fresh from the kernel would be ~9000 faults
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_accumulate_dw_adds_in_place(rng, monkeypatch, blas):
+    if not blas:
+        monkeypatch.setattr(cpu_jit, "CBLAS_SGEMM", None)  # the scratch + add path
+    elif cpu_jit.CBLAS_SGEMM is None:
+        pytest.skip("numpy's OpenBLAS is not reachable")
+    dw, dlogits, h = f32(rng, 37, 5), f32(rng, 11, 37), f32(rng, 11, 5)
+    want = dw.astype(np.float64) + 2 * dlogits.astype(np.float64).T @ h.astype(np.float64)
+    scratch = cpu_jit.accumulate_dw(dw, dlogits, h)
+    cpu_jit.accumulate_dw(dw, dlogits, h, scratch)
+    np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
