@@ -15,6 +15,7 @@ array([2., 2.], dtype=float32)
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import numpy as np
@@ -191,6 +192,35 @@ def _released_backward(grad):
                      "pass retain_graph=True to the first call to backward twice")
 
 
+def _refs(array) -> int:
+    return sys.getrefcount(array)
+
+
+def _sole_refs() -> int:
+    """References an array has when only the engine's `pending` dict and its loop variable hold it, counted
+    through the same call path that `_add_grads` uses (so the figure holds whatever the interpreter)."""
+    pending = {0: np.empty(1, np.float32)}
+    prev = pending.get(0)
+    return _add_grads(prev, None, probe=True)
+
+
+def _add_grads(prev, pg, probe: bool = False):
+    """prev + pg; in place into prev when nothing but the engine can see prev: a numpy array owning its
+    memory with no other reference (no closure, leaf .grad or view keeps it) — numpy's own rule for
+    eliding temporaries. Saves a tied embedding's (V, C) sum and the residual stream's grad sums."""
+    refs = _refs(prev)
+    if probe:
+        return refs
+    if (isinstance(prev, np.ndarray) and isinstance(pg, np.ndarray) and refs <= _SOLE_REFS
+            and prev.flags.owndata and prev.flags.writeable and np.result_type(prev, pg) == prev.dtype):
+        np.add(prev, pg, out=prev)
+        return prev
+    return prev + pg
+
+
+_SOLE_REFS = _sole_refs()
+
+
 def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
     from fusegrad.core.trace import span
 
@@ -218,7 +248,7 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
                                      f"input has shape {parent.shape} (a bug in the op)")
                 prev = pending.get(id(parent))
                 if prev is not None:
-                    pending[id(parent)] = prev + pg
+                    pending[id(parent)] = _add_grads(prev, pg)
                 else:
                     be = parent.backend
                     if id(pg) in handed_out or (parent.is_leaf and parent.grad is None and not be.owns_memory(pg)):

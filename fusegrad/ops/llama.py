@@ -132,7 +132,13 @@ def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int = 25
     with span("classifier_cross_entropy", "classifier", N=h.shape[0], V=weight.shape[0]):
         loss, dh, dw = be.classifier_cross_entropy(h.data, weight.data, t, chunk, need_dh, need_dw)
 
+    handed_over = []
+
     def backward(g):
+        # the loss grad is 1.0 in training: hand over the arrays the forward made (no (V, C) product); a
+        # second backward (retain_graph) gets copies, since the first receiver may have changed them
         scale = g.reshape(())
-        return (dh * scale if dh is not None else None, dw * scale if dw is not None else None)
+        give = scale == 1 and not handed_over and g.dtype == h.dtype
+        handed_over.append(True)
+        return tuple(None if a is None else a if give else a * scale for a in (dh, dw))
     return result(be.asarray(loss, h.dtype), "classifier_cross_entropy", (h, weight), backward)

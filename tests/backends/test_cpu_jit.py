@@ -203,3 +203,25 @@ def test_accumulate_dw_adds_in_place(rng, monkeypatch, blas):
     scratch = cpu_jit.accumulate_dw(dw, dlogits, h)
     cpu_jit.accumulate_dw(dw, dlogits, h, scratch)
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_tied_embedding_grads_summed_in_place_stay_correct(rng, retain):
+    # the engine adds the embedding's grad into the classifier's dW in place only when nothing else holds
+    # dW; with retain_graph the op's closure still does, so the sum (and a second backward) must not alias it
+    torch = pytest.importorskip("torch")
+    import fusegrad as fg
+    from fusegrad.ops.llama import classifier_cross_entropy, embedding
+
+    w0, ids, targets = f32(rng, 50, 8), rng.integers(0, 50, 12), rng.integers(0, 50, 12)
+    w = fg.tensor(w0, requires_grad=True)
+    loss = classifier_cross_entropy(embedding(w, ids), w, targets, chunk=5)
+    wt = torch.tensor(w0, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.cross_entropy(wt[torch.tensor(ids)] @ wt.T, torch.tensor(targets)).backward()
+    want = wt.grad.numpy()
+    loss.backward(retain_graph=retain)
+    np.testing.assert_allclose(w.grad, want, rtol=1e-4, atol=1e-6)
+    if retain:
+        w.grad *= 0.5  # in place, as clip_grad_norm does
+        loss.backward()
+        np.testing.assert_allclose(w.grad, 1.5 * want, rtol=1e-4, atol=1e-6)
