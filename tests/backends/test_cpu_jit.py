@@ -225,3 +225,20 @@ def test_tied_embedding_grads_summed_in_place_stay_correct(rng, retain):
         w.grad *= 0.5  # in place, as clip_grad_norm does
         loss.backward()
         np.testing.assert_allclose(w.grad, 1.5 * want, rtol=1e-4, atol=1e-6)
+
+
+def test_classifier_grads_stay_accurate_when_the_model_is_confident(rng):
+    # near p_target = 1, dlogits at the target is a cancellation (p - 1): float32 grads against float64
+    n, c, vocab = 64, 16, 300
+    w = f32(rng, vocab, c)
+    targets = rng.integers(0, vocab, n)
+    h = 3.0 * w[targets]  # the target logit far above the rest: p_target ~ 0.99999
+    logits = h.astype(np.float64) @ w.T.astype(np.float64)
+    d = np.exp(logits - logits.max(1, keepdims=True))
+    d /= d.sum(1, keepdims=True)
+    assert np.median(d[np.arange(n), targets]) > 0.9999
+    d[np.arange(n), targets] -= 1.0
+    d /= n
+    _, dh, dw = cpu_jit.classifier_cross_entropy(h, w, targets, chunk=16)
+    np.testing.assert_allclose(dh, d @ w.astype(np.float64), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(dw, d.T @ h.astype(np.float64), rtol=0, atol=1e-7)
