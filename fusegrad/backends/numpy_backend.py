@@ -45,8 +45,12 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
-                and libc.mallopt(m_trim_threshold, ctypes.c_int(2 ** 31 - 1)))
+    return bool(libc.mallopt(m_mmap_threshold, ctypes.c_int(int(KEEP_FREED_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"])))
+                and libc.mallopt(m_trim_threshold, ctypes.c_int(int(KEEP_FREED_MEMORY_ENV["MALLOC_TRIM_THRESHOLD_"]))))
+
+
+# the same policy for another process (a benchmark's peer), through glibc's environment variables
+KEEP_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1)}
 
 
 def _op(x, trans: bool):

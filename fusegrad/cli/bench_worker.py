@@ -94,6 +94,10 @@ class ProcessWorker:
     def __init__(self, side: str, spec: dict, ranks: int = 0):
         cmd = [sys.executable, "-m", "fusegrad.cli.bench_worker", side, json.dumps(spec)]
         env = None
+        if side != "fusegrad" and os.environ.get("FUSEGRAD_MALLOC", "") != "default":
+            from fusegrad.backends.numpy_backend import KEEP_FREED_MEMORY_ENV
+
+            env = dict(os.environ, **KEEP_FREED_MEMORY_ENV)  # a fair peer: the same malloc policy as fusegrad
         if ranks:
             mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
             if mpirun is None:
