@@ -41,7 +41,7 @@ def matmul_kernel(in_channels: int, out_channels: int, seq: int):
     qkv_backward_dx_dynamic(D, KV, S) is matmul_kernel(D + 2 KV, D, S) and
     ffn_w13_backward_dx_dynamic(D, H, S) is matmul_kernel(2 H, D, S).
     """
-    return kernels._backward_dx_dynamic(in_channels, out_channels, seq)
+    return kernels.matmul_dynamic(in_channels, out_channels, seq)
 
 
 class AneBackend(NumpyBackend):

@@ -151,7 +151,9 @@ def qkv_backward_dx(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, seq: int):
     return _output32(b, b.add(b.add(dxq, dxk, name="dxqk"), dxv, name="dx"))
 
 
-def _backward_dx_dynamic(in_channels: int, dim: int, seq: int):
+def matmul_dynamic(in_channels: int, dim: int, seq: int):
+    """[1, IC, 1, S + OC] (activations, then W^T per row) -> y = W^T x [1, OC, 1, S] (OC = dim), in fp16:
+    one program for any weights, so training compiles it once per shape."""
     b = MilBuilder()
     x = _input16(b, in_channels, seq + dim)
     act, w = _columns(b, x, 0, seq, "act"), _columns(b, x, seq, dim, "wt")
@@ -160,12 +162,12 @@ def _backward_dx_dynamic(in_channels: int, dim: int, seq: int):
 
 def ffn_w13_backward_dx_dynamic(dim: int, hidden: int, seq: int):
     """x = pack_dynamic(concat(dh1, dh3) (2H, S), vstack(W1, W3) (2H, D)) -> y = W1^T dh1 + W3^T dh3."""
-    return _backward_dx_dynamic(2 * hidden, dim, seq)
+    return matmul_dynamic(2 * hidden, dim, seq)
 
 
 def qkv_backward_dx_dynamic(dim: int, kv_dim: int, seq: int):
     """x = pack_dynamic(concat(dq, dk, dv) (D+2KV, S), vstack(Wq, Wk, Wv) (D+2KV, D)) -> y (1, D, 1, S)."""
-    return _backward_dx_dynamic(dim + 2 * kv_dim, dim, seq)
+    return matmul_dynamic(dim + 2 * kv_dim, dim, seq)
 
 
 # ---- forward FFN --------------------------------------------------------------------------------
