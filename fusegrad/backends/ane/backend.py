@@ -5,7 +5,7 @@ SwiGLU, embedding, classifier + cross-entropy, AdamW) runs unchanged. Offloaded,
 
 - forward   y  = x W^T   (tokens, in) x (in, out)    the projection
 - backward  dx = dy W    (tokens, out) x (out, in)   for wqkv and w13 this IS the seed's fused
-  `concat(dq, dk, dv) -> dx` / `concat(dh1, dh3) -> dx` kernel (same program, see `matmul_kernel`)
+  `concat(dq, dk, dv) -> dx` / `concat(dh1, dh3) -> dx` kernel (same program: `kernels.matmul_dynamic`)
 
 dW = dy^T x (`trans_a=True`) and batched GEMMs stay on the CPU in fp32, as in the seed. Every
 offloaded GEMM runs one dynamic kernel: the weights ride in the input, so a kernel is compiled once
@@ -32,16 +32,6 @@ from fusegrad.backends.dispatch import GemmChain
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 LOSS_SCALE = 1024.0  # initial fp16 loss scale (the seed uses 256); the trainer halves it on overflow
-
-
-def matmul_kernel(in_channels: int, out_channels: int, seq: int):
-    """Dynamic kernel: x = pack_dynamic(act (IC, S), M (IC, OC)) -> y = M^T act (1, OC, 1, S).
-
-    This is the program of the fused backward-dx kernels for any (IC, OC):
-    qkv_backward_dx_dynamic(D, KV, S) is matmul_kernel(D + 2 KV, D, S) and
-    ffn_w13_backward_dx_dynamic(D, H, S) is matmul_kernel(2 H, D, S).
-    """
-    return kernels.matmul_dynamic(in_channels, out_channels, seq)
 
 
 class AneBackend(NumpyBackend):
@@ -76,7 +66,7 @@ class AneBackend(NumpyBackend):
         (m, k), n = a.shape, mat.shape[1]
         key = (k, n, m)
         if key not in self._kernels:
-            self._kernels[key] = matmul_kernel(k, n, m)
+            self._kernels[key] = kernels.matmul_dynamic(k, n, m)
         program, weights = self._kernels[key]
         y = self.runner.run(program, weights, {"x": kernels.pack_dynamic(a.T, mat)})["y"]  # (1, N, 1, M)
         return np.ascontiguousarray(y[0, :, 0, :].T, dtype=a.dtype)

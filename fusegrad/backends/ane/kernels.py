@@ -152,8 +152,9 @@ def qkv_backward_dx(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, seq: int):
 
 
 def matmul_dynamic(in_channels: int, dim: int, seq: int):
-    """[1, IC, 1, S + OC] (activations, then W^T per row) -> y = W^T x [1, OC, 1, S] (OC = dim), in fp16:
-    one program for any weights, so training compiles it once per shape."""
+    """x = pack_dynamic(act (IC, S), M (IC, OC)) -> y = M^T act (1, OC, 1, S), OC = dim, in fp16: one
+    program for any weights, so training compiles it once per shape. It is the program of the fused
+    backward-dx kernels below, and the ANE backend's GEMM for every projection."""
     b = MilBuilder()
     x = _input16(b, in_channels, seq + dim)
     act, w = _columns(b, x, 0, seq, "act"), _columns(b, x, seq, dim, "wt")

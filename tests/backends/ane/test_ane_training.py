@@ -8,7 +8,8 @@ import pytest
 
 import fusegrad.backends as backends
 from fusegrad.backends.ane import AneRuntime, AneSim, CompileBudget, kernels
-from fusegrad.backends.ane.backend import AneBackend, matmul_kernel
+from fusegrad.backends.ane.backend import AneBackend
+from fusegrad.backends.ane.kernels import matmul_dynamic
 from fusegrad.backends.ane.mil import format_program, parse
 from fusegrad.cli.main import main
 from fusegrad.core.errors import BackendError
@@ -99,9 +100,9 @@ def test_gemms_forward_and_dx_on_ane_within_fp16_of_float64_dw_on_cpu(rng):
 
 def test_fused_qkv_and_w13_dx_kernels_are_the_offloaded_program():
     dim, kv, hidden, seq = 32, 16, 64, 8
-    assert format_program(matmul_kernel(dim + 2 * kv, dim, seq)[0]) == \
+    assert format_program(matmul_dynamic(dim + 2 * kv, dim, seq)[0]) == \
         format_program(kernels.qkv_backward_dx_dynamic(dim, kv, seq)[0])
-    assert format_program(matmul_kernel(2 * hidden, dim, seq)[0]) == \
+    assert format_program(matmul_dynamic(2 * hidden, dim, seq)[0]) == \
         format_program(kernels.ffn_w13_backward_dx_dynamic(dim, hidden, seq)[0])
 
 
