@@ -49,6 +49,29 @@ def backend_for_array(array):
     raise BackendError(f"no backend owns an array of type {type(array).__name__}")
 
 
+def enable_gemm_offload(spec: str, min_flops: float | None = None):
+    """`--offload_gemm SPEC`: large GEMMs of the CPU (numpy) model go to an accelerator first, per call,
+    falling back to the CPU when it fails (fusegrad.backends.dispatch). SPEC: torch:cuda | torch:mps |
+    torch:cpu | ane | ane-sim. Returns the chain's Offload entry.
+
+    >>> entry = enable_gemm_offload("ane-sim", min_flops=0)
+    >>> entry.name
+    'ane-sim'
+    >>> from fusegrad.backends.dispatch import GEMM_CHAIN; GEMM_CHAIN.remove_offload("ane-sim")
+    """
+    from fusegrad.backends.dispatch import GEMM_CHAIN
+
+    if spec.startswith("torch"):
+        from fusegrad.backends.torch_backend import enable_gemm_offload as enable_torch
+
+        return enable_torch(spec, min_flops)
+    if spec in ("ane", "ane-sim"):
+        ane = get_backend(spec)  # off a Mac, "ane" raises BackendError saying why
+        kwargs = {} if min_flops is None else {"min_flops": min_flops}
+        return GEMM_CHAIN.add_offload(spec, ane.ane_gemm, accepts=ane.accepts_gemm, max_failures=8, **kwargs)
+    raise BackendError(f"offload_gemm: unknown target {spec!r}; use torch:cuda, torch:mps, torch:cpu, ane or ane-sim")
+
+
 def _numpy_factory():
     from fusegrad.backends.numpy_backend import NumpyBackend
 

@@ -56,6 +56,7 @@ class Offload:
     calls: int = 0
     warned: bool = False
     prewarm: callable = None
+    accepts: callable = None  # accepts(a, b, trans_a, trans_b) -> False: this GEMM is not for it (no failure)
 
     @property
     def disabled(self) -> bool:
@@ -67,10 +68,10 @@ class GemmChain:
         self.offloads: list[Offload] = []
 
     def add_offload(self, name: str, gemm, min_flops: float = 2 * 256 ** 3, max_failures: int = 3,
-                    prewarm=None) -> Offload:
+                    prewarm=None, accepts=None) -> Offload:
         """Put an accelerator ahead of the CPU (later additions are tried after earlier ones)."""
         self.remove_offload(name)
-        entry = Offload(name, gemm, min_flops, max_failures, prewarm=prewarm)
+        entry = Offload(name, gemm, min_flops, max_failures, prewarm=prewarm, accepts=accepts)
         self.offloads.append(entry)
         return entry
 
@@ -83,6 +84,8 @@ class GemmChain:
             flops = 2.0 * m * k * n * batch
             for entry in self.offloads:
                 if entry.disabled or flops < entry.min_flops:
+                    continue
+                if entry.accepts is not None and not entry.accepts(a, b, trans_a, trans_b):
                     continue
                 try:
                     with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend=entry.name):

@@ -76,7 +76,7 @@ class TrainConfig:
     resume: bool = False
     backend: str = "numpy"
     device: str = ""  # with backend torch: cuda, mps or cpu ("" = the best one present)
-    offload_gemm: str = ""  # e.g. torch:cuda: large GEMMs of a numpy model go there, per call, with CPU fallback
+    offload_gemm: str = ""  # torch:cuda|mps|cpu, ane, ane-sim: large GEMMs of the numpy model go there, per call
     sample_tokens: int = 200
     sample_prompt: str = ""
     temperature: float = 0.8
@@ -138,6 +138,8 @@ class Trainer:
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
         # fp16 backends (ane, ane-sim) ask for loss scaling: [scale, good steps since the last change]
         scale = getattr(get_backend(), "loss_scale", None)
+        if scale is None and cfg.offload_gemm.startswith("ane"):  # fp16 GEMMs offloaded: scale too
+            scale = getattr(get_backend(cfg.offload_gemm), "loss_scale", None)
         self.loss_scale = None if scale is None else [float(scale), 0]
         self.model = Llama(cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
         from fusegrad.parallel.mpi import DataParallel
@@ -325,7 +327,7 @@ def _setup_backend(cfg: TrainConfig):
     set_default_backend(name)
     get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
     if cfg.offload_gemm:
-        from fusegrad.backends.torch_backend import enable_gemm_offload
+        from fusegrad.backends import enable_gemm_offload
 
         enable_gemm_offload(cfg.offload_gemm)
     return get_backend(name)

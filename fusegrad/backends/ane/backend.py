@@ -48,16 +48,19 @@ class AneBackend(NumpyBackend):
         self.name = name
         self.runner = runner if runner is not None else get_runner(name)
         self.chain = GemmChain()
-        self.chain.add_offload(name, self.ane_gemm, min_flops=min_flops, max_failures=max_failures)
+        self.chain.add_offload(name, self.ane_gemm, min_flops=min_flops, max_failures=max_failures,
+                               accepts=self.accepts_gemm)
         self._kernels = {}  # (IC, OC, S) -> (program, weights): built once per shape
 
     @property
     def kernels_built(self) -> int:
         return len(self._kernels)
 
+    @staticmethod
+    def accepts_gemm(a, b, trans_a: bool, trans_b: bool) -> bool:
+        return not trans_a and a.ndim == 2 and b.ndim == 2  # dW and batched GEMMs: CPU fp32, as in the seed
+
     def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
-        if trans_a or a.ndim != 2 or b.ndim != 2:  # dW and batched GEMMs: CPU fp32, as in the seed
-            return self.cpu_gemm(a, b, trans_a, trans_b)
         return self.chain.run(a, b, trans_a, trans_b, self.cpu_gemm)
 
     def ane_gemm(self, a, b, trans_a: bool, trans_b: bool):
