@@ -28,6 +28,10 @@ def _cmd_sample(args) -> int:
     from fusegrad.train.trainer import load_model
 
     model, tokenizer = load_model(args.checkpoint)
+    if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
+        from fusegrad.finetune.peft_io import load_adapter
+
+        load_adapter(args.adapter, model).merge()
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
@@ -94,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", "--num-samples", type=int, default=1)
     p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("prepare", help="tokenize text files into training shards")

@@ -82,3 +82,27 @@ def test_a_run_dir_alone_is_enough_to_sample(tmp_path):
     out = run_cli("sample", "--checkpoint", str(moved), "--prompt", "A", "--max_new_tokens", "3")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("A")
+
+
+def test_sample_with_an_adapter_equals_sampling_the_merged_model(tmp_path):
+    from fusegrad.finetune.lora import LoraConfig, attach_lora
+    from fusegrad.finetune.peft_io import save_adapter
+    from fusegrad.models import Llama
+
+    base = Llama.from_preset("tiny", seed=2, vocab_size=258)
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "byte_tokenizer.json").write_text('{"kind": "byte"}')
+    model = Llama.from_pretrained(tmp_path / "base")
+    lora = attach_lora(model, LoraConfig(targets="q,v", r=4, alpha=8))
+    for p in lora.parameters():  # a non-trivial adapter (B starts at zero)
+        p.data[...] = np.random.default_rng(0).normal(0, 0.3, p.shape)
+    save_adapter(tmp_path / "ad", lora)
+    lora.merge()
+    model.save_pretrained(tmp_path / "merged")
+    (tmp_path / "merged" / "byte_tokenizer.json").write_text('{"kind": "byte"}')
+    args = ["--prompt", "Hi", "--max_new_tokens", "12", "--temperature", "0"]
+    with_adapter = run_cli("sample", "--checkpoint", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), *args)
+    merged = run_cli("sample", "--checkpoint", str(tmp_path / "merged"), *args)
+    plain = run_cli("sample", "--checkpoint", str(tmp_path / "base"), *args)
+    assert with_adapter.returncode == 0, with_adapter.stderr
+    assert with_adapter.stdout == merged.stdout != plain.stdout
