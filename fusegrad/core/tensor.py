@@ -31,6 +31,12 @@ def is_grad_enabled() -> bool:
     return getattr(_state, "grad_enabled", True)
 
 
+def is_graph_retained() -> bool:
+    """True inside a backward(retain_graph=True): a node may run again, so it must not hand over (and let
+    the receiver modify) arrays its closure keeps."""
+    return getattr(_state, "retain_graph", False)
+
+
 @contextlib.contextmanager
 def no_grad():
     """Ops inside build no graph: results never require grad.
@@ -222,9 +228,17 @@ _SOLE_REFS = _sole_refs()
 
 
 def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
+    order = _topological_order(root)
+    outer, _state.retain_graph = is_graph_retained(), retain_graph
+    try:
+        _sweep(order, root, grad, retain_graph)
+    finally:
+        _state.retain_graph = outer
+
+
+def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
     from fusegrad.core.trace import span
 
-    order = _topological_order(root)
     pending = {id(root): grad}  # grads not yet consumed, keyed by tensor id; freed as consumed
     handed_out = {id(grad)}  # ids of grad arrays already given to a tensor (or the caller's): a second
     # holder gets a copy, so `.grad` of two leaves never aliases (an op may return one array for two inputs)

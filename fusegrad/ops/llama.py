@@ -125,20 +125,17 @@ def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int = 25
     t = _int_ids("classifier_cross_entropy", targets, weight.shape[0])
     if t.shape != (h.shape[0],):
         raise ShapeError(f"classifier_cross_entropy: targets must have shape ({h.shape[0]},), got {t.shape}")
-    from fusegrad.core.tensor import is_grad_enabled
+    from fusegrad.core.tensor import is_grad_enabled, is_graph_retained
     need_dh = is_grad_enabled() and h.requires_grad
     need_dw = is_grad_enabled() and weight.requires_grad
     be = h.backend
     with span("classifier_cross_entropy", "classifier", N=h.shape[0], V=weight.shape[0]):
         loss, dh, dw = be.classifier_cross_entropy(h.data, weight.data, t, chunk, need_dh, need_dw)
 
-    handed_over = []
-
     def backward(g):
-        # the loss grad is 1.0 in training: hand over the arrays the forward made (no (V, C) product); a
-        # second backward (retain_graph) gets copies, since the first receiver may have changed them
+        # the loss grad is 1.0 in training: hand over the arrays the forward made (no (V, C) product),
+        # unless the graph is retained: the receiver may change them before this node runs again
         scale = g.reshape(())
-        give = scale == 1 and not handed_over and g.dtype == h.dtype
-        handed_over.append(True)
+        give = scale == 1 and g.dtype == h.dtype and not is_graph_retained()
         return tuple(None if a is None else a if give else a * scale for a in (dh, dw))
     return result(be.asarray(loss, h.dtype), "classifier_cross_entropy", (h, weight), backward)

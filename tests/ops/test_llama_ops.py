@@ -313,3 +313,20 @@ def test_ops_reject_bad_input(rng):
         fg_attention(2, 1, 2, t_max=2)(fg.tensor(np.zeros((1, 3, 8), np.float32)))
     with pytest.raises(fg.ShapeError, match="swiglu: last dim must be even"):
         fg.swiglu(fg.tensor(np.zeros((2, 3), np.float32)))
+
+
+def test_classifier_grads_survive_in_place_changes_between_retained_backwards():
+    """A retained graph runs the op's backward twice: the first receiver changing its grads in place
+    (as clip_grad_norm does) must not change what the second backward returns."""
+    rng = np.random.default_rng(0)
+    h = fg.tensor(rng.standard_normal((6, 4)).astype(np.float32), requires_grad=True)
+    w = fg.tensor(rng.standard_normal((10, 4)).astype(np.float32), requires_grad=True)
+    loss = fg.classifier_cross_entropy(h, w, rng.integers(0, 10, 6))
+    loss.backward(retain_graph=True)
+    first_w, first_h = w.grad.copy(), h.grad.copy()
+    w.grad *= 0.5
+    h.grad *= 0.5
+    w.grad = h.grad = None
+    loss.backward()
+    np.testing.assert_array_equal(w.grad, first_w)
+    np.testing.assert_array_equal(h.grad, first_h)
