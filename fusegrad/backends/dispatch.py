@@ -144,13 +144,14 @@ def gemm_shapes(config=None, batch: int = 1, seq: int = 1, lora_rank: int = 0, n
 
 def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: int = 1,
             num_classes: int = 0, dtype="float32") -> dict:
-    """Run every GEMM shape a training step uses once on each backend in the chain and the CPU.
+    """Run every GEMM shape a training step uses once on each backend in the chain, the CPU, and the
+    default backend when that is another (torch on a GPU, say).
 
     Returns {"shapes": [...], "warmed": {backend: n}, "failed": {backend: [(shape, reason)]},
     "kernels_s": seconds spent loading the CPU's JIT kernels}.
     Failures here count toward an accelerator's `max_failures` like any other call.
     """
-    from fusegrad.backends import get_backend
+    from fusegrad.backends import _DEFAULT, get_backend
 
     if shapes is None:
         if config is None:
@@ -159,17 +160,20 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
     report = {"shapes": list(shapes), "warmed": {}, "failed": {}}
     cpu = get_backend("numpy")
     report["kernels_s"] = cpu.prewarm_kernels()  # JIT kernels from the disk cache (compiled once, cold)
-    targets = [(o.name, o) for o in GEMM_CHAIN.offloads if not o.disabled] + [("numpy", None)]
+    targets = [(o.name, o) for o in GEMM_CHAIN.offloads if not o.disabled] + [("numpy", cpu)]
+    default = get_backend()
+    if default is not cpu:
+        targets.append((_DEFAULT[0], default))
     for name, entry in targets:
         warmed, failed = 0, []
         for m, k, n in shapes:
-            if entry is not None and entry.disabled:  # stop, as run() does, once max_failures is reached
+            if isinstance(entry, Offload) and entry.disabled:  # stop, as run() does, after max_failures
                 failed.append(((m, k, n), f"skipped: {name} disabled after {entry.failures} failures"))
                 continue
             try:
                 with span("prewarm", "matmul", m=m, k=k, n=n, backend=name):
-                    if entry is None:
-                        cpu.prewarm_gemm(m, k, n, np.dtype(dtype))
+                    if not isinstance(entry, Offload):  # a backend
+                        entry.prewarm_gemm(m, k, n, np.dtype(dtype))
                     elif entry.prewarm is not None:
                         entry.prewarm(m, k, n, np.dtype(dtype))
                     else:
@@ -177,7 +181,7 @@ def prewarm(shapes=None, config=None, lora_rank: int = 0, batch: int = 1, seq: i
                 warmed += 1
             except Exception as exc:
                 failed.append(((m, k, n), f"{type(exc).__name__}: {exc}"))
-                if entry is not None:
+                if isinstance(entry, Offload):
                     GEMM_CHAIN._record_failure(entry, exc, (m, k, n))
         report["warmed"][name] = warmed
         report["failed"][name] = failed

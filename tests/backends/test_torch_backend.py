@@ -167,8 +167,20 @@ def test_transfers_are_counted_and_a_step_makes_no_round_trips(be):
 
 
 def test_prewarm_and_unknown_device(be):
-    be.prewarm_gemm(8, 4, 3, np.float32)
+    import fusegrad as fg
+    from fusegrad.backends import set_default_backend
     from fusegrad.backends.torch_backend import TorchBackend
+
+    set_default_backend("torch:cpu")
+    try:
+        calls = []
+        be.prewarm_gemm, original = (lambda *shape: calls.append(shape[:3])), be.prewarm_gemm
+        report = fg.prewarm(shapes=[(8, 4, 3), (2, 5, 7)])
+    finally:
+        be.prewarm_gemm = original
+        set_default_backend("numpy")
+    assert report["warmed"]["torch:cpu"] == 2 and calls == [(8, 4, 3), (2, 5, 7)]  # the default backend too
+    be.prewarm_gemm(8, 4, 3, np.float32)
 
     with pytest.raises(BackendError, match="unknown device 'tpu'"):
         TorchBackend("tpu")
