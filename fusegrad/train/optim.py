@@ -23,7 +23,7 @@ from fusegrad.backends.reference import adamw_update  # noqa: F401  (the referen
 from fusegrad.core.errors import FormatError, ShapeError
 from fusegrad.core.tensor import Tensor
 
-_CLIP_CHUNK = 1 << 16  # elements converted to float64 at a time by clip_grad_norm
+_CLIP_CHUNK = 1 << 16  # elements converted to float64 at a time when a grad's float32 dot overflows
 
 
 def decays_by_default(name: str, p) -> bool:
@@ -132,8 +132,10 @@ class AdamW:
 def clip_grad_norm(params, max_norm: float) -> float:
     """Scale all grads in place so their global L2 norm is at most max_norm; return the pre-clip norm.
 
-    Sums of squares accumulate in float64 (in chunks, so no full float64 copy). Params without grad are
-    skipped. Like torch.nn.utils.clip_grad_norm_ the scale is max_norm / (norm + 1e-6). A non-finite
+    Each grad's sum of squares is one BLAS dot in its own dtype (float32: ~1e-5 relative error on a 9 M
+    element embedding grad, smaller than torch's own float32 norm), summed across grads in float64; a
+    non-finite dot is redone in float64 chunks, so only a real inf/NaN gives a non-finite norm. Params
+    without grad are skipped. Like torch.nn.utils.clip_grad_norm_ the scale is max_norm / (norm + 1e-6). A non-finite
     norm is returned with the grads untouched: the caller decides to stop.
 
     >>> import fusegrad as fg
@@ -149,9 +151,12 @@ def clip_grad_norm(params, max_norm: float) -> float:
     total = named[0].backend.sum_of_squares(device_grads) if device_grads else 0.0  # one host sync
     for g in grads:
         flat = g.reshape(-1)
-        for start in range(0, flat.size, _CLIP_CHUNK):
-            chunk = flat[start:start + _CLIP_CHUNK].astype(np.float64)
-            total += float(np.dot(chunk, chunk))
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled just below
+            square_sum = float(np.dot(flat, flat))  # BLAS, in the grad's dtype (blocked sums: ~1e-5 relative)
+        if not math.isfinite(square_sum):  # a float32 overflow, or a real inf/NaN: decide in float64
+            square_sum = sum(float(np.dot(c, c)) for c in (flat[i:i + _CLIP_CHUNK].astype(np.float64)
+                                                           for i in range(0, flat.size, _CLIP_CHUNK)))
+        total += square_sum
     norm = math.sqrt(total)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
