@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from fusegrad.backends import reference
-from fusegrad.backends.cpu_jit import fast_exp, is_f32, jit
+from fusegrad.backends.cpu_jit import FAST, fast_exp, is_f32, jit
 
 
 @jit
@@ -50,25 +50,43 @@ def _split_heads_rope(qkv, cos, sin, n_heads, q, k, v):
                 v[b, h, t, d] = qkv[b, t, base + d]
 
 
+@njit(inline="always", fastmath=FAST, cache=True)
+def _row_max(row, n):
+    # max of row[:n] in 16 independent lanes: numba's running max() is a serial dependency chain and
+    # does not vectorise; a select per lane does (a NaN is skipped here but still poisons the row's exp sum)
+    lanes = np.full(16, -np.inf, np.float32)
+    full = n // 16 * 16
+    for j0 in range(0, full, 16):
+        for l in range(16):
+            x = row[j0 + l]
+            lanes[l] = x if x > lanes[l] else lanes[l]
+    mx = np.float32(-np.inf)
+    for j in range(full, n):
+        mx = row[j] if row[j] > mx else mx
+    for l in range(16):
+        mx = lanes[l] if lanes[l] > mx else mx
+    return mx
+
+
 @jit
 def _causal_softmax(s, lo, bq, G, scale):
-    # s (R, n) scores of block rows, bq G rows per (b, kv head); row r is at position lo + (r % (bq G)) // G
+    # s (R, n) scores of block rows, bq G rows per (b, kv head); row r is at position lo + (r % (bq G)) // G.
+    # scale is float32 and each row a 1-D view, so the loops stay in float32 and vectorise
     R, n = s.shape
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1  # keys 0..pos
-        mx = -np.inf
+        row = s[r]
+        mx = _row_max(row, valid)
+        z = np.float32(0.0)
         for j in range(valid):
-            mx = max(mx, s[r, j])
-        z = 0.0
-        for j in range(valid):
-            e = fast_exp((s[r, j] - mx) * scale)
-            s[r, j] = e
+            e = fast_exp((row[j] - mx) * scale)
+            row[j] = e
             z += e
-        inv = np.float32(1.0 / z)
+        inv = np.float32(1.0) / z
         for j in range(valid):
-            s[r, j] *= inv
+            row[j] *= inv
         for j in range(valid, n):
-            s[r, j] = 0.0
+            row[j] = 0.0
 
 
 @jit
@@ -77,13 +95,14 @@ def _causal_softmax_backward(p, dp, lo, bq, G, scale):
     R, n = dp.shape
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1
-        dot = 0.0
+        prow, drow = p[r], dp[r]
+        dot = np.float32(0.0)
         for j in range(valid):
-            dot += p[r, j] * dp[r, j]
+            dot += prow[j] * drow[j]
         for j in range(valid):
-            dp[r, j] = p[r, j] * (dp[r, j] - np.float32(dot)) * scale
+            drow[j] = prow[j] * (drow[j] - dot) * scale
         for j in range(valid, n):
-            dp[r, j] = 0.0
+            drow[j] = 0.0
 
 
 @jit
@@ -149,7 +168,7 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     k = np.empty((B, n_kv_heads, T, D), np.float32)
     v = np.empty_like(k)
     _split_heads_rope(np.ascontiguousarray(qkv), cos, sin, n_heads, q, k, v)
-    scale = 1.0 / math.sqrt(D)
+    scale = np.float32(1.0 / math.sqrt(D))
     y = np.empty((B, T, n_heads * D), np.float32)
     probs = []
     for lo, hi in reference._blocks(T, block):
@@ -166,7 +185,7 @@ def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
     _, q, k, v, probs, cos, sin, block = saved
     B, Hkv, T, D = k.shape
     G = q.shape[2] // T
-    scale = 1.0 / math.sqrt(D)
+    scale = np.float32(1.0 / math.sqrt(D))
     dy = np.ascontiguousarray(dy, dtype=np.float32)
     dq = np.empty_like(q)
     dk = np.zeros_like(k)
