@@ -27,27 +27,26 @@ from fusegrad.backends.cpu_jit import FAST, fast_exp, is_f32, jit
 
 @jit
 def _split_heads_rope(qkv, cos, sin, n_heads, q, k, v):
-    # qkv (B, T, (H + 2 Hkv) D) -> q (B, Hkv, T G, D), k, v (B, Hkv, T, D); rope rotates pairs (2i, 2i+1)
+    # qkv (B, T, (H + 2 Hkv) D) -> q (B, Hkv, T G, D), k, v (B, Hkv, T, D); rope rotates pairs (2i, 2i+1).
+    # 1-D row views (src, dst) keep the inner loops simple enough to vectorise
     B, T, _ = qkv.shape
     Hkv, D = k.shape[1], k.shape[3]
     G = n_heads // Hkv
     for bt in prange(B * T):
         b, t = bt // T, bt % T
+        src, c, s = qkv[b, t], cos[t], sin[t]
         for h in range(n_heads + Hkv):
-            base = h * D
+            if h < n_heads:  # query head h = kv head h // G, group member h % G (llama2.c order)
+                dst = q[b, h // G, t * G + h % G]
+            else:
+                dst = k[b, h - n_heads, t]
+            x = src[h * D:(h + 1) * D]
             for i in range(D // 2):
-                x0, x1 = qkv[b, t, base + 2 * i], qkv[b, t, base + 2 * i + 1]
-                c, s = cos[t, i], sin[t, i]
-                r0, r1 = x0 * c - x1 * s, x0 * s + x1 * c
-                if h < n_heads:  # query head h = kv head h // G, group member h % G (llama2.c order)
-                    row = t * G + h % G
-                    q[b, h // G, row, 2 * i], q[b, h // G, row, 2 * i + 1] = r0, r1
-                else:
-                    k[b, h - n_heads, t, 2 * i], k[b, h - n_heads, t, 2 * i + 1] = r0, r1
+                x0, x1 = x[2 * i], x[2 * i + 1]
+                dst[2 * i] = x0 * c[i] - x1 * s[i]
+                dst[2 * i + 1] = x0 * s[i] + x1 * c[i]
         for h in range(Hkv):
-            base = (n_heads + Hkv + h) * D
-            for d in range(D):
-                v[b, h, t, d] = qkv[b, t, base + d]
+            v[b, h, t, :] = src[(n_heads + Hkv + h) * D:(n_heads + Hkv + h + 1) * D]
 
 
 @njit(inline="always", fastmath=FAST, cache=True)
@@ -141,20 +140,16 @@ def _merge_grads_rope(dq, dk, dv, cos, sin, dqkv):
     H = Hkv * G
     for bt in prange(B * T):
         b, t = bt // T, bt % T
+        out, c, s = dqkv[b, t], cos[t], sin[t]
         for h in range(H + Hkv):
-            base = h * D
+            x = dq[b, h // G, t * G + h % G] if h < H else dk[b, h - H, t]
+            o = out[h * D:(h + 1) * D]
             for i in range(D // 2):
-                if h < H:
-                    x0, x1 = dq[b, h // G, t * G + h % G, 2 * i], dq[b, h // G, t * G + h % G, 2 * i + 1]
-                else:
-                    x0, x1 = dk[b, h - H, t, 2 * i], dk[b, h - H, t, 2 * i + 1]
-                c, s = cos[t, i], sin[t, i]
-                dqkv[b, t, base + 2 * i] = x0 * c + x1 * s
-                dqkv[b, t, base + 2 * i + 1] = x1 * c - x0 * s
+                x0, x1 = x[2 * i], x[2 * i + 1]
+                o[2 * i] = x0 * c[i] + x1 * s[i]
+                o[2 * i + 1] = x1 * c[i] - x0 * s[i]
         for h in range(Hkv):
-            base = (H + Hkv + h) * D
-            for d in range(D):
-                dqkv[b, t, base + d] = dv[b, h, t, d]
+            out[(H + Hkv + h) * D:(H + Hkv + h + 1) * D] = dv[b, h, t]
 
 
 def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = reference.ATTENTION_BLOCK):

@@ -125,6 +125,21 @@ def test_attention_probs_are_causal_and_normalised(rng):
         assert not np.triu(p, k=lo + 1).any()  # no weight on keys after the query's own position
 
 
+def test_attention_large_scores_and_nan_match_reference(rng):
+    # scores ~1e3 overflow exp unless the row max (16 lanes + a tail at T = 37) is subtracted; a NaN in one
+    # position's query must poison the same outputs as in the reference
+    qkv = f32(rng, 2, 37, 3 * 2 * 16) * 30
+    cos, sin = reference.rope_tables(37, 16, 10000.0)
+    y, _ = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin, 16)
+    y_ref, _ = reference.attention_forward(qkv, 2, 2, cos, sin, 16)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-3)
+    qkv[1, 20, 3] = np.nan
+    y, _ = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin, 16)
+    y_ref, _ = reference.attention_forward(qkv, 2, 2, cos, sin, 16)
+    assert np.isnan(y).any() and np.array_equal(np.isnan(y), np.isnan(y_ref))
+
+
 @pytest.mark.parametrize("shape", [(1,), (7, 3), (288,), (65, 129)])
 @pytest.mark.parametrize("wd, step", [(0.0, 1), (0.1, 7)])
 def test_adamw_matches_reference(rng, shape, wd, step):
