@@ -15,8 +15,6 @@ True
 """
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
 import os
 import time
@@ -25,7 +23,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from fusegrad.backends import reference
+from fusegrad.backends import openblas, reference
 from fusegrad.core.errors import ShapeError
 
 # Measured on the 2-core box (stories15M step, batch 8 x seq 256): under numba's OpenMP layer the step took
@@ -218,29 +216,6 @@ def _xent_rows(logits, row_max, targets, inv_n, need_grad, losses):
             logits[i, targets[i]] -= np.float32(inv_n)
 
 
-def _numpy_cblas_sgemm():
-    """cblas_sgemm of the OpenBLAS that numpy itself loaded (numpy >= 2 wheels, 64-bit ints), or None.
-
-    Only for what numpy's matmul cannot do: C += A B (beta = 1). scipy's sgemm can, but it is a second
-    OpenBLAS with its own threads, which spin after a GEMM and fought numpy's: a stories15M step went from
-    1.20 s to 1.33 s with the classifier on scipy's BLAS.
-    """
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "libscipy_openblas64_*"))
-    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "libscipy_openblas64_*"))
-    for path in libs:
-        try:
-            f = ctypes.CDLL(path).scipy_cblas_sgemm64_
-        except (OSError, AttributeError):
-            continue
-        i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-        f.argtypes = [ctypes.c_int] * 3 + [i64] * 3 + [f32, ptr, i64, ptr, i64, f32, ptr, i64]
-        f.restype = None
-        return f
-    return None
-
-
-CBLAS_SGEMM = _numpy_cblas_sgemm()
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
 
 @jit
@@ -257,9 +232,9 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
     (made on first use) added in a second pass.
     """
     (V, C), n = dw.shape, h.shape[0]
-    if CBLAS_SGEMM is not None:
-        CBLAS_SGEMM(_ROW_MAJOR, _TRANS, _NO_TRANS, V, C, n, 1.0, dlogits.ctypes.data, V, h.ctypes.data, C,
-                    1.0, dw.ctypes.data, C)
+    if openblas.CBLAS_SGEMM is not None:
+        openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.TRANS, openblas.NO_TRANS, V, C, n, 1.0,
+                             dlogits.ctypes.data, V, h.ctypes.data, C, 1.0, dw.ctypes.data, C)
         return scratch
     scratch = np.empty_like(dw) if scratch is None else scratch
     np.matmul(dlogits.T, h, out=scratch)

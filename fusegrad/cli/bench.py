@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+from fusegrad.backends.openblas import blas_info
 from fusegrad.cli.bench_worker import ProcessWorker, Worker
 
 
@@ -166,7 +167,7 @@ def run_bench(args) -> int:
            "steps": args.steps, "tokens_per_step": tokens, "gemm_params": gemm_params(config),
            "model_flops_per_step": flops, "sgemm_peak_flops_per_s": peak, "sgemm_size": args.gemm_size,
            "jit": os.environ.get("FUSEGRAD_JIT", "1") != "0", "backend": args.backend,
-           "ranks": ends["fusegrad"]["ranks"]}
+           "ranks": ends["fusegrad"]["ranks"], **blas_info()}
     if args.lora:
         out["lora"] = dict(lora, **info)
     out.update(summarize(results["fusegrad"], flops, tokens, peak, firsts["fusegrad"], ends["fusegrad"]))
@@ -187,7 +188,8 @@ def run_bench(args) -> int:
 def format_report(out: dict, vs) -> str:
     lines = [f"{out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
              f"backend {out['backend']}, {out['ranks']} rank(s), "
-             f"sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s"]
+             f"sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s on OpenBLAS's {out['blas_core']} kernels"
+             + (f" (OPENBLAS_CORETYPE={out['openblas_coretype_env']})" if out["openblas_coretype_env"] else "")]
     if "lora" in out:
         lo = out["lora"]
         lines.append(f"{'QLoRA' if lo['qlora'] else 'LoRA'} r {lo['rank']} alpha {lo['alpha']} on {lo['targets']}: "

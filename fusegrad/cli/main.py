@@ -61,7 +61,12 @@ def _cmd_info(args) -> int:
     import numpy as np
 
     from fusegrad.backends import available_backends
+    from fusegrad.backends.openblas import blas_info
+
+    blas = blas_info()
     print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}, backends: {', '.join(available_backends())}")
+    print(f"float32 GEMMs: OpenBLAS {blas['blas_core'] or 'not found (numpy uses another BLAS)'} kernels"
+          + (f", forced by OPENBLAS_CORETYPE={blas['openblas_coretype_env']}" if blas["openblas_coretype_env"] else ""))
     if args.path:
         from fusegrad.train.trainer import load_model
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -227,6 +228,14 @@ def _add_grads(prev, pg, probe: bool = False):
 _SOLE_REFS = _sole_refs()
 
 
+def _weak(array):
+    """A weak reference to a grad array; an array type without them is pinned (never mistaken for another)."""
+    try:
+        return weakref.ref(array)
+    except TypeError:
+        return lambda: array
+
+
 def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
     order = _topological_order(root)
     outer, _state.retain_graph = is_graph_retained(), retain_graph
@@ -240,13 +249,17 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
     from fusegrad.core.trace import span
 
     pending = {id(root): grad}  # grads not yet consumed, keyed by tensor id; freed as consumed
-    handed_out = {id(grad)}  # ids of grad arrays already given to a tensor (or the caller's): a second
-    # holder gets a copy, so `.grad` of two leaves never aliases (an op may return one array for two inputs)
+    # grad arrays already given to a tensor (or the caller's), by id, with a weak reference because a freed
+    # array's id is reused: a second holder gets a copy, so `.grad` of two leaves never aliases (an op may
+    # return one array for two inputs)
+    handed_out = {id(grad): _weak(grad)}
     with span("backward", "autograd", nodes=len(order)):
         for t in reversed(order):
             g = pending.pop(id(t), None)
             if g is None:
                 continue
+            if g is not grad:  # consumed: the op may pass it on to one input uncopied (the caller's never)
+                handed_out.pop(id(g), None)
             if t.node is None:  # a leaf: accumulate into .grad
                 t.grad = g if t.grad is None else t.grad + g
                 continue
@@ -265,9 +278,11 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
                     pending[id(parent)] = _add_grads(prev, pg)
                 else:
                     be = parent.backend
-                    if id(pg) in handed_out or (parent.is_leaf and parent.grad is None and not be.owns_memory(pg)):
+                    seen = handed_out.get(id(pg))
+                    if (seen is not None and seen() is pg
+                            or parent.is_leaf and parent.grad is None and not be.owns_memory(pg)):
                         pg = be.copy(pg)
-                    handed_out.add(id(pg))
+                    handed_out[id(pg)] = _weak(pg)
                     pending[id(parent)] = pg
             if not retain_graph:  # release the graph: activations saved in closures go with it
                 t.node = Node(node.op, (), _released_backward)

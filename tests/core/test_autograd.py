@@ -155,6 +155,25 @@ def test_grad_is_numpy_of_the_leaf_dtype_and_never_aliases():
             assert not np.shares_memory(g, h)
 
 
+def test_backward_copies_only_grads_that_are_really_shared(monkeypatch):
+    # a freed grad's id is soon reused by a new array: only a live, handed-out array may count as shared
+    backend = type(fg.backends.get_backend("numpy"))
+    copied = []
+    real_copy = backend.copy
+    monkeypatch.setattr(backend, "copy", lambda self, a: copied.append(a.shape) or real_copy(self, a))
+    x = fg.tensor(np.ones((64, 64), np.float32), requires_grad=True)
+    y = x
+    for _ in range(100):
+        y = (y * 2.0).reshape(32, 128).reshape(64, 64)
+    y.sum().backward()
+    assert copied == []
+    assert np.all(x.grad == np.float32(2.0 ** 100))
+    w = fg.tensor(np.ones((64, 64), np.float32), requires_grad=True)
+    ((w + w.reshape(64, 64)) * 3.0).sum().backward()  # add hands one array to both inputs:
+    assert len(copied) == 1  # the second holder gets a copy
+    assert np.all(w.grad == 6.0)
+
+
 def test_backward_rejects_bad_seed_grad():
     y = fg.tensor([1.0, 2.0], requires_grad=True) * 2
     with pytest.raises(fg.ShapeError, match="one-element"):

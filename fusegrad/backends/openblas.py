@@ -1,0 +1,65 @@
+"""The OpenBLAS that numpy loaded: its cblas_sgemm (for C += A B) and the kernel family it runs.
+
+OpenBLAS picks its kernels once, at load, from the CPU or from OPENBLAS_CORETYPE. The family matters: on the
+AVX-512 EPYC of docs/performance.md, "Haswell" (AVX2, which this machine's environment forces) runs sgemm at
+235 GFLOP/s and the "SkylakeX" kernels that OpenBLAS picks by itself at 430-460, so benchmarks report it.
+
+>>> core = corename()  # e.g. 'SkylakeX' or 'Haswell'; None when numpy is not on OpenBLAS
+>>> core is None or isinstance(core, str)
+True
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+
+def _numpy_openblas():
+    """ctypes handle of numpy's bundled OpenBLAS (numpy >= 2 wheels, 64-bit ints), or None."""
+    root = os.path.dirname(np.__file__)
+    paths = glob.glob(os.path.join(root, "..", "numpy.libs", "libscipy_openblas64_*"))
+    paths += glob.glob(os.path.join(root, ".dylibs", "libscipy_openblas64_*"))
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)  # the library numpy already holds: dlopen returns the same handle
+        except OSError:
+            continue
+    return None
+
+
+LIB = _numpy_openblas()
+
+
+def _cblas_sgemm():
+    """Only for what numpy's matmul cannot do: C += A B (beta = 1). scipy's sgemm can, but it is a second
+    OpenBLAS with its own threads, which spin after a GEMM and fought numpy's: a stories15M step went from
+    1.20 s to 1.33 s with the classifier on scipy's BLAS.
+    """
+    f = getattr(LIB, "scipy_cblas_sgemm64_", None)
+    if f is None:
+        return None
+    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    f.argtypes = [ctypes.c_int] * 3 + [i64] * 3 + [f32, ptr, i64, ptr, i64, f32, ptr, i64]
+    f.restype = None
+    return f
+
+
+CBLAS_SGEMM = _cblas_sgemm()
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
+
+
+def corename() -> str | None:
+    """The kernel family OpenBLAS chose at load ('Haswell', 'SkylakeX', ...), or None without OpenBLAS."""
+    f = getattr(LIB, "scipy_openblas_get_corename64_", None)
+    if f is None:
+        return None
+    f.restype = ctypes.c_char_p
+    return f().decode()
+
+
+def blas_info() -> dict:
+    """What runs the float32 GEMMs, for `fusegrad info` and `fusegrad bench --json`."""
+    return {"blas_core": corename(), "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE")}
