@@ -65,6 +65,24 @@ def fast_exp(x):
     return x if x != x else p  # NaN in, NaN out: a NaN loss must stay visible to the trainer
 
 
+@njit(inline="always", fastmath=FAST, cache=True)
+def row_max(row, n):
+    # max of row[:n] in 16 independent lanes: numba's running max() is a serial dependency chain and
+    # does not vectorise; a select per lane does (a NaN is skipped here but still poisons the row's exp sum)
+    lanes = np.full(16, -np.inf, np.float32)
+    full = n // 16 * 16
+    for j0 in range(0, full, 16):
+        for l in range(16):
+            x = row[j0 + l]
+            lanes[l] = x if x > lanes[l] else lanes[l]
+    mx = np.float32(-np.inf)
+    for j in range(full, n):
+        mx = row[j] if row[j] > mx else mx
+    for l in range(16):
+        mx = lanes[l] if lanes[l] > mx else mx
+    return mx
+
+
 def is_f32(*arrays) -> bool:
     """True when every array is a float32 ndarray: the only dtype the compiled kernels are built for."""
     return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
@@ -193,29 +211,58 @@ def embedding_backward(g, tokens, vocab_size: int):
     return dw
 
 
-# -- classifier cross-entropy: per-chunk softmax, loss and dlogits (the GEMMs stay in BLAS) ---------------
+# -- classifier cross-entropy: per-chunk softmax and loss; the GEMMs stay in BLAS -------------------------
+# dlogits = diag(s) E - onehot / N with E = exp(logits - row max), s = 1 / (N sum E). Only E is formed, in
+# place of the logits (n, V): s and the onehot are applied to the (n, C) sides of the two GEMMs, so the
+# (n, V) buffer is read once more by the softmax instead of three times (max, exp, scale).
 @jit
-def _xent_rows(logits, row_max, targets, inv_n, need_grad, losses):
-    # logits (n, V), row_max (n,) -> losses (n,) = logsumexp - target logit; with need_grad, logits become
-    # dlogits = (softmax - onehot) / N in place. Two passes: exp and sum, scale. The row max comes from
-    # numpy, whose SIMD max is ~8x this loop's (numba's max reduction does not vectorise); NaN propagates.
+def _exp_rows(logits, targets, losses, inv_sum):
+    # logits (n, V) -> E in place; losses (n,) = logsumexp - target logit; inv_sum (n,) = 1 / sum E.
+    # A NaN logit is skipped by the max but poisons the sum, so the loss shows it
     n, V = logits.shape
     for i in prange(n):
-        mx = row_max[i]
-        picked = logits[i, targets[i]] - mx
-        z = 0.0
+        row = logits[i]
+        mx = row_max(row, V)
+        picked = row[targets[i]] - mx
+        z = np.float32(0.0)
         for j in range(V):
-            e = fast_exp(logits[i, j] - mx)
-            logits[i, j] = e
+            e = fast_exp(row[j] - mx)
+            row[j] = e
             z += e
         losses[i] = math.log(z) - picked
-        if need_grad:
-            scale = np.float32(inv_n / z)
-            for j in range(V):
-                logits[i, j] *= scale
-            logits[i, targets[i]] -= np.float32(inv_n)
+        inv_sum[i] = np.float32(1.0) / z
 
 
+@jit
+def _scale_minus_rows(x, s, w, targets, inv_n):
+    # x (n, C) = s_i x_i - w[t_i] / N: dh from E W
+    n, C = x.shape
+    for i in prange(n):
+        si, wt = s[i], w[targets[i]]
+        for j in range(C):
+            x[i, j] = x[i, j] * si - wt[j] * inv_n
+
+
+@jit
+def _scale_rows(h, s, out):  # out (n, C) = s_i h_i
+    n, C = h.shape
+    for i in prange(n):
+        si = s[i]
+        for j in range(C):
+            out[i, j] = h[i, j] * si
+
+
+@jit
+def _subtract_target_rows(dw, targets, h, inv_n, n_parts):
+    # dw[t_i] -= h_i / N for every row i: the onehot's part of dW. Columns split over threads (as in the
+    # embedding backward), rows in order, so repeated targets never race and the sums are deterministic
+    N, C = h.shape
+    for p in prange(n_parts):
+        lo, hi = p * C // n_parts, (p + 1) * C // n_parts
+        for i in range(N):
+            t = targets[i]
+            for j in range(lo, hi):
+                dw[t, j] -= h[i, j] * inv_n
 
 
 @jit
@@ -248,29 +295,34 @@ def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool
         return reference.classifier_cross_entropy(h, weight, targets, chunk, need_dh, need_dw)
     h, weight = np.ascontiguousarray(h), np.ascontiguousarray(weight)
     targets = np.ascontiguousarray(targets, dtype=np.int64)
-    N, V = h.shape[0], weight.shape[0]
+    (N, C), V = h.shape, weight.shape[0]
     chunk = max(1, min(chunk, N))
     buf = np.empty((chunk, V), np.float32)
-    losses = np.empty(chunk, np.float64)
-    row_max = np.empty(chunk, np.float32)
+    losses, inv_sum = np.empty(chunk, np.float64), np.empty(chunk, np.float32)
+    hs = np.empty((chunk, C), np.float32) if need_dw else None
     dh = np.empty_like(h) if need_dh else None
     dw = np.empty_like(weight) if need_dw else None
+    inv_n = np.float32(1.0 / N)
     scratch, total = None, 0.0
     for lo in range(0, N, chunk):
         hi = min(lo + chunk, N)
         n = hi - lo
-        logits = buf[:n]
-        np.matmul(h[lo:hi], weight.T, out=logits)  # (n, V)
-        np.max(logits, axis=1, out=row_max[:n])
-        _xent_rows(logits, row_max[:n], targets[lo:hi], 1.0 / N, need_dh or need_dw, losses[:n])
+        e = buf[:n]
+        np.matmul(h[lo:hi], weight.T, out=e)  # (n, V) logits, then E
+        _exp_rows(e, targets[lo:hi], losses[:n], inv_sum[:n])
         total += float(losses[:n].sum())
+        s = inv_sum[:n] * inv_n  # (n,)
         if need_dh:
-            np.matmul(logits, weight, out=dh[lo:hi])
+            np.matmul(e, weight, out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
+            _scale_minus_rows(dh[lo:hi], s, weight, targets[lo:hi], inv_n)
         if need_dw:
+            _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
             if lo == 0:
-                np.matmul(logits.T, h[lo:hi], out=dw)  # the first chunk writes dW: no zero fill
+                np.matmul(e.T, hs[:n], out=dw)  # the first chunk writes dW: no zero fill
             else:
-                scratch = accumulate_dw(dw, logits, h[lo:hi], scratch)
+                scratch = accumulate_dw(dw, e, hs[:n], scratch)
+    if need_dw:
+        _subtract_target_rows(dw, targets, h, inv_n, row_chunks(C))  # dW -= onehot^T h / N
     return total / N, dh, dw
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from fusegrad.backends import reference
-from fusegrad.backends.cpu_jit import FAST, fast_exp, is_f32, jit
+from fusegrad.backends.cpu_jit import fast_exp, is_f32, jit, row_max
 
 
 @jit
@@ -49,24 +49,6 @@ def _split_heads_rope(qkv, cos, sin, n_heads, q, k, v):
             v[b, h, t, :] = src[(n_heads + Hkv + h) * D:(n_heads + Hkv + h + 1) * D]
 
 
-@njit(inline="always", fastmath=FAST, cache=True)
-def _row_max(row, n):
-    # max of row[:n] in 16 independent lanes: numba's running max() is a serial dependency chain and
-    # does not vectorise; a select per lane does (a NaN is skipped here but still poisons the row's exp sum)
-    lanes = np.full(16, -np.inf, np.float32)
-    full = n // 16 * 16
-    for j0 in range(0, full, 16):
-        for l in range(16):
-            x = row[j0 + l]
-            lanes[l] = x if x > lanes[l] else lanes[l]
-    mx = np.float32(-np.inf)
-    for j in range(full, n):
-        mx = row[j] if row[j] > mx else mx
-    for l in range(16):
-        mx = lanes[l] if lanes[l] > mx else mx
-    return mx
-
-
 @jit
 def _causal_softmax(s, lo, bq, G, scale):
     # s (R, n) scores of block rows, bq G rows per (b, kv head); row r is at position lo + (r % (bq G)) // G.
@@ -75,7 +57,7 @@ def _causal_softmax(s, lo, bq, G, scale):
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1  # keys 0..pos
         row = s[r]
-        mx = _row_max(row, valid)
+        mx = row_max(row, valid)
         z = np.float32(0.0)
         for j in range(valid):
             e = fast_exp((row[j] - mx) * scale)
