@@ -19,10 +19,11 @@ from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor, is_grad_enabled
 from fusegrad.core.trace import span
 from fusegrad.ops._util import check_float, result
+from fusegrad.ops.llama import logits_chunk_rows
 
 
 def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, denominator: int,
-                                    chunk: int = 256) -> Tensor:
+                                    chunk: int | None = None) -> Tensor:
     """h (N, C), weight (V, C), targets (N,) int, mask (N,) bool -> sum of CE over masked rows / denominator."""
     check_float("masked_classifier_cross_entropy", ("h", h), ("weight", weight))
     targets, mask = np.asarray(targets).reshape(-1), np.asarray(mask, bool).reshape(-1)
@@ -39,7 +40,8 @@ def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, de
     need_dw = is_grad_enabled() and weight.requires_grad
     be = h.backend
     with span("masked_classifier_cross_entropy", "classifier", N=rows.size, V=weight.shape[0]):
-        mean, dh_sel, dw = be.classifier_cross_entropy(h.data[rows], weight.data, t, chunk, need_dh, need_dw)
+        mean, dh_sel, dw = be.classifier_cross_entropy(h.data[rows], weight.data, t,
+                                                       chunk or logits_chunk_rows(weight.shape[0]), need_dh, need_dw)
     frac = rows.size / denominator  # mean over selected rows -> share of the step's mean
 
     def backward(g):

@@ -185,7 +185,7 @@ class Llama:
             x = x + self.project(f"layers.{i}.w2", fg.swiglu(h13))
         return fg.rms_norm(x, p["norm"], c.norm_eps)
 
-    def loss(self, tokens, chunk: int = 256) -> Tensor:
+    def loss(self, tokens, chunk: int | None = None) -> Tensor:
         """tokens (B, T+1) int -> mean next-token cross-entropy (a scalar Tensor)."""
         tokens = self.check_tokens(tokens, extra=1)
         h = self.hidden(tokens[:, :-1])  # (B, T, C)
