@@ -2,10 +2,12 @@
 import argparse
 import json
 import math
+import os
 import shutil
 
 import pytest
 
+from fusegrad.backends import openblas
 from fusegrad.cli import bench
 from fusegrad.core.errors import FusegradError
 from fusegrad.models.llama import preset
@@ -39,6 +41,9 @@ def test_bench_vs_torch_json(capsys, tmp_path):
     check_side(out["torch"], out["model_flops_per_step"], 16)
     assert out["sgemm_peak_flops_per_s"] > 0
     assert out["mfu"] == pytest.approx(out["model_flops_per_s"] / out["sgemm_peak_flops_per_s"])
+    # which BLAS kernels ran, and whether the environment forced them
+    assert out["blas_core"] == openblas.corename()
+    assert out["openblas_coretype_env"] == os.environ.get("OPENBLAS_CORETYPE")
     # same weights and batch on both sides: the warm-up losses agree, near ln(V) for a fresh model
     assert out["losses_agree"] and out["loss_step0"] == pytest.approx(out["torch"]["loss_step0"], rel=1e-4)
     assert abs(out["loss_step0"] - math.log(cfg.vocab_size)) < 0.5

@@ -48,6 +48,7 @@ def test_info_on_a_llama2c_file(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m.bin")]) == 0
     out = capsys.readouterr().out
     assert "parameters:" in out and "dim=32" in out
+    assert "float32 GEMMs:" in out  # names the BLAS kernels, which decide the speed
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):

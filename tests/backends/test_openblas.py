@@ -1,0 +1,47 @@
+"""numpy's OpenBLAS as fusegrad reaches it: the kernel family it runs follows OPENBLAS_CORETYPE."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fusegrad.backends import openblas
+
+pytestmark = pytest.mark.skipif(openblas.LIB is None, reason="numpy is not on its bundled OpenBLAS")
+
+
+def corename_in_child(coretype: str) -> dict:
+    # OpenBLAS picks its kernels once, when numpy loads it: a child process per setting
+    code = "import json; from fusegrad.backends import openblas; print(json.dumps(openblas.blas_info()))"
+    env = dict(os.environ, OPENBLAS_CORETYPE=coretype)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def cpu_has(*flags) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(flag in have for flag in flags)
+
+
+@pytest.mark.parametrize("coretype, needs", [("Haswell", ("avx2", "fma")),
+                                             ("SkylakeX", ("avx512f", "avx512dq", "avx512bw", "avx512vl"))])
+def test_blas_info_names_the_kernels_openblas_runs(coretype, needs):
+    if not cpu_has(*needs):
+        pytest.skip(f"this CPU cannot run OpenBLAS's {coretype} kernels")
+    info = corename_in_child(coretype)
+    assert info == {"blas_core": coretype, "openblas_coretype_env": coretype}
+
+
+def test_cblas_sgemm_adds_into_c(rng):
+    a, b = rng.standard_normal((5, 3)).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32)
+    c = np.ones((5, 4), np.float32)
+    # C = 2 A B^T + 1 C, row-major
+    openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, 5, 4, 3, 2.0, a.ctypes.data, 3,
+                         b.ctypes.data, 3, 1.0, c.ctypes.data, 4)
+    np.testing.assert_allclose(c, 2 * a.astype(np.float64) @ b.T.astype(np.float64) + 1, rtol=1e-5, atol=1e-5)
