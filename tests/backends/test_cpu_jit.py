@@ -33,6 +33,19 @@ def test_fast_exp_accuracy_and_edges():
     assert edges[4] == 0.0 and np.isnan(edges[5]) and edges[6] == 1.0
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 256])
+def test_row_max_matches_numpy_on_signed_and_infinite_values(rng, n):
+    row = (rng.standard_normal(n) * 1e3).astype(np.float32)
+    assert cpu_jit.row_max(row, n) == row.max()
+    assert cpu_jit.row_max(-np.abs(row), n) == (-np.abs(row)).max()  # all negative: the flipped keys
+    assert cpu_jit.row_max(row, 1) == row[0]
+    row[n // 2] = np.inf
+    assert cpu_jit.row_max(row, n) == np.inf
+    assert cpu_jit.row_max(np.full(n, -np.inf, np.float32), n) == -np.inf
+    row[n // 2] = np.nan
+    assert np.isnan(cpu_jit.row_max(row, n))  # a NaN score must reach the loss
+
+
 def test_nan_stays_visible(rng):
     h, w = f32(rng, 4, 8), f32(rng, 10, 8)
     h[1, 3] = np.nan
