@@ -57,14 +57,29 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def usable_backends() -> list:
+    """The registered backends that start on this machine (a GPU or the ANE only where one is present)."""
+    from fusegrad.backends import available_backends, get_backend
+    from fusegrad.core.errors import BackendError
+
+    usable = []
+    for name in available_backends():
+        try:
+            get_backend(name)
+        except (BackendError, ImportError):
+            continue
+        usable.append(name)
+    return usable
+
+
 def _cmd_info(args) -> int:
     import numpy as np
 
-    from fusegrad.backends import available_backends
     from fusegrad.backends.openblas import blas_info
 
     blas = blas_info()
-    print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}, backends: {', '.join(available_backends())}")
+    print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}")
+    print(f"backends usable here: {', '.join(usable_backends())}")
     print(f"float32 GEMMs: OpenBLAS {blas['blas_core'] or 'not found (numpy uses another BLAS)'} kernels"
           + (f", forced by OPENBLAS_CORETYPE={blas['openblas_coretype_env']}" if blas["openblas_coretype_env"] else ""))
     if args.path:

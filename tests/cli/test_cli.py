@@ -49,6 +49,11 @@ def test_info_on_a_llama2c_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parameters:" in out and "dim=32" in out
     assert "float32 GEMMs:" in out  # names the BLAS kernels, which decide the speed
+    line = next(line for line in out.splitlines() if line.startswith("backends usable here:"))
+    usable = line.split(":", 1)[1].strip().split(", ")
+    assert "numpy" in usable and "ane-sim" in usable
+    if sys.platform != "darwin":  # only what starts here: no Neural Engine, no Metal
+        assert "ane" not in usable and "torch:mps" not in usable
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
