@@ -200,16 +200,17 @@ def swiglu_backward(g, h13):
 
 # -- embedding backward ---------------------------------------------------------------------------------
 @jit
-def _embedding_backward(g, tokens, dw, n_parts):
-    # columns split into n_parts ranges: each thread scatters its columns for every token, so repeated
-    # tokens never race; token order is kept, so the sums match a serial scatter-add
-    N, C = g.shape
+def _scatter_add_rows(dw, rows, x, scale, n_parts):
+    # dw[rows[i]] += scale * x[i] for every i. Columns split into n_parts ranges: each thread scatters its
+    # columns for every row, so repeated rows never race; row order is kept, so the sums match a serial
+    # scatter-add (the embedding backward, and the onehot's part of the classifier's dW)
+    N, C = x.shape
     for p in prange(n_parts):
         lo, hi = p * C // n_parts, (p + 1) * C // n_parts
         for i in range(N):
-            t = tokens[i]
+            t = rows[i]
             for j in range(lo, hi):
-                dw[t, j] += g[i, j]
+                dw[t, j] += x[i, j] * scale
 
 
 def embedding_backward(g, tokens, vocab_size: int):
@@ -217,7 +218,7 @@ def embedding_backward(g, tokens, vocab_size: int):
         return reference.embedding_backward(g, tokens, vocab_size)
     dw = np.zeros((vocab_size, g.shape[1]), np.float32)
     tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-    _embedding_backward(np.ascontiguousarray(g), tokens, dw, row_chunks(g.shape[1]))
+    _scatter_add_rows(dw, tokens, np.ascontiguousarray(g), np.float32(1.0), row_chunks(g.shape[1]))
     return dw
 
 
@@ -260,19 +261,6 @@ def _scale_rows(h, s, out):  # out (n, C) = s_i h_i
         si = s[i]
         for j in range(C):
             out[i, j] = h[i, j] * si
-
-
-@jit
-def _subtract_target_rows(dw, targets, h, inv_n, n_parts):
-    # dw[t_i] -= h_i / N for every row i: the onehot's part of dW. Columns split over threads (as in the
-    # embedding backward), rows in order, so repeated targets never race and the sums are deterministic
-    N, C = h.shape
-    for p in prange(n_parts):
-        lo, hi = p * C // n_parts, (p + 1) * C // n_parts
-        for i in range(N):
-            t = targets[i]
-            for j in range(lo, hi):
-                dw[t, j] -= h[i, j] * inv_n
 
 
 @jit
@@ -332,7 +320,7 @@ def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool
             else:
                 scratch = accumulate_dw(dw, e, hs[:n], scratch)
     if need_dw:
-        _subtract_target_rows(dw, targets, h, inv_n, row_chunks(C))  # dW -= onehot^T h / N
+        _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
     return total / N, dh, dw
 
 
