@@ -258,11 +258,11 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
             g = pending.pop(id(t), None)
             if g is None:
                 continue
-            if g is not grad:  # consumed: the op may pass it on to one input uncopied (the caller's never)
-                handed_out.pop(id(g), None)
             if t.node is None:  # a leaf: accumulate into .grad
                 t.grad = g if t.grad is None else t.grad + g
                 continue
+            if g is not grad:  # consumed by this op: it may pass it on to one input uncopied (never the caller's)
+                handed_out.pop(id(g), None)
             node = t.node
             with span(node.op, "backward"):
                 input_grads = node.backward(g)

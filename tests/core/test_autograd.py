@@ -174,6 +174,18 @@ def test_backward_copies_only_grads_that_are_really_shared(monkeypatch):
     assert np.all(w.grad == 6.0)
 
 
+def test_two_leaves_never_share_a_grad_array_that_two_ops_return():
+    shared = np.ones(3, np.float32)  # an op may hand back an array it holds; two such ops, one array
+    a = fg.tensor(np.zeros(3), dtype="float32", requires_grad=True)
+    b = fg.tensor(np.zeros(3), dtype="float32", requires_grad=True)
+    x = Tensor(np.zeros(3, np.float32), requires_grad=True, node=Node("x", (a,), lambda g: (shared,)))
+    y = Tensor(np.zeros(3, np.float32), requires_grad=True, node=Node("y", (b,), lambda g: (shared,)))
+    (x + y).sum().backward()
+    assert not np.shares_memory(a.grad, b.grad)
+    a.grad += 1.0  # in place on one leaf's grad, as an optimizer or clipping does
+    assert np.all(b.grad == 1.0)
+
+
 def test_backward_rejects_bad_seed_grad():
     y = fg.tensor([1.0, 2.0], requires_grad=True) * 2
     with pytest.raises(fg.ShapeError, match="one-element"):
