@@ -83,7 +83,7 @@ def fast_exp(x):
 
 @njit(inline="always", fastmath=FAST, cache=True)
 def row_max(row, n):
-    # max of row[:n] as an int32 max over order-preserving keys of the float bits (negative floats get
+    # max of row[:n], n >= 1, as an int32 max over order-preserving keys of the float bits (negative floats get
     # their magnitude bits flipped): LLVM vectorises an integer max, not numba's float max (3-5x slower).
     # A NaN (positive sign) is the largest key, so the row's exp sum and loss become NaN and stay visible
     m = np.int32(-2147483648)
@@ -229,7 +229,7 @@ def embedding_backward(g, tokens, vocab_size: int):
 @jit
 def _exp_rows(logits, targets, losses, inv_sum):
     # logits (n, V) -> E in place; losses (n,) = logsumexp - target logit; inv_sum (n,) = 1 / sum E.
-    # A NaN logit is skipped by the max but poisons the sum, so the loss shows it
+    # A NaN logit makes the row's loss NaN (through the max or the sum), so the trainer sees it
     n, V = logits.shape
     for i in prange(n):
         row = logits[i]
