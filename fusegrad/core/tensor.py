@@ -228,6 +228,16 @@ def _add_grads(prev, pg, probe: bool = False):
 _SOLE_REFS = _sole_refs()
 
 
+def _accumulate_leaf_grad(grad, g):
+    """grad + g, in place into a leaf's numpy `.grad` as torch accumulates (no second array of the weight's
+    size per extra backward, and a `.grad` set to a buffer beforehand is filled in place)."""
+    if (isinstance(grad, np.ndarray) and isinstance(g, np.ndarray) and grad.flags.writeable
+            and grad.shape == g.shape and np.result_type(grad, g) == grad.dtype):
+        np.add(grad, g, out=grad)
+        return grad
+    return grad + g
+
+
 def _weak(array):
     """A weak reference to a grad array; an array type without them is pinned (never mistaken for another)."""
     try:
@@ -259,7 +269,7 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
             if g is None:
                 continue
             if t.node is None:  # a leaf: accumulate into .grad
-                t.grad = g if t.grad is None else t.grad + g
+                t.grad = g if t.grad is None else _accumulate_leaf_grad(t.grad, g)
                 continue
             if g is not grad:  # consumed by this op: it may pass it on to one input uncopied (never the caller's)
                 handed_out.pop(id(g), None)

@@ -186,6 +186,21 @@ def test_two_leaves_never_share_a_grad_array_that_two_ops_return():
     assert np.all(b.grad == 1.0)
 
 
+def test_leaf_grads_accumulate_in_place_as_torch_does():
+    w = fg.tensor(np.ones(4), dtype="float32", requires_grad=True)
+    (w * 2.0).sum().backward()
+    first = w.grad
+    (w * 3.0).sum().backward()
+    assert w.grad is first and np.all(first == 5.0)  # no second array of the weight's size
+    buffer = np.zeros(4, np.float32)
+    w.grad = buffer  # a buffer set beforehand is filled in place (data-parallel workers' shared grads)
+    (w * 4.0).sum().backward()
+    assert w.grad is buffer and np.all(buffer == 4.0)
+    w.grad = np.broadcast_to(np.float32(1.0), (4,))  # read-only: a new array instead
+    (w * 1.0).sum().backward()
+    assert w.grad.flags.writeable and np.all(w.grad == 2.0)
+
+
 def test_backward_rejects_bad_seed_grad():
     y = fg.tensor([1.0, 2.0], requires_grad=True) * 2
     with pytest.raises(fg.ShapeError, match="one-element"):
