@@ -263,13 +263,6 @@ def _scale_rows(h, s, out):  # out (n, C) = s_i h_i
             out[i, j] = h[i, j] * si
 
 
-@jit
-def _accumulate(out, x):  # out += x, (V, C), both cores (numpy's add runs on one)
-    for i in prange(out.shape[0]):
-        for j in range(out.shape[1]):
-            out[i, j] += x[i, j]
-
-
 def accumulate_dw(dw, dlogits, h, scratch=None):
     """dw (V, C) += dlogits.T @ h for C-contiguous dlogits (n, V), h (n, C); returns the scratch it used.
 
@@ -283,7 +276,7 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
         return scratch
     scratch = np.empty_like(dw) if scratch is None else scratch
     np.matmul(dlogits.T, h, out=scratch)
-    _accumulate(dw, scratch)
+    accumulate(dw, scratch)
     return scratch
 
 
@@ -352,6 +345,21 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
            math.sqrt(1.0 - beta2 ** step))
 
 
+@jit
+def _add_into(out, x):  # out += x, flat, both cores (numpy's add runs on one)
+    for i in prange(out.size):
+        out[i] += x[i]
+
+
+def accumulate(out, x) -> None:
+    """`reference.accumulate` on every core for C-contiguous float32 arrays of one shape."""
+    if out.shape != x.shape:
+        raise ShapeError(f"accumulate: out {out.shape} and x {x.shape} must have the same shape")
+    if not is_f32(out, x) or not (out.flags.c_contiguous and x.flags.c_contiguous):
+        return reference.accumulate(out, x)
+    _add_into(out.reshape(-1), x.reshape(-1))
+
+
 # -- registry and pre-warming -------------------------------------------------------------------------------
 from fusegrad.backends import cpu_jit_attention  # noqa: E402  (it imports `jit` and `is_f32` from here)
 
@@ -374,6 +382,7 @@ KERNELS = {
     "attention_forward": attention_forward,
     "attention_backward": attention_backward,
     "adamw_update": adamw_update,
+    "accumulate": accumulate,
 }
 
 
@@ -399,4 +408,5 @@ def prewarm() -> float:
     cpu_jit_attention.attention_backward(out, saved, 2, 2)
     p = x.copy()
     adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    accumulate(p, x)
     return time.perf_counter() - t0

@@ -10,11 +10,14 @@ True
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import os
 
 import numpy as np
+
+from fusegrad.core.errors import BackendError
 
 
 def _numpy_openblas():
@@ -58,6 +61,32 @@ def corename() -> str | None:
         return None
     f.restype = ctypes.c_char_p
     return f().decode()
+
+
+def _thread_count_functions():
+    get = getattr(LIB, "scipy_openblas_get_num_threads64_", None)
+    set_ = getattr(LIB, "scipy_openblas_set_num_threads64_", None)
+    if get is None or set_ is None:
+        return None
+    set_.argtypes, set_.restype = [ctypes.c_int], None
+    return get, set_
+
+
+THREAD_COUNT = _thread_count_functions()  # (get, set), or None where fusegrad cannot set OpenBLAS's threads
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Each OpenBLAS GEMM runs on `n` threads inside (a process-wide setting); the count is restored after."""
+    if THREAD_COUNT is None:
+        raise BackendError("OpenBLAS's thread count is out of reach: numpy is not on its bundled OpenBLAS")
+    get, set_ = THREAD_COUNT
+    outer = get()
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(outer)
 
 
 def blas_info() -> dict:

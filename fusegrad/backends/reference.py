@@ -220,3 +220,13 @@ def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
     np.divide(m, tmp, out=tmp)
     tmp *= step_size
     p -= tmp
+
+
+# -- gradient sums ------------------------------------------------------------------------------------------
+def accumulate(out, x) -> None:
+    """out += x in place (a data-parallel helper's grads into the model's).
+
+    >>> out = np.ones(2, np.float32); accumulate(out, np.float32([1.0, 2.0])); out.tolist()
+    [2.0, 3.0]
+    """
+    out += x

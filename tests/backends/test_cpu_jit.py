@@ -270,3 +270,16 @@ def test_classifier_grads_stay_accurate_when_the_model_is_confident(rng):
     _, dh, dw = cpu_jit.classifier_cross_entropy(h, w, targets, chunk=16)
     np.testing.assert_allclose(dh, d @ w.astype(np.float64), rtol=0, atol=1e-7)
     np.testing.assert_allclose(dw, d.T @ h.astype(np.float64), rtol=0, atol=1e-7)
+
+
+def test_accumulate_adds_in_place_and_falls_back_off_the_fast_path(rng):
+    out, x = f32(rng, 7, 5), f32(rng, 7, 5)
+    want = out.astype(np.float64) + x
+    cpu_jit.accumulate(out, x)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    strided = f32(rng, 7, 10)[:, ::2]  # not contiguous: the reference's numpy add
+    want = strided.astype(np.float64) + x
+    cpu_jit.accumulate(strided, x)
+    np.testing.assert_allclose(strided, want, rtol=1e-6)
+    with pytest.raises(ShapeError, match="accumulate"):
+        cpu_jit.accumulate(out, x[:3])

@@ -45,3 +45,15 @@ def test_cblas_sgemm_adds_into_c(rng):
     openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.NO_TRANS, openblas.TRANS, 5, 4, 3, 2.0, a.ctypes.data, 3,
                          b.ctypes.data, 3, 1.0, c.ctypes.data, 4)
     np.testing.assert_allclose(c, 2 * a.astype(np.float64) @ b.T.astype(np.float64) + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_threads_sets_the_count_inside_and_restores_it_after_an_error():
+    if openblas.THREAD_COUNT is None:
+        pytest.skip("OpenBLAS's thread count is out of reach")
+    get = openblas.THREAD_COUNT[0]
+    before = get()
+    with pytest.raises(RuntimeError, match="inside"):
+        with openblas.threads(1):
+            assert get() == 1
+            raise RuntimeError("inside")
+    assert get() == before
