@@ -1,0 +1,306 @@
+"""Data parallel over worker processes on one machine, through shared memory: no MPI needed.
+
+The model's weights move into one shared-memory block. Each helper process (started with `spawn`) builds the
+same model over that block, so it always computes with the weights the optimizer last wrote, and it owns a
+shared grad block. Per micro-batch the rows are split: the main process runs the first slice and helper k the
+(k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are then added
+into the model's. Why: on a small CPU, splitting every GEMM and kernel of a step over all cores loses time to
+the split, and whole slices per core do not: a stories15M step (batch 8 x 256) on 2 cores takes 0.61-0.66 s
+in one process and about 0.55 s as two single-core MPI ranks (docs/performance.md). Threads in one process
+did not get there (the workers slowed each other; measured, docs/performance.md).
+
+>>> import numpy as np
+>>> from fusegrad.models import Llama
+>>> model = Llama.from_preset("tiny", seed=0)
+>>> with ProcessDataParallel(model, workers=2) as dp:
+...     loss = dp.loss_backward(np.random.default_rng(0).integers(0, 64, (4, 9)))
+>>> model.params["norm"].grad.shape
+(32,)
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing
+import os
+import resource
+import signal
+import subprocess
+import sys
+import weakref
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from fusegrad.core.errors import FusegradError, ShapeError
+from fusegrad.core.tensor import Tensor
+from fusegrad.core.trace import span
+
+ONE_CORE_ENV = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1"}
+ALIGN = 64  # bytes: every parameter starts on a 64-byte boundary of its block, for aligned SIMD loads
+
+
+class WorkerError(FusegradError, RuntimeError):
+    """A helper process failed or died; the message says what it raised."""
+
+
+def layout(named_shapes) -> tuple[dict, int]:
+    """{name: (offset, shape)} of float32 arrays packed at ALIGN-byte offsets, and the block's size in bytes.
+
+    >>> layout([("a", (3,)), ("b", (2, 2))])
+    ({'a': (0, (3,)), 'b': (64, (2, 2))}, 128)
+    """
+    offsets, end = {}, 0
+    for name, shape in named_shapes:
+        offsets[name] = (end, tuple(shape))
+        end += -(-4 * int(np.prod(shape)) // ALIGN) * ALIGN
+    return offsets, max(end, ALIGN)
+
+
+def views(block: shared_memory.SharedMemory, offsets: dict) -> dict:
+    """name -> float32 array over `block` at its offset."""
+    return {n: np.ndarray(shape, np.float32, buffer=block.buf, offset=off) for n, (off, shape) in offsets.items()}
+
+
+@contextlib.contextmanager
+def one_core():
+    """The calling thread's JIT kernels and every OpenBLAS GEMM (a process-wide count) on one core."""
+    import numba
+
+    from fusegrad.backends import openblas
+
+    outer = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with openblas.threads(1) if openblas.THREAD_COUNT is not None else contextlib.nullcontext():
+            yield
+    finally:
+        numba.set_num_threads(outer)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def choose_workers(requested: int, rows: int, eligible: bool) -> int:
+    """Worker processes for `requested` (0 = auto: one per core when `eligible`, else 1), at most one per row.
+
+    >>> choose_workers(0, rows=8, eligible=False), choose_workers(3, rows=8, eligible=False)
+    (1, 3)
+    """
+    if requested < 0 or requested > max(rows, 1):
+        raise ShapeError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
+    return requested or (min(available_cores(), rows) if eligible else 1)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+class ProcessDataParallel:
+    """Split each batch's rows over `workers` processes (this one and workers - 1 helpers); see the module
+    docstring. The model's parameters must all be float32 on the numpy backend, and they stay in shared
+    memory from here on: code that replaces a parameter's array (instead of writing into it) must not run
+    while this lives. Use as a context manager, or call `close()`."""
+
+    def __init__(self, model, workers: int):
+        if workers < 2:
+            raise ShapeError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
+        if getattr(model, "adapters", None):
+            raise ShapeError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
+        bad = [n for n, p in model.params.items() if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
+        if bad:
+            raise ShapeError(f"ProcessDataParallel needs float32 numpy parameters; not so: {', '.join(bad[:4])}")
+        self.model, self.workers = model, workers
+        self.offsets, size = layout((n, p.shape) for n, p in model.params.items())
+        self.blocks, self.helpers = [], []
+        # stop the helpers and free the blocks even if nobody calls close() (at garbage collection or exit)
+        self._finalizer = weakref.finalize(self, _release, self.blocks, self.helpers)
+        try:
+            self.weights = self._block(size)
+            for name, view in views(self.weights, self.offsets).items():  # the model now lives in shared memory
+                view[...] = model.params[name].data
+                model.params[name].data = view
+            self.grad_blocks = [self._block(size) for _ in range(workers - 1)]
+            spec = {"model": _qualified(type(model)), "config_class": _qualified(type(model.config)),
+                    "config": model.config.to_dict(), "offsets": self.offsets,
+                    "requires_grad": {n: p.requires_grad for n, p in model.params.items()},
+                    "weights": self.weights.name}
+            for k in range(workers - 1):
+                self.helpers.append(_start_helper(dict(spec, grads=self.grad_blocks[k].name)))
+            for conn, _ in self.helpers:
+                self._receive(conn)  # "ready": the helper built its model and loaded its kernels
+        except BaseException:
+            self.close()
+            raise
+
+    def _block(self, size: int) -> shared_memory.SharedMemory:
+        block = shared_memory.SharedMemory(create=True, size=size)
+        self.blocks.append(block)
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _send(self, conn, message) -> None:
+        try:
+            conn.send(message)
+        except OSError as e:  # BrokenPipeError: the helper is gone
+            raise WorkerError(f"a fusegrad worker process died ({type(e).__name__}); see its stderr") from e
+
+    def _receive(self, conn):
+        try:
+            status, value = conn.recv()
+        except (EOFError, OSError) as e:
+            raise WorkerError(f"a fusegrad worker process died ({type(e).__name__}); see its stderr") from e
+        if status == "error":
+            raise WorkerError(f"a fusegrad worker process failed: {value}")
+        return value
+
+    def loss_backward(self, tokens, grad_scale: float = 1.0) -> float:
+        """Mean loss of tokens (B, T+1); adds the grads of grad_scale * loss to the model's `.grad`, as
+        `(model.loss(tokens) * grad_scale).backward()` does (up to float summation order)."""
+        tokens = np.asarray(tokens)
+        rows = tokens.shape[0] if tokens.ndim == 2 else 0
+        if rows < self.workers:
+            raise ShapeError(f"ProcessDataParallel: a batch of {rows} rows does not split over {self.workers} "
+                             f"worker processes (tokens shape {tokens.shape})")
+        bounds = [rows * k // self.workers for k in range(self.workers + 1)]
+        weights = [(hi - lo) / rows for lo, hi in zip(bounds, bounds[1:])]  # each slice's share of the mean
+        for k, (conn, _) in enumerate(self.helpers, start=1):
+            self._send(conn, ("step", tokens[bounds[k]:bounds[k + 1]], grad_scale * weights[k]))
+        with one_core(), span("dp_worker", "parallel", worker=0):
+            loss = self.model.loss(tokens[:bounds[1]])
+            (loss * (grad_scale * weights[0])).backward()
+        losses = [loss.item()] + [self._receive(conn) for conn, _ in self.helpers]
+        with span("dp_reduce", "parallel"):
+            self._add_helper_grads()
+        return float(sum(w * v for w, v in zip(weights, losses)))
+
+    def _add_helper_grads(self) -> None:
+        for block in self.grad_blocks:
+            for name, g in views(block, self.offsets).items():
+                p = self.model.params[name]
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    p.grad = g.copy()
+                else:
+                    p.backend.accumulate(p.grad, g)
+
+    def helpers_peak_rss_mb(self) -> float:
+        """The helper processes' peak RSS, summed (MB): with this process's, the job's memory."""
+        total = 0.0
+        for conn, _ in self.helpers:
+            self._send(conn, ("rss",))
+            total += self._receive(conn)
+        return total
+
+    def close(self) -> None:
+        """Stop the helpers; the model's parameters leave shared memory with their current values."""
+        for p in self.model.params.values():
+            if isinstance(p.data, np.ndarray) and p.data.base is not None:
+                p.data = p.data.copy()
+        self._finalizer()
+
+
+def _release(blocks: list, helpers: list) -> None:
+    for conn, proc in helpers:
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    helpers.clear()
+    for block in blocks:
+        with contextlib.suppress(FileNotFoundError, BufferError):
+            block.close()
+            block.unlink()
+    blocks.clear()
+
+
+def _qualified(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _start_helper(spec: dict):
+    """A helper process with one core's worth of threads, on a pipe. A fresh interpreter (`python -m`), not
+    multiprocessing's spawn, which would re-run the user's main script in the child."""
+    parent, child = multiprocessing.Pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "fusegrad.parallel.workers", str(child.fileno())],
+                            pass_fds=(child.fileno(),), env=dict(os.environ, **ONE_CORE_ENV))
+    child.close()
+    parent.send(spec)
+    return parent, proc
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """The main process's block; unregistered from this process's resource tracker, which would otherwise
+    unlink it when the helper exits (Python < 3.13 registers every attach)."""
+    from multiprocessing import resource_tracker
+
+    block = shared_memory.SharedMemory(name=name)
+    resource_tracker.unregister(block._name, "shared_memory")
+    return block
+
+
+def _helper_main(conn) -> None:
+    """A helper's loop: step (loss and backward of a slice, grads into the shared block) | rss | None = stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
+    try:
+        spec = conn.recv()
+        from fusegrad.backends import get_backend
+
+        get_backend("numpy").prewarm_kernels()
+        module, _, cls = spec["model"].rpartition(".")
+        model_cls = getattr(importlib.import_module(module), cls)
+        weights, grads = _attach(spec["weights"]), _attach(spec["grads"])
+        params = {n: Tensor(a, requires_grad=spec["requires_grad"][n])
+                  for n, a in views(weights, spec["offsets"]).items()}
+        module, _, cls = spec["config_class"].rpartition(".")
+        config = getattr(importlib.import_module(module), cls).from_dict(spec["config"])
+        model = model_cls(config, params=params)
+        grad_views = views(grads, spec["offsets"])
+    except Exception as e:  # noqa: BLE001  (reported to the main process, which raises it)
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", "ready"))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the main process is gone
+            break
+        if msg is None:
+            break
+        try:
+            if msg[0] == "rss":
+                conn.send(("ok", peak_rss_mb()))
+                continue
+            _, tokens, scale = msg
+            for name, p in model.params.items():  # backward accumulates into the shared block, in place
+                grad_views[name][...] = 0.0
+                p.grad = grad_views[name] if p.requires_grad else None
+            loss = model.loss(tokens)
+            (loss * scale).backward()
+            conn.send(("ok", loss.item()))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    del model, params, grad_views
+    weights.close()
+    grads.close()
+
+
+if __name__ == "__main__":
+    from multiprocessing.connection import Connection
+
+    _helper_main(Connection(int(sys.argv[1])))
+

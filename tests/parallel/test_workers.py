@@ -1,0 +1,122 @@
+"""Data parallel over worker processes: the same grads and trajectory as one process, clear errors, clean exit."""
+import numpy as np
+import pytest
+
+from fusegrad.core.errors import ShapeError
+from fusegrad.core.tensor import Tensor
+from fusegrad.models import Llama
+from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers, layout
+from fusegrad.train.optim import AdamW
+from fusegrad.train.trainer import Trainer, TrainConfig
+
+
+def twin(model):
+    """The same weights in private arrays: the one-process oracle."""
+    return Llama(model.config, params={n: Tensor(p.data.copy(), requires_grad=True) for n, p in model.params.items()})
+
+
+def batch(rows, seed=0, cols=17):
+    return np.random.default_rng(seed).integers(0, 64, (rows, cols))
+
+
+@pytest.mark.parametrize("workers, rows", [(2, 4), (2, 5), (3, 5)])
+def test_grads_and_loss_match_one_process(workers, rows):
+    model = Llama.from_preset("tiny", seed=1)
+    oracle = twin(model)
+    tokens = batch(rows)
+    want = oracle.loss(tokens)
+    (want * 0.25).backward()
+    with ProcessDataParallel(model, workers) as dp:
+        got = dp.loss_backward(tokens, grad_scale=0.25)
+    assert got == pytest.approx(want.item(), rel=1e-6)
+    for name, p in model.params.items():
+        np.testing.assert_allclose(p.grad, oracle.params[name].grad, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_grads_add_to_what_is_there():
+    model = Llama.from_preset("tiny", seed=1)
+    oracle = twin(model)
+    for p in list(model.params.values()) + list(oracle.params.values()):
+        p.grad = np.ones(p.shape, np.float32)
+    oracle.loss(batch(4)).backward()
+    with ProcessDataParallel(model, 2) as dp:
+        dp.loss_backward(batch(4))
+    for name, p in model.params.items():
+        np.testing.assert_allclose(p.grad, oracle.params[name].grad, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_helpers_compute_with_the_weights_the_optimizer_wrote():
+    model = Llama.from_preset("tiny", seed=2)
+    oracle = twin(model)
+    opts = [AdamW(m.named_parameters(), lr=1e-2) for m in (model, oracle)]
+    losses = [[], []]
+    with ProcessDataParallel(model, 2) as dp:
+        for _ in range(4):
+            losses[0].append(dp.loss_backward(batch(4)))  # one batch, learnt step by step
+            loss = oracle.loss(batch(4))
+            loss.backward()
+            losses[1].append(loss.item())
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert losses[0][-1] < losses[0][0]  # the weights did move, in the helper too
+
+
+def test_a_helper_error_names_its_cause_and_the_pool_goes_on():
+    model = Llama.from_preset("tiny", seed=1)
+    with ProcessDataParallel(model, 2) as dp:
+        tokens = batch(4)
+        tokens[3, 0] = 999  # in the helper's slice
+        with pytest.raises(WorkerError, match="token id 999 is outside the vocabulary"):
+            dp.loss_backward(tokens)
+        model.zero_grad()
+        assert np.isfinite(dp.loss_backward(batch(4)))
+
+
+def test_a_dead_helper_is_a_clear_error():
+    model = Llama.from_preset("tiny", seed=1)
+    with ProcessDataParallel(model, 2) as dp:
+        dp.helpers[0][1].kill()
+        dp.helpers[0][1].wait()
+        with pytest.raises(WorkerError, match="worker process died"):
+            dp.loss_backward(batch(4))
+
+
+def test_close_frees_the_shared_memory_and_keeps_the_weights():
+    from multiprocessing import shared_memory
+
+    model = Llama.from_preset("tiny", seed=1)
+    before = {n: p.data.copy() for n, p in model.params.items()}
+    dp = ProcessDataParallel(model, 2)
+    names, procs = [b.name for b in dp.blocks], [proc for _, proc in dp.helpers]
+    dp.close()
+    for name in names:
+        with pytest.raises(FileNotFoundError):
+            shared_memory.SharedMemory(name=name)
+    assert all(proc.poll() is not None for proc in procs)
+    for name, p in model.params.items():
+        assert p.data.base is None and np.array_equal(p.data, before[name])
+
+
+def test_bad_requests_are_refused():
+    model = Llama.from_preset("tiny", seed=1)
+    with pytest.raises(ShapeError, match="workers must be >= 2"):
+        ProcessDataParallel(model, 1)
+    with ProcessDataParallel(model, 2) as dp, pytest.raises(ShapeError, match="1 rows does not split over 2"):
+        dp.loss_backward(batch(1))
+    with pytest.raises(ShapeError, match="workers 9 must be 0"):
+        choose_workers(9, rows=4, eligible=True)
+    assert layout([("w", (5,))]) == ({"w": (0, (5,))}, 64)
+
+
+def test_trainer_with_two_workers_follows_one_process(tmp_path):
+    def run(workers):
+        cfg = TrainConfig(preset="tiny", batch_size=4, seq_len=16, max_steps=5, warmup_steps=1, eval_interval=0,
+                          ckpt_interval=0, out_dir=str(tmp_path / f"w{workers}"), progress=False, plot=False,
+                          sample_tokens=0, quiet=True, seed=5, workers=workers)
+        trainer = Trainer(cfg)
+        assert (trainer.workers is not None) == (workers > 1)
+        trainer.run()
+        return trainer.history["loss"]
+    np.testing.assert_allclose(run(2), run(1), rtol=1e-4)
