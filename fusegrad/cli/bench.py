@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
                    help="also time the PyTorch eager step (torch) or, with --lora, transformers + peft (peft)")
     p.add_argument("--backend", default="numpy", help="fusegrad's backend: numpy, torch:cpu, torch:cuda, ...")
     p.add_argument("--ranks", type=int, default=0, help="run fusegrad under mpirun -n RANKS (1 thread each)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes splitting each batch, one core each (0 = one per core, as `fusegrad train`)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--trace", default="", help="write a Chrome trace of fusegrad's timed steps here")
     p.add_argument("--lora", action="store_true", help="benchmark a LoRA fine-tuning step (base frozen)")
@@ -119,6 +121,10 @@ def check_args(args) -> None:
         raise ShapeError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
     if args.ranks and args.lora:
         raise ShapeError("bench: --ranks times the full training step; it does not combine with --lora")
+    rows = args.batch // max(args.ranks, 1)
+    if args.workers < 0 or args.workers > rows or args.lora and args.workers > 1:
+        raise ShapeError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)"
+                         + (", and 1 with --lora" if args.lora else ""))
 
 
 def start_workers(args, spec: dict) -> dict:
@@ -149,7 +155,7 @@ def run_bench(args) -> int:
         lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora) if args.lora else None
         spec = {"config": config.to_dict(), "weights": weights, "batch": args.batch, "seq": args.seq,
                 "seed": args.seed, "trace": os.path.abspath(args.trace) if args.trace else "",
-                "backend": args.backend, "lora": lora, "hf_dir": os.path.join(tmp, "hf")}
+                "backend": args.backend, "lora": lora, "hf_dir": os.path.join(tmp, "hf"), "workers": args.workers}
         workers = start_workers(args, spec)
         sides = list(workers)
         firsts = {side: [w.step() for _ in range(args.warmup)][0] for side, w in workers.items()}
@@ -167,7 +173,7 @@ def run_bench(args) -> int:
            "steps": args.steps, "tokens_per_step": tokens, "gemm_params": gemm_params(config),
            "model_flops_per_step": flops, "sgemm_peak_flops_per_s": peak, "sgemm_size": args.gemm_size,
            "jit": os.environ.get("FUSEGRAD_JIT", "1") != "0", "backend": args.backend,
-           "ranks": ends["fusegrad"]["ranks"], **blas_info()}
+           "ranks": ends["fusegrad"]["ranks"], "workers": info.get("workers", 1), **blas_info()}
     if args.lora:
         out["lora"] = dict(lora, **info)
     out.update(summarize(results["fusegrad"], flops, tokens, peak, firsts["fusegrad"], ends["fusegrad"]))
@@ -187,7 +193,7 @@ def run_bench(args) -> int:
 
 def format_report(out: dict, vs) -> str:
     lines = [f"{out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
-             f"backend {out['backend']}, {out['ranks']} rank(s), "
+             f"backend {out['backend']}, {out['ranks']} rank(s) x {out['workers']} worker process(es), "
              f"sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s on OpenBLAS's {out['blas_core']} kernels"
              + (f" (OPENBLAS_CORETYPE={out['openblas_coretype_env']})" if out["openblas_coretype_env"] else "")]
     if "lora" in out:

@@ -34,12 +34,26 @@ class FusegradSide:
         weights = np.load(spec["weights"])
         self.model = Llama(config, params={n: tensor(weights[n], requires_grad=True) for n in weights.files})
         self.dp = DataParallel.from_env()  # None unless mpirun started several ranks
-        self.info = {}
+        self.info, self.lora_step, self.workers = {}, None, None
         if spec.get("lora"):
             self._setup_lora(spec)
             return
         self.opt = AdamW(self.model.named_parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
         self.clip = clip_grad_norm
+        self._setup_workers(spec)
+
+    def _setup_workers(self, spec: dict) -> None:
+        """One process per core, each on a slice of the batch, as `fusegrad train` does by default."""
+        from fusegrad.parallel.workers import ProcessDataParallel, choose_workers
+
+        rows = spec["batch"] // (self.dp.size if self.dp is not None else 1)
+        n = choose_workers(spec.get("workers", 0), rows, spec["backend"] == "numpy" and self.dp is None)
+        self.info["workers"] = n
+        if n > 1:
+            self.workers = ProcessDataParallel(self.model, n)
+
+    def helpers_peak_rss_mb(self) -> float:
+        return self.workers.helpers_peak_rss_mb() if self.workers is not None else 0.0
 
     def _setup_lora(self, spec: dict) -> None:
         from fusegrad.finetune.bench import lora_train_step_setup
@@ -54,12 +68,17 @@ class FusegradSide:
     def step(self, tokens) -> float:
         from fusegrad.core.trace import span
 
-        if self.info:
+        if self.lora_step is not None:
             self.lora_tokens[...] = tokens
             return self.lora_step()
         dp = self.dp
-        loss = self.model.loss(tokens if dp is None else dp.shard(tokens))
-        loss.backward()
+        tokens = tokens if dp is None else dp.shard(tokens)
+        if self.workers is not None:
+            value = self.workers.loss_backward(tokens)
+        else:
+            loss = self.model.loss(tokens)
+            loss.backward()
+            value = loss.item()
         if dp is not None:  # mean over ranks = the grads of the global batch
             dp.allreduce_grads(self.model.parameters())
         with span("clip_grad_norm", "optimizer"):
@@ -67,7 +86,7 @@ class FusegradSide:
         with span("adamw", "optimizer"):
             self.opt.step()
         self.opt.zero_grad()
-        return loss.item() if dp is None else dp.average(loss.item())
+        return value if dp is None else dp.average(value)
 
 
 class TorchSide:

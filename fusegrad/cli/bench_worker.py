@@ -86,7 +86,8 @@ class Worker:
             if self.is_main:
                 TRACER.save_chrome(self.spec["trace"])
             TRACER.enabled = False
-        rss = peak_rss_mb() if self.dp is None else self.dp.comm.allreduce(peak_rss_mb())  # all ranks' sum
+        own = peak_rss_mb() + getattr(self.side, "helpers_peak_rss_mb", lambda: 0.0)()  # with its worker processes
+        rss = own if self.dp is None else self.dp.comm.allreduce(own)  # all ranks' sum
         return {"peak_rss_mb": rss, "init_s": self.init_s, "ranks": 1 if self.dp is None else self.dp.size}
 
 

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     backend: str = "numpy"
+    workers: int = 0  # processes that each run a slice of every batch on one core: 0 = one per core, 1 = off
     device: str = ""  # with backend torch: cuda, mps or cpu ("" = the best one present)
     offload_gemm: str = ""  # torch:cuda|mps|cpu, ane, ane-sim: large GEMMs of the numpy model go there, per call
     sample_tokens: int = 200
@@ -155,6 +156,7 @@ class Trainer:
         self.ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT_FILE)
         if cfg.resume:
             self.load(self.ckpt_path)
+        self.workers = _process_data_parallel(cfg, self.model, self.dp)  # last: the weights move to shared memory
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -200,13 +202,18 @@ class Trainer:
         scale = self.loss_scale[0] if self.loss_scale else 1.0
         for _ in range(cfg.grad_accum):
             tokens = self.train_data.sample_batch(self.rng, cfg.batch_size)  # the global batch, on every rank
-            loss = model.loss(tokens if self.dp is None else self.dp.shard(tokens))
-            value = loss.item()
+            tokens = tokens if self.dp is None else self.dp.shard(tokens)
+            if self.workers is not None:  # loss and backward of a slice of rows per core, grads summed
+                value = self.workers.loss_backward(tokens, scale / cfg.grad_accum)
+            else:
+                loss = model.loss(tokens)
+                value = loss.item()
             if not math.isfinite(value):
                 raise TrainingError(f"step {self.step + 1}: loss is {value}; training stopped. The last good "
                                     f"checkpoint ({self.ckpt_path}, if any) is kept untouched")
             total += value / cfg.grad_accum
-            (loss * (scale / cfg.grad_accum)).backward()  # accumulation averages the micro-batch grads
+            if self.workers is None:
+                (loss * (scale / cfg.grad_accum)).backward()  # accumulation averages the micro-batch grads
         from fusegrad.train.optim import clip_grad_norm
 
         if self.dp is not None:  # mean over ranks = the single-process grads of the global batch
@@ -251,6 +258,18 @@ class Trainer:
         return float(np.mean(losses))
 
     def run(self) -> dict:
+        try:
+            return self._run_ranks()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes (the model's weights leave shared memory, values kept)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
+
+    def _run_ranks(self) -> dict:
         if self.dp is None:
             return self._run()
         with self.dp.abort_on_error():
@@ -319,6 +338,17 @@ class Trainer:
         out = generate(model, ids, max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed=self.cfg.seed,
                        stop_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(out)
+
+
+def _process_data_parallel(cfg: TrainConfig, model, dp):
+    """ProcessDataParallel for `workers`, or None for one process whose kernels use every core. Auto (0):
+    one process per core for the numpy backend without GEMM offload, unless MPI ranks already split the
+    machine."""
+    from fusegrad.parallel.workers import ProcessDataParallel, choose_workers
+
+    rows = cfg.batch_size // (dp.size if dp is not None else 1)
+    workers = choose_workers(cfg.workers, rows, cfg.backend == "numpy" and not cfg.offload_gemm and dp is None)
+    return ProcessDataParallel(model, workers) if workers > 1 else None
 
 
 def _setup_backend(cfg: TrainConfig):

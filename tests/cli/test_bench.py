@@ -48,7 +48,9 @@ def test_bench_vs_torch_json(capsys, tmp_path):
     assert out["losses_agree"] and out["loss_step0"] == pytest.approx(out["torch"]["loss_step0"], rel=1e-4)
     assert abs(out["loss_step0"] - math.log(cfg.vocab_size)) < 0.5
     assert out["speedup_vs_torch"] > 0 and out["rss_ratio_vs_torch"] > 0
-    # every linear is 3 dispatched GEMMs (forward, dx, dW): wqkv, wo, w13, w2 per layer
+    # every linear is 3 dispatched GEMMs (forward, dx, dW): wqkv, wo, w13, w2 per layer (counted in the main
+    # process, which runs its slice of the batch; one worker process per core, a row each here)
+    assert out["workers"] == min(2, len(os.sched_getaffinity(0)))
     assert out["dispatches_per_step"] == {"numpy": 3 * 4 * cfg.n_layers}
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e["name"] == "attention" for e in events)
@@ -130,7 +132,9 @@ def test_bench_two_ranks_split_the_global_batch(capsys):
                                          (["--lora", "--vs", "torch"], "--vs torch cannot time --lora"),
                                          (["--qlora"], "--qlora needs --lora"),
                                          (["--batch", "3", "--ranks", "2"], "--batch 3 must split evenly"),
-                                         (["--lora", "--ranks", "2"], "does not combine with --lora")])
+                                         (["--lora", "--ranks", "2"], "does not combine with --lora"),
+                                         (["--workers", "3"], "--workers 3 must be 0 .auto. or 1..2"),
+                                         (["--lora", "--workers", "2"], "and 1 with --lora")])
 def test_bad_combinations_raise(capsys, argv, match):
     with pytest.raises(FusegradError, match=match):
         run(capsys, "--preset", "tiny", "--batch", "2", *argv)
