@@ -197,12 +197,13 @@ class ProcessDataParallel:
                     p.backend.accumulate(p.grad, g)
 
     def helpers_peak_rss_mb(self) -> float:
-        """The helper processes' peak RSS, summed (MB): with this process's, the job's memory."""
+        """The helper processes' peak RSS, summed (MB), without the shared blocks: those pages are in this
+        process's RSS too (it writes the weights and reads every grad block), so with its RSS each counts once."""
         total = 0.0
         for conn, _ in self.helpers:
             self._send(conn, ("rss",))
             total += self._receive(conn)
-        return total
+        return total - sum(block.size for block in self.blocks) / 2 ** 20
 
     def close(self) -> None:
         """Stop the helpers; the model's parameters leave shared memory with their current values."""

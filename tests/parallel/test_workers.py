@@ -99,6 +99,16 @@ def test_close_frees_the_shared_memory_and_keeps_the_weights():
         assert p.data.base is None and np.array_equal(p.data, before[name])
 
 
+def test_helpers_rss_counts_the_shared_blocks_once():
+    model = Llama.from_preset("tiny", seed=1)
+    with ProcessDataParallel(model, 2) as dp:
+        shared = sum(b.size for b in dp.blocks) / 2 ** 20
+        dp._send(dp.helpers[0][0], ("rss",))
+        helper = dp._receive(dp.helpers[0][0])
+        assert dp.helpers_peak_rss_mb() == pytest.approx(helper - shared, abs=1.0)
+        assert 20 < helper < 2000  # a Python process with numpy and numba, in MB
+
+
 def test_bad_requests_are_refused():
     model = Llama.from_preset("tiny", seed=1)
     with pytest.raises(ShapeError, match="workers must be >= 2"):
