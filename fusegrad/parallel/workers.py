@@ -98,6 +98,21 @@ def choose_workers(requested: int, rows: int, eligible: bool) -> int:
     return requested or (min(available_cores(), rows) if eligible else 1)
 
 
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (a tmpfs; Docker's default is 64 MB)
+
+
+def check_shared_memory(nbytes: int, shm_dir: str = SHM_DIR) -> None:
+    """Refuse, naming the sizes, when the shared-memory filesystem cannot hold `nbytes`: writing past its
+    end would kill the process with SIGBUS instead of an error."""
+    if not os.path.isdir(shm_dir):  # macOS and others: no such filesystem to measure
+        return
+    stat = os.statvfs(shm_dir)
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise WorkerError(f"worker processes need {nbytes / 2 ** 20:.0f} MB of shared memory and {shm_dir} has "
+                          f"{free / 2 ** 20:.0f} MB free; use workers=1, or give it more (docker run --shm-size=1g)")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -118,6 +133,7 @@ class ProcessDataParallel:
             raise ShapeError(f"ProcessDataParallel needs float32 numpy parameters; not so: {', '.join(bad[:4])}")
         self.model, self.workers = model, workers
         self.offsets, size = layout((n, p.shape) for n, p in model.params.items())
+        check_shared_memory(size * workers)  # the weights and a grad block per helper
         self.blocks, self.helpers = [], []
         # stop the helpers and free the blocks even if nobody calls close() (at garbage collection or exit)
         self._finalizer = weakref.finalize(self, _release, self.blocks, self.helpers)
@@ -133,11 +149,10 @@ class ProcessDataParallel:
                     "weights": self.weights.name}
             for k in range(workers - 1):
                 self.helpers.append(_start_helper(dict(spec, grads=self.grad_blocks[k].name)))
-            for conn, _ in self.helpers:
-                self._receive(conn)  # "ready": the helper built its model and loaded its kernels
         except BaseException:
             self.close()
             raise
+        self.ready = False  # the helpers start up while this process goes on: their "ready" is read at the first step
 
     def _block(self, size: int) -> shared_memory.SharedMemory:
         block = shared_memory.SharedMemory(create=True, size=size)
@@ -175,6 +190,10 @@ class ProcessDataParallel:
                              f"worker processes (tokens shape {tokens.shape})")
         bounds = [rows * k // self.workers for k in range(self.workers + 1)]
         weights = [(hi - lo) / rows for lo, hi in zip(bounds, bounds[1:])]  # each slice's share of the mean
+        if not self.ready:
+            for conn, _ in self.helpers:
+                self._receive(conn)  # "ready": the helper built its model and loaded its kernels
+            self.ready = True
         for k, (conn, _) in enumerate(self.helpers, start=1):
             self._send(conn, ("step", tokens[bounds[k]:bounds[k + 1]], grad_scale * weights[k]))
         with one_core(), span("dp_worker", "parallel", worker=0):
@@ -199,6 +218,8 @@ class ProcessDataParallel:
     def helpers_peak_rss_mb(self) -> float:
         """The helper processes' peak RSS, summed (MB), without the shared blocks: those pages are in this
         process's RSS too (it writes the weights and reads every grad block), so with its RSS each counts once."""
+        if not self.ready:
+            return 0.0
         total = 0.0
         for conn, _ in self.helpers:
             self._send(conn, ("rss",))

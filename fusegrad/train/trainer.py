@@ -344,11 +344,19 @@ def _process_data_parallel(cfg: TrainConfig, model, dp):
     """ProcessDataParallel for `workers`, or None for one process whose kernels use every core. Auto (0):
     one process per core for the numpy backend without GEMM offload, unless MPI ranks already split the
     machine."""
-    from fusegrad.parallel.workers import ProcessDataParallel, choose_workers
+    from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
 
     rows = cfg.batch_size // (dp.size if dp is not None else 1)
     workers = choose_workers(cfg.workers, rows, cfg.backend == "numpy" and not cfg.offload_gemm and dp is None)
-    return ProcessDataParallel(model, workers) if workers > 1 else None
+    if workers == 1:
+        return None
+    try:
+        return ProcessDataParallel(model, workers)
+    except WorkerError as e:
+        if cfg.workers:  # asked for by name: say why not
+            raise
+        logging.getLogger("fusegrad.train").warning("training in one process: %s", e)
+        return None
 
 
 def _setup_backend(cfg: TrainConfig):

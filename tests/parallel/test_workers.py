@@ -102,11 +102,20 @@ def test_close_frees_the_shared_memory_and_keeps_the_weights():
 def test_helpers_rss_counts_the_shared_blocks_once():
     model = Llama.from_preset("tiny", seed=1)
     with ProcessDataParallel(model, 2) as dp:
+        dp.loss_backward(batch(2))
         shared = sum(b.size for b in dp.blocks) / 2 ** 20
         dp._send(dp.helpers[0][0], ("rss",))
         helper = dp._receive(dp.helpers[0][0])
         assert dp.helpers_peak_rss_mb() == pytest.approx(helper - shared, abs=1.0)
         assert 20 < helper < 2000  # a Python process with numpy and numba, in MB
+
+
+def test_too_little_shared_memory_is_refused_before_anything_is_written(tmp_path):
+    from fusegrad.parallel.workers import check_shared_memory
+
+    check_shared_memory(1 << 20, str(tmp_path))  # a real filesystem with room
+    with pytest.raises(WorkerError, match=r"need 1048576 MB of shared memory .* --shm-size"):
+        check_shared_memory(1 << 40, str(tmp_path))
 
 
 def test_bad_requests_are_refused():
@@ -130,3 +139,16 @@ def test_trainer_with_two_workers_follows_one_process(tmp_path):
         trainer.run()
         return trainer.history["loss"]
     np.testing.assert_allclose(run(2), run(1), rtol=1e-4)
+
+
+def test_trainer_falls_back_to_one_process_when_shared_memory_is_short(tmp_path, monkeypatch):
+    from fusegrad.parallel import workers
+
+    def short(nbytes, shm_dir=workers.SHM_DIR):
+        raise WorkerError(f"worker processes need {nbytes} bytes of shared memory")
+    monkeypatch.setattr(workers, "check_shared_memory", short)
+    cfg = dict(preset="tiny", batch_size=4, seq_len=16, max_steps=1, eval_interval=0, ckpt_interval=0,
+               progress=False, plot=False, sample_tokens=0, quiet=True)
+    assert Trainer(TrainConfig(out_dir=str(tmp_path / "auto"), **cfg)).workers is None  # auto: one process
+    with pytest.raises(WorkerError, match="shared memory"):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "two"), workers=2, **cfg))  # asked for: the reason
