@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "CPython's documentation text, a few minutes on a laptop CPU.")
     add_dataclass_args(p, TrainConfig, {"data": "shard dir from `fusegrad prepare`, or text file/dir",
                                         "preset": "model size: tiny, default, stories260K, stories15M, ...",
-                                        "resume": "continue from out_dir/checkpoint.safetensors"})
+                                        "resume": "continue from out_dir/checkpoint.safetensors",
+                                        "workers": "processes splitting each batch, one core each (0 = one per "
+                                                   "core with the numpy backend, 1 = one process)"})
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")

@@ -1,1 +1,1 @@
-"""Multi-process training: data parallelism over MPI (`fusegrad.parallel.mpi`)."""
+"""Multi-process training: worker processes on one machine (`fusegrad.parallel.workers`), MPI ranks (`fusegrad.parallel.mpi`)."""
