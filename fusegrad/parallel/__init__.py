@@ -1,1 +1,2 @@
-"""Multi-process training: worker processes on one machine (`fusegrad.parallel.workers`), MPI ranks (`fusegrad.parallel.mpi`)."""
+"""Multi-process training: worker processes on one machine (`fusegrad.parallel.workers`) and MPI ranks
+across machines (`fusegrad.parallel.mpi`)."""

@@ -128,7 +128,8 @@ class ProcessDataParallel:
             raise ShapeError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
         if getattr(model, "adapters", None):
             raise ShapeError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
-        bad = [n for n, p in model.params.items() if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
+        bad = [n for n, p in model.params.items()
+               if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
         if bad:
             raise ShapeError(f"ProcessDataParallel needs float32 numpy parameters; not so: {', '.join(bad[:4])}")
         self.model, self.workers = model, workers
@@ -152,7 +153,7 @@ class ProcessDataParallel:
         except BaseException:
             self.close()
             raise
-        self.ready = False  # the helpers start up while this process goes on: their "ready" is read at the first step
+        self.ready = False  # the helpers start up while this process goes on; their "ready" comes before step 1's
 
     def _block(self, size: int) -> shared_memory.SharedMemory:
         block = shared_memory.SharedMemory(create=True, size=size)
@@ -190,19 +191,33 @@ class ProcessDataParallel:
                              f"worker processes (tokens shape {tokens.shape})")
         bounds = [rows * k // self.workers for k in range(self.workers + 1)]
         weights = [(hi - lo) / rows for lo, hi in zip(bounds, bounds[1:])]  # each slice's share of the mean
-        if not self.ready:
-            for conn, _ in self.helpers:
-                self._receive(conn)  # "ready": the helper built its model and loaded its kernels
-            self.ready = True
         for k, (conn, _) in enumerate(self.helpers, start=1):
             self._send(conn, ("step", tokens[bounds[k]:bounds[k + 1]], grad_scale * weights[k]))
-        with one_core(), span("dp_worker", "parallel", worker=0):
-            loss = self.model.loss(tokens[:bounds[1]])
-            (loss * (grad_scale * weights[0])).backward()
-        losses = [loss.item()] + [self._receive(conn) for conn, _ in self.helpers]
+        try:
+            with one_core(), span("dp_worker", "parallel", worker=0):
+                loss = self.model.loss(tokens[:bounds[1]])
+                (loss * (grad_scale * weights[0])).backward()
+        finally:  # every helper's answer is read, also when this slice or a helper failed: the pipes stay in step
+            answers = self._gather()
+        losses = [loss.item()] + answers
         with span("dp_reduce", "parallel"):
             self._add_helper_grads()
         return float(sum(w * v for w, v in zip(weights, losses)))
+
+    def _gather(self) -> list:
+        """One answer per helper (after its "ready" at the first step); the first failure raised after all."""
+        answers, failure = [], None
+        for conn, _ in self.helpers:
+            try:
+                if not self.ready:
+                    self._receive(conn)  # "ready": the helper built its model and loaded its kernels
+                answers.append(self._receive(conn))
+            except WorkerError as e:
+                failure = failure or e
+        self.ready = True
+        if failure is not None:
+            raise failure
+        return answers
 
     def _add_helper_grads(self) -> None:
         for block in self.grad_blocks:

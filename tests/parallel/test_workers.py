@@ -74,6 +74,23 @@ def test_a_helper_error_names_its_cause_and_the_pool_goes_on():
         assert np.isfinite(dp.loss_backward(batch(4)))
 
 
+def test_after_a_failure_in_either_process_the_next_step_is_right():
+    model = Llama.from_preset("tiny", seed=1)
+    oracle = twin(model)
+    with ProcessDataParallel(model, 3) as dp:
+        for bad_row in (0, 2):  # in the main process's slice, then in the first helper's (the second answers)
+            tokens = batch(6)
+            tokens[bad_row, 0] = 999
+            with pytest.raises((ShapeError, WorkerError), match="token id 999"):
+                dp.loss_backward(tokens)
+            model.zero_grad()
+        got = dp.loss_backward(batch(6, seed=4))
+    want = oracle.loss(batch(6, seed=4))
+    want.backward()
+    assert got == pytest.approx(want.item(), rel=1e-6)
+    np.testing.assert_allclose(model.params["norm"].grad, oracle.params["norm"].grad, rtol=1e-4, atol=1e-7)
+
+
 def test_a_dead_helper_is_a_clear_error():
     model = Llama.from_preset("tiny", seed=1)
     with ProcessDataParallel(model, 2) as dp:
