@@ -146,11 +146,12 @@ def test_bad_requests_are_refused():
     assert layout([("w", (5,))]) == ({"w": (0, (5,))}, 64)
 
 
-def test_trainer_with_two_workers_follows_one_process(tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trainer_with_two_workers_follows_one_process(tmp_path, grad_accum):
     def run(workers):
         cfg = TrainConfig(preset="tiny", batch_size=4, seq_len=16, max_steps=5, warmup_steps=1, eval_interval=0,
                           ckpt_interval=0, out_dir=str(tmp_path / f"w{workers}"), progress=False, plot=False,
-                          sample_tokens=0, quiet=True, seed=5, workers=workers)
+                          sample_tokens=0, quiet=True, seed=5, workers=workers, grad_accum=grad_accum)
         trainer = Trainer(cfg)
         assert (trainer.workers is not None) == (workers > 1)
         trainer.run()
