@@ -284,8 +284,9 @@ class Trainer:
 
         cfg = self.cfg
         log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
+        procs = f"{self.workers.workers} worker processes" if self.workers is not None else "1 process"
         log(f"fusegrad: training {cfg.preset} ({self.model.num_params() / 1e6:.2f}M params) on "
-            f"{self.train_data.n_tokens:,} tokens from {self.data_dir}; out_dir {cfg.out_dir}")
+            f"{self.train_data.n_tokens:,} tokens from {self.data_dir} ({procs}); out_dir {cfg.out_dir}")
         bar = ProgressBar(cfg.max_steps, start=self.step, enabled=cfg.progress and not cfg.quiet)
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         if cfg.trace:
