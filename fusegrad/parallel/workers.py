@@ -88,14 +88,15 @@ def available_cores() -> int:
 
 
 def choose_workers(requested: int, rows: int, eligible: bool) -> int:
-    """Worker processes for `requested` (0 = auto: one per core when `eligible`, else 1), at most one per row.
+    """Worker processes for `requested` (0 = auto: one per core when `eligible` on a POSIX system, else 1), at
+    most one per row.
 
     >>> choose_workers(0, rows=8, eligible=False), choose_workers(3, rows=8, eligible=False)
     (1, 3)
     """
     if requested < 0 or requested > max(rows, 1):
         raise ShapeError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
-    return requested or (min(available_cores(), rows) if eligible else 1)
+    return requested or (min(available_cores(), rows) if eligible and os.name == "posix" else 1)
 
 
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (a tmpfs; Docker's default is 64 MB)
@@ -126,6 +127,8 @@ class ProcessDataParallel:
     def __init__(self, model, workers: int):
         if workers < 2:
             raise ShapeError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
+        if os.name != "posix":  # the helpers inherit their pipe as a file descriptor
+            raise WorkerError("worker processes need a POSIX system (Linux, macOS); use workers=1")
         if getattr(model, "adapters", None):
             raise ShapeError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
         bad = [n for n, p in model.params.items()
