@@ -87,9 +87,10 @@ def _causal_softmax_backward(p, dp, lo, bq, G, scale):
 
 
 @jit
-def _merge_heads(o, lo, G, y):
-    # o (B, Hkv, bq G, D) block output -> y[:, lo:lo+bq] (B, T, H D), head hk G + g
-    B, Hkv, R, D = o.shape
+def _block_rows(heads, flat, lo, G, to_flat):
+    # heads (B, Hkv, bq G, D) <-> flat[:, lo:lo+bq] (B, T, H D), query head hk G + g at row i G + g: to the
+    # flat layout (the block's output into y) or from it (dy into the block's query-row layout)
+    B, Hkv, R, D = heads.shape
     bq = R // G
     for bt in prange(B * bq):
         b, i = bt // bq, bt % bq
@@ -97,21 +98,10 @@ def _merge_heads(o, lo, G, y):
             for g in range(G):
                 base = (hk * G + g) * D
                 for d in range(D):
-                    y[b, lo + i, base + d] = o[b, hk, i * G + g, d]
-
-
-@jit
-def _gather_dout(dy, lo, bq, do):
-    # dy[:, lo:lo+bq] (B, T, H D) -> do (B, Hkv, bq G, D), the layout of the block's query rows
-    B, Hkv, R, D = do.shape
-    G = R // bq
-    for bt in prange(B * bq):
-        b, i = bt // bq, bt % bq
-        for hk in range(Hkv):
-            for g in range(G):
-                base = (hk * G + g) * D
-                for d in range(D):
-                    do[b, hk, i * G + g, d] = dy[b, lo + i, base + d]
+                    if to_flat:
+                        flat[b, lo + i, base + d] = heads[b, hk, i * G + g, d]
+                    else:
+                        heads[b, hk, i * G + g, d] = flat[b, lo + i, base + d]
 
 
 @jit
@@ -151,7 +141,7 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     for lo, hi in reference._blocks(T, block):
         s = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
         _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale)
-        _merge_heads(np.matmul(s, v[:, :, :hi]), lo, G, y)
+        _block_rows(np.matmul(s, v[:, :, :hi]), y, lo, G, True)
         probs.append(s)
     return y, ("cpu_jit", q, k, v, probs, cos, sin, block)
 
@@ -170,7 +160,7 @@ def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
     for (lo, hi), p in zip(reference._blocks(T, block), probs):
         bq = hi - lo
         do = np.empty((B, Hkv, bq * G, D), np.float32)
-        _gather_dout(dy, lo, bq, do)
+        _block_rows(do, dy, lo, G, False)
         dv[:, :, :hi] += np.matmul(p.swapaxes(-1, -2), do)  # (B, Hkv, hi, D)
         dp = np.matmul(do, v[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
         _causal_softmax_backward(p.reshape(-1, hi), dp.reshape(-1, hi), lo, bq, G, scale)
