@@ -147,6 +147,7 @@ class ProcessDataParallel:
                 view[...] = model.params[name].data
                 model.params[name].data = view
             self.grad_blocks = [self._block(size) for _ in range(workers - 1)]
+            self.helper_grads = [views(block, self.offsets) for block in self.grad_blocks]  # name -> array
             spec = {"model": _qualified(type(model)), "config_class": _qualified(type(model.config)),
                     "config": model.config.to_dict(), "offsets": self.offsets,
                     "requires_grad": {n: p.requires_grad for n, p in model.params.items()},
@@ -223,8 +224,8 @@ class ProcessDataParallel:
         return answers
 
     def _add_helper_grads(self) -> None:
-        for block in self.grad_blocks:
-            for name, g in views(block, self.offsets).items():
+        for grads in self.helper_grads:
+            for name, g in grads.items():
                 p = self.model.params[name]
                 if not p.requires_grad:
                     continue
@@ -262,9 +263,10 @@ def _release(blocks: list, helpers: list) -> None:
             proc.kill()
     helpers.clear()
     for block in blocks:
-        with contextlib.suppress(FileNotFoundError, BufferError):
+        with contextlib.suppress(FileNotFoundError):
+            block.unlink()  # the name goes now; the memory when the last view of it does
+        with contextlib.suppress(BufferError):  # arrays over it may still be alive here
             block.close()
-            block.unlink()
     blocks.clear()
 
 
