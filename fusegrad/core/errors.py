@@ -26,3 +26,14 @@ class BackendError(FusegradError, RuntimeError):
 
 class FormatError(FusegradError, ValueError):
     """A file (checkpoint, tokenizer, data shard, adapter) is missing, corrupt or of the wrong kind."""
+
+
+class ConfigError(FusegradError, ValueError):
+    """A setting or argument is wrong (unknown preset, a value out of range, an unknown key): the message
+    names the setting, its value and what is allowed.
+
+    >>> raise ConfigError("train: lr must be > 0, got -1.0")
+    Traceback (most recent call last):
+    ...
+    fusegrad.core.errors.ConfigError: train: lr must be > 0, got -1.0
+    """
