@@ -32,7 +32,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from fusegrad.core.errors import FusegradError, ShapeError
+from fusegrad.core.errors import ConfigError, FusegradError, ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
 
@@ -95,7 +95,7 @@ def choose_workers(requested: int, rows: int, eligible: bool) -> int:
     (1, 3)
     """
     if requested < 0 or requested > max(rows, 1):
-        raise ShapeError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
+        raise ConfigError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
     return requested or (min(available_cores(), rows) if eligible and os.name == "posix" else 1)
 
 
@@ -126,11 +126,11 @@ class ProcessDataParallel:
 
     def __init__(self, model, workers: int):
         if workers < 2:
-            raise ShapeError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
+            raise ConfigError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
         if os.name != "posix":  # the helpers inherit their pipe as a file descriptor
             raise WorkerError("worker processes need a POSIX system (Linux, macOS); use workers=1")
         if getattr(model, "adapters", None):
-            raise ShapeError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
+            raise ConfigError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
         bad = [n for n, p in model.params.items()
                if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
         if bad:

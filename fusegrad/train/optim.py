@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from fusegrad.backends.reference import adamw_update  # noqa: F401  (the reference kernel, re-exported)
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.tensor import Tensor
 
 _CLIP_CHUNK = 1 << 16  # elements converted to float64 at a time when a grad's float32 dot overflows
@@ -42,7 +42,7 @@ def _named(params) -> list:
     for i, item in enumerate(params):
         name, t = item if isinstance(item, tuple) else (f"param.{i}", item)
         if not isinstance(t, Tensor):
-            raise ShapeError(f"AdamW: parameter {name} is a {type(t).__name__}, expected a fusegrad Tensor")
+            raise ConfigError(f"AdamW: parameter {name} is a {type(t).__name__}, expected a fusegrad Tensor")
         out.append((name, t))
     return out
 
@@ -62,7 +62,7 @@ class AdamW:
         self.weight_decay = float(weight_decay)
         params = list(params)
         if not params:
-            raise ShapeError("AdamW: got an empty parameter list")
+            raise ConfigError("AdamW: got an empty parameter list")
         if isinstance(params[0], dict):
             entries = [(n, t, float(g.get("weight_decay", weight_decay))) for g in params for n, t in _named(g["params"])]
         else:
@@ -70,7 +70,7 @@ class AdamW:
         self.names = [n for n, _, _ in entries]
         if len(set(self.names)) != len(self.names):
             dup = sorted({n for n in self.names if self.names.count(n) > 1})
-            raise ShapeError(f"AdamW: duplicate parameter names {dup}")
+            raise ConfigError(f"AdamW: duplicate parameter names {dup}")
         for n, t, _ in entries:
             if t.dtype != np.float32:
                 raise ShapeError(f"AdamW: parameter {n} is {t.dtype}; the optimizer updates float32 in place")
