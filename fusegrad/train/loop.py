@@ -202,6 +202,19 @@ class Run:
             self.history[key].append(value)
         return total
 
+    def model_loss_backward(self, tokens, grad_scale: float) -> tuple[float, int]:
+        """The model's next-token loss of the global batch tokens (B, T+1) and the grads of grad_scale * loss
+        added -> (loss, B T): this rank's rows under MPI, split over the worker processes when there are."""
+        n = tokens.shape[0] * (tokens.shape[1] - 1)
+        tokens = tokens if self.dp is None else self.dp.shard(tokens)
+        if self.workers is not None:  # loss and backward of a slice of rows per core, grads summed
+            return self.workers.loss_backward(tokens, grad_scale), n
+        loss = self.model.loss(tokens)
+        value = loss.item()
+        if math.isfinite(value):
+            (loss * grad_scale).backward()
+        return value, n
+
     def _unscale_grads(self, params, scale: float) -> bool:
         """Divide grads by the loss scale; False (skip the step, halve the scale) if any is inf/NaN,
         and double the scale after LOSS_SCALE_GROWTH_INTERVAL good steps."""

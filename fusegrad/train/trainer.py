@@ -128,16 +128,8 @@ class Trainer(Run):
 
     # -- the task ----------------------------------------------------------------------------------
     def micro_batch(self, grad_scale: float) -> tuple[float, int]:
-        tokens = self.train_data.sample_batch(self.rng, self.cfg.batch_size)  # the global batch, on every rank
-        n = tokens.shape[0] * (tokens.shape[1] - 1)
-        tokens = tokens if self.dp is None else self.dp.shard(tokens)
-        if self.workers is not None:  # loss and backward of a slice of rows per core, grads summed
-            return self.workers.loss_backward(tokens, grad_scale), n
-        loss = self.model.loss(tokens)
-        value = loss.item()
-        if np.isfinite(value):
-            (loss * grad_scale).backward()
-        return value, n
+        # the global batch, the same on every rank
+        return self.model_loss_backward(self.train_data.sample_batch(self.rng, self.cfg.batch_size), grad_scale)
 
     def evaluate(self) -> dict:
         if self.val_data is None:
