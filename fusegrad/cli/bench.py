@@ -12,13 +12,13 @@ process per core as `fusegrad train` does by default; with --lora, the step `fus
 only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay). Each step gets the next batch of
 one seeded stream; the first --warmup steps are not timed.
 
-A peer side by side (`--vs torch` for the full step, `--vs peft` for --lora) or MPI ranks (`--ranks N`, one
-thread each) run each side in its own process; that harness lives in the repository's benchmarks/ folder
-(benchmarks/compare.py), so these options work from a fusegrad checkout:
+Side by side with a peer (`--vs torch` for the full step, `--vs peft` for --lora) or as MPI ranks (`--ranks
+N`, one thread each), each side in its own process: the harness of the repository's benchmarks/ folder takes
+the same options, from a fusegrad checkout:
 
-    fusegrad bench --preset stories15M --batch 8 --seq 256 --steps 5 --json --vs torch
-    fusegrad bench --preset stories15M --lora --targets q,k,v,o --rank 8 --vs peft [--qlora]
-    fusegrad bench --preset stories260K --ranks 2
+    python -m benchmarks.compare --preset stories15M --batch 8 --seq 256 --steps 5 --json --vs torch
+    python -m benchmarks.compare --preset stories15M --lora --targets q,k,v,o --rank 8 --vs peft [--qlora]
+    python -m benchmarks.compare --preset stories260K --ranks 2
 
 Model FLOPs per step come from the model (`Llama.flops_per_token`, nanoGPT / PaLM accounting).
 """
@@ -49,18 +49,15 @@ FULL_STEP = dict(lr=3e-4, weight_decay=0.1)  # the settings a peer's full step m
 LORA_STEP = dict(lr=1e-3, weight_decay=0.0)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="time the training step (tokens/s, FLOP/s, MFU, RSS), optionally vs a peer",
+def add_parser(subparsers):
+    p = subparsers.add_parser("bench", help="time the training step (tokens/s, FLOP/s, MFU, RSS)",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="stories15M", help="model preset (tiny, stories260K, stories15M, ...)")
-    p.add_argument("--batch", type=int, default=8, help="global batch (split over --ranks)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over MPI ranks)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--vs", choices=["torch", "peft"], default=None,
-                   help="also time the PyTorch eager step (torch) or, with --lora, transformers + peft (peft)")
     p.add_argument("--backend", default="numpy", help="fusegrad's backend: numpy, torch:cpu, torch:cuda, ...")
-    p.add_argument("--ranks", type=int, default=0, help="run fusegrad under mpirun -n RANKS (1 thread each)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes splitting each batch, one core each (0 = one per core, as `fusegrad train`)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -73,6 +70,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square sgemm measuring the peak")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_bench)
+    return p
 
 
 def check_args(args) -> None:
@@ -81,16 +79,9 @@ def check_args(args) -> None:
     if args.steps < 1 or args.warmup < 1 or args.batch < 1 or args.seq < 1:
         raise ConfigError(f"bench: --steps, --warmup, --batch and --seq must be >= 1, got {args.steps}, "
                           f"{args.warmup}, {args.batch}, {args.seq}")
-    if args.vs == "peft" and not args.lora or args.vs == "torch" and args.lora:
-        raise ConfigError(f"bench: --vs {args.vs} {'needs' if args.vs == 'peft' else 'cannot time'} --lora "
-                          f"(the peer of --lora is --vs peft, of the full step --vs torch)")
     if args.qlora and not args.lora:
         raise ConfigError("bench: --qlora needs --lora")
-    if args.ranks < 0 or args.ranks and args.batch % args.ranks:
-        raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
-    if args.ranks and args.lora:
-        raise ConfigError("bench: --ranks times the full training step; it does not combine with --lora")
-    rows = args.batch // max(args.ranks, 1)
+    rows = args.batch // max(getattr(args, "ranks", 0), 1)  # benchmarks/compare.py adds --ranks
     if args.workers < 0 or args.workers > rows or args.lora and args.workers > 1:
         raise ConfigError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)"
                           + (", and 1 with --lora" if args.lora else ""))
@@ -285,20 +276,13 @@ def measure(args) -> dict:
 
 def run_bench(args) -> int:
     check_args(args)
-    if args.vs or args.ranks:
-        try:  # the comparison harness: in a fusegrad checkout, not in the installed package
-            from benchmarks import compare
-        except ImportError:
-            raise ConfigError("bench: --vs and --ranks need the benchmarks/ folder of a fusegrad checkout on the "
-                              "Python path (run from the repository root)") from None
-        out = compare.compare(args)
-    else:
-        out = measure(args)
-    print(json.dumps(out) if args.json else format_report(out, args.vs))
+    out = measure(args)
+    print(json.dumps(out) if args.json else format_report(out))
     return 0
 
 
-def format_report(out: dict, vs) -> str:
+def format_report(out: dict, vs: str | None = None) -> str:
+    """The report as text; `vs` names a peer whose row out[vs] holds (benchmarks/compare.py)."""
     lines = [f"{out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
              f"backend {out['backend']}, {out['ranks']} rank(s) x {out['workers']} worker process(es), "
              f"sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s on OpenBLAS's {out['blas_core']} kernels"

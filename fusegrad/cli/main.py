@@ -11,33 +11,36 @@ from __future__ import annotations
 import argparse
 import sys
 
-import fusegrad
+import numpy as np
+
+from fusegrad import __version__
+from fusegrad.backends import available_backends, get_backend
+from fusegrad.backends.openblas import blas_info
+from fusegrad.cli import bench, finetune
+from fusegrad.cli.config import add_dataclass_args, config_from_args
+from fusegrad.core.errors import BackendError, FormatError, FusegradError
+from fusegrad.data.prepare import prepare
+from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.models.generate import generate
+from fusegrad.train.trainer import TrainConfig, load_model, train
 
 
 def _cmd_train(args) -> int:
-    from fusegrad.cli.config import config_from_args
-    from fusegrad.train.trainer import TrainConfig, train
-
     train(config_from_args(TrainConfig, args))
     return 0
 
 
 def _cmd_sample(args) -> int:
-    from fusegrad.data.tokenizer import load_tokenizer
-    from fusegrad.models.generate import generate
-    from fusegrad.train.trainer import load_model
-
     model, tokenizer = load_model(args.checkpoint)
     if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
-        from fusegrad.finetune.peft_io import load_adapter
-
         load_adapter(args.adapter, model).merge()
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
-        raise fusegrad.FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
+        raise FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise fusegrad.FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
+        raise FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
     for i in range(args.num_samples):
         ids = generate(model, tokenizer.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature,
                        args.top_p, seed=args.seed + i, stop_id=tokenizer.eos_id)
@@ -48,8 +51,6 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from fusegrad.data.prepare import prepare
-
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, overwrite=args.overwrite)
     print(f"prepared {meta.get('tokens', '?')} tokens from {meta['documents']} documents into {args.out} "
@@ -59,9 +60,6 @@ def _cmd_prepare(args) -> int:
 
 def usable_backends() -> list:
     """The registered backends that start on this machine (a GPU or the ANE only where one is present)."""
-    from fusegrad.backends import available_backends, get_backend
-    from fusegrad.core.errors import BackendError
-
     usable = []
     for name in available_backends():
         try:
@@ -73,18 +71,12 @@ def usable_backends() -> list:
 
 
 def _cmd_info(args) -> int:
-    import numpy as np
-
-    from fusegrad.backends.openblas import blas_info
-
     blas = blas_info()
-    print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}")
+    print(f"fusegrad {__version__}, numpy {np.__version__}")
     print(f"backends usable here: {', '.join(usable_backends())}")
     print(f"float32 GEMMs: OpenBLAS {blas['blas_core'] or 'not found (numpy uses another BLAS)'} kernels"
           + (f", forced by OPENBLAS_CORETYPE={blas['openblas_coretype_env']}" if blas["openblas_coretype_env"] else ""))
     if args.path:
-        from fusegrad.train.trainer import load_model
-
         model, tokenizer = load_model(args.path)
         print(f"model: {model.config}")
         print(f"parameters: {model.num_params():,}")
@@ -93,12 +85,9 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusegrad.cli.config import add_dataclass_args
-    from fusegrad.train.trainer import TrainConfig
-
     parser = argparse.ArgumentParser(prog="fusegrad", description="Train Llama-family models with fused, "
                                      "explicit backward passes.")
-    parser.add_argument("--version", action="version", version=f"fusegrad {fusegrad.__version__}")
+    parser.add_argument("--version", action="version", version=f"fusegrad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="pre-train a model (no arguments: a small model on the embedded corpus)",
@@ -132,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
     p.set_defaults(func=_cmd_prepare)
 
-    from fusegrad.cli import bench, finetune
     finetune.add_parser(sub)
     bench.add_parser(sub)
 
@@ -150,7 +138,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except fusegrad.FusegradError as exc:
+    except FusegradError as exc:
         print(f"fusegrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

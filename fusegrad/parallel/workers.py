@@ -32,6 +32,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from fusegrad.backends import get_backend, openblas
 from fusegrad.core.errors import ConfigError, FusegradError, ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
@@ -67,8 +68,6 @@ def views(block: shared_memory.SharedMemory, offsets: dict) -> dict:
 def one_core():
     """The calling thread's JIT kernels and every OpenBLAS GEMM (a process-wide count) on one core."""
     import numba
-
-    from fusegrad.backends import openblas
 
     outer = numba.get_num_threads()
     numba.set_num_threads(1)
@@ -300,8 +299,6 @@ def _helper_main(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
     try:
         spec = conn.recv()
-        from fusegrad.backends import get_backend
-
         get_backend("numpy").prewarm_kernels()
         module, _, cls = spec["model"].rpartition(".")
         model_cls = getattr(importlib.import_module(module), cls)

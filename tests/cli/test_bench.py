@@ -4,13 +4,13 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import pytest
 
+from benchmarks import compare
 from fusegrad.backends import openblas
 from fusegrad.cli import bench
-from fusegrad.core.errors import ConfigError, FusegradError
+from fusegrad.core.errors import FusegradError
 from fusegrad.finetune.trainer import Finetuner
 from fusegrad.models.llama import Llama, preset
 from fusegrad.train.loop import Run
@@ -18,8 +18,9 @@ from fusegrad.train.trainer import Trainer
 
 
 def run(capsys, *argv):
+    """`python -m benchmarks.compare ARGV`: `fusegrad bench ARGV`, with --vs and --ranks (in worker processes)."""
     parser = argparse.ArgumentParser()
-    bench.add_parser(parser.add_subparsers(dest="command"))
+    compare.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *argv])
     assert args.func(args) == 0
     return capsys.readouterr().out
@@ -164,7 +165,14 @@ def test_bad_steps_raise(capsys):
         run(capsys, "--preset", "tiny", "--steps", "0")
 
 
-def test_peers_need_the_benchmarks_folder(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "benchmarks", None)  # as in an installed fusegrad, without the checkout
-    with pytest.raises(ConfigError, match="benchmarks/ folder"):
-        run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--vs", "torch")
+def test_the_fusegrad_command_times_the_product_step_in_process(capsys):
+    from fusegrad.cli.main import main
+
+    assert main(["bench", "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--workers", "1",
+                 "--gemm-size", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["workers"] == 1 and out["dispatches_per_step"] == {"numpy": 3 * 4 * cfg.n_layers}
+    assert out["loss_step0"] == pytest.approx(base_loss(cfg, 2, 8), rel=1e-5)
+    with pytest.raises(SystemExit):  # peers and ranks: python -m benchmarks.compare
+        main(["bench", "--vs", "torch"])
