@@ -41,10 +41,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_TH
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: `benchmarks` imports from here
 
 
-def sides() -> dict:
-    from benchmarks import peers  # torch, transformers and peft: only in the processes of a peer
+def side_class(name: str):
+    if name == "fusegrad":
+        return bench.FusegradSide
+    from benchmarks import peers  # torch, transformers and peft: only in a peer's process (its RSS is its own)
 
-    return {"fusegrad": bench.FusegradSide, "torch": peers.TorchSide, "peft": peers.PeftSide}
+    return {"torch": peers.TorchSide, "peft": peers.PeftSide}[name]
 
 
 class ProcessWorker:
@@ -167,7 +169,7 @@ def commands(dp):
 
 def side_main(side: str, spec_json: str) -> int:
     """The child's loop: one JSON line answers each command read from stdin (rank 0 alone answers)."""
-    timer = bench.Timer(sides()[side], json.loads(spec_json))
+    timer = bench.Timer(side_class(side), json.loads(spec_json))
 
     def answer(obj) -> None:
         if timer.is_main:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -42,6 +41,7 @@ from fusegrad.finetune.losses import lm_loss
 from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig, preset
 from fusegrad.parallel.mpi import DataParallel
+from fusegrad.parallel.workers import peak_rss_mb
 from fusegrad.train.loop import Run, RunConfig, start_workers, use_backend
 from fusegrad.train.optim import AdamW
 
@@ -160,10 +160,6 @@ class FusegradSide:
 
     def helpers_peak_rss_mb(self) -> float:
         return self.run.workers.helpers_peak_rss_mb() if self.run.workers is not None else 0.0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def dispatch_counts() -> dict:

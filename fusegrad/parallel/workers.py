@@ -5,9 +5,7 @@ same model over that block, so it always computes with the weights the optimizer
 shared grad block. Per micro-batch the rows are split: the main process runs the first slice and helper k the
 (k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are then added
 into the model's. Why: on a small CPU, splitting every GEMM and kernel of a step over all cores loses time to
-the split, and whole slices per core do not: a stories15M step (batch 8 x 256) on 2 cores takes 0.61-0.66 s
-in one process and about 0.55 s as two single-core MPI ranks (docs/performance.md). Threads in one process
-did not get there (the workers slowed each other; measured, docs/performance.md).
+the split, and whole slices per core do not (measured in docs/performance.md).
 
 >>> import numpy as np
 >>> from fusegrad.models import Llama
