@@ -271,9 +271,9 @@ class Run:
                 last = self.step == cfg.max_steps
                 if self.dp is not None and (self.step % self.dp.check_interval == 0 or last):
                     self.dp.check_consistency(self.model.named_parameters(), self.step)
-                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
                                 refresh=False)
+                bar.update(1)
                 if main and cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
                     val = {f"val_{k}": v for k, v in self.evaluate().items()}
                     self.history["val_step"].append(self.step)
