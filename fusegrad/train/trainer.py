@@ -97,6 +97,7 @@ class Trainer(Run):
         cfg.check("train")
         self.backend = f"{cfg.backend}:{cfg.device}" if cfg.device else cfg.backend  # the model's tensors live there
         self.offload_gemm = cfg.offload_gemm
+        backend = get_backend(self.backend)  # an unusable backend says why before any data is prepared
         get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
         self.run_dir = cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -107,7 +108,7 @@ class Trainer(Run):
         self.train_data = TokenDataset(self.data_dir, cfg.seq_len, "train")
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
         # fp16 backends (ane, ane-sim) ask for loss scaling, also when only the GEMMs are offloaded there
-        scale = getattr(get_backend(self.backend), "loss_scale", None)
+        scale = getattr(backend, "loss_scale", None)
         if scale is None and cfg.offload_gemm.startswith("ane"):
             scale = getattr(get_backend(cfg.offload_gemm), "loss_scale", None)
         self.loss_scale = None if scale is None else [float(scale), 0]
