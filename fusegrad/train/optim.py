@@ -1,8 +1,8 @@
 """AdamW with decoupled weight decay (torch.optim.AdamW semantics) and global gradient-norm clipping.
 
 Updates run in place on each parameter's float32 `.data` with one shared scratch buffer, so a step
-allocates nothing per parameter. The math lives in `adamw_update`, a plain reference kernel that
-faster (JIT) versions are tested against.
+allocates nothing per parameter. The math is the backend's `adamw_update` kernel, run where the
+parameters live.
 
 >>> import fusegrad as fg, numpy as np
 >>> w = fg.tensor([[1.0, -2.0]], requires_grad=True)
@@ -19,7 +19,6 @@ from typing import Callable
 
 import numpy as np
 
-from fusegrad.backends.reference import adamw_update  # noqa: F401  (the reference kernel, re-exported)
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.tensor import Tensor
 
