@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data import corpus
 from fusegrad.core.fileio import atomic_write_text
 from fusegrad.data.shards import META_FILE, shard_dtype, shard_name, write_shard
@@ -39,7 +39,7 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
     overwrite:    replace shards + meta.json a previous prepare left in out_dir (else FormatError).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ShapeError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
     sources, docs = _read_documents(inputs)
     tok = _make_tokenizer(tokenizer, vocab_size, docs)
     _clear_out_dir(out_dir, overwrite)
@@ -99,7 +99,7 @@ def _make_tokenizer(tokenizer, vocab_size, docs):
         return BPETokenizer.train(docs, vocab_size or DEFAULT_BPE_VOCAB)
     tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
     if vocab_size is not None and vocab_size != tok.vocab_size:
-        raise ShapeError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
+        raise ConfigError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
                          f"{tok.vocab_size} ids (vocab_size is only chosen when training 'bpe')")
     return tok
 

@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes
 
 U32_SUFFIX = ".u32.bin"
@@ -129,16 +129,16 @@ class TokenDataset:
 
     def __init__(self, source, seq_len, split="train", val_fraction=None, vocab_size=None):
         if split not in ("train", "val"):
-            raise ShapeError(f"TokenDataset: split must be 'train' or 'val', got {split!r}")
+            raise ConfigError(f"TokenDataset: split must be 'train' or 'val', got {split!r}")
         if seq_len < 1:
-            raise ShapeError(f"TokenDataset: seq_len must be >= 1, got {seq_len}")
+            raise ConfigError(f"TokenDataset: seq_len must be >= 1, got {seq_len}")
         meta = read_meta(source) if not isinstance(source, (list, tuple)) and os.path.isdir(source) else {}
         self.vocab_size = vocab_size if vocab_size is not None else meta.get("vocab_size")
         self.val_fraction = val_fraction if val_fraction is not None else meta.get("val_fraction", DEFAULT_VAL_FRACTION)
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ShapeError(f"TokenDataset: val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"TokenDataset: val_fraction must be in [0, 1), got {self.val_fraction}")
         if split == "val" and self.val_fraction == 0:
-            raise ShapeError(f"TokenDataset {source}: the val split is empty because val_fraction is 0")
+            raise ConfigError(f"TokenDataset {source}: the val split is empty because val_fraction is 0")
         self.seq_len, self.split, self.paths = seq_len, split, list_shards(source)
         self.segments = []  # (path, memmap view) for this split
         for path in self.paths:
@@ -150,7 +150,7 @@ class TokenDataset:
         windows = np.array([max(len(s) - seq_len, 0) for _, s in self.segments], dtype=np.int64)
         if windows.sum() == 0:
             longest = max(self.segments, key=lambda ps: len(ps[1]))
-            raise ShapeError(f"TokenDataset: seq_len {seq_len} needs {seq_len + 1} tokens in one shard's {split} "
+            raise ConfigError(f"TokenDataset: seq_len {seq_len} needs {seq_len + 1} tokens in one shard's {split} "
                              f"part, but the longest ({longest[0]}) has {len(longest[1])} "
                              f"(val_fraction {self.val_fraction}); use a shorter seq_len or more data")
         self.window_ends = np.cumsum(windows)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data import corpus
 from fusegrad.data.prepare import prepare
 from fusegrad.data.shards import TokenDataset, read_shard
@@ -77,11 +77,11 @@ def test_bad_inputs(tmp_path):
         prepare(tmp_path / "nodata", out)
     with pytest.raises(FormatError, match="list of text files is empty"):
         prepare([], out)
-    with pytest.raises(ShapeError, match="vocab_size 1000 given"):
+    with pytest.raises(ConfigError, match="vocab_size 1000 given"):
         prepare(None, out, tokenizer="byte", vocab_size=1000)
     with pytest.raises(FormatError, match="missing_tok"):
         prepare(None, out, tokenizer=str(tmp_path / "missing_tok"))
-    with pytest.raises(ShapeError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         prepare(None, out, val_fraction=1.0)
 
 

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.data.shards import TokenDataset, read_shard, rng_from_state, rng_state, shard_name, write_shard
 
 
@@ -103,9 +103,9 @@ def test_iter_batches_covers_split_without_overlap(tmp_path):
 
 def test_seq_len_longer_than_data(tmp_path):
     _positions_shard(tmp_path, 100)
-    with pytest.raises(ShapeError, match=r"seq_len 200 needs 201 tokens .*data00.bin\) has 90"):
+    with pytest.raises(ConfigError, match=r"seq_len 200 needs 201 tokens .*data00.bin\) has 90"):
         TokenDataset(tmp_path, 200)
-    with pytest.raises(ShapeError, match=r"seq_len 20 needs 21 tokens in one shard's val part"):
+    with pytest.raises(ConfigError, match=r"seq_len 20 needs 21 tokens in one shard's val part"):
         TokenDataset(tmp_path, 20, "val", val_fraction=0.1)
 
 
@@ -141,7 +141,7 @@ def test_missing_sources(tmp_path):
     with pytest.raises(FormatError, match="holds no shards"):
         TokenDataset(tmp_path, 8)
     write_shard(tmp_path / "data00.bin", np.arange(100))
-    with pytest.raises(ShapeError, match="val split is empty"):
+    with pytest.raises(ConfigError, match="val split is empty"):
         TokenDataset(tmp_path, 8, split="val", val_fraction=0.0)
-    with pytest.raises(ShapeError, match="split must be"):
+    with pytest.raises(ConfigError, match="split must be"):
         TokenDataset(tmp_path, 8, split="test")
