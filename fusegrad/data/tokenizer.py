@@ -21,18 +21,33 @@ from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
 
 
 class Tokenizer:
-    """Shared behaviour; subclasses define kind, vocab_size, bos_id, eos_id, _encode, _decode, save."""
+    """Shared behaviour; subclasses define kind, vocab_size, bos_id, eos_id, _encode, _decode, save.
+
+    `add_bos` / `add_eos`: what `encode` adds by default (Hugging Face tokenizers say so in their own files);
+    `eos_ids`: every id that ends generation (generation_config.json may declare several); `chat_template`:
+    the jinja template of a chat model, or None.
+    """
 
     kind = "base"
+    add_bos, add_eos, pad_id, chat_template = True, False, None, None
 
-    def encode(self, text, bos=True, eos=False):
+    @property
+    def eos_ids(self):
+        return getattr(self, "_eos_ids", None) or ([] if self.eos_id is None else [self.eos_id])
+
+    def encode(self, text, bos=None, eos=None):
+        """text -> ids; `bos`/`eos` None: as the tokenizer adds them by default (`add_bos`, `add_eos`)."""
+        bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         ids = self._encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
+            ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -40,11 +55,12 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise ShapeError(f"{self.kind} tokenizer: token id {i} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+        special = {self.bos_id, self.pad_id, *self.eos_ids}
+        return self._decode([i for i in ids if i not in special])
 
     def to_json(self):
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
-                "eos_id": self.eos_id}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "eos_ids": self.eos_ids, "pad_id": self.pad_id, "add_bos": self.add_bos}
 
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -71,10 +87,13 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE from Hugging Face `tokenizers`, saved as tokenizer.json.
+    """A Hugging Face `tokenizers` tokenizer.json, with its special tokens as the model's own files define them.
 
-    `train` reserves ids 0, 1, 2 for <unk>, <s>, </s> (Llama's numbering: BOS = 1, EOS = 2).
-    Any tokenizer.json loads; BOS/EOS are looked up by their usual names.
+    Beside the tokenizer.json, tokenizer_config.json names bos/eos/pad (special_tokens_map.json fills what it
+    leaves out); whether a BOS or EOS is added is the tokenizer.json post-processor's business, as in transformers;
+    generation_config.json and config.json add the eos ids that end generation; the chat template comes from
+    tokenizer_config.json or chat_template.jinja. A bare tokenizer.json (fusegrad's own `train`) finds BOS/EOS
+    by their usual names and adds a BOS, the Llama convention. `train` reserves ids 0, 1, 2 for <unk>, <s>, </s>.
 
     >>> tok = BPETokenizer.train(["the cat sat on the mat. " * 20], vocab_size=300)
     >>> tok.decode(tok.encode("the cat")), tok.bos_id
@@ -83,20 +102,39 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer, source="<memory>"):
-        self.hf = hf_tokenizer
-        self.source = source
+    def __init__(self, hf_tokenizer, source="<memory>", config=None):
+        self.hf, self.source = hf_tokenizer, source
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_id = _find_token(hf_tokenizer, BOS_NAMES)
-        self.eos_id = _find_token(hf_tokenizer, EOS_NAMES)
-        if self.bos_id is None or self.eos_id is None:
-            raise FormatError(f"{source}: tokenizer has no BOS/EOS token (looked for {BOS_NAMES} and {EOS_NAMES})")
+        if config is None:  # a bare tokenizer.json
+            self.bos_id = _find_token(hf_tokenizer, BOS_NAMES)
+            self.eos_id = _find_token(hf_tokenizer, EOS_NAMES)
+            if self.bos_id is None or self.eos_id is None:
+                raise FormatError(f"{source}: tokenizer has no BOS/EOS token (looked for {BOS_NAMES} and {EOS_NAMES}); "
+                                  f"a tokenizer_config.json beside it can name them")
+            return
+        self.config = config
+        self.bos_id, self.eos_id, self.pad_id = (self._special_id(config, name) for name in ("bos", "eos", "pad"))
+        self._eos_ids = list(dict.fromkeys(i for i in [self.eos_id] + config["eos_ids"] if i is not None))
+        self.eos_id = self.eos_id if self.eos_id is not None else (self._eos_ids or [None])[0]
+        self.chat_template = config.get("chat_template")
+        # what the tokenizer.json's post-processor adds (transformers follows it, whatever add_bos_token says)
+        plain, special = (self.hf.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        self.add_bos = self.bos_id is not None and special[:1] == [self.bos_id] != plain[:1]
+        self.add_eos = self.eos_id is not None and special[-1:] == [self.eos_id] != plain[-1:]
+
+    def _special_id(self, config, name):
+        token = config.get(f"{name}_token")
+        if token is None:
+            return None
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise FormatError(f"{config['_files']}: {name}_token {token!r} is not in the vocabulary of {self.source}")
+        return i
 
     @classmethod
     def train(cls, texts, vocab_size, min_frequency=2):
         """Train on `texts` (an iterable of strings) to at most `vocab_size` ids (256 byte symbols, 3 specials
         and merges); a small text can stop short when no pair occurs `min_frequency` times. Check .vocab_size."""
-
         if vocab_size < 256 + 3:
             raise ConfigError(f"BPETokenizer.train: vocab_size {vocab_size} < 259 (256 bytes + <unk>, <s>, </s>)")
         hf = HFTokenizer(models.BPE())
@@ -110,21 +148,64 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path):
-
         try:
             hf = HFTokenizer.from_file(os.fspath(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise FormatError(f"{path}: not a valid Hugging Face tokenizer.json: {e}") from e
-        return cls(hf, source=os.fspath(path))
+        return cls(hf, source=os.fspath(path), config=read_special_tokens(os.path.dirname(os.fspath(path))))
 
     def _encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text):
+        """(ids, [(start, end) character span of each id]) of `text`, no special tokens added."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def _decode(self, ids):
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def save(self, directory):
+        """tokenizer.json, and when the tokenizer came with one, a tokenizer_config.json transformers reads."""
         atomic_write_text(os.path.join(directory, "tokenizer.json"), self.hf.to_str())
+        if getattr(self, "config", None) is None:
+            return
+        token = {i: self.hf.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token.get(self.bos_id),
+                  "eos_token": token.get(self.eos_id), "pad_token": token.get(self.pad_id),
+                  "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}  # informative: the post-processor rules
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write_text(os.path.join(directory, TOKENIZER_CONFIG), json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def read_special_tokens(directory):
+    """The special-token settings of a Hugging Face model directory, or None when it has no tokenizer_config.json:
+    {"bos_token", "eos_token", "pad_token" (strings or None), "chat_template", "eos_ids" (from generation_config.json, then config.json), "_files"}."""
+    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG))
+    if config is None:
+        return None
+    special = _read_json(os.path.join(directory, "special_tokens_map.json")) or {}
+    out = {"_files": os.path.join(directory, TOKENIZER_CONFIG), "eos_ids": []}
+    for name in ("bos", "eos", "pad"):
+        token = config.get(f"{name}_token", special.get(f"{name}_token"))
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise FormatError(f"{out['_files']}: {name}_token must be a string, got {token!r}")
+        out[f"{name}_token"] = token
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        template = _read_bytes(jinja).decode("utf-8")
+    out["chat_template"] = template
+    for name in ("generation_config.json", "config.json"):
+        ids = (_read_json(os.path.join(directory, name)) or {}).get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                out["eos_ids"].append(i)
+    return out
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -286,14 +367,18 @@ def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
     A directory is searched for tokenizer.model, tokenizer.json, byte_tokenizer.json, tokenizer.bin
-    (in that order). Files dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face
+    (in that order; tokenizer.json first where a tokenizer_config.json says it is a Hugging Face model's). Files dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face
     (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
     """
     if path == "byte":
         return ByteTokenizer()
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin"):
+        names = ["tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin"]
+        if os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):  # a Hugging Face model: its fast tokenizer
+            names.remove("tokenizer.json")
+            names.insert(0, "tokenizer.json")
+        for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name))
         raise FormatError(f"{path}: directory holds no tokenizer (tokenizer.model, tokenizer.json, "
@@ -329,3 +414,16 @@ def _read_bytes(path):
             return f.read()
     except OSError as e:
         raise FormatError(f"{path}: cannot read tokenizer file: {e.strerror}") from e
+
+
+def _read_json(path):
+    """The JSON object in `path`, or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = json.loads(_read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value
