@@ -232,8 +232,20 @@ def rng_state(rng):
     return rng.bit_generator.state
 
 
-def rng_from_state(state):
-    """A new np.random.Generator that continues exactly where the one `state` was taken from stood."""
-    bit_gen = getattr(np.random, state["bit_generator"])()
-    bit_gen.state = state
+BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "MT19937": np.random.MT19937,
+                  "Philox": np.random.Philox, "SFC64": np.random.SFC64}  # what a saved state may name
+
+
+def rng_from_state(state, where="rng state"):
+    """A new np.random.Generator that continues exactly where the one `state` was taken from stood. The bit
+    generator is looked up in an allow-list (a checkpoint never picks which numpy function runs); a state
+    that numpy refuses is a FormatError naming `where`."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in BIT_GENERATORS:
+        raise FormatError(f"{where}: bit_generator must be one of {', '.join(BIT_GENERATORS)}, got {name!r}")
+    bit_gen = BIT_GENERATORS[name]()
+    try:
+        bit_gen.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise FormatError(f"{where}: not a valid {name} state ({type(e).__name__}: {e})") from None
     return np.random.Generator(bit_gen)

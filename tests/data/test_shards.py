@@ -145,3 +145,17 @@ def test_missing_sources(tmp_path):
         TokenDataset(tmp_path, 8, split="val", val_fraction=0.0)
     with pytest.raises(ConfigError, match="split must be"):
         TokenDataset(tmp_path, 8, split="test")
+
+
+def test_rng_state_names_only_allowed_bit_generators():
+    state = rng_state(np.random.default_rng(3))
+    for bad in ("seed", "get_state", "__class__", None, 7):
+        with pytest.raises(FormatError, match=r"ckpt: bit_generator must be one of PCG64"):
+            rng_from_state(dict(state, bit_generator=bad), where="ckpt")
+    with pytest.raises(FormatError, match=r"ckpt: bit_generator"):
+        rng_from_state(["PCG64"], where="ckpt")
+    with pytest.raises(FormatError, match=r"ckpt: not a valid PCG64 state"):
+        rng_from_state(dict(state, state="garbage"), where="ckpt")
+    mt = np.random.Generator(np.random.MT19937(5))
+    again = rng_from_state(rng_state(mt))
+    assert again.integers(0, 1000, 5).tolist() == mt.integers(0, 1000, 5).tolist()
