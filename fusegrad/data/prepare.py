@@ -86,14 +86,13 @@ def _read_documents(inputs):
     docs = []
     for p in paths:
         try:
-            with open(p, encoding="utf-8") as f:
-                doc = f.read()
+            with open(p, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise FormatError(f"{p}: text file does not exist") from None
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         except OSError as e:
             raise FormatError(f"{p}: cannot read text file: {e.strerror}") from None
+        doc = decode_utf8(raw, p)
         if not doc.strip():
             raise FormatError(f"{p}: text file is empty")
         docs.append(doc)
@@ -140,3 +139,12 @@ def _describe_llama2c_shards(source, out_dir, tokenizer, overwrite):
             "shards": [{"file": os.path.abspath(path), "tokens": n} for path, n in shards]}
     atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))
     return meta
+
+
+def decode_utf8(raw: bytes, path) -> str:
+    """bytes -> str; FormatError naming the file, line and byte of the first sequence that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FormatError(f"{path}: line {line} is not UTF-8 text (byte {e.start}: {e.reason})") from None

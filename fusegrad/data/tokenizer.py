@@ -104,7 +104,10 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer, source="<memory>", config=None):
         self.hf, self.source = hf_tokenizer, source
-        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1  # ids may leave holes: the largest one counts
+        if not vocab:
+            raise FormatError(f"{source}: the tokenizer's vocabulary is empty")
         if config is None:  # a bare tokenizer.json
             self.bos_id = _find_token(hf_tokenizer, BOS_NAMES)
             self.eos_id = _find_token(hf_tokenizer, EOS_NAMES)
@@ -299,6 +302,9 @@ class Llama2cTokenizer(Tokenizer):
         ids = [self.ids[b" "]] if b" " in self.ids else []
         for ch in text:
             b = ch.encode("utf-8")
+            if b not in self.ids and max(b) + 3 >= self.vocab_size:
+                raise FormatError(f"{self.source}: cannot encode {ch!r}: it is not a piece and the vocabulary has "
+                                  f"no byte-fallback pieces <0x00>..<0xFF> at ids 3..258")
             ids.extend([self.ids[b]] if b in self.ids else [x + 3 for x in b])
         while True:
             best, best_i = -1e10, -1

@@ -70,8 +70,8 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(FormatError, match="empty.txt: text file is empty"):
         prepare(tmp_path / "empty.txt", out)
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(FormatError, match="latin1.txt: not UTF-8"):
+    (tmp_path / "latin1.txt").write_bytes("fine\nalso fine\ncaf\xe9".encode("latin-1"))
+    with pytest.raises(FormatError, match=r"latin1.txt: line 3 is not UTF-8 text \(byte 18"):
         prepare(tmp_path / "latin1.txt", out)
     (tmp_path / "nodata").mkdir()
     with pytest.raises(FormatError, match="nodata: directory holds no .txt files"):
