@@ -46,7 +46,8 @@ def smollm2_dir() -> str:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config
-        config.quantization_config = None  # dequantized: a plain checkpoint, as published
+        if hasattr(config, "quantization_config"):  # dequantized: a plain checkpoint, as published
+            del config.quantization_config
         model = transformers.LlamaForCausalLM(config)
         model.load_state_dict(loaded.state_dict())
         model.to(torch.bfloat16)
