@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, is_grad_enabled
+from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, default_dtype_for, is_grad_enabled
 
 
 def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
@@ -18,7 +18,6 @@ def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
             return Tensor(like.backend.asarray(x, like.dtype), backend=like.backend)
         return Tensor(like.backend.asarray(x), backend=like.backend)
     if isinstance(x, (numbers.Number, list, tuple, np.ndarray)):
-        from fusegrad.core.tensor import default_dtype_for
         return Tensor(np.asarray(x, dtype=default_dtype_for(x)))
     raise ShapeError(f"{op}: expected a Tensor, array or number, got {type(x).__name__}")
 
