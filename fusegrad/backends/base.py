@@ -128,6 +128,9 @@ class Backend:
         """Make the first real GEMM of this shape fast (JIT, kernel selection, allocation)."""
         self.gemm(self.zeros((m, k), dtype), self.zeros((k, n), dtype))
 
+    def synchronize(self) -> None:
+        """Wait until the work queued on the device is done (for timing); the CPU runs synchronously."""
+
     def prewarm_kernels(self) -> float:
         """Load (or compile) this backend's kernels now; seconds taken (0.0: nothing to compile)."""
         return 0.0
