@@ -17,27 +17,18 @@ True
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.base import ATTENTION_BLOCK, blocks
+from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks
 from fusegrad.backends.jit_common import fast_exp, jit, row_max
 
 
-@dataclasses.dataclass
-class JitAttentionSaved:
-    """q (B, Hkv, T G, D) with query head kv * G + g of position t at row t G + g, k, v (B, Hkv, T, D),
-    the probabilities of each query block (B, Hkv, bq G, hi), the rope tables (T, D/2), the block."""
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    probs: list
-    cos: np.ndarray
-    sin: np.ndarray
-    block: int
+class JitAttentionSaved(AttentionSaved):
+    """The fields of AttentionSaved in this file's layout: q (B, Hkv, T G, D) (query head kv * G + g of
+    position t at row t G + g), probabilities (B, Hkv, bq G, hi) per block, tables cut to (T, D/2)."""
 
 
 @jit

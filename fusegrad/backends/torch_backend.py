@@ -177,9 +177,6 @@ class TorchBackend(Backend):
         torch.sqrt(v, out=denom).div_(math.sqrt(1.0 - beta2 ** step)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
 
-    def __repr__(self) -> str:
-        return f"<backend {self.name}>"
-
 
 # -- per-op GEMM offload of a numpy model ---------------------------------------------------------------
 def torch_gemm_offload(device: str | None):

@@ -41,13 +41,6 @@ def check_float(op: str, *named):
         raise ShapeError(f"{op}: dtypes differ: {listed}")
 
 
-def check_ndim(op: str, name: str, t: Tensor, ndim=None, min_ndim=None):
-    if ndim is not None and t.ndim != ndim:
-        raise ShapeError(f"{op}: {name} must be {ndim}-D, got shape {t.shape}")
-    if min_ndim is not None and t.ndim < min_ndim:
-        raise ShapeError(f"{op}: {name} must be at least {min_ndim}-D, got shape {t.shape}")
-
-
 def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:
     try:
         return tuple(np.broadcast_shapes(a.shape, b.shape))
