@@ -176,7 +176,8 @@ class Backend:
         k = self.rope_apply(qkv[..., n_heads * D:(n_heads + n_kv_heads) * D].reshape(B, T, n_kv_heads, D), cos, sin)
         v = qkv[..., (n_heads + n_kv_heads) * D:].reshape(B, T, n_kv_heads, D)
         q = xp.permute_dims(q.reshape(B, T, n_kv_heads, n_heads // n_kv_heads, D), (0, 2, 3, 1, 4))
-        return tuple(self.contiguous(a) for a in (q, xp.permute_dims(k, (0, 2, 1, 3)), xp.permute_dims(v, (0, 2, 1, 3))))
+        k, v = xp.permute_dims(k, (0, 2, 1, 3)), xp.permute_dims(v, (0, 2, 1, 3))
+        return self.contiguous(q), self.contiguous(k), self.contiguous(v)
 
     def merge_heads(self, out):
         """out (B, Hkv, G, T, D) -> (B, T, H D), head h = kv head * G + g."""

@@ -2,9 +2,9 @@
 
 A GEMM of CPU arrays is offered to each accelerator of its backend's chain in turn (added and removed
 by `fusegrad.backends.gemm_offload`); one is tried only when the GEMM is at least its `min_flops`
-(below that, transfer costs more than it saves). When an accelerator raises, that one call falls back down the chain — the
-result stays correct — the reason is warned once per accelerator and recorded in the tracer, and the
-accelerator is dropped only after `max_failures` failures (not, as in the seed, after the first).
+(below that, transfer costs more than it saves). When an accelerator raises, that one call falls back
+down the chain — the result stays correct — the reason is warned once per accelerator and recorded in
+the tracer, and the accelerator is dropped only after `max_failures` failures.
 
 >>> import numpy as np
 >>> from fusegrad.backends.dispatch import GemmChain

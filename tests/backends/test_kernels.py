@@ -1,6 +1,7 @@
 """Every backend's kernels against the reference bodies of the kernel contract (fusegrad.backends.base),
-run by the plain NumpyBackend: the numba JitBackend, torch on its CPU device, and the ANE simulator's
-GEMM (fp16 operands). A new backend joins by adding its name to BACKENDS."""
+run by the plain NumpyBackend: that backend's own GEMM and scatter-add, the numba JitBackend, torch on its
+CPU device, and the ANE simulator's GEMM (fp16 operands). A new backend joins by adding its name to
+BACKENDS."""
 import numpy as np
 import pytest
 
@@ -8,10 +9,12 @@ from fusegrad.backends import base, get_backend
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 REF = NumpyBackend()
-BACKENDS = ["numpy-jit", "torch:cpu"]
+BACKENDS = ["numpy", "numpy-jit", "torch:cpu"]
 
 
 def make(name):
+    if name == "numpy":
+        return NumpyBackend()
     if name == "numpy-jit":
         pytest.importorskip("numba")
         from fusegrad.backends.cpu_jit import JitBackend
