@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 
-from scipy.special import erf
-
 from fusegrad.core.errors import ConfigError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
@@ -56,6 +54,8 @@ def gelu(a: Tensor, approximate: str = "none") -> Tensor:
         def backward(g):
             return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)),)
     elif approximate == "none":
+        from scipy.special import erf  # heavy (0.3 s), and only the exact GELU needs it
+
         cdf = 0.5 * (1 + erf(x / math.sqrt(2))).astype(x.dtype)
         out = x * cdf
 
