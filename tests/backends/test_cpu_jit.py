@@ -274,7 +274,8 @@ def test_classifier_grads_stay_accurate_when_the_model_is_confident(rng):
     d /= n
     _, dh, dw = jit.classifier_cross_entropy(h, w, targets, chunk=16)
     np.testing.assert_allclose(dh, d @ w.astype(np.float64), rtol=0, atol=1e-7)
-    np.testing.assert_allclose(dw, d.T @ h.astype(np.float64), rtol=0, atol=1e-7)
+    # dW entries reach ~0.1: float32 sums of 64 products round at ~2e-7 there (any BLAS, the reference too)
+    np.testing.assert_allclose(dw, d.T @ h.astype(np.float64), rtol=1e-5, atol=1e-7)
 
 
 def test_accumulate_adds_in_place_and_falls_back_off_the_fast_path(rng):
