@@ -82,10 +82,6 @@ class Op:
     def __eq__(self, other):
         return isinstance(other, Op) and format_op(self) == format_op(other)
 
-    @property
-    def where(self) -> str:
-        return f"op {self.op} {self.name!r}" + (f" (MIL line {self.line})" if self.line else "")
-
 
 @dataclass
 class Program:
