@@ -36,10 +36,10 @@ RUNNERS = ("ane-sim", "ane")
 
 
 def get_runner(name: str = "ane-sim"):
-    """A kernel runner: "ane-sim" (any OS) or "ane" (macOS on Apple Silicon; BackendError elsewhere, with the
-    reason and the ane-sim alternative)."""
+    """A kernel runner: "ane-sim" (any OS; it enforces the ANE's reported padding rules, see sim.py) or "ane"
+    (macOS on Apple Silicon; BackendError elsewhere, with the reason and the ane-sim alternative)."""
     if name == "ane-sim":
-        return AneSim()
+        return AneSim(hw_rules=True)
     if name == "ane":
         return AneRuntime()
     raise BackendError(f"unknown ANE runner {name!r}; choose one of {', '.join(RUNNERS)}")

@@ -1,7 +1,11 @@
 """MilBuilder: write MIL programs op by op, with shape inference, named consts and BLOBFILE weights.
 
 Small consts (conv params, axes, dtypes) are declared once and reused, like the seed's `pt`, `st`, `pd`.
-Weights go into one MILBlob file per program (`@model_path/weights/w.bin`, several blobs).
+
+Two dialects (`DIALECTS`): "m3" (M3 and later, the seed's spelling: `string("x")`, all weights as
+blobs of one MILBlob file `@model_path/weights/w.bin`) and "m1" for the M1/M2 compilers, which are
+reported to reject `string("x")` and several weights at different offsets of one file: the verbose
+spelling `tensor<string, []>("x")` and one file per weight (`@model_path/weights/<name>.bin`).
 
 >>> import numpy as np
 >>> b = MilBuilder()
@@ -19,9 +23,10 @@ import numpy as np
 
 from fusegrad.backends.ane.blob import BlobWriter
 from fusegrad.backends.ane.mil import Blobfile, MilType, Op, Program, Var
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, ShapeError
 
 WEIGHTS_FILE = "@model_path/weights/w.bin"
+DIALECTS = ("m3", "m1")
 
 
 def broadcast_shape(op: str, a: tuple, b: tuple) -> tuple:
@@ -32,12 +37,14 @@ def broadcast_shape(op: str, a: tuple, b: tuple) -> tuple:
 
 
 class MilBuilder:
-    def __init__(self, target: str = "ios18"):
-        self.target = target
+    def __init__(self, target: str = "ios18", dialect: str = "m3"):
+        if dialect not in DIALECTS:
+            raise ConfigError(f"MIL dialect {dialect!r}: choose one of {', '.join(DIALECTS)}")
+        self.target, self.dialect = target, dialect
         self.inputs, self.ops = [], []
         self._names = set()
         self._consts = {}  # (role, type, value) -> Var, so a repeated small const is declared once
-        self._blob = BlobWriter()
+        self._blobs = {}  # weight file path -> BlobWriter
 
     # ---- naming and consts ----------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -83,12 +90,19 @@ class MilBuilder:
         return self._consts[key]
 
     def weight(self, name: str, array: np.ndarray, dtype: str = "fp16") -> Var:
-        """A BLOBFILE const holding `array` (rounded to fp16 by default), stored in this program's blob."""
+        """A BLOBFILE const holding `array` (rounded to fp16 by default), in the dialect's weight file."""
         data = np.asarray(array, {"fp16": np.float16, "fp32": np.float32}[dtype])
-        offset = self._blob.add(data)
         out = Var(self._fresh(name), MilType(dtype, data.shape))
-        self.ops.append(Op(out, "const", out.name, val=Blobfile(WEIGHTS_FILE, offset)))
+        path = WEIGHTS_FILE if self.dialect == "m3" else f"@model_path/weights/{out.name}.bin"
+        offset = self._blobs.setdefault(path, BlobWriter()).add(data)
+        self.ops.append(Op(out, "const", out.name, val=Blobfile(path, offset)))
         return out
+
+    def rename(self, var: Var, name: str) -> Var:
+        """Give the value `var` (an op's output, not used yet) the name `name`."""
+        op = next(op for op in self.ops if op.out == var)
+        op.out = Var(self._fresh(name), var.type)
+        return op.out
 
     # ---- ops (argument order follows the seed / coremltools printing) ---------------------------
     def cast(self, x: Var, dtype: str, name: str | None = None) -> Var:
@@ -189,6 +203,6 @@ class MilBuilder:
 
     def build(self, outputs: list):
         """(Program, weights) where weights maps each BLOBFILE path to the file's bytes."""
-        program = Program(list(self.inputs), list(self.ops), [v.name for v in outputs], target=self.target)
-        weights = {WEIGHTS_FILE: self._blob.to_bytes()} if len(self._blob) else {}
-        return program, weights
+        program = Program(list(self.inputs), list(self.ops), [v.name for v in outputs], target=self.target,
+                          verbose=self.dialect == "m1")
+        return program, {path: blob.to_bytes() for path, blob in self._blobs.items()}
