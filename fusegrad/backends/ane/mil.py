@@ -329,9 +329,10 @@ class _Parser:
         self.take("(")
         outputs = self.listing(lambda: self.grab("name", "an output name"), ")")
         self.take(";")
+        if self.peek() == "func":
+            raise FormatError(f"MIL line {self.line}: cannot parse more than one function (ane-sim runs main only)")
         self.take("}", "'}' closing the program")
-        if self.peek() != "end of text":
-            raise FormatError(f"MIL line {self.line}: cannot parse more than one function (found {self.peek()!r})")
+        self.take("end of text")
         return Program(inputs, ops, outputs, version, target, info, self.verbose)
 
     def param(self) -> Var:
