@@ -199,6 +199,9 @@ class AneSim:
     def prepare(self, program, weights: dict | None = None) -> Program:
         """The sim's 'compile': parse, refuse unknown ops and, with hw_rules, matmul inner dimensions that are
         not a multiple of INNER_MULTIPLE and I/O under MIN_IO_BYTES."""
+        return self._validate(program)
+
+    def _validate(self, program) -> Program:
         program = parse(program) if isinstance(program, str) else program
         shapes = {v.name: v.type.shape for v in program.inputs} | {op.out.name: op.out.type.shape for op in program.ops}
         consts = {op.out.name: op.val for op in program.ops if op.op == "const"}
@@ -220,7 +223,7 @@ class AneSim:
         return program
 
     def run(self, program, weights: dict, inputs: dict) -> dict:
-        program, env = self.prepare(program, weights), {}
+        program, env = self._validate(program), {}
         for var in program.inputs:
             if var.name not in inputs:
                 raise ShapeError(f"ane-sim: missing input {var.name!r} {var.type.text}")

@@ -83,6 +83,37 @@ class FlakyRunner:
         return self.sim.run(program, weights, inputs)
 
 
+class WrongRunner(AneSim):
+    """ane-sim with the hardware rules whose results are 50% off: wrong values, never an exception."""
+
+    def run(self, program, weights, inputs):
+        return {"y": super().run(program, weights, inputs)["y"] * 1.5}
+
+
+def test_wrong_kernel_values_disable_each_shape_and_the_loss_equals_the_cpu_loss(tmp_path, monkeypatch, data_dir):
+    cpu = AneBackend("ane-sim", min_flops=float("inf"))  # every GEMM on the CPU, the same fp16 loss scaling
+    cpu.name = "cpu-scaled"
+    cpu_losses, _ = run_steps(Trainer(tiny(tmp_path / "cpu", data=data_dir, backend=on(monkeypatch, cpu))), 4)
+    be = AneBackend("ane-sim", runner=WrongRunner(hw_rules=True))
+    name = on(monkeypatch, be)
+    with pytest.warns(RuntimeWarning, match=r"ane-sim computed GEMM \(64, \d+, \d+\) wrong") as record:
+        losses, steps = run_steps(Trainer(tiny(tmp_path / "ane", data=data_dir, backend=name)), 4)
+    np.testing.assert_array_equal(losses, cpu_losses)  # every wrong result was replaced by the CPU's
+    assert sum("computed GEMM" in str(w.message) for w in record) == 1 and len(be.disabled) == 5
+    assert steps[0] == {"dispatch:ane-sim": 5, "dispatch:numpy": 19}  # each shape's first call ran (and was caught)
+    assert all(s == {"dispatch:numpy": 24} for s in steps[1:])  # then the CPU only
+
+
+def test_m1_dialect_trains_on_ane_sim_like_the_cpu(tmp_path, monkeypatch, data_dir):
+    cpu_losses, _ = run_steps(Trainer(tiny(tmp_path / "cpu", data=data_dir, backend="numpy")), 6)
+    be = AneBackend("ane-sim", chip="Apple M1")
+    name = on(monkeypatch, be)
+    losses, steps = run_steps(Trainer(tiny(tmp_path / "ane", data=data_dir, backend=name)), 6)
+    assert be.dialect == "m1" and not be.disabled and steps[-1]["dispatch:ane-sim"] == 16
+    assert all(p.inputs[0].type.dtype == "fp16" for p in (g.program for g in be._kernels.values()))
+    assert np.abs(losses - cpu_losses).max() <= FP16_LOSS_TOL
+
+
 def test_gemms_forward_and_dx_on_ane_within_fp16_of_float64_dw_on_cpu(rng):
     be = AneBackend("ane-sim")
     x, w, dy = rng.standard_normal((24, 32)), rng.standard_normal((48, 32)) * 0.1, rng.standard_normal((24, 48))
