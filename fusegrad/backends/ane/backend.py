@@ -77,12 +77,13 @@ class AneBackend(NumpyBackend):
 
     def __init__(self, name: str = "ane-sim", runner=None, min_flops: float = 0.0, max_failures: int = 8,
                  chip: str | None = None, check_every: int = CHECK_EVERY):
+        super().__init__()
         self.name = name
         self.runner = runner if runner is not None else get_runner(name)
         self.chip = chip if chip is not None else chip_name()
         self.dialect = dialect_for(self.chip)
         self.check_every = check_every
-        self.chain = GemmChain()
+        self.chain = GemmChain()  # its own chain: the ANE first, then the CPU
         self.chain.add_offload(name, self.ane_gemm, min_flops=min_flops, max_failures=max_failures,
                                accepts=self.accepts_gemm)
         self._kernels = {}  # (m, k, n) -> _Gemm: built once per shape
