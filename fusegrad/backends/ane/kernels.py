@@ -294,4 +294,5 @@ def sdpa_backward(dim: int, n_heads: int, n_kv_heads: int, seq: int, dialect: st
 
 
 KERNELS = ("matmul_dynamic", "ffn_w13_backward_dx", "ffn_w13_backward_dx_dynamic", "qkv_backward_dx",
-           "qkv_backward_dx_dynamic", "ffn_forward", "ffn_forward_dynamic", "attention_forward", "attention_forward_dynamic", "sdpa_backward")
+           "qkv_backward_dx_dynamic", "ffn_forward", "ffn_forward_dynamic", "attention_forward",
+           "attention_forward_dynamic", "sdpa_backward")

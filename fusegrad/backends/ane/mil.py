@@ -187,13 +187,15 @@ class _Parser:
     def peek(self, k: int = 0) -> str:
         return self.toks[min(self.i + k, len(self.toks) - 1)][1]
 
-    def take(self, want: str, what: str | None = None) -> str:
-        """The next token, which must be the text `want`."""
-        return self._next(lambda kind, text: text == want, what or repr(want))
+    def take(self, *wants: str, what: str | None = None) -> str:
+        """The next tokens, which must be the texts `wants`; returns the last."""
+        for want in wants:
+            text = self._next(lambda kind, t: t == want, what or repr(want))
+        return text
 
-    def grab(self, kind: str, what: str) -> str:
-        """The next token, which must be of class `kind` (name, num, str)."""
-        return self._next(lambda k, text: k == kind, what)
+    def grab(self, kinds: str, what: str) -> str:
+        """The next token, which must be of a class in `kinds` (name, num, str)."""
+        return self._next(lambda kind, t: kind in kinds.split(), what)
 
     def _next(self, ok, what: str) -> str:
         kind, text, line = self.toks[self.i]
@@ -203,10 +205,10 @@ class _Parser:
         return text
 
     def accept(self, text: str) -> bool:
-        if self.peek() == text:
-            self.i += 1
-            return True
-        return False
+        if self.peek() != text:
+            return False
+        self.i += 1
+        return True
 
     def listing(self, item, close: str) -> list:
         """item, item, ... up to `close` (consumed)."""
@@ -221,14 +223,11 @@ class _Parser:
         if self.peek() == "tensor" and self.peek(1) == "<":
             self.i += 2
             dtype = self.grab("name", "a dtype")
-            self.take(",")
-            self.take("[")
+            self.take(",", "[")
             dims = self.listing(lambda: int(self.grab("num", "a fixed dimension")), "]")
             self.take(">")
-            if not dims:  # rank 0: the verbose spelling of a scalar
-                self.verbose = True
-                return MilType(dtype)
-            return MilType(dtype, tuple(dims))
+            self.verbose |= not dims  # rank 0: the verbose spelling of a scalar
+            return MilType(dtype, tuple(dims) if dims else None)
         return MilType(self.grab("name", "a type"))
 
     def value(self, expected: MilType | None, what: str):
@@ -237,9 +236,9 @@ class _Parser:
         if expected is not None and type_ != expected:
             raise FormatError(f"MIL line {line}: {what} of type {type_.text} does not match declared type "
                               f"{expected.text}")
-        self.take("(", "'(' before a literal")
+        self.take("(", what="'(' before a literal")
         if self.accept("BLOBFILE"):
-            self.take("(", "'(' after BLOBFILE")
+            self.take("(")
             ref = dict(self.listing(lambda: self.attr(None), ")"))
             if set(ref) != {"path", "offset"}:
                 raise FormatError(f"MIL line {line}: BLOBFILE needs path and offset, got {sorted(ref)}")
@@ -247,32 +246,25 @@ class _Parser:
         elif type_.dtype == "string":
             val = self.grab("str", "a string literal")[1:-1]
         elif type_.shape is None:
-            val = _number(type_.dtype, self.scalar(), line)
+            val = _number(type_.dtype, self.grab("num name", "a number"), line)
         else:
-            self.take("[", "'[' before a tensor literal")
-            items = self.listing(self.scalar, "]")
-            values = [_number(type_.dtype, s, line) for s in items]
+            self.take("[", what="'[' before a tensor literal")
+            items = self.listing(lambda: self.grab("num name", "a number"), "]")
+            values = [_number(type_.dtype, t, line) for t in items]
             if type_.dtype not in NUMPY_DTYPES or len(values) != int(np.prod(type_.shape)):
                 raise FormatError(f"MIL line {line}: literal of {len(values)} values does not fit {type_.text}")
             val = np.array(values, NUMPY_DTYPES[type_.dtype]).reshape(type_.shape)
-        self.take(")", "')' after a literal")
+        self.take(")", what="')' after a literal")
         return type_, val
-
-    def scalar(self) -> str:
-        kind, text, line = self.toks[self.i]
-        if kind not in ("num", "name"):
-            raise FormatError(f"MIL line {line}: cannot parse a number: got {text!r}")
-        self.i += 1
-        return text
 
     def attr(self, expected):
         key = self.grab("name", "an attribute name")
-        self.take("=", f"'=' after {key}")
+        self.take("=", what=f"'=' after {key}")
         return key, self.value(expected, key)
 
     def arg(self):
         key = self.grab("name", "an argument name")
-        self.take("=", f"'=' after {key}")
+        self.take("=", what=f"'=' after {key}")
         if self.accept("("):
             return key, tuple(self.listing(lambda: self.grab("name", "a variable name"), ")"))
         return key, self.grab("name", f"argument {key}: a variable name")
@@ -280,13 +272,13 @@ class _Parser:
     def statement(self) -> Op:
         line, type_ = self.line, self.type()
         out = Var(self.grab("name", "the variable a statement defines"), type_)
-        self.take("=", f"'=' after {out.name}")
+        self.take("=", what=f"'=' after {out.name}")
         opname = self.grab("name", "an op name")
-        self.take("(", f"'(' after {opname}")
+        self.take("(", what=f"'(' after {opname}")
         args = dict(self.listing(self.arg, ")"))
-        self.take("[", f"'[name = ...]' after {opname}(...)")
+        self.take("[", what=f"'[name = ...]' after {opname}(...)")
         attrs = dict(self.listing(lambda: self.attr(type_ if self.peek() == "val" else None), "]"))
-        self.take(";", "';' after a statement")
+        self.take(";", what="';' after a statement")
         if "name" not in attrs:
             raise FormatError(f"MIL line {line}: op {opname} has no name attribute")
         name, val = attrs.pop("name")[1], attrs.pop("val", (None, None))[1]
@@ -295,44 +287,35 @@ class _Parser:
         return Op(out, opname, name, args, val, attrs, line)
 
     def program(self) -> Program:
-        self.take("program", "the header 'program(<version>)'")
-        self.take("(")
-        version = self.grab("num", "the program version")
+        self.take("program", what="the header 'program(<version>)'")
+        version = self.take("(") and self.grab("num", "the program version")
         self.take(")")
         info = ()
         if self.accept("["):
-            self.take("buildInfo")
-            self.take("=")
+            self.take("buildInfo", "=")
             while self.peek() not in ("(", "end of text"):  # dict<string, string> in either spelling
                 self.i += 1
-            self.take("(")
-            self.take("{")
+            self.take("(", "{")
             info = tuple(self.listing(self.pair, "}"))
-            self.take(")")
-            self.take("]")
-        self.take("{", "'{' opening the program body")
+            self.take(")", "]")
+        self.take("{", what="'{' opening the program body")
         if self.peek() == "}":
             raise FormatError(f"MIL line {self.line}: the program has only an empty body, no func")
         self.take("func")
         self.grab("name", "the function name")
-        target = ""
-        if self.accept("<"):
-            target = self.grab("name", "the target")
-            self.take(">")
-        self.take("(")
+        target = self.grab("name", "the target") if self.accept("<") else ""
+        self.take(*([">", "("] if target else ["("]))
         inputs = self.listing(self.param, ")")
-        self.take("{", "'{' opening the function body")
+        self.take("{", what="'{' opening the function body")
         ops = []
         while not self.accept("}"):
             ops.append(self.statement())
-        self.take("->", "the function's outputs '-> (...);'")
-        self.take("(")
-        outputs = self.listing(lambda: self.grab("name", "an output name"), ")")
+        self.take("->", what="the function's outputs '-> (...);'")
+        outputs = self.take("(") and self.listing(lambda: self.grab("name", "an output name"), ")")
         self.take(";")
         if self.peek() == "func":
             raise FormatError(f"MIL line {self.line}: cannot parse more than one function (ane-sim runs main only)")
-        self.take("}", "'}' closing the program")
-        self.take("end of text")
+        self.take("}", "end of text", what="'}' closing the program")
         return Program(inputs, ops, outputs, version, target, info, self.verbose)
 
     def param(self) -> Var:
@@ -340,10 +323,8 @@ class _Parser:
         return Var(self.grab("name", "a parameter name"), type_)
 
     def pair(self):
-        self.take("{")
-        k = self.grab("str", "a buildInfo key")[1:-1]
-        self.take(",")
-        v = self.grab("str", "a buildInfo value")[1:-1]
+        k = self.take("{") and self.grab("str", "a buildInfo key")[1:-1]
+        v = self.take(",") and self.grab("str", "a buildInfo value")[1:-1]
         self.take("}")
         return k, v
 

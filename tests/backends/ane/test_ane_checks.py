@@ -76,7 +76,8 @@ def test_stories260k_dims_are_padded_and_give_right_results(chip):
         assert g.k2 % INNER_MULTIPLE == 0 and g.k2 - k < INNER_MULTIPLE and g.m2 >= m
         assert inp.type.shape == (1, g.k2, 1, g.m2 + n)
         assert min(np.prod(inp.type.shape), np.prod(out.type.shape)) * itemsize >= MIN_IO_BYTES
-    assert {key: g.k2 for key, g in be._kernels.items()} == {(64, 172, 344): 192, (64, 344, 172): 352, (64, 64, 172): 64}
+    assert {key: g.k2 for key, g in be._kernels.items()} == {(64, 172, 344): 192, (64, 344, 172): 352,
+                                                             (64, 64, 172): 64}
     assert not be.disabled
 
 

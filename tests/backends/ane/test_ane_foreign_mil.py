@@ -86,7 +86,9 @@ def literal(var, blob):
     shape = f"tensor<{dtype}, [{', '.join(str(d) for d in arr.shape)}]>"
 
     def one(v):
-        return ("true" if v else "false") if dtype == "bool" else float(v).hex() if dtype.startswith("fp") else str(int(v))
+        if dtype == "bool":
+            return "true" if v else "false"
+        return float(v).hex() if dtype.startswith("fp") else str(int(v))
     if arr.ndim == 0:
         return f"{shape}({one(arr)})"
     if arr.size > 8 and dtype.startswith("fp"):
@@ -111,12 +113,12 @@ def translate(prog, compact: bool):
             attrs = ", ".join(f"{k} = {literal(v, blob)}" for k, v in op.inputs.items())
             body.append(f"{typ(out)} {out.name} = {op.op_type}()[{attrs}, {name}];")
         else:
-            args = ", ".join(f"{k} = ({', '.join(x.name for x in v)})" if isinstance(v, (tuple, list)) else f"{k} = {v.name}"
-                             for k, v in op.inputs.items())
+            args = ", ".join(f"{k} = ({', '.join(x.name for x in v)})" if isinstance(v, (tuple, list))
+                             else f"{k} = {v.name}" for k, v in op.inputs.items())
             body.append(f"{typ(out)} {out.name} = {op.op_type}({args})[{name}];")
     params = ", ".join(f"{typ(v)} {n}" for n, v in func.inputs.items())
-    text = "\n".join(["program(1.3)", '[buildInfo = dict<tensor<string, []>, tensor<string, []>>({{"coremltools-version", '
-                      '"9.0"}})]', "{", f"    func main<ios18>({params}) {{", *("        " + s for s in body),
+    info = '[buildInfo = dict<tensor<string, []>, tensor<string, []>>({{"coremltools-version", "9.0"}})]'
+    text = "\n".join(["program(1.3)", info, "{", f"    func main<ios18>({params}) {{", *("        " + s for s in body),
                       f"    }} -> ({', '.join(v.name for v in func.outputs)});", "}"])
     if compact:
         text = re.sub(r"\s*([=,()\[\]<>{};])\s*", r"\1", text).replace("->", " -> ")
@@ -263,6 +265,7 @@ def test_unknown_op_and_construct_name_their_line():
     with pytest.raises(FormatError, match="MIL line 6: cannot parse more than one function"):
         parse(text.replace("\n}\n", "\n func f() {} -> ();\n}\n"))
     conv = text.replace("gelu2(x = x)", "conv(x = x, weight = x, pad_type = p)").replace(
-        "  tensor<fp32, [2]> y", '  string p = const()[name = string("p"), val = string("reflect")];\n  tensor<fp32, [2]> y')
+        "  tensor<fp32, [2]> y",
+        '  string p = const()[name = string("p"), val = string("reflect")];\n  tensor<fp32, [2]> y')
     with pytest.raises(BackendError, match=r"op conv 'g'.*pad_type 'reflect'.*\(MIL line 5\)"):
         AneSim().run(conv, {}, {"x": np.zeros(2, np.float32)})
