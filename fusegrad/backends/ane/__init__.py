@@ -1,8 +1,8 @@
 """Apple Neural Engine backend: MIL programs, MILBlob weights, the ane-sim interpreter, the macOS runtime.
 
-Layout: `mil` (program structure, printer, parser), `builder` (MilBuilder), `blob` (MILBlob v2),
-`kernels` (program generators), `sim` (AneSim, NumPy fp16), `runtime` (AneRuntime, ctypes, macOS),
-`objc` (Objective-C / IOSurface bindings).
+Layout: `mil` (program structure, printer, parser), `builder` (MilBuilder, dialects), `blob` (MILBlob
+v2), `kernels` (program generators), `sim` (AneSim, NumPy fp16), `runtime` (AneRuntime, ctypes, macOS),
+`objc` (Objective-C / IOSurface bindings), `backend` (AneBackend: training), `doctor` (`fusegrad doctor`).
 
 Kernel runner API (what training calls; both runners implement it):
 

@@ -121,7 +121,7 @@ def translate(prog, compact: bool):
     text = "\n".join(["program(1.3)", info, "{", f"    func main<ios18>({params}) {{", *("        " + s for s in body),
                       f"    }} -> ({', '.join(v.name for v in func.outputs)});", "}"])
     if compact:
-        text = re.sub(r"\s*([=,()\[\]<>{};])\s*", r"\1", text).replace("->", " -> ")
+        text = re.sub(r"\s*([=,()\[\]<>{};])\s*", r"\1", text)  # one line: "...}->(y);}"
     return text, ({"@model_path/weights/weight.bin": blob.to_bytes()} if len(blob) else {})
 
 
