@@ -17,6 +17,7 @@ spelling `tensor<string, []>("x")` and one file per weight (`@model_path/weights
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -180,23 +181,17 @@ class MilBuilder:
                 "x": x.name}
         return self._emit("reduce_sum", x.type.dtype, shape, args, name)
 
-    def _binary(self, op: str, x: Var, y, name: str | None) -> Var:
+    def _binary(self, op: str, x: Var, y, name: str | None = None) -> Var:
         if not isinstance(y, Var):
             y = self.const(float(y), dtype=x.type.dtype, name=op[0] + "k")
         shape = broadcast_shape(op, x.type.shape, y.type.shape or ())
         return self._emit(op, x.type.dtype, shape, {"x": x.name, "y": y.name}, name)
 
-    def add(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("add", x, y, name)
-
-    def sub(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("sub", x, y, name)
-
-    def mul(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("mul", x, y, name)
-
-    def pow(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("pow", x, y, name)
+    # x (op) y, y a Var or a number: add(x, y, name=None) and so on
+    add = functools.partialmethod(_binary, "add")
+    sub = functools.partialmethod(_binary, "sub")
+    mul = functools.partialmethod(_binary, "mul")
+    pow = functools.partialmethod(_binary, "pow")
 
     def sigmoid(self, x: Var, name: str | None = None) -> Var:
         return self._emit("sigmoid", x.type.dtype, x.type.shape, {"x": x.name}, name)
