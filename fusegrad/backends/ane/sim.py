@@ -205,9 +205,14 @@ class AneSim:
         program = parse(program) if isinstance(program, str) else program
         shapes = {v.name: v.type.shape for v in program.inputs} | {op.out.name: op.out.type.shape for op in program.ops}
         consts = {op.out.name: op.val for op in program.ops if op.op == "const"}
+        for var in program.inputs:
+            if var.type.dtype not in NUMPY_DTYPES:
+                raise BackendError(f"ane-sim: input {var.name!r} has dtype {var.type.dtype}, which is not modelled")
         for op in program.ops:
             if op.op != "const" and op.op not in OPS:
                 raise BackendError(f"ane-sim op {op.op} {op.name!r}: unknown op{_at(op)} (known: {', '.join(OPS)})")
+            if op.out.type.dtype not in NUMPY_DTYPES and not (op.op == "const" and op.out.type.dtype == "string"):
+                raise BackendError(f"ane-sim op {op.op} {op.name!r}: dtype {op.out.type.dtype} is not modelled{_at(op)}")
             if self.hw_rules and op.op == "matmul" and shapes.get(op.args.get("x")):
                 x = shapes[op.args["x"]]
                 inner = x[-2] if consts.get(op.args.get("transpose_x")) else x[-1]
@@ -262,6 +267,4 @@ class AneSim:
         type_ = op.out.type
         if type_.shape is not None and result.shape != type_.shape:
             raise ShapeError(f"{where}: computes shape {result.shape}, text declares {type_.text}{_at(op)}")
-        if type_.dtype not in NUMPY_DTYPES:
-            raise BackendError(f"{where}: unsupported output dtype {type_.dtype}{_at(op)}")
         return result.astype(NUMPY_DTYPES[type_.dtype])  # the fp16 rounding the ANE does
