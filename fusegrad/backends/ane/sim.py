@@ -44,9 +44,9 @@ def _cast(a, op):
 
 
 def _conv_pads(a, x, k, strides, dil) -> list:
-    pad_type, spatial = a("pad_type", "valid"), x.shape[2:]
+    pad_type, pad, spatial = a("pad_type", "valid"), a("pad", None), x.shape[2:]
     if pad_type == "custom":
-        p = _ints(a("pad"))
+        p = _ints(pad)
         return [(p[2 * i], p[2 * i + 1]) for i in range(len(k))]
     if pad_type == "valid":
         return [(0, 0)] * len(k)
@@ -125,19 +125,21 @@ def _reduce(fn):
 
 def _affine(a, op, key):
     """(x - zero_point) * scale; scale and zero_point scalars or vectors along `axis`."""
-    x = _f32(a(key))
+    x, axis = _f32(a(key)), int(a("axis", 0))
 
     def along(v):
         v = _f32(v)
-        return v.reshape([-1 if i == int(a("axis", 0)) % x.ndim else 1 for i in range(x.ndim)]) if v.ndim == 1 else v
+        return v.reshape([-1 if i == axis % x.ndim else 1 for i in range(x.ndim)]) if v.ndim == 1 else v
     return (x - along(a("zero_point", 0))) * along(a("scale"))
 
 
 def _quantize(a, op):
+    if a("output_dtype", op.out.type.dtype) != op.out.type.dtype:
+        raise ShapeError(f"output_dtype {a('output_dtype')!r} but output declared {op.out.type.text}")
     info = np.iinfo(NUMPY_DTYPES[op.out.type.dtype])
-    x, scale, zp = _f32(a("input")), _f32(a("scale")), _f32(a("zero_point", 0))
+    x, scale, zp, axis = _f32(a("input")), _f32(a("scale")), _f32(a("zero_point", 0)), int(a("axis", 0))
     if scale.ndim == 1:
-        shape = [-1 if i == int(a("axis", 0)) % x.ndim else 1 for i in range(x.ndim)]
+        shape = [-1 if i == axis % x.ndim else 1 for i in range(x.ndim)]
         scale, zp = scale.reshape(shape), zp.reshape(shape) if zp.ndim == 1 else zp
     return np.clip(np.round(x / scale + zp), info.min, info.max)
 
@@ -245,7 +247,10 @@ class AneSim:
         if op.op == "const":
             return _const(op.out.type, op.val, weights, where)
 
+        asked = set()
+
         def arg(key, default=_MISSING):
+            asked.add(key)
             if key in op.attrs:
                 return _const(*op.attrs[key], weights, where)
             if key not in op.args:
@@ -264,6 +269,9 @@ class AneSim:
             raise ShapeError(f"{where}: {e}{_at(op)}") from None
         except (BackendError, ShapeError) as e:
             raise type(e)(f"{where}: {e}{_at(op)}") from None
+        unread = (set(op.args) | set(op.attrs)) - asked
+        if unread:  # never ignore what a program says
+            raise BackendError(f"{where}: argument {', '.join(sorted(unread))} is not modelled{_at(op)}")
         type_ = op.out.type
         if type_.shape is not None and result.shape != type_.shape:
             raise ShapeError(f"{where}: computes shape {result.shape}, text declares {type_.text}{_at(op)}")

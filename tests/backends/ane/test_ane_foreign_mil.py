@@ -260,6 +260,8 @@ def test_unknown_op_and_construct_name_their_line():
         AneSim().run(text, {}, {"x": np.zeros(2, np.float32)})
     with pytest.raises(BackendError, match=r"op relu 'g': dtype bf16 is not modelled \(MIL line 4\)"):
         AneSim().run(text.replace("gelu2", "relu").replace("fp32, [2]> y", "bf16, [2]> y"), {}, {"x": np.zeros(2)})
+    with pytest.raises(BackendError, match=r"op relu 'g': argument beta is not modelled \(MIL line 4\)"):
+        AneSim().run(text.replace("gelu2(x = x)", "relu(x = x, beta = x)"), {}, {"x": np.zeros(2)})
     with pytest.raises(FormatError, match="MIL line 3: cannot parse a fixed dimension: got 'n'"):
         parse(text.replace("[2]> x", "[n]> x"))
     with pytest.raises(FormatError, match="MIL line 4: cannot parse ';' after a statement: got 'junk'"):
