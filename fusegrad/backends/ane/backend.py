@@ -1,28 +1,17 @@
 """Training on the ANE: the NumPy backend with the projection GEMMs offloaded to ANE kernels.
 
-Parameters, activations and gradients stay numpy fp32, so every CPU kernel (norms, attention,
-SwiGLU, embedding, classifier + cross-entropy, AdamW) runs unchanged. Offloaded, in fp16:
+Parameters, activations and gradients stay numpy fp32; every CPU kernel runs unchanged. Offloaded, in
+fp16: forward y = x W^T and backward dx = dy W (for wqkv and w13 that is the seed's fused
+`concat(dq, dk, dv) -> dx` / `concat(dh1, dh3) -> dx` program, `kernels.matmul_dynamic`). dW = dy^T x
+(`trans_a`) and batched GEMMs stay on the CPU in fp32, as in the seed. Weights ride in the input, so a
+kernel is compiled once per (tokens, in, out), padded to what the hardware is reported to need
+(`kernels.gemm_padding`), in the chip's MIL dialect (`runtime.dialect_for`).
 
-- forward   y  = x W^T   (tokens, in) x (in, out)    the projection
-- backward  dx = dy W    (tokens, out) x (out, in)   for wqkv and w13 this IS the seed's fused
-  `concat(dq, dk, dv) -> dx` / `concat(dh1, dh3) -> dx` kernel (same program: `kernels.matmul_dynamic`)
-
-dW = dy^T x (`trans_a=True`) and batched GEMMs stay on the CPU in fp32, as in the seed. Every
-offloaded GEMM runs one dynamic kernel: the weights ride in the input, so a kernel is compiled once
-per (tokens, in, out) and updated weights are restaged each call, never recompiled. Shapes are padded
-to what the hardware is reported to need (`kernels.gemm_padding`: inner dimension to a multiple of 32,
-I/O surfaces of at least 49,152 bytes); `get_runner("ane-sim")` refuses unpadded programs.
-
-Results are checked at run time: the first call of every shape, then every `check_every`-th call of
-it, is compared with the CPU result (`np.matmul`, what `cpu_gemm` computes). A mismatch (beyond
-fp16 rounding) returns the CPU result and disables that shape: it is warned once, recorded in the
-tracer ("ane-mismatch" instant and counter), and the shape runs on the CPU from then on. Calls whose
-operands or result leave fp16's range are not checked: that overflow is the loss scaler's business.
-
-The chip's MIL dialect (`runtime.dialect_for`) picks the program variant. A failed compile or load is
-retried once; then the shape is disabled and the GEMM's `GemmChain` warns with the compiler's message
-and runs it on the CPU. Runner exceptions during evaluation fall back per call ("fallback:ane-sim"),
-and the ANE is dropped after `max_failures` of them.
+Results are checked at run time: the first call of every shape, then every `check_every`-th, is
+compared with the CPU's `np.matmul`; a mismatch returns the CPU result and disables the shape (warned
+once, traced as "ane-mismatch"). Calls outside fp16's range are not judged (loss scaling handles
+them). A failed compile/load is retried once, then the shape is disabled and the chain warns with the
+compiler's message; evaluation errors fall back per call ("fallback:ane-sim"), `max_failures` drop the ANE.
 
 >>> import numpy as np
 >>> be = AneBackend("ane-sim")
