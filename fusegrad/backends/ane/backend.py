@@ -61,7 +61,6 @@ class AneBackend(NumpyBackend):
     the detected chip name (it picks the MIL dialect); `check_every` is the result-check sampling period.
     """
 
-    device = "ane"
     loss_scale = LOSS_SCALE  # asks the trainer for fp16 loss scaling with overflow detection
 
     def __init__(self, name: str = "ane-sim", runner=None, min_flops: float = 0.0, max_failures: int = 8,

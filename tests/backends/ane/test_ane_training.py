@@ -1,5 +1,6 @@
 """Training on the ANE backend: GEMM offload vs float64, loss curve vs the CPU, compile once, fallback,
 loss scaling, and the clear error for --backend ane off a Mac."""
+import contextlib
 import logging
 import sys
 
@@ -14,7 +15,6 @@ from fusegrad.backends.ane.mil import format_program, parse
 from fusegrad.cli.main import main
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import TRACER
-from fusegrad.train import trainer as trainer_module
 from fusegrad.train.trainer import Trainer, TrainConfig
 
 FP16_LOSS_TOL = 2e-3  # |loss(ane-sim) - loss(cpu fp32)| per step; fp16 rounding of GEMM operands (~1e-3 relative)
@@ -193,7 +193,8 @@ def test_overflow_skips_the_step_and_halves_the_scale_then_scale_grows(tmp_path,
     assert TRACER.counters["loss_scale:overflow"] == overflows + 1
     assert "overflow at loss scale 1.09951e+12; step skipped" in caplog.text
 
-    monkeypatch.setattr(trainer_module, "LOSS_SCALE_GROWTH_INTERVAL", 2)
+    loop_module = sys.modules[Trainer.train_step.__module__]  # where the training step (and its scaler) lives
+    monkeypatch.setattr(loop_module, "LOSS_SCALE_GROWTH_INTERVAL", 2)
     trainer.loss_scale = [256.0, 0]
     trainer.train_step()
     assert trainer.loss_scale == [256.0, 1]
@@ -212,24 +213,35 @@ def test_backend_ane_off_a_mac_says_why_and_points_at_ane_sim(tmp_path, capsys):
     assert not (tmp_path / "data").exists()  # refused before preparing any data
 
 
+@contextlib.contextmanager
+def offloaded_to(spec):
+    """The GEMMs of numpy arrays go to `spec`, even the tiny preset's small ones, inside the block."""
+    if hasattr(backends, "gemm_offload"):  # the scoped API that replaces the process-wide chain
+        with backends.gemm_offload(spec, min_flops=0):
+            yield
+        return
+    from fusegrad.backends.dispatch import GEMM_CHAIN  # the Trainer added the offload when it was made
+
+    GEMM_CHAIN.offloads[-1].min_flops = 0
+    try:
+        yield
+    finally:
+        GEMM_CHAIN.remove_offload(spec)
+
+
 def test_offload_gemm_ane_sim_sends_projection_gemms_of_a_numpy_model(data_dir, tmp_path):
     """--offload_gemm ane-sim: the model stays numpy fp32; forward and dx GEMMs go to ane-sim, dW stays
     on the CPU, the loss scale switches on, and the losses track the plain CPU run."""
-    from fusegrad.backends.dispatch import GEMM_CHAIN
-
     cpu = Trainer(tiny(tmp_path / "cpu", data=data_dir, max_steps=4))
     cpu_losses = [cpu.train_step() for _ in range(4)]
-    try:
-        off = Trainer(tiny(tmp_path / "off", data=data_dir, max_steps=4, offload_gemm="ane-sim"))
-        GEMM_CHAIN.offloads[-1].min_flops = 0  # the tiny preset's GEMMs are below the default threshold
+    off = Trainer(tiny(tmp_path / "off", data=data_dir, max_steps=4, offload_gemm="ane-sim"))
+    with offloaded_to("ane-sim"):
         assert off.loss_scale is not None and off.model.params["norm"].backend.name == "numpy"
         before = dict(TRACER.counters)
         losses = [off.train_step() for _ in range(4)]
-        sent = TRACER.counters["dispatch:ane-sim"] - before.get("dispatch:ane-sim", 0)
-        assert sent == 4 * 16  # per step: 8 projections forward + 8 backward dx; the 8 dW GEMMs stay on the CPU
-        np.testing.assert_allclose(losses, cpu_losses, atol=FP16_LOSS_TOL)
-    finally:
-        GEMM_CHAIN.remove_offload("ane-sim")
+    sent = TRACER.counters["dispatch:ane-sim"] - before.get("dispatch:ane-sim", 0)
+    assert sent == 4 * 16  # per step: 8 projections forward + 8 backward dx; the 8 dW GEMMs stay on the CPU
+    np.testing.assert_allclose(losses, cpu_losses, atol=FP16_LOSS_TOL)
 
 
 def test_offload_to_an_unknown_target_is_a_clear_error():
