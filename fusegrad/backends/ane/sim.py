@@ -217,7 +217,8 @@ class AneSim:
                 raise BackendError(f"ane-sim op {op.op} {op.name!r}: dtype {op.out.type.dtype} is not modelled{_at(op)}")
             if self.hw_rules and op.op == "matmul" and shapes.get(op.args.get("x")):
                 x = shapes[op.args["x"]]
-                inner = x[-2] if consts.get(op.args.get("transpose_x")) else x[-1]
+                tx = op.attrs.get("transpose_x", (None, consts.get(op.args.get("transpose_x"))))[1]
+                inner = x[-2] if tx else x[-1]
                 if inner % INNER_MULTIPLE:
                     raise BackendError(f"ane-sim op matmul {op.name!r}{_at(op)}: inner dimension {inner} is not a "
                                        f"multiple of {INNER_MULTIPLE} (the ANE is reported to return zeros): pad it")
