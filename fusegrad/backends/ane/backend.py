@@ -32,7 +32,7 @@ import numpy as np
 from fusegrad.backends.ane import get_runner, kernels
 from fusegrad.backends.ane.runtime import chip_name, dialect_for
 from fusegrad.backends.dispatch import GemmChain
-from fusegrad.backends.numpy_backend import NumpyBackend
+from fusegrad.backends import numpy_backend_class
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import count, instant
 
@@ -53,7 +53,7 @@ class _Gemm:
     next_check: int = 1
 
 
-class AneBackend(NumpyBackend):
+class AneBackend(numpy_backend_class()):  # the CPU side (norms, attention, AdamW) on the fastest kernels here
     """`name` "ane-sim" (the fp16 simulator, any OS) or "ane" (Apple Silicon; BackendError elsewhere).
 
     `runner` overrides the kernel runner (tests inject faulty ones); `min_flops` is the smallest GEMM
