@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from fusegrad.backends.dispatch import GEMM_CHAIN
+from fusegrad.backends import get_backend
 from fusegrad.core.trace import TRACER
 
 # few examples per property: the suite must stay fast on 2 shared cores
@@ -18,11 +18,12 @@ def rng():
 
 @pytest.fixture
 def chain():
-    """The global GEMM chain with no accelerators; restored after the test."""
-    saved = GEMM_CHAIN.offloads
-    GEMM_CHAIN.offloads = []
-    yield GEMM_CHAIN
-    GEMM_CHAIN.offloads = saved
+    """The numpy backend's GEMM chain with no accelerators; restored after the test."""
+    chain = get_backend("numpy").chain
+    saved = chain.offloads
+    chain.offloads = []
+    yield chain
+    chain.offloads = saved
 
 
 @pytest.fixture(autouse=True)

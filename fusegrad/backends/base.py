@@ -1,23 +1,80 @@
-"""The kernel interface every backend implements.
+"""The kernel contract: every kernel the ops call, each with its reference body, forward beside backward.
 
-A backend owns one kind of array (numpy arrays, torch tensors on a device, ...). It offers:
-- `xp`: an array-API namespace for the generic elementwise and shape ops in `fusegrad.ops`;
-- `gemm(a, b, trans_a, trans_b)`: (batched) matrix products with transpose flags, never a copy;
-- named fused kernels (`rmsnorm_forward`, `cross_entropy_chunked`, ...), added as methods. The NumPy
-  backend holds the reference version of each; another backend overrides only where its hardware
-  needs it, and its tests compare against the reference.
+A backend owns one kind of array (numpy arrays, torch tensors on a device, ...) and names its array-API
+namespace `xp`. The reference bodies below are written once against `self.xp`, so they run on any
+backend; a backend overrides a kernel only where it has something faster (numba on the CPU, torch's fused
+attention), and `tests/backends/test_kernels.py` checks every override against these bodies. What a
+forward kernel saves for its backward is an object of the backend that made it; the ops only hand it back.
+
+Shapes: B batch, T time, C channels, H query heads, Hkv kv heads, G = H / Hkv, D head size, Hd FFN hidden,
+V vocabulary, N rows (tokens).
+
+>>> from fusegrad.backends import get_backend
+>>> be = get_backend("numpy")
+>>> y, rstd = be.rmsnorm_forward(np.ones((2, 4), np.float32), np.full(4, 2.0, np.float32), 0.0)
+>>> y[0].tolist(), rstd.shape
+([2.0, 2.0, 2.0, 2.0], (2, 1))
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
+
+from fusegrad.core.errors import ShapeError
+from fusegrad.core.trace import count, span
+
+ATTENTION_BLOCK = 128  # query rows per attention block: keys past the block's last row are never touched
+
+
+def gemm_dims(a_shape, b_shape, trans_a: bool, trans_b: bool):
+    """(m, k, n, batch) of op(a) @ op(b); raises ShapeError when the inner dimensions differ."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        raise ShapeError(f"gemm: operands must be at least 2-D, got a {tuple(a_shape)}, b {tuple(b_shape)}")
+    m, k = (a_shape[-1], a_shape[-2]) if trans_a else (a_shape[-2], a_shape[-1])
+    k2, n = (b_shape[-1], b_shape[-2]) if trans_b else (b_shape[-2], b_shape[-1])
+    if k != k2:
+        raise ShapeError(f"gemm: inner dimensions differ: op(a) is {m}x{k}, op(b) is {k2}x{n}")
+    try:  # leading axes broadcast like numpy.matmul: (3, 1, M, K) x (2, K, N) is 6 GEMMs
+        batch = math.prod(np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
+    except ValueError:
+        raise ShapeError(f"gemm: batch dimensions do not broadcast: a {tuple(a_shape)}, b {tuple(b_shape)}") from None
+    return m, k, n, batch
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, dtype=np.float32):
+    """cos, sin (T, D/2) host arrays for positions 0..T-1, frequency theta^(-2i/D) for pair i."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    angles = np.outer(np.arange(seq_len, dtype=np.float64), freqs)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def blocks(T: int, block: int) -> list:
+    """[(lo, hi), ...] query-row blocks of at most `block` rows covering 0..T."""
+    return [(lo, min(lo + block, T)) for lo in range(0, T, block)]
+
+
+@dataclasses.dataclass
+class AttentionSaved:
+    """What the reference attention forward keeps: q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) with rope
+    applied, the probabilities of each query block (None: the backward recomputes them), the tables."""
+    q: object
+    k: object
+    v: object
+    probs: list | None
+    cos: object
+    sin: object
+    block: int
 
 
 class Backend:
     name = "base"
-    xp = None  # array-API namespace (numpy for the CPU)
+    xp = None  # array-API namespace (numpy; array_api_compat.torch)
     device = "cpu"
+    accum_dtype = np.float64  # what sums of many terms (losses, norms) accumulate in
 
-    # -- arrays -----------------------------------------------------------------------------------
+    # -- arrays: per array library ---------------------------------------------------------------------
     def asarray(self, data, dtype=None):
         raise NotImplementedError
 
@@ -40,6 +97,14 @@ class Backend:
     def copy(self, array):
         return array.copy()
 
+    def contiguous(self, array):
+        """The array in C order (a copy only when it is not)."""
+        raise NotImplementedError
+
+    def constant(self, array):
+        """This backend's copy of a host array that never changes (rope tables); a device makes it once."""
+        return self.asarray(array)
+
     def owns_memory(self, array) -> bool:
         """True if the array owns its memory (not a view that could alias an activation)."""
         flags = getattr(array, "flags", None)
@@ -47,16 +112,252 @@ class Backend:
 
     def index_add(self, target, key, values) -> None:
         """target[key] += values in place, repeated indices accumulating (numpy's np.add.at)."""
-        np.add.at(target, key, values)
-
-    # -- GEMM -------------------------------------------------------------------------------------
-    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
-        """op(a) @ op(b) where op transposes the last two axes when its flag is set; leading axes
-        broadcast like numpy.matmul. (M, K) x (K, N) -> (M, N)."""
         raise NotImplementedError
+
+    # -- GEMM -----------------------------------------------------------------------------------------
+    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        """op(a) @ op(b), op transposing the last two axes when its flag is set (a view, never a copy);
+        leading axes broadcast like numpy.matmul. (..., M, K) x (..., K, N) -> (..., M, N)."""
+        m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
+        xp = self.xp
+        count(f"dispatch:{self.name}")
+        with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend=self.name):
+            return xp.matmul(xp.matrix_transpose(a) if trans_a else a, xp.matrix_transpose(b) if trans_b else b)
 
     def prewarm_gemm(self, m: int, k: int, n: int, dtype) -> None:
         """Make the first real GEMM of this shape fast (JIT, kernel selection, allocation)."""
+        self.gemm(self.zeros((m, k), dtype), self.zeros((k, n), dtype))
+
+    def synchronize(self) -> None:
+        """Wait until the work queued on the device is done (for timing); the CPU runs synchronously."""
+
+    def prewarm_kernels(self) -> float:
+        """Load (or compile) this backend's kernels now; seconds taken (0.0: nothing to compile)."""
+        return 0.0
+
+    # -- RMSNorm ----------------------------------------------------------------------------------------
+    def rmsnorm_forward(self, x, weight, eps: float):
+        """x (N, C), weight (C,) -> y (N, C), rstd (N, 1) where y = x * rstd * weight."""
+        xp = self.xp
+        rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)
+        return x * rstd * weight, rstd
+
+    def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
+        """dy, x (N, C), rstd (N, 1) -> dx (N, C) = rstd * (dxhat - xhat * mean(dxhat * xhat)), dw (C,);
+        None for what is not needed."""
+        xp = self.xp
+        xhat = x * rstd
+        dw = xp.sum(dy * xhat, axis=0) if need_dw else None
+        dx = None
+        if need_dx:
+            dxhat = dy * weight
+            dx = rstd * (dxhat - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True))
+        return dx, dw
+
+    # -- RoPE (llama2.c: rotate interleaved pairs x[2i], x[2i+1]) ----------------------------------------
+    def rope_apply(self, x, cos, sin, inverse: bool = False):
+        """x (..., T, H, D) rotated per position by cos, sin (T, D/2); inverse=True rotates back (its
+        backward)."""
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[:, None, :], (-sin if inverse else sin)[:, None, :]  # (T, 1, D/2) broadcast over heads
+        out = self.xp.empty_like(x)
+        out[..., 0::2] = x0 * c - x1 * s
+        out[..., 1::2] = x0 * s + x1 * c
+        return out
+
+    # -- causal grouped-query attention on the packed qkv ---------------------------------------------------
+    def split_heads(self, qkv, n_heads: int, n_kv_heads: int, cos, sin):
+        """qkv (B, T, (H + 2 Hkv) D) at the positions of cos, sin (T, D/2) -> q (B, Hkv, G, T, D), k, v
+        (B, Hkv, T, D), rope applied to q and k; query head h = kv head h // G, member h % G (llama2.c)."""
+        xp = self.xp
+        B, T, width = qkv.shape
+        D = width // (n_heads + 2 * n_kv_heads)
+        q = self.rope_apply(qkv[..., :n_heads * D].reshape(B, T, n_heads, D), cos, sin)
+        k = self.rope_apply(qkv[..., n_heads * D:(n_heads + n_kv_heads) * D].reshape(B, T, n_kv_heads, D), cos, sin)
+        v = qkv[..., (n_heads + n_kv_heads) * D:].reshape(B, T, n_kv_heads, D)
+        q = xp.permute_dims(q.reshape(B, T, n_kv_heads, n_heads // n_kv_heads, D), (0, 2, 3, 1, 4))
+        k, v = xp.permute_dims(k, (0, 2, 1, 3)), xp.permute_dims(v, (0, 2, 1, 3))
+        return self.contiguous(q), self.contiguous(k), self.contiguous(v)
+
+    def merge_heads(self, out):
+        """out (B, Hkv, G, T, D) -> (B, T, H D), head h = kv head * G + g."""
+        B, Hkv, G, T, D = out.shape
+        return self.xp.permute_dims(out, (0, 3, 1, 2, 4)).reshape(B, T, Hkv * G * D)
+
+    def causal_probs(self, qb, k, lo: int):
+        """Softmax of the scores of query block qb (B, Hkv, G, bq, D), at positions lo..lo+bq-1, against
+        keys k[:, :, :lo+bq] (B, Hkv, >= lo+bq, D) -> (B, Hkv, G bq, lo+bq); keys after a query's own
+        position get probability 0. The G query heads of a kv head are rows of one GEMM."""
+        xp = self.xp
+        B, Hkv, G, bq, D = qb.shape
+        hi = lo + bq
+        s = xp.matmul(qb.reshape(B, Hkv, G * bq, D), xp.matrix_transpose(k[:, :, :hi]))  # (B, Hkv, G bq, hi)
+        s *= 1.0 / math.sqrt(D)
+        positions = xp.arange(lo, hi, device=self.device)
+        query_pos = xp.reshape(xp.broadcast_to(positions[None, :], (G, bq)), (G * bq,))
+        s[..., query_pos[:, None] < xp.arange(hi, device=self.device)[None, :]] = -math.inf
+        s -= xp.max(s, axis=-1, keepdims=True)
+        p = xp.exp(s)
+        p /= xp.sum(p, axis=-1, keepdims=True)
+        return p
+
+    def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
+        """qkv (B, T, (H + 2 Hkv) D), cos, sin (>= T, D/2) -> y (B, T, H D) and what the backward needs.
+
+        Query block [lo, hi) attends to keys [0, hi) only: the masked triangle beyond it is skipped.
+        """
+        xp = self.xp
+        T = qkv.shape[1]
+        cos, sin = self.constant(cos), self.constant(sin)
+        q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[:T], sin[:T])
+        out = xp.empty_like(q)  # (B, Hkv, G, T, D)
+        probs = []
+        for lo, hi in blocks(T, block):
+            p = self.causal_probs(q[:, :, :, lo:hi], k, lo)
+            out[:, :, :, lo:hi] = xp.matmul(p, v[:, :, :hi]).reshape(out[:, :, :, lo:hi].shape)
+            probs.append(p)
+        return self.merge_heads(out), AttentionSaved(q, k, v, probs, cos, sin, block)
+
+    def attention_backward(self, dy, saved: AttentionSaved, n_heads: int, n_kv_heads: int):
+        """dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D), packed (the fused QKV backward takes it whole);
+        rope undone on dq and dk. Probabilities the forward did not keep are recomputed block by block."""
+        xp = self.xp
+        q, k, v = saved.q, saved.k, saved.v
+        B, Hkv, G, T, D = q.shape
+        scale = 1.0 / math.sqrt(D)
+        do = self.contiguous(xp.permute_dims(dy.reshape(B, T, Hkv, G, D), (0, 2, 3, 1, 4)))  # (B, Hkv, G, T, D)
+        dq = xp.empty_like(q)
+        dk, dv = xp.zeros_like(k), xp.zeros_like(v)
+        for i, (lo, hi) in enumerate(blocks(T, saved.block)):
+            bq = hi - lo
+            p = saved.probs[i] if saved.probs is not None else self.causal_probs(q[:, :, :, lo:hi], k, lo)
+            do_b = do[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D)
+            dv[:, :, :hi] += xp.matmul(xp.matrix_transpose(p), do_b)  # (B, Hkv, hi, D)
+            dp = xp.matmul(do_b, xp.matrix_transpose(v[:, :, :hi]))  # (B, Hkv, G bq, hi)
+            dp -= xp.sum(dp * p, axis=-1, keepdims=True)
+            ds = p * dp
+            ds *= scale
+            dq[:, :, :, lo:hi] = xp.matmul(ds, k[:, :, :hi]).reshape(B, Hkv, G, bq, D)
+            dk[:, :, :hi] += xp.matmul(xp.matrix_transpose(ds), q[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D))
+        c, s = saved.cos[:T], saved.sin[:T]
+        dq = self.rope_apply(xp.permute_dims(dq, (0, 3, 1, 2, 4)).reshape(B, T, n_heads, D), c, s, inverse=True)
+        dk = self.rope_apply(xp.permute_dims(dk, (0, 2, 1, 3)), c, s, inverse=True)
+        return xp.concat([dq.reshape(B, T, -1), dk.reshape(B, T, -1),
+                          xp.permute_dims(dv, (0, 2, 1, 3)).reshape(B, T, -1)], axis=-1)
+
+    def attention_cached(self, qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, cos, sin):
+        """Attention for generation. qkv (B, T, (H + 2 Hkv) D) holds tokens at positions start..start+T-1;
+        k_cache, v_cache (B, Hkv, S_max, D) hold the rotated keys and the values of positions < start.
+        Writes this block's keys and values into the caches and returns y (B, T, H D): each query
+        attends to the keys at positions up to its own. No backward (generation only)."""
+        T = qkv.shape[1]
+        cos, sin = self.constant(cos), self.constant(sin)
+        q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[start:start + T], sin[start:start + T])
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        p = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
+        return self.merge_heads(self.xp.matmul(p, v_cache[:, :, :start + T]).reshape(q.shape))
+
+    # -- SwiGLU on the packed W1/W3 output ----------------------------------------------------------------
+    def sigmoid(self, x):
+        """1 / (1 + exp(-x)) with exp only of -|x|: no overflow (and no RuntimeWarning) for very negative x."""
+        xp = self.xp
+        e = xp.exp(-xp.abs(x))
+        return xp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+    def swiglu_forward(self, h13):
+        """h13 (N, 2 Hd) = [h1 | h3] -> silu(h1) * h3 (N, Hd)."""
+        hd = h13.shape[-1] // 2
+        h1, h3 = h13[..., :hd], h13[..., hd:]
+        return h1 * self.sigmoid(h1) * h3
+
+    def swiglu_backward(self, g, h13):
+        """g (N, Hd) -> dh13 (N, 2 Hd) = [dh1 | dh3], packed for the fused W1/W3 backward GEMM."""
+        hd = h13.shape[-1] // 2
+        h1, h3 = h13[..., :hd], h13[..., hd:]
+        sig = self.sigmoid(h1)
+        dh13 = self.xp.empty_like(h13)
+        dh13[..., :hd] = g * h3 * sig * (1.0 + h1 * (1.0 - sig))
+        dh13[..., hd:] = g * h1 * sig
+        return dh13
+
+    # -- embedding (its forward is a gather, in the op) -------------------------------------------------------
+    def embedding_backward(self, g, tokens, vocab_size: int):
+        """g (N, C), tokens (N,) int -> dW (V, C): scatter-add, repeated tokens accumulate."""
+        dw = self.xp.zeros((vocab_size, g.shape[-1]), dtype=g.dtype, device=self.device)
+        self.index_add(dw, self.asarray(tokens), g)
+        return dw
+
+    # -- classifier + cross-entropy, chunked ------------------------------------------------------------------
+    def classifier_cross_entropy(self, h, weight, targets, chunk: int = 256, need_dh: bool = True,
+                                 need_dw: bool = True):
+        """h (N, C), weight (V, C), targets (N,) -> (mean loss (0-d), dh (N, C), dW (V, C)).
+
+        Rows go through in chunks: logits (chunk, V) live one chunk at a time, and their gradient
+        (softmax - onehot) / N is folded into dh and dW right away, so neither the full (N, V) logits nor
+        the probabilities ever exist. Grads are for a loss grad of 1; the op scales them by the real one.
+        """
+        xp = self.xp
+        targets = self.asarray(targets)
+        N = h.shape[0]
+        total = xp.zeros((), dtype=self.accum_dtype, device=self.device)
+        dh = xp.empty_like(h) if need_dh else None
+        dw = xp.zeros_like(weight) if need_dw else None
+        for lo in range(0, N, chunk):
+            hi = min(lo + chunk, N)
+            logits = xp.matmul(h[lo:hi], xp.matrix_transpose(weight))  # (n, V)
+            logits -= xp.max(logits, axis=-1, keepdims=True)
+            rows = xp.arange(hi - lo, device=self.device)
+            picked = logits[rows, targets[lo:hi]]
+            p = xp.exp(logits)
+            z = xp.sum(p, axis=-1, keepdims=True)
+            total += xp.sum(xp.log(z[:, 0]) - picked, dtype=self.accum_dtype)
+            if need_dh or need_dw:
+                p /= z * N
+                p[rows, targets[lo:hi]] -= 1.0 / N  # p is now dlogits for this chunk
+                if need_dh:
+                    dh[lo:hi] = xp.matmul(p, weight)
+                if need_dw:
+                    dw += xp.matmul(xp.matrix_transpose(p), h[lo:hi])
+        return total / N, dh, dw
+
+    # -- optimizer and gradient sums ------------------------------------------------------------------------
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
+        """One AdamW step in place on p, m, v (torch.optim.AdamW, amsgrad off); `step` is t, from 1.
+
+        p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). `tmp`: a scratch array of p's shape
+        that a backend may use (the reference does not).
+
+        >>> from fusegrad.backends import get_backend
+        >>> p, g = np.float32([1.0]), np.float32([2.0])
+        >>> m, v = np.zeros(1, np.float32), np.zeros(1, np.float32)
+        >>> get_backend("numpy").adamw_update(p, g, m, v, lr=0.1, beta1=0.9, beta2=0.95, eps=1e-8, wd=0.0, step=1)
+        >>> print(p, m, v)
+        [0.9] [0.2] [0.2]
+        """
+        for a in (g, m, v):
+            if tuple(a.shape) != tuple(p.shape):
+                raise ShapeError(f"adamw_update: arrays must all have p's shape {tuple(p.shape)}, got {tuple(a.shape)}")
+        if wd:
+            p *= 1.0 - lr * wd
+        m *= beta1
+        m += g * (1.0 - beta1)
+        v *= beta2
+        v += g * g * (1.0 - beta2)
+        denom = self.xp.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps
+        p -= m / denom * (lr / (1.0 - beta1 ** step))
+
+    def accumulate(self, out, x) -> None:
+        """out += x in place (a data-parallel helper's grads into the model's)."""
+        if tuple(out.shape) != tuple(x.shape):
+            raise ShapeError(f"accumulate: out {tuple(out.shape)} and x {tuple(x.shape)} must have the same shape")
+        out += x
+
+    def sum_of_squares(self, arrays) -> float:
+        """sum(x^2) over every array, accumulated in `accum_dtype`; one device->host sync."""
+        xp = self.xp
+        return float(sum(xp.sum(xp.square(xp.astype(a, self.accum_dtype))) for a in arrays))
 
     def __repr__(self) -> str:
         return f"<backend {self.name} on {self.device}>"

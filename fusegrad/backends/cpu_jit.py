@@ -1,106 +1,30 @@
-"""Numba versions of the fused CPU kernels: parallel over the cores, compiled once and cached on disk.
+"""`JitBackend`: the numpy backend with numba kernels for float32, parallel over the cores, compiled once
+and cached on disk. "numpy" names it when numba imports (FUSEGRAD_JIT=0: the plain `NumpyBackend`).
 
-Same signatures as `fusegrad.backends.reference`; `NumpyBackend` takes a kernel from `KERNELS` when numba
-imports (FUSEGRAD_JIT=0 turns that off). Only float32 arrays take the JIT path: any other dtype goes to the
-reference, so float64 gradient checks never trigger a compile. GEMMs stay in numpy BLAS; these kernels do
-what sits between them, each in one or two passes over memory, writing in place where the caller allows.
-Attention lives in `cpu_jit_attention`. Shapes: N rows (tokens), C channels, Hd FFN hidden, V vocabulary.
+Each override takes the compiled path only for float32 arrays it was built for and hands anything else
+(float64 gradient checks, odd layouts) to the reference in `Backend`, so no other dtype triggers a
+compile. GEMMs stay in numpy BLAS; these kernels do what sits between them, each in one or two passes
+over memory, writing in place where the caller allows. Attention lives in `cpu_jit_attention`.
+Shapes: N rows (tokens), C channels, Hd FFN hidden, V vocabulary.
 
->>> import numpy as np
->>> from fusegrad.backends import cpu_jit, reference
+>>> from fusegrad.backends.numpy_backend import NumpyBackend
 >>> x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
->>> y, rstd = cpu_jit.rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)
->>> bool(np.allclose(y, reference.rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)[0], atol=1e-6))
+>>> y, rstd = JitBackend().rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)
+>>> bool(np.allclose(y, NumpyBackend().rmsnorm_forward(x, np.ones(8, np.float32), 1e-5)[0], atol=1e-6))
 True
 """
 from __future__ import annotations
 
 import math
-import os
 import time
 
-import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange
-from numba.core import types
-from numba.extending import intrinsic
+from numba import prange
 
-from fusegrad.backends import openblas, reference
-from fusegrad.core.errors import ShapeError
-
-# Measured on the 2-core box (stories15M step, batch 8 x seq 256): under numba's OpenMP layer the step took
-# 2.1 s, under its own workqueue layer 1.4 s — GNU OpenMP's idle threads spin against OpenBLAS's GEMM
-# threads. Set NUMBA_THREADING_LAYER to choose another.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-# Reassociation (vectorised reductions) and FMA contraction only: no 'nnan'/'ninf', so -inf masks and
-# NaNs still propagate exactly as in the reference.
-FAST = {"reassoc", "contract", "arcp", "nsz"}
-jit = njit(parallel=True, cache=True, fastmath=FAST)
-
-
-@intrinsic
-def _bits_of_float32(typingctx, x):
-    """The int32 IEEE bits of the float32 `x` (an LLVM bitcast)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bits are the int32 `bits` (an LLVM bitcast, which vectorises)."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-    return types.float32(types.int32), codegen
-
-
-@njit(inline="always", fastmath=FAST, cache=True)
-def fast_exp(x):
-    """float32 exp that vectorises (numba's scalar expf does not: no SVML here); max relative error
-    ~3e-7 over [-87, 88], exactly 0 below -87.33 and inf above 88.72 like expf, NaN stays NaN.
-
-    exp(x) = 2^k e^r with k = round(x / ln 2), |r| <= ln2 / 2 (ln 2 split in two for exactness), e^r by
-    Cephes' expf polynomial, 2^k built from its exponent bits (a table gather was 2.5x slower on Zen 5).
-    """
-    xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
-    r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    k = min(max(np.int32(kf), np.int32(-126)), np.int32(127))  # a normal 2^k, also for a NaN's garbage kf
-    p = (p * r * r + r + np.float32(1.0)) * _float32_from_bits((k + np.int32(127)) << np.int32(23))
-    p = np.float32(0.0) if x < np.float32(-87.33) else p
-    p = np.float32(np.inf) if x > np.float32(88.72) else p
-    return x if x != x else p  # NaN in, NaN out: a NaN loss must stay visible to the trainer
-
-
-@njit(inline="always", fastmath=FAST, cache=True)
-def row_max(row, n):
-    # max of row[:n], n >= 1, as an int32 max over order-preserving keys of the float bits (negative floats get
-    # their magnitude bits flipped): LLVM vectorises an integer max, not numba's float max (3-5x slower).
-    # A NaN (positive sign) is the largest key, so the row's exp sum and loss become NaN and stay visible
-    m = np.int32(-2147483648)
-    for j in range(n):
-        b = _bits_of_float32(row[j])
-        m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-    return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-
-
-def is_f32(*arrays) -> bool:
-    """True when every array is a float32 ndarray: the only dtype the compiled kernels are built for."""
-    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
-
-
-def row_chunks(n: int) -> int:
-    """How many row ranges a reduction over rows splits into (one partial sum per thread)."""
-    return max(1, min(n, numba.get_num_threads()))
+from fusegrad.backends import cpu_jit_attention, openblas
+from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
+from fusegrad.backends.jit_common import fast_exp, is_f32, jit, row_chunks, row_max
+from fusegrad.backends.numpy_backend import NumpyBackend
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------------
@@ -137,27 +61,6 @@ def _rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, need_dx, need_dw):
                     dx[i, j] = r * (dy[i, j] * w[j] - x[i, j] * r * m)
 
 
-def rmsnorm_forward(x, weight, eps: float):
-    if not is_f32(x, weight) or x.ndim != 2:
-        return reference.rmsnorm_forward(x, weight, eps)
-    x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
-    y = np.empty_like(x)
-    rstd = np.empty((x.shape[0], 1), np.float32)
-    _rmsnorm_forward(x, weight, float(eps), y, rstd)
-    return y, rstd
-
-
-def rmsnorm_backward(dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
-    if not is_f32(dy, x, weight, rstd) or x.ndim != 2:
-        return reference.rmsnorm_backward(dy, x, weight, rstd, need_dx, need_dw)
-    dy, x, rstd = np.ascontiguousarray(dy), np.ascontiguousarray(x), np.ascontiguousarray(rstd)
-    N, C = x.shape
-    dx = np.empty_like(x) if need_dx else np.empty((0, C), np.float32)
-    parts = np.zeros((row_chunks(N), C if need_dw else 0), np.float64)
-    _rmsnorm_backward(dy, x, np.ascontiguousarray(weight), rstd, dx, parts, bool(need_dx), bool(need_dw))
-    return (dx if need_dx else None), (parts.sum(axis=0).astype(np.float32) if need_dw else None)
-
-
 # -- SwiGLU on the packed [h1 | h3] -------------------------------------------------------------------
 @jit
 def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
@@ -180,24 +83,6 @@ def _swiglu_backward(g, h13, dh13):  # g (N, Hd) -> dh13 (N, 2 Hd) = [dh1 | dh3]
             dh13[i, Hd + j] = gij * a * sig
 
 
-def swiglu_forward(h13):
-    if not is_f32(h13):
-        return reference.swiglu_forward(h13)
-    h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
-    out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
-    _swiglu_forward(h2, out)
-    return out.reshape(h13.shape[:-1] + (out.shape[1],))
-
-
-def swiglu_backward(g, h13):
-    if not is_f32(g, h13):
-        return reference.swiglu_backward(g, h13)
-    h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
-    dh13 = np.empty_like(h2)
-    _swiglu_backward(np.ascontiguousarray(g).reshape(h2.shape[0], -1), h2, dh13)
-    return dh13.reshape(h13.shape)
-
-
 # -- embedding backward ---------------------------------------------------------------------------------
 @jit
 def _scatter_add_rows(dw, rows, x, scale, n_parts):
@@ -211,15 +96,6 @@ def _scatter_add_rows(dw, rows, x, scale, n_parts):
             t = rows[i]
             for j in range(lo, hi):
                 dw[t, j] += x[i, j] * scale
-
-
-def embedding_backward(g, tokens, vocab_size: int):
-    if not is_f32(g) or g.ndim != 2:
-        return reference.embedding_backward(g, tokens, vocab_size)
-    dw = np.zeros((vocab_size, g.shape[1]), np.float32)
-    tokens = np.ascontiguousarray(tokens, dtype=np.int64)
-    _scatter_add_rows(dw, tokens, np.ascontiguousarray(g), np.float32(1.0), row_chunks(g.shape[1]))
-    return dw
 
 
 # -- classifier cross-entropy: per-chunk softmax and loss; the GEMMs stay in BLAS -------------------------
@@ -276,45 +152,8 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
         return scratch
     scratch = np.empty_like(dw) if scratch is None else scratch
     np.matmul(dlogits.T, h, out=scratch)
-    accumulate(dw, scratch)
+    _add_into(dw.reshape(-1), scratch.reshape(-1))
     return scratch
-
-
-def classifier_cross_entropy(h, weight, targets, chunk: int = 256, need_dh: bool = True, need_dw: bool = True):
-    """Like the reference, with one logits buffer (chunk, V) reused by every chunk, dW accumulated in place."""
-    if not is_f32(h, weight) or h.ndim != 2:
-        return reference.classifier_cross_entropy(h, weight, targets, chunk, need_dh, need_dw)
-    h, weight = np.ascontiguousarray(h), np.ascontiguousarray(weight)
-    targets = np.ascontiguousarray(targets, dtype=np.int64)
-    (N, C), V = h.shape, weight.shape[0]
-    chunk = max(1, min(chunk, N))
-    buf = np.empty((chunk, V), np.float32)
-    losses, inv_sum = np.empty(chunk, np.float64), np.empty(chunk, np.float32)
-    hs = np.empty((chunk, C), np.float32) if need_dw else None
-    dh = np.empty_like(h) if need_dh else None
-    dw = np.empty_like(weight) if need_dw else None
-    inv_n = np.float32(1.0 / N)
-    scratch, total = None, 0.0
-    for lo in range(0, N, chunk):
-        hi = min(lo + chunk, N)
-        n = hi - lo
-        e = buf[:n]
-        np.matmul(h[lo:hi], weight.T, out=e)  # (n, V) logits, then E
-        _exp_rows(e, targets[lo:hi], losses[:n], inv_sum[:n])
-        total += float(losses[:n].sum())
-        s = inv_sum[:n] * inv_n  # (n,)
-        if need_dh:
-            np.matmul(e, weight, out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
-            _scale_minus_rows(dh[lo:hi], s, weight, targets[lo:hi], inv_n)
-        if need_dw:
-            _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
-            if lo == 0:
-                np.matmul(e.T, hs[:n], out=dw)  # the first chunk writes dW: no zero fill
-            else:
-                scratch = accumulate_dw(dw, e, hs[:n], scratch)
-    if need_dw:
-        _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
-    return total / N, dh, dw
 
 
 # -- AdamW ------------------------------------------------------------------------------------------------
@@ -333,80 +172,140 @@ def _adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bias2_sqrt):
         p[i] = p[i] * decay - ss * (mi / (math.sqrt(vi) / bs + e))
 
 
-def adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
-    """`fusegrad.train.optim.adamw_update` in one parallel pass, in place on p, m, v (tmp is unused)."""
-    for a in (p, g, m, v):
-        if a.shape != p.shape:
-            raise ShapeError(f"adamw_update: arrays must all have p's shape {p.shape}, got {a.shape}")
-        if not is_f32(a) or not a.flags.c_contiguous:
-            return reference.adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp)
-    _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
-           float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
-           math.sqrt(1.0 - beta2 ** step))
-
-
 @jit
 def _add_into(out, x):  # out += x, flat, both cores (numpy's add runs on one)
     for i in prange(out.size):
         out[i] += x[i]
 
 
-def accumulate(out, x) -> None:
-    """`reference.accumulate` on every core for C-contiguous float32 arrays of one shape."""
-    if out.shape != x.shape:
-        raise ShapeError(f"accumulate: out {out.shape} and x {x.shape} must have the same shape")
-    if not is_f32(out, x) or not (out.flags.c_contiguous and x.flags.c_contiguous):
-        return reference.accumulate(out, x)
-    _add_into(out.reshape(-1), x.reshape(-1))
+class JitBackend(NumpyBackend):
+    """NumpyBackend whose fused kernels run compiled for float32 (numba); anything else: the reference."""
 
+    def rmsnorm_forward(self, x, weight, eps: float):
+        if not is_f32(x, weight) or x.ndim != 2:
+            return super().rmsnorm_forward(x, weight, eps)
+        x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
+        y = np.empty_like(x)
+        rstd = np.empty((x.shape[0], 1), np.float32)
+        _rmsnorm_forward(x, weight, float(eps), y, rstd)
+        return y, rstd
 
-# -- registry and pre-warming -------------------------------------------------------------------------------
-from fusegrad.backends import cpu_jit_attention  # noqa: E402  (it imports `jit` and `is_f32` from here)
+    def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
+        if not is_f32(dy, x, weight, rstd) or x.ndim != 2:
+            return super().rmsnorm_backward(dy, x, weight, rstd, need_dx, need_dw)
+        dy, x, rstd = np.ascontiguousarray(dy), np.ascontiguousarray(x), np.ascontiguousarray(rstd)
+        N, C = x.shape
+        dx = np.empty_like(x) if need_dx else np.empty((0, C), np.float32)
+        parts = np.zeros((row_chunks(N), C if need_dw else 0), np.float64)
+        _rmsnorm_backward(dy, x, np.ascontiguousarray(weight), rstd, dx, parts, bool(need_dx), bool(need_dw))
+        return (dx if need_dx else None), (parts.sum(axis=0).astype(np.float32) if need_dw else None)
 
+    def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
+        if not is_f32(qkv, cos, sin):
+            return super().attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
+        return cpu_jit_attention.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
 
-def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = reference.ATTENTION_BLOCK):
-    return cpu_jit_attention.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
+    def attention_backward(self, dy, saved, n_heads: int, n_kv_heads: int):
+        if not isinstance(saved, cpu_jit_attention.JitAttentionSaved):  # the forward ran the reference
+            return super().attention_backward(dy, saved, n_heads, n_kv_heads)
+        return cpu_jit_attention.attention_backward(dy, saved, n_heads, n_kv_heads)
 
+    def swiglu_forward(self, h13):
+        if not is_f32(h13):
+            return super().swiglu_forward(h13)
+        h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
+        out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
+        _swiglu_forward(h2, out)
+        return out.reshape(h13.shape[:-1] + (out.shape[1],))
 
-def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
-    return cpu_jit_attention.attention_backward(dy, saved, n_heads, n_kv_heads)
+    def swiglu_backward(self, g, h13):
+        if not is_f32(g, h13):
+            return super().swiglu_backward(g, h13)
+        h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
+        dh13 = np.empty_like(h2)
+        _swiglu_backward(np.ascontiguousarray(g).reshape(h2.shape[0], -1), h2, dh13)
+        return dh13.reshape(h13.shape)
 
+    def embedding_backward(self, g, tokens, vocab_size: int):
+        if not is_f32(g) or g.ndim != 2:
+            return super().embedding_backward(g, tokens, vocab_size)
+        dw = np.zeros((vocab_size, g.shape[1]), np.float32)
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        _scatter_add_rows(dw, tokens, np.ascontiguousarray(g), np.float32(1.0), row_chunks(g.shape[1]))
+        return dw
 
-KERNELS = {
-    "rmsnorm_forward": rmsnorm_forward,
-    "rmsnorm_backward": rmsnorm_backward,
-    "swiglu_forward": swiglu_forward,
-    "swiglu_backward": swiglu_backward,
-    "embedding_backward": embedding_backward,
-    "classifier_cross_entropy": classifier_cross_entropy,
-    "attention_forward": attention_forward,
-    "attention_backward": attention_backward,
-    "adamw_update": adamw_update,
-    "accumulate": accumulate,
-}
+    def classifier_cross_entropy(self, h, weight, targets, chunk: int = 256, need_dh: bool = True,
+                                     need_dw: bool = True):
+        """Like the reference, with one logits buffer (chunk, V) reused by every chunk, dW accumulated in place."""
+        if not is_f32(h, weight) or h.ndim != 2:
+            return super().classifier_cross_entropy(h, weight, targets, chunk, need_dh, need_dw)
+        h, weight = np.ascontiguousarray(h), np.ascontiguousarray(weight)
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        (N, C), V = h.shape, weight.shape[0]
+        chunk = max(1, min(chunk, N))
+        buf = np.empty((chunk, V), np.float32)
+        losses, inv_sum = np.empty(chunk, np.float64), np.empty(chunk, np.float32)
+        hs = np.empty((chunk, C), np.float32) if need_dw else None
+        dh = np.empty_like(h) if need_dh else None
+        dw = np.empty_like(weight) if need_dw else None
+        inv_n = np.float32(1.0 / N)
+        scratch, total = None, 0.0
+        for lo in range(0, N, chunk):
+            hi = min(lo + chunk, N)
+            n = hi - lo
+            e = buf[:n]
+            np.matmul(h[lo:hi], weight.T, out=e)  # (n, V) logits, then E
+            _exp_rows(e, targets[lo:hi], losses[:n], inv_sum[:n])
+            total += float(losses[:n].sum())
+            s = inv_sum[:n] * inv_n  # (n,)
+            if need_dh:
+                np.matmul(e, weight, out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
+                _scale_minus_rows(dh[lo:hi], s, weight, targets[lo:hi], inv_n)
+            if need_dw:
+                _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
+                if lo == 0:
+                    np.matmul(e.T, hs[:n], out=dw)  # the first chunk writes dW: no zero fill
+                else:
+                    scratch = accumulate_dw(dw, e, hs[:n], scratch)
+        if need_dw:
+            _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
+        return total / N, dh, dw
 
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
+        """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
+        if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
+            return super().adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp)
+        _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
+               float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
+               math.sqrt(1.0 - beta2 ** step))
 
-def prewarm() -> float:
-    """Compile (first run) or load from the disk cache (later runs) every kernel; returns seconds taken.
+    def accumulate(self, out, x) -> None:
+        """out += x on every core for C-contiguous float32 arrays of one shape."""
+        if not (is_f32(out, x) and out.shape == x.shape and out.flags.c_contiguous and x.flags.c_contiguous):
+            return super().accumulate(out, x)
+        _add_into(out.reshape(-1), x.reshape(-1))
 
-    >>> prewarm() >= 0.0
-    True
-    """
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 8)).astype(np.float32)
-    w = np.ones(8, np.float32)
-    y, rstd = rmsnorm_forward(x, w, 1e-5)
-    rmsnorm_backward(y, x, w, rstd)
-    swiglu_backward(x[:, :4], x)
-    swiglu_forward(x)
-    embedding_backward(x, np.array([0, 1, 1, 2]), 3)
-    classifier_cross_entropy(x, x, np.array([0, 1, 2, 3]), chunk=2)
-    qkv = rng.standard_normal((1, 4, 3 * 8)).astype(np.float32)  # 2 heads of size 4
-    cos, sin = reference.rope_tables(4, 4, 10000.0)
-    out, saved = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin, block=2)
-    cpu_jit_attention.attention_backward(out, saved, 2, 2)
-    p = x.copy()
-    adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
-    accumulate(p, x)
-    return time.perf_counter() - t0
+    def prewarm_kernels(self) -> float:
+        """Compile (first run) or load from the disk cache (later runs) every kernel; seconds taken.
+
+        >>> JitBackend().prewarm_kernels() >= 0.0
+        True
+        """
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((4, 8)).astype(np.float32)
+        w = np.ones(8, np.float32)
+        y, rstd = self.rmsnorm_forward(x, w, 1e-5)
+        self.rmsnorm_backward(y, x, w, rstd)
+        self.swiglu_backward(x[:, :4], x)
+        self.swiglu_forward(x)
+        self.embedding_backward(x, np.array([0, 1, 1, 2]), 3)
+        self.classifier_cross_entropy(x, x, np.array([0, 1, 2, 3]), chunk=2)
+        qkv = rng.standard_normal((1, 4, 3 * 8)).astype(np.float32)  # 2 heads of size 4
+        cos, sin = rope_tables(4, 4, 10000.0)
+        out, saved = self.attention_forward(qkv, 2, 2, cos, sin, block=2)
+        self.attention_backward(out, saved, 2, 2)
+        p = x.copy()
+        self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+        self.accumulate(p, x)
+        return time.perf_counter() - t0

@@ -1,17 +1,18 @@
 """Numba causal GQA attention: RoPE folded into the head split, a softmax that skips the masked triangle.
 
-Same contract as `reference.attention_forward/backward`; the score and value GEMMs stay in numpy BLAS.
+`JitBackend.attention_forward/backward` for float32 (the contract of `Backend.attention_forward`); the
+score and value GEMMs stay in numpy BLAS.
 Layout: the G query heads sharing a kv head are interleaved by position, q (B, Hkv, T G, D) with row
 t G + g, so the rows of query block [lo, hi) are ONE contiguous slice [lo G, hi G) — no per-block copy —
 and its score GEMM is (hi G - lo G, D) x (D, hi). Keys past the block's last row are never touched; within
 the block the softmax (and its backward) stops at each row's own position and writes zeros beyond it.
 
->>> import numpy as np
->>> from fusegrad.backends import cpu_jit_attention, reference
+>>> from fusegrad.backends.base import rope_tables
+>>> from fusegrad.backends.numpy_backend import NumpyBackend
 >>> qkv = np.random.default_rng(0).standard_normal((1, 5, 3 * 8)).astype(np.float32)
->>> cos, sin = reference.rope_tables(5, 4, 10000.0)
->>> y, saved = cpu_jit_attention.attention_forward(qkv, 2, 2, cos, sin)
->>> bool(np.allclose(y, reference.attention_forward(qkv, 2, 2, cos, sin)[0], atol=1e-5))
+>>> cos, sin = rope_tables(5, 4, 10000.0)
+>>> y, saved = attention_forward(qkv, 2, 2, cos, sin)
+>>> bool(np.allclose(y, NumpyBackend().attention_forward(qkv, 2, 2, cos, sin)[0], atol=1e-5))
 True
 """
 from __future__ import annotations
@@ -21,8 +22,13 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends import reference
-from fusegrad.backends.cpu_jit import fast_exp, is_f32, jit, row_max
+from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks
+from fusegrad.backends.jit_common import fast_exp, jit, row_max
+
+
+class JitAttentionSaved(AttentionSaved):
+    """The fields of AttentionSaved in this file's layout: q (B, Hkv, T G, D) (query head kv * G + g of
+    position t at row t G + g), probabilities (B, Hkv, bq G, hi) per block, tables cut to (T, D/2)."""
 
 
 @jit
@@ -124,9 +130,8 @@ def _merge_grads_rope(dq, dk, dv, cos, sin, dqkv):
             out[(H + Hkv + h) * D:(H + Hkv + h + 1) * D] = dv[b, h, t]
 
 
-def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = reference.ATTENTION_BLOCK):
-    if not is_f32(qkv, cos, sin):
-        return reference.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
+def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
+    """float32 qkv (B, T, (H + 2 Hkv) D) -> y (B, T, H D), JitAttentionSaved."""
     B, T, width = qkv.shape
     D = width // (n_heads + 2 * n_kv_heads)
     G = n_heads // n_kv_heads
@@ -138,18 +143,17 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     scale = np.float32(1.0 / math.sqrt(D))
     y = np.empty((B, T, n_heads * D), np.float32)
     probs = []
-    for lo, hi in reference._blocks(T, block):
+    for lo, hi in blocks(T, block):
         s = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
         _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale)
         _block_rows(np.matmul(s, v[:, :, :hi]), y, lo, G, True)
         probs.append(s)
-    return y, ("cpu_jit", q, k, v, probs, cos, sin, block)
+    return y, JitAttentionSaved(q, k, v, probs, cos, sin, block)
 
 
-def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
-    if not (isinstance(saved[0], str) and saved[0] == "cpu_jit"):  # the forward ran the reference (not float32)
-        return reference.attention_backward(dy, saved, n_heads, n_kv_heads)
-    _, q, k, v, probs, cos, sin, block = saved
+def attention_backward(dy, saved: JitAttentionSaved, n_heads: int, n_kv_heads: int):
+    """dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D) float32."""
+    q, k, v, probs, cos, sin, block = saved.q, saved.k, saved.v, saved.probs, saved.cos, saved.sin, saved.block
     B, Hkv, T, D = k.shape
     G = q.shape[2] // T
     scale = np.float32(1.0 / math.sqrt(D))
@@ -157,7 +161,7 @@ def attention_backward(dy, saved, n_heads: int, n_kv_heads: int):
     dq = np.empty_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
-    for (lo, hi), p in zip(reference._blocks(T, block), probs):
+    for (lo, hi), p in zip(blocks(T, block), probs):
         bq = hi - lo
         do = np.empty((B, Hkv, bq * G, D), np.float32)
         _block_rows(do, dy, lo, G, False)

@@ -1,8 +1,7 @@
 """The OpenBLAS that numpy loaded: its cblas_sgemm (for C += A B) and the kernel family it runs.
 
-OpenBLAS picks its kernels once, at load, from the CPU or from OPENBLAS_CORETYPE. The family matters: on the
-AVX-512 EPYC of docs/performance.md, "Haswell" (AVX2, which this machine's environment forces) runs sgemm at
-235 GFLOP/s and the "SkylakeX" kernels that OpenBLAS picks by itself at 430-460, so benchmarks report it.
+OpenBLAS picks its kernels once, at load, from the CPU or from OPENBLAS_CORETYPE. The family can halve
+sgemm's speed (docs/performance.md), so benchmarks report it.
 
 >>> core = corename()  # e.g. 'SkylakeX' or 'Haswell'; None when numpy is not on OpenBLAS
 >>> core is None or isinstance(core, str)
@@ -37,10 +36,8 @@ LIB = _numpy_openblas()
 
 
 def _cblas_sgemm():
-    """Only for what numpy's matmul cannot do: C += A B (beta = 1). scipy's sgemm can, but it is a second
-    OpenBLAS with its own threads, which spin after a GEMM and fought numpy's: a stories15M step went from
-    1.20 s to 1.33 s with the classifier on scipy's BLAS.
-    """
+    """Only for what numpy's matmul cannot do: C += A B (beta = 1). Not scipy's sgemm: that is a second
+    OpenBLAS whose threads spin after a GEMM and fight numpy's (docs/performance.md)."""
     f = getattr(LIB, "scipy_cblas_sgemm64_", None)
     if f is None:
         return None

@@ -14,18 +14,19 @@ once, checkpoints, `.numpy()`) are counted in the tracer under category "transfe
 ('Tensor', [[2.0, 4.0]])
 
 `torch_gemm_offload(device)` is the other way to use torch: a CPU-resident (numpy) model sends its large
-GEMMs to the device one call at a time, through `fusegrad.backends.dispatch.GEMM_CHAIN`.
+GEMMs to the device one call at a time (`fusegrad.backends.gemm_offload("torch:cuda")`).
 """
 from __future__ import annotations
 
 import functools
+import math
 
+import array_api_compat.torch as xp  # numpy-style names (axis=, keepdims=, permute_dims) on torch
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from fusegrad.backends import torch_kernels
-from fusegrad.backends.base import Backend
-from fusegrad.backends.dispatch import GEMM_CHAIN, gemm_dims
+from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, Backend
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import count, span
 
@@ -83,19 +84,15 @@ def _d2h(array: torch.Tensor) -> np.ndarray:
     return out
 
 
-def _matmul(a, b, trans_a: bool, trans_b: bool):
-    return torch.matmul(a.mT if trans_a else a, b.mT if trans_b else b)  # .mT is a view, no copy
-
-
 class TorchBackend(Backend):
     """Backend over torch tensors on `device`; registered as "torch" (best device) and "torch:<device>"."""
 
-    def __init__(self, device: str | None = None):
-        import array_api_compat.torch as xp  # numpy-style names (axis=, keepdims=, permute_dims) on torch
+    xp = xp
 
-        self.xp = xp
+    def __init__(self, device: str | None = None):
         self.device = resolve_device(device)
         self.name = f"torch:{self.device.type}"
+        self.accum_dtype = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
         self._constants = {}  # id(numpy array) -> (array, device copy): rope tables go over once
 
     # -- arrays -----------------------------------------------------------------------------------
@@ -135,6 +132,9 @@ class TorchBackend(Backend):
     def copy(self, array):
         return array.clone()
 
+    def contiguous(self, array):
+        return array.contiguous()
+
     def owns_memory(self, array) -> bool:
         return not array._is_view()
 
@@ -144,13 +144,7 @@ class TorchBackend(Backend):
         key = tuple(self.asarray(k) if isinstance(k, np.ndarray) else k for k in key)
         target.index_put_(key, values, accumulate=True)
 
-    # -- GEMM -------------------------------------------------------------------------------------
-    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
-        m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
-        count(f"dispatch:{self.name}")
-        with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend=self.name):
-            return _matmul(a, b, trans_a, trans_b)
-
+    # -- kernels torch does better -----------------------------------------------------------------
     def prewarm_gemm(self, m, k, n, dtype) -> None:
         dt = torch_dtype(dtype)
         torch.matmul(torch.zeros((m, k), dtype=dt, device=self.device), torch.zeros((k, n), dtype=dt, device=self.device))
@@ -162,54 +156,36 @@ class TorchBackend(Backend):
         elif self.device.type == "mps":
             torch.mps.synchronize()
 
-    # -- fused kernels (fusegrad.backends.torch_kernels) ------------------------------------------------
-    rmsnorm_forward = staticmethod(torch_kernels.rmsnorm_forward)
-    rmsnorm_backward = staticmethod(torch_kernels.rmsnorm_backward)
-    rope_apply = staticmethod(torch_kernels.rope_apply)
-    swiglu_forward = staticmethod(torch_kernels.swiglu_forward)
-    swiglu_backward = staticmethod(torch_kernels.swiglu_backward)
-    attention_backward = staticmethod(torch_kernels.attention_backward)
-    adamw_update = staticmethod(torch_kernels.adamw_update)
-    sum_of_squares = staticmethod(torch_kernels.sum_of_squares)
+    @torch.no_grad()
+    def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
+        """torch's fused scaled_dot_product_attention (flash / memory-efficient kernels where the device has
+        them); the probabilities are not kept: the reference backward recomputes them block by block."""
+        B, T, _ = qkv.shape
+        cos, sin = self.constant(cos), self.constant(sin)
+        q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[:T], sin[:T])  # q (B, Hkv, G, T, D)
+        y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, is_causal=True, enable_gqa=n_heads != n_kv_heads)
+        return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
 
-    def attention_forward(self, qkv, n_heads, n_kv_heads, cos, sin, block=torch_kernels.ATTENTION_BLOCK):
-        return torch_kernels.attention_forward(qkv, n_heads, n_kv_heads, self.constant(cos), self.constant(sin), block)
-
-    def embedding_backward(self, g, tokens, vocab_size):
-        return torch_kernels.embedding_backward(g, self.asarray(tokens), vocab_size)
-
-    def classifier_cross_entropy(self, h, weight, targets, chunk=256, need_dh=True, need_dw=True):
-        return torch_kernels.classifier_cross_entropy(h, weight, self.asarray(targets), chunk, need_dh, need_dw)
-
-    def __repr__(self) -> str:
-        return f"<backend {self.name}>"
+    @torch.no_grad()
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
+        """The reference's math with torch's fused in-place ops: no temporaries on the device."""
+        if wd:
+            p.mul_(1.0 - lr * wd)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        denom = tmp if tmp is not None else torch.empty_like(p)
+        torch.sqrt(v, out=denom).div_(math.sqrt(1.0 - beta2 ** step)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
 
 
 # -- per-op GEMM offload of a numpy model ---------------------------------------------------------------
-def torch_gemm_offload(device: str):
-    """A GEMM over numpy operands that runs on the torch device: (gemm, prewarm) for GemmChain.add_offload.
-
-    Operands go to the device (counted transfers), one torch.matmul with transposed views, result back.
-    """
+def torch_gemm_offload(device: str | None):
+    """A GEMM over numpy operands that runs on the torch device: (name, gemm, prewarm) for
+    GemmChain.add_offload. Operands go to the device (counted transfers), one torch.matmul, result back."""
     backend = TorchBackend(device)
 
     def gemm(a, b, trans_a, trans_b):
-        return _d2h(_matmul(_h2d(a, backend.device), _h2d(b, backend.device), trans_a, trans_b))  # chain counts it
+        a, b = _h2d(a, backend.device), _h2d(b, backend.device)
+        return _d2h(torch.matmul(a.mT if trans_a else a, b.mT if trans_b else b))  # the chain counts it
 
-    return gemm, backend.prewarm_gemm
-
-
-def enable_gemm_offload(spec: str, min_flops: float | None = None):
-    """`--offload_gemm torch:cuda` (or torch:mps, torch:cpu): put that device ahead of the CPU in GEMM_CHAIN.
-
-    >>> entry = enable_gemm_offload("torch:cpu", min_flops=0)
-    >>> entry.name
-    'torch:cpu'
-    >>> GEMM_CHAIN.remove_offload("torch:cpu")
-    """
-    kind, _, device = spec.partition(":")
-    if kind != "torch":
-        raise BackendError(f"offload_gemm: {spec!r} is not a torch device; use torch:cuda, torch:mps or torch:cpu")
-    gemm, prewarm = torch_gemm_offload(device or None)
-    kwargs = {} if min_flops is None else {"min_flops": min_flops}
-    return GEMM_CHAIN.add_offload(f"torch:{resolve_device(device or None).type}", gemm, prewarm=prewarm, **kwargs)
+    return backend.name, gemm, backend.prewarm_gemm

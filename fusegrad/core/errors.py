@@ -37,3 +37,8 @@ class ConfigError(FusegradError, ValueError):
     ...
     fusegrad.core.errors.ConfigError: train: lr must be > 0, got -1.0
     """
+
+
+class StorageError(FusegradError, OSError):
+    """A file could not be written or read back from disk (disk full, read-only or unwritable directory);
+    the message names the path and the reason, and the previous file at that path is left as it was."""

@@ -22,6 +22,8 @@ import weakref
 import numpy as np
 
 from fusegrad.core.errors import GraphError, ShapeError
+from fusegrad.core.registry import backend_for_array, get_backend
+from fusegrad.core.trace import span
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
@@ -81,8 +83,6 @@ class Tensor:
 
     def __init__(self, data, requires_grad: bool = False, node: Node | None = None, name: str | None = None,
                  backend=None):
-        from fusegrad.backends import backend_for_array  # backends sit beside core; resolved lazily
-
         self.data = data
         self.backend = backend if backend is not None else backend_for_array(data)
         self.grad = None
@@ -256,8 +256,6 @@ def run_backward(root: Tensor, grad, retain_graph: bool = False) -> None:
 
 
 def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
-    from fusegrad.core.trace import span
-
     pending = {id(root): grad}  # grads not yet consumed, keyed by tensor id; freed as consumed
     # grad arrays already given to a tensor (or the caller's), by id, with a weak reference because a freed
     # array's id is reused: a second holder gets a copy, so `.grad` of two leaves never aliases (an op may
@@ -320,11 +318,9 @@ def tensor(data, requires_grad: bool = False, dtype=None, backend=None) -> Tenso
     >>> fg.tensor([1.5]).dtype
     dtype('float32')
     """
-    from fusegrad.backends import get_backend
-
     if isinstance(data, Tensor):
         data = data.numpy()
-    be = get_backend(backend) if isinstance(backend, (str, type(None))) else backend
+    be = get_backend(backend)
     try:
         dt = np.dtype(dtype) if dtype is not None else default_dtype_for(data)
         arr = np.array(data, dtype=dt)  # a copy: the tensor never aliases the caller's array

@@ -153,36 +153,68 @@ def _jsonable(v):
     return str(v)
 
 
-TRACER = Tracer()
+TRACER = Tracer()  # the process tracer: FUSEGRAD_TRACE=1 turns it on; its counters always count
 if os.environ.get("FUSEGRAD_TRACE", "") not in ("", "0"):
     TRACER.enabled = True
+_ACTIVE = []  # the tracers of the open `trace()` blocks, outermost first
+
+
+def _recording() -> list:
+    return ([TRACER] if TRACER.enabled else []) + _ACTIVE
 
 
 def span(name: str, cat: str = "op", **args):
-    """Time a block as a span of `cat` ("matmul", "elementwise", "transfer", "optimizer", "io", ...)."""
-    if not TRACER.enabled:
+    """Time a block as a span of `cat` ("matmul", "elementwise", "transfer", "optimizer", "io", ...), in every
+    open trace (an outer trace keeps the spans of the traces nested in it)."""
+    if not (TRACER.enabled or _ACTIVE):  # off: one shared no-op, near free
         return _NOOP
-    return TRACER._span(name, cat, args)
+    tracers = _recording()
+    if len(tracers) == 1:
+        return tracers[0]._span(name, cat, args)
+    stack = contextlib.ExitStack()
+    for t in tracers:
+        stack.enter_context(t._span(name, cat, args))
+    return stack
 
 
 def instant(name: str, cat: str = "event", **args) -> None:
-    if TRACER.enabled:
-        TRACER.instant(name, cat, **args)
+    for t in _recording():
+        t.instant(name, cat, **args)
 
 
 def count(key: str, n: int = 1) -> None:
-    """Bump a named counter (dispatches per backend, transfers); counted even when tracing is off."""
+    """Bump a named counter (dispatches per backend, transfers) in the process tracer, counted even when
+    tracing is off, and in every open trace."""
     TRACER.counters[key] += n
+    for t in _ACTIVE:
+        t.counters[key] += n
+
+
+def mark_step(step: int) -> None:
+    """Close a training step in every recording tracer (per-step self time by category)."""
+    for t in _recording():
+        t.mark_step(step)
 
 
 @contextlib.contextmanager
 def trace(max_events: int = 200_000):
-    """Turn tracing on for a block; yields the tracer, fresh, for `.summary()` and `.save_chrome()`."""
-    prev = TRACER.enabled
-    TRACER.reset()
-    TRACER.events = collections.deque(maxlen=max_events)
-    TRACER.enabled = True
+    """Record the spans of a block into a fresh tracer, yielded for `.summary()` and `.save_chrome()`.
+
+    Scoped: nothing stays switched after the block (also on error), and nested traces each see their own
+    block while the outer one keeps everything.
+
+    >>> with trace() as outer:
+    ...     with trace() as inner:
+    ...         with span("x", "io"):
+    ...             pass
+    >>> outer.aggregate[("x", "io")][1], inner.aggregate[("x", "io")][1], span("y") is _NOOP
+    (1, 1, True)
+    """
+    tracer = Tracer(max_events)
+    tracer.enabled = True
+    _ACTIVE.append(tracer)
     try:
-        yield TRACER
+        yield tracer
     finally:
-        TRACER.enabled = prev
+        _ACTIVE.remove(tracer)
+        tracer.enabled = False

@@ -2,6 +2,8 @@
 
 This is what `fusegrad prepare` runs. Each text file is one document (the embedded corpus: one
 document per topic); every document is encoded with BOS in front, as llama2.c's shards are.
+A folder of llama2.c's own pretokenized shards (data00.bin, ... from its tinystories.py) is checked and
+described by a meta.json that points at it, not copied; llama2.c's first shard is the validation split.
 
 >>> import tempfile, os
 >>> out = tempfile.mkdtemp()
@@ -16,10 +18,10 @@ import re
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError, ShapeError
-from fusegrad.data import corpus
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write_text
-from fusegrad.data.shards import META_FILE, shard_dtype, shard_name, write_shard
+from fusegrad.data import corpus
+from fusegrad.data.shards import META_FILE, LLAMA2C_LAYOUT, check_llama2c_shards, shard_dtype, shard_name, write_shard
 from fusegrad.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 
 DEFAULT_BPE_VOCAB = 4096
@@ -32,6 +34,8 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
 
     inputs:       None (the embedded CPython documentation corpus), a text file, a directory (every
                   *.txt below it, sorted), or a list of text files. Files must be non-empty UTF-8.
+                  Or a folder of llama2.c's pretokenized uint16 shards: checked against the tokenizer
+                  (which must be the one they were made with) and used in place.
     tokenizer:    "byte" (258 ids, no training), "bpe" (byte-level BPE trained here on the inputs to
                   `vocab_size` ids, default 4096), or a path to a saved tokenizer (see load_tokenizer).
     val_fraction: the last fraction of every shard that TokenDataset serves as validation (recorded).
@@ -39,7 +43,9 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
     overwrite:    replace shards + meta.json a previous prepare left in out_dir (else FormatError).
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ShapeError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs) and glob.glob(os.path.join(inputs, "*.bin")):
+        return _describe_llama2c_shards(os.fspath(inputs), out_dir, tokenizer, overwrite)
     sources, docs = _read_documents(inputs)
     tok = _make_tokenizer(tokenizer, vocab_size, docs)
     _clear_out_dir(out_dir, overwrite)
@@ -80,14 +86,13 @@ def _read_documents(inputs):
     docs = []
     for p in paths:
         try:
-            with open(p, encoding="utf-8") as f:
-                doc = f.read()
+            with open(p, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             raise FormatError(f"{p}: text file does not exist") from None
-        except UnicodeDecodeError as e:
-            raise FormatError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         except OSError as e:
             raise FormatError(f"{p}: cannot read text file: {e.strerror}") from None
+        doc = decode_utf8(raw, p)
         if not doc.strip():
             raise FormatError(f"{p}: text file is empty")
         docs.append(doc)
@@ -99,7 +104,7 @@ def _make_tokenizer(tokenizer, vocab_size, docs):
         return BPETokenizer.train(docs, vocab_size or DEFAULT_BPE_VOCAB)
     tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
     if vocab_size is not None and vocab_size != tok.vocab_size:
-        raise ShapeError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
+        raise ConfigError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
                          f"{tok.vocab_size} ids (vocab_size is only chosen when training 'bpe')")
     return tok
 
@@ -119,3 +124,27 @@ def _flush(out_dir, index, vocab_size, buf):
     ids = np.concatenate(buf)
     write_shard(os.path.join(out_dir, name), ids)
     return {"file": name, "tokens": int(len(ids))}
+
+
+def _describe_llama2c_shards(source, out_dir, tokenizer, overwrite):
+    """meta.json (+ the tokenizer) in out_dir for llama2.c's shards in `source`, which stay where they are."""
+    tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
+    shards = check_llama2c_shards(source, tok.vocab_size, tokenizer)
+    _clear_out_dir(out_dir, overwrite)
+    tok.save(out_dir)
+    tokens = [n for _, n in shards]
+    meta = {"format": "fusegrad-shards", "version": 1, "layout": LLAMA2C_LAYOUT, "dtype": "uint16",
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "tokenizer": tok.to_json(),
+            "val_fraction": tokens[0] / sum(tokens), "tokens": sum(tokens), "sources": [source],
+            "shards": [{"file": os.path.abspath(path), "tokens": n} for path, n in shards]}
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))
+    return meta
+
+
+def decode_utf8(raw: bytes, path) -> str:
+    """bytes -> str; FormatError naming the file, line and byte of the first sequence that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise FormatError(f"{path}: line {line} is not UTF-8 text (byte {e.start}: {e.reason})") from None

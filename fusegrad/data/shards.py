@@ -7,7 +7,9 @@ in it except `tokenizer.bin`, sorted by name, plus an optional meta.json written
 (vocab_size, val_fraction) that TokenDataset uses for its defaults and to check ids.
 
 The train/validation split is by position: the last `val_fraction` of every shard is validation,
-so it is deterministic, needs no extra files, and no window straddles the two.
+so it is deterministic, needs no extra files, and no window straddles the two. A meta.json with layout
+"llama2c" (what `prepare` writes for a folder of llama2.c's shards) lists shards elsewhere and follows
+llama2.c's convention instead: the first shard is validation, the others are training.
 
 >>> import numpy as np, tempfile, os
 >>> d = tempfile.mkdtemp()
@@ -23,15 +25,19 @@ True
 import glob
 import json
 import os
+import re
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes
 
 U32_SUFFIX = ".u32.bin"
 META_FILE = "meta.json"
 DEFAULT_VAL_FRACTION = 0.1
+LLAMA2C_LAYOUT = "llama2c"
+LLAMA2C_SHARD = re.compile(r"^data\d+\.bin$")
+LLAMA2C_TOKENIZER = re.compile(r"^(tokenizer|tok\d+)\.(bin|model)$")
 
 
 def shard_dtype(path):
@@ -104,6 +110,36 @@ def list_shards(source):
     return paths
 
 
+def check_llama2c_shards(directory, vocab_size, tokenizer_name):
+    """[(path, tokens)] of llama2.c's uint16 shards in `directory`, sorted, each checked: a name that is not
+    dataNN.bin, a file of odd size, ids >= vocab_size, or uint32 ids (every other uint16 zero) are errors."""
+    names = sorted(os.listdir(directory))
+    stray = [n for n in names if n.endswith(".bin") and not LLAMA2C_SHARD.match(n) and not LLAMA2C_TOKENIZER.match(n)]
+    if stray:
+        raise FormatError(f"{os.path.join(directory, stray[0])}: not a llama2.c shard (dataNN.bin); a folder of "
+                          f"shards holds only those (and its tokenizer)")
+    paths = [os.path.join(directory, n) for n in names if LLAMA2C_SHARD.match(n)]
+    if len(paths) < 2:
+        raise FormatError(f"{directory}: {len(paths)} llama2.c shard(s); llama2.c's first shard is the validation "
+                          f"split, so training needs at least 2")
+    shards = []
+    for path in paths:
+        try:
+            ids = read_shard(path, vocab_size)
+        except FormatError as e:
+            if "outside the vocabulary" not in str(e):
+                raise
+            raise FormatError(f"{e}; the tokenizer {tokenizer_name!r} has {vocab_size} ids: pass the tokenizer the "
+                              f"shards were made with (llama2.c's tokenizer.model, or tok<N>.model for its custom "
+                              f"vocabularies)") from None
+        head = ids[:8192]
+        if len(head) >= 64 and np.count_nonzero(head[1::2] == 0) > 0.9 * (len(head) // 2):
+            raise FormatError(f"{path}: every other uint16 id is 0: these look like uint32 ids; llama2.c's shards are "
+                              f"uint16 (name uint32 shards *{U32_SUFFIX})")
+        shards.append((path, len(ids)))
+    return shards
+
+
 def read_meta(directory):
     """meta.json of a shard directory as a dict ({} when absent); FormatError when it is corrupt."""
     path = os.path.join(directory, META_FILE)
@@ -129,28 +165,34 @@ class TokenDataset:
 
     def __init__(self, source, seq_len, split="train", val_fraction=None, vocab_size=None):
         if split not in ("train", "val"):
-            raise ShapeError(f"TokenDataset: split must be 'train' or 'val', got {split!r}")
+            raise ConfigError(f"TokenDataset: split must be 'train' or 'val', got {split!r}")
         if seq_len < 1:
-            raise ShapeError(f"TokenDataset: seq_len must be >= 1, got {seq_len}")
+            raise ConfigError(f"TokenDataset: seq_len must be >= 1, got {seq_len}")
         meta = read_meta(source) if not isinstance(source, (list, tuple)) and os.path.isdir(source) else {}
         self.vocab_size = vocab_size if vocab_size is not None else meta.get("vocab_size")
         self.val_fraction = val_fraction if val_fraction is not None else meta.get("val_fraction", DEFAULT_VAL_FRACTION)
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ShapeError(f"TokenDataset: val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ConfigError(f"TokenDataset: val_fraction must be in [0, 1), got {self.val_fraction}")
         if split == "val" and self.val_fraction == 0:
-            raise ShapeError(f"TokenDataset {source}: the val split is empty because val_fraction is 0")
-        self.seq_len, self.split, self.paths = seq_len, split, list_shards(source)
+            raise ConfigError(f"TokenDataset {source}: the val split is empty because val_fraction is 0")
+        self.seq_len, self.split = seq_len, split
         self.segments = []  # (path, memmap view) for this split
-        for path in self.paths:
-            ids = read_shard(path, self.vocab_size)
-            cut = len(ids) - int(round(len(ids) * self.val_fraction))
-            self.segments.append((path, ids[:cut] if split == "train" else ids[cut:]))
+        if meta.get("layout") == LLAMA2C_LAYOUT:  # whole shards: llama2.c's first shard is validation
+            paths = [s["file"] for s in meta["shards"]]
+            self.paths = paths[1:] if split == "train" else paths[:1]
+            self.segments = [(path, read_shard(path, self.vocab_size)) for path in self.paths]
+        else:
+            self.paths = list_shards(source)
+            for path in self.paths:
+                ids = read_shard(path, self.vocab_size)
+                cut = len(ids) - int(round(len(ids) * self.val_fraction))
+                self.segments.append((path, ids[:cut] if split == "train" else ids[cut:]))
         self.n_tokens = sum(len(s) for _, s in self.segments)
         # A window starts at any of len - seq_len positions; segments too short contribute none.
         windows = np.array([max(len(s) - seq_len, 0) for _, s in self.segments], dtype=np.int64)
         if windows.sum() == 0:
             longest = max(self.segments, key=lambda ps: len(ps[1]))
-            raise ShapeError(f"TokenDataset: seq_len {seq_len} needs {seq_len + 1} tokens in one shard's {split} "
+            raise ConfigError(f"TokenDataset: seq_len {seq_len} needs {seq_len + 1} tokens in one shard's {split} "
                              f"part, but the longest ({longest[0]}) has {len(longest[1])} "
                              f"(val_fraction {self.val_fraction}); use a shorter seq_len or more data")
         self.window_ends = np.cumsum(windows)
@@ -190,8 +232,20 @@ def rng_state(rng):
     return rng.bit_generator.state
 
 
-def rng_from_state(state):
-    """A new np.random.Generator that continues exactly where the one `state` was taken from stood."""
-    bit_gen = getattr(np.random, state["bit_generator"])()
-    bit_gen.state = state
+BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "MT19937": np.random.MT19937,
+                  "Philox": np.random.Philox, "SFC64": np.random.SFC64}  # what a saved state may name
+
+
+def rng_from_state(state, where="rng state"):
+    """A new np.random.Generator that continues exactly where the one `state` was taken from stood. The bit
+    generator is looked up in an allow-list (a checkpoint never picks which numpy function runs); a state
+    that numpy refuses is a FormatError naming `where`."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in BIT_GENERATORS:
+        raise FormatError(f"{where}: bit_generator must be one of {', '.join(BIT_GENERATORS)}, got {name!r}")
+    bit_gen = BIT_GENERATORS[name]()
+    try:
+        bit_gen.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise FormatError(f"{where}: not a valid {name} state ({type(e).__name__}: {e})") from None
     return np.random.Generator(bit_gen)

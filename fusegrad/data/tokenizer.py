@@ -1,4 +1,4 @@
-"""Tokenizers with one interface: byte-level, Hugging Face BPE, sentencepiece (and llama2.c's tokenizer.bin).
+"""Tokenizers with one interface: byte-level, Hugging Face BPE, sentencepiece and llama2.c's tokenizer.bin.
 
 Every tokenizer has `encode(text, bos=True, eos=False) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
 `bos_id`, `eos_id`, `save(dir)` and `to_json()` (metadata a checkpoint records); `load_tokenizer(path)`
@@ -12,23 +12,42 @@ reads back whatever `save` wrote, or a tokenizer.json / tokenizer.model / tokeni
 """
 import json
 import os
+import re
+import struct
 
-from fusegrad.core.errors import FormatError, ShapeError
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
 
 
 class Tokenizer:
-    """Shared behaviour; subclasses define kind, vocab_size, bos_id, eos_id, _encode, _decode, save."""
+    """Shared behaviour; subclasses define kind, vocab_size, bos_id, eos_id, _encode, _decode, save.
+
+    `add_bos` / `add_eos`: what `encode` adds by default (Hugging Face tokenizers say so in their own files);
+    `eos_ids`: every id that ends generation (generation_config.json may declare several); `chat_template`:
+    the jinja template of a chat model, or None.
+    """
 
     kind = "base"
+    add_bos, add_eos, pad_id, chat_template = True, False, None, None
 
-    def encode(self, text, bos=True, eos=False):
+    @property
+    def eos_ids(self):
+        return getattr(self, "_eos_ids", None) or ([] if self.eos_id is None else [self.eos_id])
+
+    def encode(self, text, bos=None, eos=None):
+        """text -> ids; `bos`/`eos` None: as the tokenizer adds them by default (`add_bos`, `add_eos`)."""
+        bos = self.add_bos if bos is None else bos
+        eos = self.add_eos if eos is None else eos
         ids = self._encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
+            ([self.eos_id] if eos and self.eos_id is not None else [])
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -36,11 +55,12 @@ class Tokenizer:
             if not 0 <= i < self.vocab_size:
                 raise ShapeError(f"{self.kind} tokenizer: token id {i} is outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        return self._decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+        special = {self.bos_id, self.pad_id, *self.eos_ids}
+        return self._decode([i for i in ids if i not in special])
 
     def to_json(self):
-        return {"kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
-                "eos_id": self.eos_id}
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "eos_ids": self.eos_ids, "pad_id": self.pad_id, "add_bos": self.add_bos}
 
     def __repr__(self):
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id})"
@@ -67,10 +87,13 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE from Hugging Face `tokenizers`, saved as tokenizer.json.
+    """A Hugging Face `tokenizers` tokenizer.json, with its special tokens as the model's own files define them.
 
-    `train` reserves ids 0, 1, 2 for <unk>, <s>, </s> (Llama's numbering: BOS = 1, EOS = 2).
-    Any tokenizer.json loads; BOS/EOS are looked up by their usual names.
+    Beside the tokenizer.json, tokenizer_config.json names bos/eos/pad (special_tokens_map.json fills what it
+    leaves out); whether a BOS or EOS is added is the tokenizer.json post-processor's business, as in transformers;
+    generation_config.json and config.json add the eos ids that end generation; the chat template comes from
+    tokenizer_config.json or chat_template.jinja. A bare tokenizer.json (fusegrad's own `train`) finds BOS/EOS
+    by their usual names and adds a BOS, the Llama convention. `train` reserves ids 0, 1, 2 for <unk>, <s>, </s>.
 
     >>> tok = BPETokenizer.train(["the cat sat on the mat. " * 20], vocab_size=300)
     >>> tok.decode(tok.encode("the cat")), tok.bos_id
@@ -79,23 +102,44 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer, source="<memory>"):
-        self.hf = hf_tokenizer
-        self.source = source
-        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_id = _find_token(hf_tokenizer, BOS_NAMES)
-        self.eos_id = _find_token(hf_tokenizer, EOS_NAMES)
-        if self.bos_id is None or self.eos_id is None:
-            raise FormatError(f"{source}: tokenizer has no BOS/EOS token (looked for {BOS_NAMES} and {EOS_NAMES})")
+    def __init__(self, hf_tokenizer, source="<memory>", config=None):
+        self.hf, self.source = hf_tokenizer, source
+        vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values(), default=-1) + 1  # ids may leave holes: the largest one counts
+        if not vocab:
+            raise FormatError(f"{source}: the tokenizer's vocabulary is empty")
+        if config is None:  # a bare tokenizer.json
+            self.bos_id = _find_token(hf_tokenizer, BOS_NAMES)
+            self.eos_id = _find_token(hf_tokenizer, EOS_NAMES)
+            if self.bos_id is None or self.eos_id is None:
+                raise FormatError(f"{source}: tokenizer has no BOS/EOS token (looked for {BOS_NAMES} and {EOS_NAMES}); "
+                                  f"a tokenizer_config.json beside it can name them")
+            return
+        self.config = config
+        self.bos_id, self.eos_id, self.pad_id = (self._special_id(config, name) for name in ("bos", "eos", "pad"))
+        self._eos_ids = list(dict.fromkeys(i for i in [self.eos_id] + config["eos_ids"] if i is not None))
+        self.eos_id = self.eos_id if self.eos_id is not None else (self._eos_ids or [None])[0]
+        self.chat_template = config.get("chat_template")
+        # what the tokenizer.json's post-processor adds (transformers follows it, whatever add_bos_token says)
+        plain, special = (self.hf.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+        self.add_bos = self.bos_id is not None and special[:1] == [self.bos_id] != plain[:1]
+        self.add_eos = self.eos_id is not None and special[-1:] == [self.eos_id] != plain[-1:]
+
+    def _special_id(self, config, name):
+        token = config.get(f"{name}_token")
+        if token is None:
+            return None
+        i = self.hf.token_to_id(token)
+        if i is None:
+            raise FormatError(f"{config['_files']}: {name}_token {token!r} is not in the vocabulary of {self.source}")
+        return i
 
     @classmethod
     def train(cls, texts, vocab_size, min_frequency=2):
         """Train on `texts` (an iterable of strings) to at most `vocab_size` ids (256 byte symbols, 3 specials
         and merges); a small text can stop short when no pair occurs `min_frequency` times. Check .vocab_size."""
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
         if vocab_size < 256 + 3:
-            raise ShapeError(f"BPETokenizer.train: vocab_size {vocab_size} < 259 (256 bytes + <unk>, <s>, </s>)")
+            raise ConfigError(f"BPETokenizer.train: vocab_size {vocab_size} < 259 (256 bytes + <unk>, <s>, </s>)")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -107,22 +151,64 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path):
-        from tokenizers import Tokenizer as HFTokenizer
-
         try:
             hf = HFTokenizer.from_file(os.fspath(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise FormatError(f"{path}: not a valid Hugging Face tokenizer.json: {e}") from e
-        return cls(hf, source=os.fspath(path))
+        return cls(hf, source=os.fspath(path), config=read_special_tokens(os.path.dirname(os.fspath(path))))
 
     def _encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text):
+        """(ids, [(start, end) character span of each id]) of `text`, no special tokens added."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def _decode(self, ids):
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def save(self, directory):
+        """tokenizer.json, and when the tokenizer came with one, a tokenizer_config.json transformers reads."""
         atomic_write_text(os.path.join(directory, "tokenizer.json"), self.hf.to_str())
+        if getattr(self, "config", None) is None:
+            return
+        token = {i: self.hf.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token.get(self.bos_id),
+                  "eos_token": token.get(self.eos_id), "pad_token": token.get(self.pad_id),
+                  "add_bos_token": self.add_bos, "add_eos_token": self.add_eos}  # informative: the post-processor rules
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        atomic_write_text(os.path.join(directory, TOKENIZER_CONFIG), json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def read_special_tokens(directory):
+    """The special-token settings of a Hugging Face model directory, or None when it has no tokenizer_config.json:
+    {"bos_token", "eos_token", "pad_token" (strings or None), "chat_template", "eos_ids" (from generation_config.json, then config.json), "_files"}."""
+    config = _read_json(os.path.join(directory, TOKENIZER_CONFIG))
+    if config is None:
+        return None
+    special = _read_json(os.path.join(directory, "special_tokens_map.json")) or {}
+    out = {"_files": os.path.join(directory, TOKENIZER_CONFIG), "eos_ids": []}
+    for name in ("bos", "eos", "pad"):
+        token = config.get(f"{name}_token", special.get(f"{name}_token"))
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and not isinstance(token, str):
+            raise FormatError(f"{out['_files']}: {name}_token must be a string, got {token!r}")
+        out[f"{name}_token"] = token
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        template = _read_bytes(jinja).decode("utf-8")
+    out["chat_template"] = template
+    for name in ("generation_config.json", "config.json"):
+        ids = (_read_json(os.path.join(directory, name)) or {}).get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [ids]:
+            if isinstance(i, int) and not isinstance(i, bool):
+                out["eos_ids"].append(i)
+    return out
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -159,20 +245,146 @@ class SentencePieceTokenizer(Tokenizer):
         atomic_write_bytes(os.path.join(directory, "tokenizer.model"), self.sp.serialized_model_proto())
 
 
+# -- llama2.c's tokenizer.bin --------------------------------------------------------------------------
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+
+
+class Llama2cTokenizer(Tokenizer):
+    """llama2.c's `tokenizer.bin`, encoding and decoding the way its run.c does: pieces (bytes) with merge
+    scores; BOS = 1, EOS = 2.
+
+    File layout (little-endian): uint32 max_token_length, then per token: float32 score, int32 byte length,
+    that many bytes; the vocabulary size is the number of records. Pieces use ' ' where sentencepiece uses
+    '▁'; byte-fallback pieces are the text "<0xAB>".
+
+    >>> tok = Llama2cTokenizer([b"<unk>", b"\\n<s>\\n", b"\\n</s>\\n", b" ", b"h", b"i", b" h", b" hi"],
+    ...                        [0, 0, 0, -3, -4, -5, -1, -2])
+    >>> tok.encode("hi")
+    [1, 7]
+    >>> tok.decode([1, 7])
+    'hi'
+    """
+
+    kind = "llama2c"
+
+    def __init__(self, pieces, scores, bos_id=1, eos_id=2, source="<memory>"):
+        self.pieces = [bytes(p) for p in pieces]
+        self.scores = [float(s) for s in scores]
+        self.vocab_size, self.bos_id, self.eos_id = len(self.pieces), bos_id, eos_id
+        self.source = source
+        # First id wins for duplicate pieces, like a stable sort + bsearch would in practice.
+        self.ids = {}
+        for i, p in enumerate(self.pieces):
+            self.ids.setdefault(p, i)
+
+    @classmethod
+    def load(cls, path):
+        pieces, scores = read_tokenizer_bin(path)
+        return cls(pieces, scores, source=os.fspath(path))
+
+    @classmethod
+    def from_sentencepiece(cls, sp_tokenizer):
+        """Convert a SentencePieceTokenizer exactly as llama2.c's tokenizer.py export does."""
+        sp = sp_tokenizer.sp
+        pieces = []
+        for i in range(sp.vocab_size()):
+            piece = sp.id_to_piece(i)
+            piece = "\n<s>\n" if i == sp.bos_id() else "\n</s>\n" if i == sp.eos_id() else piece
+            pieces.append(piece.replace("\u2581", " ").encode("utf-8"))
+        scores = [sp.get_score(i) for i in range(sp.vocab_size())]
+        return cls(pieces, scores, sp.bos_id(), sp.eos_id())
+
+    def _encode(self, text):
+        """run.c's encode: dummy-prefix space, one id per UTF-8 character (else its bytes + 3),
+        then repeatedly merge the adjacent pair with the highest score (leftmost on ties)."""
+        if not text:
+            return []
+        ids = [self.ids[b" "]] if b" " in self.ids else []
+        for ch in text:
+            b = ch.encode("utf-8")
+            if b not in self.ids and max(b) + 3 >= self.vocab_size:
+                raise FormatError(f"{self.source}: cannot encode {ch!r}: it is not a piece and the vocabulary has "
+                                  f"no byte-fallback pieces <0x00>..<0xFF> at ids 3..258")
+            ids.extend([self.ids[b]] if b in self.ids else [x + 3 for x in b])
+        while True:
+            best, best_i = -1e10, -1
+            for i in range(len(ids) - 1):
+                merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
+                if merged is not None and self.scores[merged] > best:
+                    best, best_i = self.scores[merged], i
+            if best_i < 0:
+                return ids
+            ids[best_i:best_i + 2] = [self.ids[self.pieces[ids[best_i]] + self.pieces[ids[best_i + 1]]]]
+
+    def _decode(self, ids):
+        out = bytearray()
+        for k, i in enumerate(ids):
+            piece = self.pieces[i]
+            m = _BYTE_PIECE.fullmatch(piece)
+            if m:
+                out.append(int(m.group(1), 16))
+            else:
+                # run.c drops the dummy-prefix space of the first piece after BOS.
+                out += piece[1:] if k == 0 and piece.startswith(b" ") else piece
+        return out.decode("utf-8", errors="replace")
+
+    def save(self, directory):
+        write_tokenizer_bin(os.path.join(directory, "tokenizer.bin"), self.pieces, self.scores)
+
+    def to_json(self):
+        return {**super().to_json(), "file": "tokenizer.bin"}
+
+
+def write_tokenizer_bin(path, pieces, scores):
+    """Write pieces (bytes) and scores in llama2.c's tokenizer.bin layout, atomically."""
+    chunks = [struct.pack("<I", max((len(p) for p in pieces), default=0))]
+    for p, s in zip(pieces, scores, strict=True):
+        chunks.append(struct.pack("<fi", s, len(p)) + p)
+    atomic_write_bytes(path, b"".join(chunks))
+
+
+def read_tokenizer_bin(path):
+    """Return (pieces, scores) from a llama2.c tokenizer.bin; FormatError naming the file and record."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read tokenizer.bin: {e.strerror}") from e
+    if len(data) < 4:
+        raise FormatError(f"{path}: tokenizer.bin is {len(data)} bytes, too short for its uint32 header")
+    (max_len,) = struct.unpack_from("<I", data, 0)
+    pieces, scores, pos = [], [], 4
+    while pos < len(data):
+        if pos + 8 > len(data):
+            raise FormatError(f"{path}: token {len(pieces)} is truncated (record header at byte {pos})")
+        score, n = struct.unpack_from("<fi", data, pos)
+        if not 0 <= n <= max_len or pos + 8 + n > len(data):
+            raise FormatError(f"{path}: token {len(pieces)} has byte length {n} (max_token_length {max_len}, "
+                              f"{len(data) - pos - 8} bytes left)")
+        pieces.append(data[pos + 8:pos + 8 + n])
+        scores.append(score)
+        pos += 8 + n
+    if len(pieces) < 3:
+        raise FormatError(f"{path}: tokenizer.bin holds {len(pieces)} tokens; needs at least <unk>, BOS, EOS")
+    return pieces, scores
+
+
 def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
     A directory is searched for tokenizer.model, tokenizer.json, byte_tokenizer.json, tokenizer.bin
-    (in that order). Files dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face
+    (in that order; tokenizer.json first where a tokenizer_config.json says it is a Hugging Face model's). Files dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face
     (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
     """
-    from fusegrad.data.llama2c_tokenizer import Llama2cTokenizer
-
     if path == "byte":
         return ByteTokenizer()
     path = os.fspath(path)
     if os.path.isdir(path):
-        for name in ("tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin"):
+        names = ["tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin"]
+        if os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):  # a Hugging Face model: its fast tokenizer
+            names.remove("tokenizer.json")
+            names.insert(0, "tokenizer.json")
+        for name in names:
             if os.path.isfile(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name))
         raise FormatError(f"{path}: directory holds no tokenizer (tokenizer.model, tokenizer.json, "
@@ -208,3 +420,16 @@ def _read_bytes(path):
             return f.read()
     except OSError as e:
         raise FormatError(f"{path}: cannot read tokenizer file: {e.strerror}") from e
+
+
+def _read_json(path):
+    """The JSON object in `path`, or None when there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        value = json.loads(_read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value

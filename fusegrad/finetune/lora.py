@@ -28,23 +28,22 @@ import math
 
 import numpy as np
 
-from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import Tensor, is_grad_enabled
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
+from fusegrad.core.tensor import Tensor, is_grad_enabled, tensor
 from fusegrad.core.trace import span
+from fusegrad.models.hf_names import HF_MODULES
 from fusegrad.ops._util import check_float, result
 
 # target -> (fused parameter kind, index of the part inside it)
 TARGETS = {"q": ("wqkv", 0), "k": ("wqkv", 1), "v": ("wqkv", 2), "o": ("wo", 0),
            "gate": ("w13", 0), "up": ("w13", 1), "down": ("w2", 0)}
-HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 ALIASES = {**{m.split(".")[1]: t for t, m in HF_MODULES.items()},
            "wq": "q", "wk": "k", "wv": "v", "wo": "o", "w1": "gate", "w3": "up", "w2": "down"}
 PROJECTIONS = ("wqkv", "wo", "w13", "w2")
 
 
 def parse_targets(spec) -> tuple:
-    """"q,v" / ["q_proj", "v_proj"] / "all" -> canonical targets in model order; ShapeError if unknown."""
+    """"q,v" / ["q_proj", "v_proj"] / "all" -> canonical targets in model order; ConfigError if unknown."""
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if items == ["all"]:
         return tuple(TARGETS)
@@ -52,11 +51,11 @@ def parse_targets(spec) -> tuple:
     for item in items:
         name = ALIASES.get(item, item)
         if name not in TARGETS:
-            raise ShapeError(f"lora: unknown target module {item!r}; choose from {', '.join(TARGETS)} "
+            raise ConfigError(f"lora: unknown target module {item!r}; choose from {', '.join(TARGETS)} "
                              f"(or HF names {', '.join(m.split('.')[1] for m in HF_MODULES.values())}, or 'all')")
         out.append(name)
     if not out:
-        raise ShapeError("lora: no target modules given (e.g. --lora_targets q,v)")
+        raise ConfigError("lora: no target modules given (e.g. --lora_targets q,v)")
     return tuple(t for t in TARGETS if t in out)
 
 
@@ -80,9 +79,9 @@ class LoraConfig:
     def __post_init__(self):
         self.targets = parse_targets(self.targets)
         if int(self.r) < 1:
-            raise ShapeError(f"lora: rank r must be >= 1, got {self.r}")
+            raise ConfigError(f"lora: rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ShapeError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scaling(self) -> float:
@@ -130,7 +129,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
         dBs, dA, du = [], None, None
         if P:
             with span("lora_backward", "lora", parts=P, r=r):
-                du = np.empty_like(us)
+                du = be.xp.empty_like(us)
                 for p, (rows, B) in enumerate(zip(slices, Bs)):
                     gp = g2[:, rows]  # (N, out_p) view
                     dBs.append(be.gemm(gp, us[:, p * r:(p + 1) * r], trans_a=True) if B.requires_grad else None)
@@ -167,6 +166,21 @@ class LoraProjection:
             mask = (keep / (1.0 - s.config.dropout)).astype(x.dtype).reshape(-1, x.shape[-1])
         return lora_linear(x, self.base, self.A, [self.B[t] for t in self.targets], self.slices,
                            s.config.scaling, mask)
+
+    def parameters(self) -> list:
+        return [] if self.A is None else [self.A] + [self.B[t] for t in self.targets]
+
+    def gemm_shapes(self, tokens: int) -> set:
+        """(m, k, n) of the LoRA GEMMs of a step on `tokens` rows: u = x A^T, y_p += u_p B_p^T; backward
+        dB_p = g_p^T u_p, du_p = g_p B_p, dA = du^T x, dx += du A (the base's are the model's)."""
+        if self.A is None:
+            return set()
+        pr, d_in = self.A.shape
+        shapes = {(tokens, d_in, pr), (pr, tokens, d_in), (tokens, pr, d_in)}
+        for t in self.targets:
+            d_out, r = self.B[t].shape
+            shapes |= {(tokens, r, d_out), (d_out, tokens, r), (tokens, d_out, r)}
+        return shapes
 
     def A_part(self, target: str) -> np.ndarray:
         r = self.state.config.r
@@ -207,8 +221,6 @@ class Lora:
         return {n: t.data for n, t in self.named_parameters()}
 
     def load_state_dict(self, state: dict, where: str = "lora") -> None:
-        from fusegrad.core.errors import FormatError
-
         for n, t in self.named_parameters():
             arr = state.get(n)
             if arr is None or arr.shape != t.shape:
@@ -219,13 +231,11 @@ class Lora:
     def merge(self) -> None:
         """Fold every adapter into its base weight (W[rows_p] += s B_p A_p) and detach them all.
         An NF4 base is dequantized first (merging into 4-bit codes would lose the delta)."""
-        import fusegrad as fg
-
         for name, proj in self.projections.items():
             W = np.array(_base_weight(proj.base), dtype=self.model.dtype)
             for t, rows in zip(proj.targets, proj.slices):
                 W[rows] += proj.delta(t).astype(W.dtype)
-            self.model.params[name] = fg.tensor(W, dtype=self.model.dtype)
+            self.model.params[name] = tensor(W, dtype=self.model.dtype)
             self.model.adapters.pop(name, None)
         self.projections = {}
 
@@ -243,8 +253,6 @@ def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lor
     quantized: {fused name: NF4Tensor} bases (QLoRA); those projections get a LoraProjection even
     without targets, so their GEMMs dequantize on the fly.
     """
-    import fusegrad as fg
-
     c, quantized = model.config, quantized or {}
     freeze(model)
     lora = Lora(model, config)
@@ -258,7 +266,7 @@ def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lor
                 if k == kind:
                     out_f = rows.stop - rows.start
                     if config.r > min(in_f, out_f):
-                        raise ShapeError(f"lora: rank {config.r} is larger than {t} ({name}: out {out_f}, "
+                        raise ConfigError(f"lora: rank {config.r} is larger than {t} ({name}: out {out_f}, "
                                          f"in {in_f}); use r <= {min(in_f, out_f)}")
                     parts.append((t, rows))
             base = quantized.get(name, model.params.get(name))
@@ -268,10 +276,10 @@ def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lor
             in_f = base.shape[1]
             if parts:
                 bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) as torch.nn.Linear and PEFT
-                proj.A = fg.tensor(rng.uniform(-bound, bound, (len(parts) * config.r, in_f)), dtype=model.dtype,
+                proj.A = tensor(rng.uniform(-bound, bound, (len(parts) * config.r, in_f)), dtype=model.dtype,
                                    requires_grad=True)
                 for t, rows in parts:
-                    proj.B[t] = fg.tensor(np.zeros((rows.stop - rows.start, config.r)), dtype=model.dtype,
+                    proj.B[t] = tensor(np.zeros((rows.stop - rows.start, config.r)), dtype=model.dtype,
                                           requires_grad=True)
             lora.projections[name] = proj
             model.adapters[name] = proj

@@ -24,16 +24,16 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import load_file, save
 
 from fusegrad.core.errors import FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora, part_rows
-from fusegrad.models.hf_names import permute_from_hf, permute_to_hf
+from fusegrad.finetune.lora import LoraConfig, attach_lora, part_rows
+from fusegrad.models.hf_names import HF_MODULES, permute_from_hf, permute_to_hf
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 HEAD_KEY = PREFIX + "score.weight"
-MODULE_TARGET = {m.split(".")[1]: t for t, m in HF_MODULES.items()}
 
 
 def _key(i: int, target: str, which: str) -> str:
@@ -67,8 +67,6 @@ def save_adapter(directory, lora, head=None, base_model: str = "", force: bool =
 
     Refuses (FormatError) to replace an existing adapter unless force=True.
     """
-    from safetensors.numpy import save
-
     directory = os.fspath(directory)
     existing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if os.path.exists(os.path.join(directory, f))]
     if existing and not force:
@@ -89,8 +87,6 @@ def save_adapter(directory, lora, head=None, base_model: str = "", force: bool =
 
 def read_adapter(directory) -> tuple:
     """-> (LoraConfig, {PEFT key: array}); FormatError naming the file for anything PEFT-unlike."""
-    from safetensors.numpy import load_file
-
     directory = os.fspath(directory)
     cfg_path, w_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
     try:
@@ -112,7 +108,7 @@ def read_adapter(directory) -> tuple:
     try:
         config = LoraConfig(targets=tuple(modules or ()), r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)),
                             dropout=float(meta.get("lora_dropout") or 0.0), rslora=bool(meta.get("use_rslora")))
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError) as exc:  # a ConfigError is a ValueError
         raise FormatError(f"{cfg_path}: bad LoRA config: {exc}") from None
     try:
         tensors = load_file(w_path)

@@ -9,6 +9,10 @@ import numpy as np
 
 from fusegrad.core.errors import FormatError
 
+# LoRA target / projection part -> its Hugging Face module inside a decoder layer
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
 
 def permute_to_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, C)."""
@@ -39,15 +43,16 @@ def to_hf(arrays: dict, config, partial: bool = False) -> dict:
     put("model.embed_tokens.weight", "tok_embeddings", lambda a: a)
     for i in range(c.n_layers):
         pre, hf = f"layers.{i}.", f"model.layers.{i}."
+        m = {t: f"{hf}{module}.weight" for t, module in HF_MODULES.items()}
         put(hf + "input_layernorm.weight", pre + "attention_norm", lambda a: a)
-        put(hf + "self_attn.q_proj.weight", pre + "wqkv", lambda a: permute_to_hf(a[:C], c.n_heads))
-        put(hf + "self_attn.k_proj.weight", pre + "wqkv", lambda a: permute_to_hf(a[C:C + KV], c.n_kv_heads))
-        put(hf + "self_attn.v_proj.weight", pre + "wqkv", lambda a: a[C + KV:])
-        put(hf + "self_attn.o_proj.weight", pre + "wo", lambda a: a)
+        put(m["q"], pre + "wqkv", lambda a: permute_to_hf(a[:C], c.n_heads))
+        put(m["k"], pre + "wqkv", lambda a: permute_to_hf(a[C:C + KV], c.n_kv_heads))
+        put(m["v"], pre + "wqkv", lambda a: a[C + KV:])
+        put(m["o"], pre + "wo", lambda a: a)
         put(hf + "post_attention_layernorm.weight", pre + "ffn_norm", lambda a: a)
-        put(hf + "mlp.gate_proj.weight", pre + "w13", lambda a: a[:Hd])
-        put(hf + "mlp.up_proj.weight", pre + "w13", lambda a: a[Hd:])
-        put(hf + "mlp.down_proj.weight", pre + "w2", lambda a: a)
+        put(m["gate"], pre + "w13", lambda a: a[:Hd])
+        put(m["up"], pre + "w13", lambda a: a[Hd:])
+        put(m["down"], pre + "w2", lambda a: a)
     put("model.norm.weight", "norm", lambda a: a)
     if not c.tie_embeddings:
         put("lm_head.weight", "output", lambda a: a)
@@ -61,11 +66,9 @@ def hf_shapes(config) -> dict:
     shapes = {"model.embed_tokens.weight": (c.vocab_size, C), "model.norm.weight": (C,)}
     for i in range(c.n_layers):
         hf = f"model.layers.{i}."
-        shapes.update({hf + "input_layernorm.weight": (C,), hf + "post_attention_layernorm.weight": (C,),
-                       hf + "self_attn.q_proj.weight": (C, C), hf + "self_attn.k_proj.weight": (KV, C),
-                       hf + "self_attn.v_proj.weight": (KV, C), hf + "self_attn.o_proj.weight": (C, C),
-                       hf + "mlp.gate_proj.weight": (Hd, C), hf + "mlp.up_proj.weight": (Hd, C),
-                       hf + "mlp.down_proj.weight": (C, Hd)})
+        parts = {"q": (C, C), "k": (KV, C), "v": (KV, C), "o": (C, C), "gate": (Hd, C), "up": (Hd, C), "down": (C, Hd)}
+        shapes.update({f"{hf}{HF_MODULES[t]}.weight": shape for t, shape in parts.items()})
+        shapes.update({hf + "input_layernorm.weight": (C,), hf + "post_attention_layernorm.weight": (C,)})
     if not c.tie_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, C)
     return shapes
@@ -92,15 +95,14 @@ def from_hf(state: dict, config) -> dict:
     p = {"tok_embeddings": get("model.embed_tokens.weight")}
     for i in range(c.n_layers):
         hf = f"model.layers.{i}."
+        m = {t: get(f"{hf}{module}.weight") for t, module in HF_MODULES.items()}
         p[f"layers.{i}.attention_norm"] = get(hf + "input_layernorm.weight")
-        p[f"layers.{i}.wqkv"] = np.concatenate([
-            permute_from_hf(get(hf + "self_attn.q_proj.weight"), c.n_heads),
-            permute_from_hf(get(hf + "self_attn.k_proj.weight"), c.n_kv_heads),
-            get(hf + "self_attn.v_proj.weight")])
-        p[f"layers.{i}.wo"] = get(hf + "self_attn.o_proj.weight")
+        p[f"layers.{i}.wqkv"] = np.concatenate([permute_from_hf(m["q"], c.n_heads),
+                                                permute_from_hf(m["k"], c.n_kv_heads), m["v"]])
+        p[f"layers.{i}.wo"] = m["o"]
         p[f"layers.{i}.ffn_norm"] = get(hf + "post_attention_layernorm.weight")
-        p[f"layers.{i}.w13"] = np.concatenate([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")])
-        p[f"layers.{i}.w2"] = get(hf + "mlp.down_proj.weight")
+        p[f"layers.{i}.w13"] = np.concatenate([m["gate"], m["up"]])
+        p[f"layers.{i}.w2"] = m["down"]
     p["norm"] = get("model.norm.weight")
     if not c.tie_embeddings:
         p["output"] = get("lm_head.weight")

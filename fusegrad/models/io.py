@@ -10,11 +10,13 @@ import os
 import struct
 
 import numpy as np
+from safetensors.numpy import load_file, save
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.backends.base import rope_tables
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.hf_names import check_hf_state, permute_from_hf, permute_to_hf
-from fusegrad.models.llama import LlamaConfig
+from fusegrad.models.config import LlamaConfig
+from fusegrad.models.hf_names import check_hf_state, from_hf, to_hf
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
 
@@ -61,7 +63,7 @@ def read_llama2c(path) -> tuple:
     try:
         config = LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=hidden,
                              vocab_size=abs(vocab), max_seq_len=seq_len, tie_embeddings=shared)
-    except ShapeError as exc:
+    except ConfigError as exc:
         raise FormatError(f"{path}: header {dims} is not a valid Llama: {exc}") from None
     layout = _llama2c_layout(config)
     order = order + ([] if shared else ["cls"])
@@ -77,27 +79,20 @@ def read_llama2c(path) -> tuple:
         pos += n
     if not np.all(np.isfinite(arrays["emb"])):
         raise FormatError(f"{path}: token embedding holds NaN or inf")
-    state = {"model.embed_tokens.weight": arrays["emb"], "model.norm.weight": arrays["norm"]}
+    # llama2.c's q/k rows are fusegrad's layout (interleaved-pair RoPE): fuse them, then name them as HF does
+    params = {"tok_embeddings": arrays["emb"], "norm": arrays["norm"]}
     for i in range(n_layers):
-        hf = f"model.layers.{i}."
-        state[hf + "input_layernorm.weight"] = arrays["att_norm"][i]
-        state[hf + "post_attention_layernorm.weight"] = arrays["ffn_norm"][i]
-        state[hf + "self_attn.q_proj.weight"] = permute_to_hf(arrays["wq"][i], n_heads)
-        state[hf + "self_attn.k_proj.weight"] = permute_to_hf(arrays["wk"][i], n_kv)
-        state[hf + "self_attn.v_proj.weight"] = arrays["wv"][i]
-        state[hf + "self_attn.o_proj.weight"] = arrays["wo"][i]
-        state[hf + "mlp.gate_proj.weight"] = arrays["w1"][i]
-        state[hf + "mlp.down_proj.weight"] = arrays["w2"][i]
-        state[hf + "mlp.up_proj.weight"] = arrays["w3"][i]
+        params.update({f"layers.{i}.attention_norm": arrays["att_norm"][i], f"layers.{i}.wo": arrays["wo"][i],
+                       f"layers.{i}.wqkv": np.concatenate([arrays["wq"][i], arrays["wk"][i], arrays["wv"][i]]),
+                       f"layers.{i}.ffn_norm": arrays["ffn_norm"][i], f"layers.{i}.w2": arrays["w2"][i],
+                       f"layers.{i}.w13": np.concatenate([arrays["w1"][i], arrays["w3"][i]])})
     if not shared:
-        state["lm_head.weight"] = arrays["cls"]
-    return config, {k: np.array(v, dtype=np.float32) for k, v in state.items()}
+        params["output"] = arrays["cls"]
+    return config, {k: np.asarray(v, dtype=np.float32) for k, v in to_hf(params, config).items()}
 
 
 def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> None:
     """Write a HF-named state dict as a llama2.c `.bin` of version 0 (legacy) or 1, atomically."""
-    from fusegrad.backends.reference import rope_tables
-
     c = config
     if version not in (0, 1):
         raise FormatError(f"save_llama2c: version must be 0 or 1, got {version}")
@@ -105,23 +100,19 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> No
         raise FormatError(f"save_llama2c {path}: a llama2.c file implies rope_theta 10000 and norm_eps 1e-5, "
                           f"this model has {c.rope_theta} and {c.norm_eps}; use save_pretrained instead")
 
-    def layers(fmt, fn=lambda a: a):
-        return np.stack([fn(state[fmt.format(i)]) for i in range(c.n_layers)])
+    p = from_hf(state, c)
+    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
 
-    hf = "model.layers.{}."
-    arrays = {
-        "emb": state["model.embed_tokens.weight"], "norm": state["model.norm.weight"],
-        "att_norm": layers(hf + "input_layernorm.weight"), "ffn_norm": layers(hf + "post_attention_layernorm.weight"),
-        "wq": layers(hf + "self_attn.q_proj.weight", lambda a: permute_from_hf(a, c.n_heads)),
-        "wk": layers(hf + "self_attn.k_proj.weight", lambda a: permute_from_hf(a, c.n_kv_heads)),
-        "wv": layers(hf + "self_attn.v_proj.weight"), "wo": layers(hf + "self_attn.o_proj.weight"),
-        "w1": layers(hf + "mlp.gate_proj.weight"), "w2": layers(hf + "mlp.down_proj.weight"),
-        "w3": layers(hf + "mlp.up_proj.weight"),
-    }
-    cos, sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta)
-    arrays["freq"] = np.stack([cos, sin])
+    def layers(name, rows=slice(None)):
+        return np.stack([p[f"layers.{i}.{name}"][rows] for i in range(c.n_layers)])
+
+    arrays = {"emb": p["tok_embeddings"], "norm": p["norm"], "att_norm": layers("attention_norm"),
+              "ffn_norm": layers("ffn_norm"), "wq": layers("wqkv", slice(0, C)), "wk": layers("wqkv", slice(C, C + KV)),
+              "wv": layers("wqkv", slice(C + KV, None)), "wo": layers("wo"), "w1": layers("w13", slice(0, Hd)),
+              "w2": layers("w2"), "w3": layers("w13", slice(Hd, None)),
+              "freq": np.stack(rope_tables(c.max_seq_len, c.head_dim, c.rope_theta))}
     if not c.tie_embeddings:
-        arrays["cls"] = state["lm_head.weight"]
+        arrays["cls"] = p["output"]
     dims = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len]
     with atomic_write(path) as f:
         if version == 0:
@@ -165,13 +156,11 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
                            norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)))
     except KeyError as exc:
         raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
-    except ShapeError as exc:
+    except ConfigError as exc:
         raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
 
 
 def read_hf(directory) -> tuple:
-    from safetensors.numpy import load_file
-
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "config.json")
     try:
@@ -195,8 +184,6 @@ def read_hf(directory) -> tuple:
 
 
 def save_hf(directory, config: LlamaConfig, state: dict) -> None:
-    from safetensors.numpy import save
-
     os.makedirs(directory, exist_ok=True)
     blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, metadata={"format": "pt"})
     with atomic_write(os.path.join(directory, "model.safetensors")) as f:

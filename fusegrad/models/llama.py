@@ -1,8 +1,9 @@
 """A Llama-family decoder (llama2.c conventions inside, Hugging Face names outside).
 
 Q/K/V live in ONE fused weight `wqkv` (C + 2 KV, C) and W1/W3 in ONE `w13` (2 Hd, C): forward, backward dx
-and backward dW are one GEMM each (the seed's `concat(dq, dk, dv) -> dx` and `concat(dh1, dh3) -> dx`).
-The classifier and the loss are one chunked op: the (tokens x vocab) logits never exist.
+and backward dW are one GEMM each. The classifier and the loss are one chunked op: the (tokens x vocab)
+logits never exist. One forward serves training and generation: given a KV cache, attention reads the
+earlier positions from it (and no graph is built).
 
 >>> import numpy as np
 >>> from fusegrad.models import Llama
@@ -15,101 +16,54 @@ The classifier and the loss are one chunked op: the (tokens x vocab) logits neve
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 
 import numpy as np
 
-import fusegrad as fg
-from fusegrad.backends.reference import rope_tables
+from fusegrad import ops
+from fusegrad.backends import get_backend
+from fusegrad.backends.base import rope_tables
 from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import Tensor
+from fusegrad.core.tensor import Tensor, no_grad, tensor
+from fusegrad.models.config import PRESETS, LlamaConfig, preset
+from fusegrad.models.hf_names import from_hf, to_hf
+from fusegrad.models.io import load_pretrained, save_hf, save_llama2c
+
+__all__ = ["KVCache", "Llama", "LlamaConfig", "PRESETS", "preset"]
 
 
-@dataclasses.dataclass
-class LlamaConfig:
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
-    hidden_dim: int | None = None  # None: llama2.c's rule, 2/3 of 4 dim rounded up to multiple_of
-    vocab_size: int = 32000
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    multiple_of: int = 32
+class KVCache:
+    """Rotated keys and values of the positions seen so far: per layer (B, Hkv, max_len, D) arrays of the
+    model's backend, filled up to `length`."""
 
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.hidden_dim is None:
-            hidden = int(2 * 4 * self.dim / 3)
-            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise ShapeError(f"LlamaConfig: {name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ShapeError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
-        if self.n_heads % self.n_kv_heads:
-            raise ShapeError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+    def __init__(self, k: list, v: list):
+        self.k, self.v, self.length = k, v, 0
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.head_dim * self.n_kv_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ShapeError(f"LlamaConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
-
-    def num_params(self) -> int:
-        C, L, Hd, V, KV = self.dim, self.n_layers, self.hidden_dim, self.vocab_size, self.kv_dim
-        per_layer = C * (C + 2 * KV) + C * C + 3 * C * Hd + 2 * C
-        return V * C * (1 if self.tie_embeddings else 2) + L * per_layer + C
-
-
-# The llama2.c models (sizes from its README); "tiny" is for tests.
-PRESETS = {
-    "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32),
-    "stories260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, hidden_dim=172, vocab_size=512,
-                        max_seq_len=512),
-    "stories15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, vocab_size=32000, max_seq_len=256),
-    "stories42M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=1024),
-    "stories110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000, max_seq_len=1024),
-}
-
-
-def preset(name: str, **overrides) -> LlamaConfig:
-    if name not in PRESETS:
-        raise ShapeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return LlamaConfig(**{**PRESETS[name], **overrides})
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
 
 
 class Llama:
     """Parameters are Tensors in `self.params` under llama2.c-style names with fused QKV and W1/W3."""
 
-    def __init__(self, config: LlamaConfig, params: dict | None = None, seed: int = 0, dtype=np.float32):
+    def __init__(self, config: LlamaConfig, params: dict | None = None, seed: int = 0, dtype=np.float32,
+                 backend=None):
         self.config = config
         self.dtype = np.dtype(dtype)
+        # where new weights go (_init_params, from_pretrained); given params keep their own
+        self.backend = get_backend(backend) if not params else next(iter(params.values())).backend
         self.params = params if params is not None else self._init_params(seed)
-        self.adapters = {}  # projection name -> callable(x) -> y replacing its linear (LoRA, fusegrad.finetune)
+        # projection name -> adapter replacing its linear (LoRA, fusegrad.finetune): adapter(x) -> y, and
+        # adapter.parameters(), adapter.gemm_shapes(tokens) for FLOP counts and pre-warming
+        self.adapters = {}
         c = config
         self.rope_cos, self.rope_sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta, self.dtype)
 
     @classmethod
-    def from_preset(cls, name: str, seed: int = 0, **overrides) -> "Llama":
-        return cls(preset(name, **overrides), seed=seed)
+    def from_preset(cls, name: str, seed: int = 0, backend=None, **overrides) -> "Llama":
+        return cls(preset(name, **overrides), seed=seed, backend=backend)
 
     # -- parameters ------------------------------------------------------------------------------
     def _init_params(self, seed: int) -> dict:
@@ -117,10 +71,10 @@ class Llama:
         c, rng = self.config, np.random.default_rng(seed)
 
         def normal(shape, std=0.02):
-            return fg.tensor(rng.normal(0.0, std, shape).astype(self.dtype), requires_grad=True)
+            return tensor(rng.normal(0.0, std, shape).astype(self.dtype), requires_grad=True, backend=self.backend)
 
         def ones(n):
-            return fg.tensor(np.ones(n, self.dtype), requires_grad=True)
+            return tensor(np.ones(n, self.dtype), requires_grad=True, backend=self.backend)
 
         resid_std = 0.02 / math.sqrt(2 * c.n_layers)
         p = {"tok_embeddings": normal((c.vocab_size, c.dim))}
@@ -158,85 +112,128 @@ class Llama:
         """x (..., in) @ W^T for the projection `name`. An attached adapter computes the whole projection:
         base GEMM plus its deltas in one op, so a frozen (or NF4) base gets only its dx GEMM."""
         adapter = self.adapters.get(name)
-        return fg.linear(x, self.params[name]) if adapter is None else adapter(x)
+        return ops.linear(x, self.params[name]) if adapter is None else adapter(x)
 
-    def check_tokens(self, tokens, extra: int = 0) -> np.ndarray:
+    def check_tokens(self, tokens, extra: int = 0, start: int = 0, room: int | None = None) -> np.ndarray:
+        """tokens (B, T + extra) int at positions start..; ShapeError unless 1 <= T and start + T <= room
+        (default max_seq_len)."""
         tokens = tokens.numpy() if isinstance(tokens, Tensor) else np.asarray(tokens)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise ShapeError(f"Llama: tokens must be an integer array (B, T{'+1' if extra else ''}), "
                              f"got {tokens.dtype} {tokens.shape}")
-        if tokens.shape[1] - extra > self.config.max_seq_len or tokens.shape[1] <= extra:
-            raise ShapeError(f"Llama: sequence length {tokens.shape[1] - extra} must be in [1, "
-                             f"max_seq_len {self.config.max_seq_len}]")
+        room = self.config.max_seq_len if room is None else room
+        T = tokens.shape[1] - extra
+        if start + T > room or T < 1:
+            limit = f"max_seq_len {self.config.max_seq_len}" if room == self.config.max_seq_len else f"the cache's {room}"
+            raise ShapeError(f"Llama: sequence length {start + T} must be in [1, {limit}]")
         return tokens
 
-    def hidden(self, tokens) -> Tensor:
-        """tokens (B, T) -> final-normed hidden states (B, T, C)."""
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` positions (prompt + new tokens)."""
+        c = self.config
+        if not 1 <= max_len <= c.max_seq_len or batch < 1:
+            raise ShapeError(f"Llama.new_cache: need batch >= 1 and 1 <= max_len <= max_seq_len {c.max_seq_len}, "
+                             f"got batch {batch}, max_len {max_len}")
+        be = self.params["norm"].backend
+        shape = (batch, c.n_kv_heads, max_len, c.head_dim)
+        return KVCache([be.zeros(shape, self.dtype) for _ in range(c.n_layers)],
+                       [be.zeros(shape, self.dtype) for _ in range(c.n_layers)])
+
+    def hidden(self, tokens, cache: KVCache | None = None) -> Tensor:
+        """tokens (B, T) -> final-normed hidden states (B, T, C). With a cache, the tokens sit at positions
+        cache.length.. after those it holds, their keys and values go in, and no graph is built."""
         c, p = self.config, self.params
-        tokens = self.check_tokens(tokens)
-        x = fg.embedding(p["tok_embeddings"], tokens)  # (B, T, C)
-        for i in range(c.n_layers):
-            h = fg.rms_norm(x, p[f"layers.{i}.attention_norm"], c.norm_eps)
-            qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, C + 2 KV): one GEMM
-            a = fg.causal_attention(qkv, c.n_heads, c.n_kv_heads, self.rope_cos, self.rope_sin)  # (B, T, C)
-            x = x + self.project(f"layers.{i}.wo", a)
-            h = fg.rms_norm(x, p[f"layers.{i}.ffn_norm"], c.norm_eps)
-            h13 = self.project(f"layers.{i}.w13", h)  # (B, T, 2 Hd): one GEMM
-            x = x + self.project(f"layers.{i}.w2", fg.swiglu(h13))
-        return fg.rms_norm(x, p["norm"], c.norm_eps)
+        start = 0 if cache is None else cache.length
+        tokens = self.check_tokens(tokens, start=start, room=None if cache is None else cache.max_len)
+        with contextlib.nullcontext() if cache is None else no_grad():
+            x = ops.embedding(p["tok_embeddings"], tokens)  # (B, T, C)
+            for i in range(c.n_layers):
+                h = ops.rms_norm(x, p[f"layers.{i}.attention_norm"], c.norm_eps)
+                qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, C + 2 KV): one GEMM
+                if cache is None:
+                    a = ops.causal_attention(qkv, c.n_heads, c.n_kv_heads, self.rope_cos, self.rope_sin)
+                else:
+                    a = ops.cached_attention(qkv, cache.k[i], cache.v[i], start, c.n_heads, c.n_kv_heads,
+                                             self.rope_cos, self.rope_sin)
+                x = x + self.project(f"layers.{i}.wo", a)  # (B, T, C)
+                h = ops.rms_norm(x, p[f"layers.{i}.ffn_norm"], c.norm_eps)
+                h13 = self.project(f"layers.{i}.w13", h)  # (B, T, 2 Hd): one GEMM
+                x = x + self.project(f"layers.{i}.w2", ops.swiglu(h13))
+            if cache is not None:
+                cache.length = start + tokens.shape[1]
+            return ops.rms_norm(x, p["norm"], c.norm_eps)
 
     def loss(self, tokens, chunk: int | None = None) -> Tensor:
         """tokens (B, T+1) int -> mean next-token cross-entropy (a scalar Tensor)."""
         tokens = self.check_tokens(tokens, extra=1)
         h = self.hidden(tokens[:, :-1])  # (B, T, C)
         targets = tokens[:, 1:].reshape(-1)
-        return fg.classifier_cross_entropy(h.reshape(-1, self.config.dim), self.classifier, targets, chunk)
+        return ops.classifier_cross_entropy(h.reshape(-1, self.config.dim), self.classifier, targets, chunk)
 
-    def logits(self, tokens) -> Tensor:
-        """tokens (B, T) -> logits (B, T, V) (materialised: for evaluation and tests, not training)."""
-        return fg.matmul_nt(self.hidden(tokens), self.classifier)
+    def logits(self, tokens, cache: KVCache | None = None) -> Tensor:
+        """tokens (B, T) -> logits (B, T, V) (materialised: for generation, evaluation and tests)."""
+        h = self.hidden(tokens, cache)
+        with contextlib.nullcontext() if cache is None else no_grad():
+            return ops.matmul_nt(h, self.classifier)
+
+    # -- GEMM shapes and FLOPs, for pre-warming and benchmarks ---------------------------------------------
+    def gemm_shapes(self, batch: int, seq: int, num_classes: int = 0) -> list:
+        """Every (m, k, n) GEMM a training step on (batch, seq) tokens runs, sorted, deduplicated: for each
+        weight (out, in), forward y = x W^T (M, in, out), dx = dy W (M, out, in), dW = dy^T x (out, M, in),
+        M = batch * seq; attached adapters' GEMMs; attention's (T, D) x (D, T) and (T, T) x (T, D);
+        a classification head of `num_classes` if asked."""
+        c, tokens = self.config, batch * seq
+        weights = [(c.dim + 2 * c.kv_dim, c.dim), (c.dim, c.dim), (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim),
+                   (c.vocab_size, c.dim)] + ([(num_classes, c.dim)] if num_classes else [])
+        shapes = {(seq, c.head_dim, seq), (seq, seq, c.head_dim)}
+        for d_out, d_in in weights:
+            shapes |= {(tokens, d_in, d_out), (tokens, d_out, d_in), (d_out, tokens, d_in)}
+        for adapter in self.adapters.values():
+            shapes |= set(adapter.gemm_shapes(tokens))
+        return sorted(s for s in shapes if min(s) > 0)
+
+    def flops_per_token(self, seq: int) -> float:
+        """Model FLOPs per token of a training step on sequences of `seq`: 6 per GEMM weight (forward, dx,
+        dW) plus attention; with adapters attached the base is frozen (4 per weight: no dW) and each
+        adapter weight costs 6."""
+        c = self.config
+        weights = c.n_layers * (c.dim * (c.dim + 2 * c.kv_dim) + c.dim * c.dim + 3 * c.dim * c.hidden_dim)
+        weights += c.vocab_size * c.dim
+        attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
+        if not self.adapters:
+            return 6.0 * weights + attention
+        lora = sum(t.numel() for a in self.adapters.values() for t in a.parameters())
+        return 4.0 * weights + 6.0 * lora + attention
 
     # -- Hugging Face names and layout -------------------------------------------------------------
     def state_dict(self) -> dict:
         """numpy arrays under Hugging Face LlamaForCausalLM names; fused weights split, q/k permuted."""
-        from fusegrad.models.hf_names import to_hf
-
         return to_hf({n: t.numpy() for n, t in self.params.items()}, self.config)
 
     def grad_dict(self) -> dict:
         """Gradients like state_dict(): HF names and layout (None-grad parameters are left out)."""
-        from fusegrad.models.hf_names import to_hf
-
-        grads = {n: t.grad for n, t in self.params.items() if t.grad is not None}
+        grads = {n: t.backend.to_numpy(t.grad) for n, t in self.params.items() if t.grad is not None}
         return to_hf(grads, self.config, partial=True)
 
     def load_state_dict(self, state: dict) -> None:
-        from fusegrad.models.hf_names import from_hf
-
         arrays = from_hf(state, self.config)
         for name, t in self.params.items():
             arr = arrays[name]
             if arr.shape != t.shape:
                 raise ShapeError(f"load_state_dict: {name} has shape {arr.shape}, model expects {t.shape}")
-            t.data = np.array(arr, dtype=self.dtype)  # a copy: never alias the caller's arrays
+            t.data = t.backend.asarray(np.array(arr, dtype=self.dtype))  # a copy: never alias the caller's arrays
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32) -> "Llama":
+    def from_pretrained(cls, path, dtype=np.float32, backend=None) -> "Llama":
         """Load a llama2.c `.bin` (version 0 or 1), or a Hugging Face directory (config.json + *.safetensors)."""
-        from fusegrad.models.io import load_pretrained
-
         config, state = load_pretrained(path)
-        model = cls(config, params={}, dtype=dtype)
-        from fusegrad.models.hf_names import from_hf
-        model.params = {n: fg.tensor(a, dtype=dtype, requires_grad=True) for n, a in from_hf(state, config).items()}
+        model = cls(config, params={}, dtype=dtype, backend=backend)
+        model.params = {n: tensor(a, dtype=dtype, requires_grad=True, backend=model.backend)
+                        for n, a in from_hf(state, config).items()}
         return model
 
     def save_pretrained(self, directory) -> None:
-        from fusegrad.models.io import save_hf
-
         save_hf(directory, self.config, self.state_dict())
 
     def save_llama2c(self, path, version: int = 1) -> None:
-        from fusegrad.models.io import save_llama2c
-
         save_llama2c(path, self.config, self.state_dict(), version=version)

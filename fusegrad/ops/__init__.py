@@ -9,7 +9,8 @@
 from fusegrad.core.tensor import Tensor
 from fusegrad.ops.activation import gelu, relu, sigmoid, silu
 from fusegrad.ops.elementwise import add, div, exp, log, mul, neg, pow, sqrt, sub
-from fusegrad.ops.llama import causal_attention, classifier_cross_entropy, embedding, rms_norm, swiglu
+from fusegrad.ops.llama import (cached_attention, causal_attention, classifier_cross_entropy, embedding, rms_norm,
+                                swiglu)
 from fusegrad.ops.matmul import linear, matmul, matmul_nt
 from fusegrad.ops.nn import cross_entropy
 from fusegrad.ops.reduce import log_softmax, max, mean, softmax, sum
@@ -18,7 +19,7 @@ from fusegrad.ops.shape import cat, concat, getitem, permute, reshape, split, tr
 __all__ = ["add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "matmul", "matmul_nt", "linear",
            "relu", "sigmoid", "silu", "gelu", "sum", "mean", "max", "softmax", "log_softmax", "cross_entropy",
            "reshape", "view", "permute", "transpose", "concat", "cat", "split", "getitem",
-           "embedding", "rms_norm", "causal_attention", "swiglu", "classifier_cross_entropy"]
+           "embedding", "rms_norm", "causal_attention", "cached_attention", "swiglu", "classifier_cross_entropy"]
 
 
 def _reflect(fn):

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, is_grad_enabled
+from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, default_dtype_for, is_grad_enabled
 
 
 def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
@@ -18,7 +18,6 @@ def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
             return Tensor(like.backend.asarray(x, like.dtype), backend=like.backend)
         return Tensor(like.backend.asarray(x), backend=like.backend)
     if isinstance(x, (numbers.Number, list, tuple, np.ndarray)):
-        from fusegrad.core.tensor import default_dtype_for
         return Tensor(np.asarray(x, dtype=default_dtype_for(x)))
     raise ShapeError(f"{op}: expected a Tensor, array or number, got {type(x).__name__}")
 
@@ -40,13 +39,6 @@ def check_float(op: str, *named):
     if len({d for _, d in dtypes}) > 1:
         listed = ", ".join(f"{n} is {d}" for n, d in dtypes)
         raise ShapeError(f"{op}: dtypes differ: {listed}")
-
-
-def check_ndim(op: str, name: str, t: Tensor, ndim=None, min_ndim=None):
-    if ndim is not None and t.ndim != ndim:
-        raise ShapeError(f"{op}: {name} must be {ndim}-D, got shape {t.shape}")
-    if min_ndim is not None and t.ndim < min_ndim:
-        raise ShapeError(f"{op}: {name} must be at least {min_ndim}-D, got shape {t.shape}")
 
 
 def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import Tensor
+from fusegrad.core.errors import GraphError, ShapeError
+from fusegrad.core.tensor import Tensor, is_grad_enabled, is_graph_retained
 from fusegrad.core.trace import span
 from fusegrad.ops._util import check_float, result
 
@@ -65,25 +65,30 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     return result(y.reshape(x.shape), "rms_norm", (x, weight), backward)
 
 
+def _check_attention(op: str, qkv: Tensor, n_heads: int, n_kv_heads: int, rope_cos, positions: int):
+    check_float(op, ("qkv", qkv))
+    if qkv.ndim != 3:
+        raise ShapeError(f"{op}: qkv must be (B, T, (H + 2 Hkv) D), got shape {qkv.shape}")
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ShapeError(f"{op}: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
+    width = qkv.shape[2]
+    D, rem = divmod(width, n_heads + 2 * n_kv_heads)
+    if rem or D % 2:
+        raise ShapeError(f"{op}: qkv width {width} is not (n_heads + 2 n_kv_heads) x even head_dim "
+                         f"for n_heads {n_heads}, n_kv_heads {n_kv_heads}")
+    if rope_cos.shape[0] < positions or rope_cos.shape[1] != D // 2:
+        raise ShapeError(f"{op}: rope tables are {rope_cos.shape}, need at least ({positions}, {D // 2})")
+
+
 def causal_attention(qkv: Tensor, n_heads: int, n_kv_heads: int, rope_cos, rope_sin) -> Tensor:
     """Causal grouped-query self-attention with RoPE, on the packed output of the fused QKV GEMM.
 
     qkv (B, T, (H + 2 Hkv) D) -> (B, T, H D). The backward returns the packed grad (B, T, (H + 2 Hkv) D),
     i.e. concat(dq, dk, dv), which the fused QKV projection turns into dx with ONE GEMM.
-    rope_cos, rope_sin: (T_max, D/2) tables (`fusegrad.backends.reference.rope_tables`).
+    rope_cos, rope_sin: (T_max, D/2) tables (`fusegrad.backends.base.rope_tables`).
     """
-    check_float("causal_attention", ("qkv", qkv))
-    if qkv.ndim != 3:
-        raise ShapeError(f"causal_attention: qkv must be (B, T, (H + 2 Hkv) D), got shape {qkv.shape}")
-    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
-        raise ShapeError(f"causal_attention: n_heads {n_heads} must be a positive multiple of n_kv_heads {n_kv_heads}")
-    B, T, width = qkv.shape
-    D, rem = divmod(width, n_heads + 2 * n_kv_heads)
-    if rem or D % 2:
-        raise ShapeError(f"causal_attention: qkv width {width} is not (n_heads + 2 n_kv_heads) x even head_dim "
-                         f"for n_heads {n_heads}, n_kv_heads {n_kv_heads}")
-    if rope_cos.shape[0] < T or rope_cos.shape[1] != D // 2:
-        raise ShapeError(f"causal_attention: rope tables are {rope_cos.shape}, need at least ({T}, {D // 2})")
+    _check_attention("causal_attention", qkv, n_heads, n_kv_heads, rope_cos, qkv.shape[1])
+    B, T, _ = qkv.shape
     be = qkv.backend
     with span("attention", "attention", B=B, T=T, H=n_heads):
         y, saved = be.attention_forward(qkv.data, n_heads, n_kv_heads, rope_cos, rope_sin)
@@ -92,6 +97,23 @@ def causal_attention(qkv: Tensor, n_heads: int, n_kv_heads: int, rope_cos, rope_
         with span("attention_backward", "attention", B=B, T=T, H=n_heads):
             return (be.attention_backward(g, saved, n_heads, n_kv_heads),)
     return result(y, "causal_attention", (qkv,), backward)
+
+
+def cached_attention(qkv: Tensor, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, rope_cos,
+                     rope_sin) -> Tensor:
+    """`causal_attention` for tokens at positions start..start+T-1 whose earlier keys and values are in
+    k_cache, v_cache (B, Hkv, S_max, D) arrays of qkv's backend; this block's go in too. For generation:
+    it has no backward (raises GraphError when a grad would be needed)."""
+    _check_attention("cached_attention", qkv, n_heads, n_kv_heads, rope_cos, start + qkv.shape[1])
+    if is_grad_enabled() and qkv.requires_grad:
+        raise GraphError("cached_attention has no backward: run it under fusegrad.no_grad()")
+    if start + qkv.shape[1] > k_cache.shape[2] or qkv.shape[0] != k_cache.shape[0]:
+        raise ShapeError(f"cached_attention: {start + qkv.shape[1]} positions of batch {qkv.shape[0]} do not fit "
+                         f"the cache {tuple(k_cache.shape)}")
+    be = qkv.backend
+    with span("attention_cached", "attention", B=qkv.shape[0], T=qkv.shape[1], H=n_heads):
+        y = be.attention_cached(qkv.data, k_cache, v_cache, start, n_heads, n_kv_heads, rope_cos, rope_sin)
+    return Tensor(y, backend=be)
 
 
 def swiglu(h13: Tensor) -> Tensor:
@@ -116,9 +138,8 @@ LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits per classifier chunk: 512 rows a
 
 
 def logits_chunk_rows(vocab_size: int) -> int:
-    """Rows per classifier chunk: a fixed logits budget, so memory does not grow with batch x seq. Fewer,
-    larger chunks re-read W and dW less: stories15M's classifier took 364, 338 and 320 ms at 256, 512 and
-    1024 rows (micro-bench medians).
+    """Rows per classifier chunk: a fixed logits budget, so memory does not grow with batch x seq; fewer,
+    larger chunks re-read W and dW less (docs/performance.md).
 
     >>> logits_chunk_rows(32000), logits_chunk_rows(256), logits_chunk_rows(10 ** 7)
     (512, 65536, 16)
@@ -141,7 +162,6 @@ def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int | No
     t = _int_ids("classifier_cross_entropy", targets, weight.shape[0])
     if t.shape != (h.shape[0],):
         raise ShapeError(f"classifier_cross_entropy: targets must have shape ({h.shape[0]},), got {t.shape}")
-    from fusegrad.core.tensor import is_grad_enabled, is_graph_retained
     need_dh = is_grad_enabled() and h.requires_grad
     need_dw = is_grad_enabled() and weight.requires_grad
     be = h.backend

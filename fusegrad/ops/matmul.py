@@ -16,9 +16,13 @@ Batched operands broadcast over leading axes like numpy.matmul; grads are summed
 """
 from __future__ import annotations
 
+import numpy as np
+
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.ops._util import as_tensor, check_float, result, unbroadcast
+from fusegrad.ops.elementwise import add
+from fusegrad.ops.shape import reshape
 
 
 def _check(op: str, a: Tensor, b: Tensor, trans_b: bool):
@@ -31,7 +35,6 @@ def _check(op: str, a: Tensor, b: Tensor, trans_b: bool):
     k_b = b.shape[-1] if trans_b else b.shape[-2]
     if a.shape[-1] != k_b:
         raise ShapeError(f"{op}: inner dimensions differ: a is {a.shape}, b is {b.shape}")
-    import numpy as np
     try:
         np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except ValueError:
@@ -81,7 +84,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ShapeError(f"linear: x has {x.shape[-1] if x.ndim else 0} features (shape {x.shape}), "
                          f"weight expects {weight.shape[1]} (shape {weight.shape})")
-    from fusegrad.ops.shape import reshape
     lead = x.shape[:-1]
     y = matmul_nt(reshape(x, (-1, x.shape[-1])), weight)  # (N, in) x (out, in)^T -> (N, out)
     y = reshape(y, lead + (weight.shape[0],))
@@ -89,6 +91,5 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         bias = as_tensor(bias, like=weight, op="linear")
         if bias.shape != (weight.shape[0],):
             raise ShapeError(f"linear: bias must have shape ({weight.shape[0]},), got {bias.shape}")
-        from fusegrad.ops.elementwise import add
         y = add(y, bias)
     return y

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import numpy as np
+
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.ops.reduce import log_softmax, mean
@@ -18,7 +20,6 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     if logits.ndim != 2:
         raise ShapeError(f"cross_entropy: logits must be (N, V), got shape {logits.shape}")
     t = targets.data if isinstance(targets, Tensor) else targets
-    import numpy as np
     t = np.asarray(t)
     if t.shape != logits.shape[:1] or not np.issubdtype(t.dtype, np.integer):
         raise ShapeError(f"cross_entropy: targets must be integers of shape ({logits.shape[0]},), "

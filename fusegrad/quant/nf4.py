@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 
 # The 16 NF4 values (bitsandbytes, QLoRA paper appendix), index 0..15, sorted ascending.
 NF4_CODE = np.array([
@@ -247,7 +247,7 @@ def quantize_nf4(w: np.ndarray, blocksize: int = 64, double_quant: bool = True) 
     ([192, 122], [1.0])
     """
     if blocksize not in VALID_BLOCKSIZES:
-        raise ShapeError(f"quantize_nf4: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
+        raise ConfigError(f"quantize_nf4: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize}")
     w = _check_float_array(w, "quantize_nf4")
     n = w.size
     blocks = _blocks(w.reshape(-1), blocksize)                      # (n_blocks, blocksize)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import fusegrad as fg
-from fusegrad.backends.dispatch import gemm_dims, gemm_shapes
+from fusegrad.backends.base import gemm_dims
+from fusegrad.finetune.lora import LoraConfig, attach_lora
+from fusegrad.models import Llama, LlamaConfig
 
 
 class FakeAccelerator:
@@ -90,6 +92,14 @@ def test_batched_gemm_threshold_counts_broadcast_batch():
 CONFIG = {"dim": 8, "hidden_dim": 16, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 40}
 
 
+def model_shapes(batch, seq, lora_rank=0, num_classes=0):
+    """Llama.gemm_shapes of a one-layer model of CONFIG, LoRA on q when lora_rank."""
+    model = Llama(LlamaConfig(n_layers=1, max_seq_len=16, **CONFIG))
+    if lora_rank:
+        attach_lora(model, LoraConfig(targets=("q",), r=lora_rank))
+    return model.gemm_shapes(batch, seq, num_classes=num_classes)
+
+
 def _expected_shapes(cfg, batch, seq, rank, classes):
     tokens, head = batch * seq, cfg["dim"] // cfg["n_heads"]
     kv = head * cfg["n_kv_heads"]
@@ -111,7 +121,7 @@ def test_prewarm_reports_every_training_gemm_per_backend(chain):
     chain.add_offload("good", good, min_flops=0)
     chain.add_offload("bad", bad, min_flops=0, max_failures=2)
     with pytest.warns(RuntimeWarning, match="compile failed"):
-        report = fg.prewarm(config=CONFIG, lora_rank=2, batch=2, seq=3, num_classes=4)
+        report = fg.prewarm(model_shapes(batch=2, seq=3, lora_rank=2, num_classes=4))
     shapes = set(report["shapes"])
     for name, expected in _expected_shapes(CONFIG, 2, 3, 2, 4).items():
         assert expected <= shapes, f"{name}: missing {expected - shapes}"
@@ -127,11 +137,11 @@ def test_prewarm_reports_every_training_gemm_per_backend(chain):
 def test_prewarm_explicit_shapes_and_bad_arguments(chain):
     report = fg.prewarm(shapes=[(4, 8, 16), (16, 4, 8)])
     assert report["shapes"] == [(4, 8, 16), (16, 4, 8)] and report["warmed"] == {"numpy": 2}
-    with pytest.raises(fg.ShapeError, match="prewarm: give either shapes"):
+    with pytest.raises(fg.ConfigError, match="prewarm: give shapes"):
         fg.prewarm()
 
 
 def test_gemm_shapes_without_lora_or_classifier_has_no_rank_shapes():
-    shapes = gemm_shapes(CONFIG, batch=1, seq=4)
+    shapes = model_shapes(batch=1, seq=4)
     assert min(min(s) for s in shapes) == 4  # tokens = seq = head = 4; no rank or class dims
     assert (4, 8, 40) in shapes and (40, 4, 8) in shapes

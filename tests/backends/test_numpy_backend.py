@@ -63,3 +63,27 @@ def test_registry(cpu):
         get_backend("nope")
     with pytest.raises(fg.BackendError, match="no backend owns an array of type list"):
         backend_for_array([1.0])
+
+
+def test_use_backend_is_scoped_and_restored_on_error(cpu):
+    sim = get_backend("ane-sim")
+    with pytest.raises(RuntimeError, match="inside"):
+        with fg.use_backend("ane-sim") as be:
+            assert be is sim and get_backend() is sim and fg.tensor([1.0]).backend is sim
+            with fg.use_backend(cpu):
+                assert fg.tensor([1.0]).backend is cpu
+            assert get_backend() is sim
+            raise RuntimeError("inside")
+    assert get_backend() is cpu and fg.tensor([1.0]).backend is cpu
+
+
+def test_gemm_offload_is_scoped_and_restored_on_error(cpu, rng):
+    a, b = rng.standard_normal((32, 64)).astype(np.float32), rng.standard_normal((64, 48)).astype(np.float32)
+    exact = np.matmul(a, b)
+    with pytest.raises(RuntimeError, match="inside"):
+        with fg.gemm_offload("ane-sim", min_flops=0) as entry:
+            sim = (fg.tensor(a) @ fg.tensor(b)).numpy()  # fp16 operands on the simulator
+            assert entry.calls == 1 and not np.array_equal(sim, exact)
+            raise RuntimeError("inside")
+    assert cpu.chain.offloads == []
+    np.testing.assert_array_equal((fg.tensor(a) @ fg.tensor(b)).numpy(), exact)  # float32 on numpy, exactly

@@ -1,4 +1,5 @@
-"""The numpy reference kernels themselves: properties every faster backend must share.
+"""The reference kernels (fusegrad.backends.base.Backend's bodies, on numpy arrays) themselves: properties
+every faster backend must share.
 
 RoPE as complex rotation, attention independent of its block size and of GQA folding, the chunked
 classifier loss independent of the chunk, flags that skip work, dtypes kept, no overflow warnings.
@@ -10,18 +11,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusegrad.backends import reference as ref
+from fusegrad.backends import base
+from fusegrad.backends.numpy_backend import NumpyBackend
+
+ref = NumpyBackend()  # the plain numpy backend runs Backend's reference bodies
 
 
 def qkv_case(rng, B, T, H, Hkv, D, dtype=np.float64):
-    cos, sin = ref.rope_tables(T, D, 10000.0, dtype)
+    cos, sin = base.rope_tables(T, D, 10000.0, dtype)
     return rng.normal(size=(B, T, (H + 2 * Hkv) * D)).astype(dtype), cos, sin
 
 
 # -- RoPE -----------------------------------------------------------------------------------------------
 def test_rope_tables_and_apply_are_complex_rotation(rng):
     T, H, D, theta = 9, 3, 8, 500.0
-    cos, sin = ref.rope_tables(T, D, theta, np.float64)
+    cos, sin = base.rope_tables(T, D, theta, np.float64)
     angles = np.arange(T)[:, None] * theta ** (-np.arange(0, D, 2) / D)[None, :]
     np.testing.assert_allclose(cos + 1j * sin, np.exp(1j * angles), rtol=1e-13, atol=1e-15)
     x = rng.normal(size=(2, T, H, D))
@@ -49,8 +53,8 @@ def test_attention_independent_of_block_size(T, block, seed):
 def test_attention_skips_the_masked_triangle(rng):
     """Query block [lo, hi) keeps probabilities against keys [0, hi) only."""
     qkv, cos, sin = qkv_case(rng, 1, 300, 2, 1, 4)
-    _, (q, k, v, probs, *_) = ref.attention_forward(qkv, 2, 1, cos, sin)
-    his = [min(lo + ref.ATTENTION_BLOCK, 300) for lo in range(0, 300, ref.ATTENTION_BLOCK)]
+    probs = ref.attention_forward(qkv, 2, 1, cos, sin)[1].probs
+    his = [min(lo + base.ATTENTION_BLOCK, 300) for lo in range(0, 300, base.ATTENTION_BLOCK)]
     assert [p.shape[-1] for p in probs] == his == [128, 256, 300]
     np.testing.assert_allclose(np.concatenate([p.sum(-1) for p in probs], -1), 1.0, rtol=1e-12)
 
@@ -160,5 +164,5 @@ def test_classifier_ce_flags_dtype_and_large_logits(rng):
 def test_kernels_do_not_modify_inputs(fn, rng):
     x = rng.normal(size=(3, 8)).astype(np.float32)
     before = x.copy()
-    fn(x, np.ones(8, np.float32), 1e-5) if fn is ref.rmsnorm_forward else fn(x)
+    fn(x, np.ones(8, np.float32), 1e-5) if fn == ref.rmsnorm_forward else fn(x)
     np.testing.assert_array_equal(x, before)

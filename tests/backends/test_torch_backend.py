@@ -8,11 +8,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("array_api_compat")
 
 import fusegrad as fg  # noqa: E402
-from fusegrad.backends import dispatch, get_backend, reference  # noqa: E402
-from fusegrad.backends.torch_backend import enable_gemm_offload  # noqa: E402
+from fusegrad.backends import base, gemm_offload, get_backend, use_backend  # noqa: E402
+from fusegrad.backends.numpy_backend import NumpyBackend  # noqa: E402
 from fusegrad.core.errors import BackendError  # noqa: E402
 from fusegrad.core.trace import TRACER  # noqa: E402
-from fusegrad.train.optim import adamw_update  # noqa: E402
+
+reference = NumpyBackend()  # Backend's reference bodies on numpy arrays
+adamw_update = reference.adamw_update
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +56,7 @@ def test_rmsnorm(be):
 def test_rope(be, inverse):
     rng = np.random.default_rng(1)
     x = rand(rng, 2, 5, 3, 8)
-    cos, sin = reference.rope_tables(5, 8, 10000.0)
+    cos, sin = base.rope_tables(5, 8, 10000.0)
     close(be.rope_apply(be.asarray(x), be.asarray(cos), be.asarray(sin), inverse),
           reference.rope_apply(x, cos, sin, inverse))
 
@@ -64,7 +66,7 @@ def test_attention(be, n_heads, n_kv_heads, T, block):
     rng = np.random.default_rng(2)
     D, B = 8, 2
     qkv, dy = rand(rng, B, T, (n_heads + 2 * n_kv_heads) * D), rand(rng, B, T, n_heads * D)
-    cos, sin = reference.rope_tables(16, D, 10000.0)
+    cos, sin = base.rope_tables(16, D, 10000.0)
     y, saved = be.attention_forward(be.asarray(qkv), n_heads, n_kv_heads, cos, sin, block)
     y_ref, saved_ref = reference.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
     close(y, y_ref)
@@ -167,18 +169,15 @@ def test_transfers_are_counted_and_a_step_makes_no_round_trips(be):
 
 
 def test_prewarm_and_unknown_device(be):
-    import fusegrad as fg
-    from fusegrad.backends import set_default_backend
     from fusegrad.backends.torch_backend import TorchBackend
 
-    set_default_backend("torch:cpu")
-    try:
+    with use_backend("torch:cpu"):
         calls = []
         be.prewarm_gemm, original = (lambda *shape: calls.append(shape[:3])), be.prewarm_gemm
-        report = fg.prewarm(shapes=[(8, 4, 3), (2, 5, 7)])
-    finally:
-        be.prewarm_gemm = original
-        set_default_backend("numpy")
+        try:
+            report = fg.prewarm(shapes=[(8, 4, 3), (2, 5, 7)])
+        finally:
+            be.prewarm_gemm = original
     assert report["warmed"]["torch:cpu"] == 2 and calls == [(8, 4, 3), (2, 5, 7)]  # the default backend too
     be.prewarm_gemm(8, 4, 3, np.float32)
 
@@ -197,11 +196,9 @@ def test_trainer_on_torch_cpu_tracks_numpy(tmp_path):
         trainer.run()
         return trainer, np.array(trainer.history["loss"])
 
-    try:
-        _, want = losses()
-        trainer, got = losses(backend="torch", device="cpu")
-    finally:
-        fg.backends.set_default_backend("numpy")
+    _, want = losses()
+    trainer, got = losses(backend="torch", device="cpu")
+    assert get_backend().name == "numpy"  # the run's backend does not outlive it
     assert isinstance(trainer.model.params["norm"].data, torch.Tensor)
     assert isinstance(trainer.optimizer.exp_avg[0], torch.Tensor)  # optimizer state on the device too
     np.testing.assert_allclose(got, want, rtol=1e-4)
@@ -223,8 +220,7 @@ class FlakyDevice:
 
 
 def test_offload_runs_gemms_on_the_device_and_falls_back_per_call():
-    entry = enable_gemm_offload("torch:cpu", min_flops=0)
-    try:
+    with gemm_offload("torch:cpu", min_flops=0) as entry:
         flaky = FlakyDevice(entry.gemm, bad_m=3)
         entry.gemm = flaky
         entry.max_failures = 10
@@ -241,8 +237,7 @@ def test_offload_runs_gemms_on_the_device_and_falls_back_per_call():
         assert TRACER.counters["fallback:torch:cpu"] == 2 and TRACER.counters["dispatch:torch:cpu"] == 2
         # the injected fault fires before any copy: two operands in and one result out per good call
         assert TRACER.counters["transfer:h2d"] == 4 and TRACER.counters["transfer:d2h"] == 2
-    finally:
-        dispatch.GEMM_CHAIN.remove_offload("torch:cpu")
+    assert get_backend("numpy").chain.offloads == []  # nothing stays after the block
 
 
 def _no_warning():
@@ -252,8 +247,10 @@ def _no_warning():
 
 def test_offload_spec_errors():
     with pytest.raises(BackendError, match="not a torch device"):
-        enable_gemm_offload("tpu:0")
+        with gemm_offload("tpu:0"):
+            pass
     with pytest.raises(BackendError, match="cuda"):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
-        enable_gemm_offload("torch:cuda")
+        with gemm_offload("torch:cuda"):
+            pass

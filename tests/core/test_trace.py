@@ -100,3 +100,27 @@ def test_env_variable_turns_tracing_on():
     env["FUSEGRAD_TRACE"] = "0"
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
+
+
+def test_nested_traces_keep_the_outer_spans_and_nothing_stays_on():
+    with fg.trace() as outer:
+        with tr.span("before", "io"):
+            pass
+        with fg.trace() as inner:
+            with tr.span("inside", "matmul"):
+                fg.tensor([[1.0]]) @ fg.tensor([[2.0]])
+        with tr.span("after", "io"):
+            pass
+    assert {n for n, _ in outer.aggregate} >= {"before", "inside", "after"}
+    assert {n for n, _ in inner.aggregate} >= {"inside"} and ("before", "io") not in inner.aggregate
+    assert outer.counters["dispatch:numpy"] == inner.counters["dispatch:numpy"] == 1
+    assert tr.span("later", "io") is tr.span("other", "io")  # off again: the shared no-op
+
+
+def test_trace_is_turned_off_when_its_block_raises():
+    try:
+        with fg.trace():
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert not tr._ACTIVE and tr.span("x") is tr.span("y")

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fusegrad.core.errors import FormatError
-from fusegrad.data.llama2c_tokenizer import Llama2cTokenizer, read_tokenizer_bin, write_tokenizer_bin
+from fusegrad.data.tokenizer import Llama2cTokenizer, read_tokenizer_bin, write_tokenizer_bin
 from fusegrad.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 

@@ -1,9 +1,10 @@
 import json
+import os
 
 import numpy as np
 import pytest
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data import corpus
 from fusegrad.data.prepare import prepare
 from fusegrad.data.shards import TokenDataset, read_shard
@@ -69,19 +70,19 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(FormatError, match="empty.txt: text file is empty"):
         prepare(tmp_path / "empty.txt", out)
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(FormatError, match="latin1.txt: not UTF-8"):
+    (tmp_path / "latin1.txt").write_bytes("fine\nalso fine\ncaf\xe9".encode("latin-1"))
+    with pytest.raises(FormatError, match=r"latin1.txt: line 3 is not UTF-8 text \(byte 18"):
         prepare(tmp_path / "latin1.txt", out)
     (tmp_path / "nodata").mkdir()
     with pytest.raises(FormatError, match="nodata: directory holds no .txt files"):
         prepare(tmp_path / "nodata", out)
     with pytest.raises(FormatError, match="list of text files is empty"):
         prepare([], out)
-    with pytest.raises(ShapeError, match="vocab_size 1000 given"):
+    with pytest.raises(ConfigError, match="vocab_size 1000 given"):
         prepare(None, out, tokenizer="byte", vocab_size=1000)
     with pytest.raises(FormatError, match="missing_tok"):
         prepare(None, out, tokenizer=str(tmp_path / "missing_tok"))
-    with pytest.raises(ShapeError, match="val_fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         prepare(None, out, val_fraction=1.0)
 
 
@@ -103,3 +104,50 @@ def test_large_vocab_writes_uint32_shards(tmp_path):
     assert ids[0] == 1 and ids[1:].min() >= 70000
     assert ids[1:].tolist() == hf.encode("big vocabulary, é").ids
     assert load_tokenizer(tmp_path / "out").decode(ids) == "big vocabulary, é"
+
+
+def write_llama2c_shards(folder, sp, n_shards=3):
+    """Shards the way llama2.c's tinystories.py writes them: every story encoded with BOS, uint16, no header."""
+    folder.mkdir()
+    docs = corpus.documents()
+    for i in range(n_shards):
+        ids = [t for doc in docs[i * 4:(i + 1) * 4] for t in [sp.bos_id()] + sp.encode(doc)]
+        np.array(ids, dtype=np.uint16).tofile(folder / f"data{i:02d}.bin")
+    return folder
+
+
+def test_llama2c_shard_folder_trains_as_it_is_first_shard_validation(tmp_path, sp_model_proto, sp_oracle):
+    folder = write_llama2c_shards(tmp_path / "tok512", sp_oracle)
+    (tmp_path / "tok512.model").write_bytes(sp_model_proto)
+    meta = prepare(folder, tmp_path / "out", tokenizer=tmp_path / "tok512.model")
+    assert meta["layout"] == "llama2c" and meta["vocab_size"] == 512 and len(meta["shards"]) == 3
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "tokenizer.model"]  # the shards stay in place
+    val = TokenDataset(tmp_path / "out", seq_len=16, split="val")
+    train = TokenDataset(tmp_path / "out", seq_len=16, split="train")
+    assert [os.path.basename(p) for p in val.paths] == ["data00.bin"]
+    assert [os.path.basename(p) for p in train.paths] == ["data01.bin", "data02.bin"]
+    assert (val.segments[0][1] == np.fromfile(folder / "data00.bin", dtype="<u2")).all()  # whole shard, unchanged
+    batch = train.sample_batch(np.random.default_rng(0), 4)
+    stream = np.concatenate([np.fromfile(folder / f"data0{i}.bin", dtype="<u2") for i in (1, 2)]).tolist()
+    text = ",".join(map(str, stream))
+    assert all(",".join(map(str, row)) in text for row in batch.tolist())  # windows of the train shards
+    assert isinstance(load_tokenizer(tmp_path / "out"), SentencePieceTokenizer)
+
+
+def test_llama2c_shard_folder_errors_name_the_file(tmp_path, sp_model_proto, sp_oracle):
+    folder = write_llama2c_shards(tmp_path / "tok512", sp_oracle)
+    with pytest.raises(FormatError, match=r"data00.bin: token id \d+ .*tokenizer 'byte' has 258 ids.*tok<N>.model"):
+        prepare(folder, tmp_path / "out")  # the default byte tokenizer does not fit these ids
+    model = tmp_path / "tok512.model"
+    model.write_bytes(sp_model_proto)
+    (folder / "notes.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(FormatError, match=r"notes.bin: not a llama2.c shard"):
+        prepare(folder, tmp_path / "out", tokenizer=model)
+    (folder / "notes.bin").unlink()
+    np.arange(1, 400, dtype="<u4").tofile(folder / "data03.bin")
+    with pytest.raises(FormatError, match=r"data03.bin: every other uint16 id is 0: these look like uint32"):
+        prepare(folder, tmp_path / "out", tokenizer=model)
+    for name in ("data01.bin", "data02.bin", "data03.bin"):
+        (folder / name).unlink()
+    with pytest.raises(FormatError, match=r"1 llama2.c shard\(s\); .*first shard is the validation split"):
+        prepare(folder, tmp_path / "out", tokenizer=model)

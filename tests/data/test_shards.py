@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.data.shards import TokenDataset, read_shard, rng_from_state, rng_state, shard_name, write_shard
 
 
@@ -103,9 +103,9 @@ def test_iter_batches_covers_split_without_overlap(tmp_path):
 
 def test_seq_len_longer_than_data(tmp_path):
     _positions_shard(tmp_path, 100)
-    with pytest.raises(ShapeError, match=r"seq_len 200 needs 201 tokens .*data00.bin\) has 90"):
+    with pytest.raises(ConfigError, match=r"seq_len 200 needs 201 tokens .*data00.bin\) has 90"):
         TokenDataset(tmp_path, 200)
-    with pytest.raises(ShapeError, match=r"seq_len 20 needs 21 tokens in one shard's val part"):
+    with pytest.raises(ConfigError, match=r"seq_len 20 needs 21 tokens in one shard's val part"):
         TokenDataset(tmp_path, 20, "val", val_fraction=0.1)
 
 
@@ -141,7 +141,21 @@ def test_missing_sources(tmp_path):
     with pytest.raises(FormatError, match="holds no shards"):
         TokenDataset(tmp_path, 8)
     write_shard(tmp_path / "data00.bin", np.arange(100))
-    with pytest.raises(ShapeError, match="val split is empty"):
+    with pytest.raises(ConfigError, match="val split is empty"):
         TokenDataset(tmp_path, 8, split="val", val_fraction=0.0)
-    with pytest.raises(ShapeError, match="split must be"):
+    with pytest.raises(ConfigError, match="split must be"):
         TokenDataset(tmp_path, 8, split="test")
+
+
+def test_rng_state_names_only_allowed_bit_generators():
+    state = rng_state(np.random.default_rng(3))
+    for bad in ("seed", "get_state", "__class__", None, 7):
+        with pytest.raises(FormatError, match=r"ckpt: bit_generator must be one of PCG64"):
+            rng_from_state(dict(state, bit_generator=bad), where="ckpt")
+    with pytest.raises(FormatError, match=r"ckpt: bit_generator"):
+        rng_from_state(["PCG64"], where="ckpt")
+    with pytest.raises(FormatError, match=r"ckpt: not a valid PCG64 state"):
+        rng_from_state(dict(state, state="garbage"), where="ckpt")
+    mt = np.random.Generator(np.random.MT19937(5))
+    again = rng_from_state(rng_state(mt))
+    assert again.integers(0, 1000, 5).tolist() == mt.integers(0, 1000, 5).tolist()

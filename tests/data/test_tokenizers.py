@@ -4,7 +4,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.data import corpus
 from fusegrad.data.tokenizer import BPETokenizer, ByteTokenizer, SentencePieceTokenizer, load_tokenizer
 
@@ -92,7 +92,7 @@ def test_bpe_small_text_stops_short_of_target():
 
 
 def test_bpe_vocab_too_small():
-    with pytest.raises(ShapeError, match="vocab_size 100"):
+    with pytest.raises(ConfigError, match="vocab_size 100"):
         BPETokenizer.train(["abc"], vocab_size=100)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fusegrad as fg
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError
 from fusegrad.finetune.lora import LoraConfig, attach_lora, lora_linear, parse_targets
 from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models import Llama
@@ -146,10 +146,10 @@ def test_merge_folds_adapters_into_the_base(tokens, rng):
 
 
 def test_bad_targets_and_ranks_raise_clear_errors():
-    with pytest.raises(ShapeError, match="unknown target module 'qq'"):
+    with pytest.raises(ConfigError, match="unknown target module 'qq'"):
         parse_targets("q,qq")
     assert parse_targets("v_proj,q_proj,w2") == ("q", "v", "down")
-    with pytest.raises(ShapeError, match="rank 9 is larger than k"):
+    with pytest.raises(ConfigError, match="rank 9 is larger than k"):
         attach_lora(make(), LoraConfig(targets=("k",), r=9))  # k has kv_dim 8 rows
-    with pytest.raises(ShapeError, match="rank r must be >= 1"):
+    with pytest.raises(ConfigError, match="rank r must be >= 1"):
         LoraConfig(r=0)

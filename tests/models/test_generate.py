@@ -1,9 +1,13 @@
+"""Generation through the model's own forward with a KV cache: against the full forward, the merged
+LoRA model, the numpy backend (from torch:cpu) and in float32."""
 import numpy as np
 import pytest
 
 import fusegrad as fg
+from fusegrad.finetune.lora import LoraConfig, attach_lora
+from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models import Llama
-from fusegrad.models.generate import KVCache, forward_cached, generate, sample_token
+from fusegrad.models.generate import generate, sample_token
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +19,32 @@ def test_kv_cache_logits_equal_the_full_forward(model):
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 20))
     with fg.no_grad():
         full = model.logits(tokens).numpy()[0]  # (T, V)
-    cache = KVCache(model.config)
-    np.testing.assert_allclose(forward_cached(model, tokens[0, :12], cache), full[11], atol=1e-5)
+    cache = model.new_cache(1, 20)
+    np.testing.assert_allclose(model.logits(tokens[:, :12], cache=cache).numpy()[0, -1], full[11], atol=1e-5)
     for j in range(12, 20):
-        np.testing.assert_allclose(forward_cached(model, [tokens[0, j]], cache), full[j], atol=1e-5)
+        np.testing.assert_allclose(model.logits(tokens[:, j:j + 1], cache=cache).numpy()[0, -1], full[j], atol=1e-5)
     assert cache.length == 20
+
+
+def test_cached_forward_of_a_batch_in_pieces_equals_the_full_forward(model):
+    tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, (3, 11))
+    with fg.no_grad():
+        full = model.logits(tokens).numpy()
+    cache = model.new_cache(3, 11)
+    pieces = [model.logits(tokens[:, lo:hi], cache=cache).numpy() for lo, hi in [(0, 4), (4, 5), (5, 11)]]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert pieces[0].dtype == np.float32 and cache.k[0].shape == (3, 2, 11, 8)  # sized as asked, not max_seq_len
+    with pytest.raises(fg.ShapeError, match="sequence length 12 must be in .*cache's 11"):
+        model.logits(tokens[:, :1], cache=cache)
+
+
+def test_generation_computes_in_float32(model, monkeypatch):
+    seen = []
+    be = model.params["norm"].backend
+    inner = be.attention_cached
+    monkeypatch.setattr(be, "attention_cached", lambda *a: seen.append(inner(*a).dtype) or inner(*a), raising=False)
+    generate(model, [1, 2], max_new_tokens=3, temperature=0.0)
+    assert seen and set(seen) == {np.dtype(np.float32)}
 
 
 def test_greedy_generation_follows_the_argmax_of_the_full_forward(model):
@@ -27,6 +52,48 @@ def test_greedy_generation_follows_the_argmax_of_the_full_forward(model):
     with fg.no_grad():
         logits = model.logits(np.array([out[:-1]])).numpy()[0]
     assert out[2:] == [int(i) for i in logits[1:].argmax(-1)]
+
+
+def _trained_lora(seed=0):
+    model = Llama.from_preset("tiny", seed=seed)
+    lora = attach_lora(model, LoraConfig(targets="all", r=4, alpha=8, seed=1))
+    rng = np.random.default_rng(2)
+    for t in lora.parameters():  # B = 0 at init: give the adapters something to say
+        t.data[...] = rng.normal(0.0, 0.3, t.shape)
+    return model, lora
+
+
+def test_unmerged_lora_generates_like_the_merged_model():
+    model, lora = _trained_lora()
+    prompt = [1, 9, 4]
+    unmerged = generate(model, prompt, max_new_tokens=12, temperature=0.0)
+    plain = generate(Llama.from_preset("tiny", seed=0), prompt, max_new_tokens=12, temperature=0.0)
+    lora.merge()
+    assert not model.adapters
+    assert unmerged == generate(model, prompt, max_new_tokens=12, temperature=0.0)
+    assert unmerged != plain  # the adapters do change what the model says
+
+
+def test_qlora_model_generates_like_its_own_forward():
+    model = Llama.from_preset("tiny", seed=0)
+    attach_qlora(model, LoraConfig(targets=("q", "v"), r=4))
+    assert "layers.0.wqkv" not in model.params
+    out = generate(model, [1, 5], max_new_tokens=6, temperature=0.0)
+    with fg.no_grad():
+        logits = model.logits(np.array([out[:-1]])).numpy()[0]
+    assert len(out) == 8 and out[2:] == [int(i) for i in logits[1:].argmax(-1)]
+
+
+def test_torch_cpu_generation_equals_numpy():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("array_api_compat")
+    host = Llama.from_preset("tiny", seed=5)
+    dev = Llama.from_preset("tiny", seed=5, backend="torch:cpu")  # the same weights, made on the device
+    assert isinstance(dev.params["norm"].data, torch.Tensor)
+    prompt = [3, 1, 4, 1, 5]
+    out = generate(dev, prompt, max_new_tokens=15, temperature=0.0)
+    assert isinstance(dev.new_cache(1, 4).k[0], torch.Tensor)
+    assert out == generate(host, prompt, max_new_tokens=15, temperature=0.0)
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus():

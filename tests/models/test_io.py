@@ -122,7 +122,7 @@ def test_presets_have_the_llama2c_sizes():
     for name in ("tiny", "stories260K"):
         assert Llama.from_preset(name).num_params() == preset(name).num_params()
     assert "tiny" in PRESETS
-    with pytest.raises(fg.ShapeError, match="unknown preset 'stories1B'"):
+    with pytest.raises(fg.ConfigError, match="unknown preset 'stories1B'"):
         preset("stories1B")
 
 

@@ -250,3 +250,30 @@ def test_tiny_preset_learns_synthetic_sequences():
     with fg.no_grad():
         last = float(model.loss(val).numpy())
     assert abs(first - np.log(V)) < 0.2 and last < 0.3, (first, last)
+
+
+def test_flops_per_token_counts_every_gemm_weight_and_adapters():
+    from fusegrad.finetune.lora import LoraConfig, attach_lora
+
+    model = Llama.from_preset("stories260K")
+    c, seq = model.config, 64
+    norms = (2 * c.n_layers + 1) * c.dim  # every parameter but the norms is a GEMM weight (tied classifier)
+    attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
+    assert model.flops_per_token(seq) == 6.0 * (model.num_params() - norms) + attention
+    lora = attach_lora(model, LoraConfig(targets=("q", "v", "down"), r=4))
+    lora_params = sum(t.numel() for t in lora.parameters())
+    assert model.flops_per_token(seq) == 4.0 * (model.num_params() - norms) + 6.0 * lora_params + attention
+
+
+def test_gemm_shapes_follow_the_model_and_its_adapters():
+    from fusegrad.finetune.lora import LoraConfig, attach_lora
+
+    model = Llama.from_preset("tiny")
+    c = model.config
+    shapes = model.gemm_shapes(batch=2, seq=5)
+    assert shapes == sorted(set(shapes))
+    assert (10, c.dim, c.dim + 2 * c.kv_dim) in shapes and (c.vocab_size, 10, c.dim) in shapes
+    attach_lora(model, LoraConfig(targets=("k",), r=3))
+    extra = set(model.gemm_shapes(batch=2, seq=5)) - set(shapes)
+    assert extra == {(10, c.dim, 3), (3, 10, c.dim), (10, 3, c.dim), (10, 3, c.kv_dim), (c.kv_dim, 10, 3),
+                     (10, c.kv_dim, 3)}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusegrad as fg
-from fusegrad.backends.reference import rope_tables
+from fusegrad.backends.base import rope_tables
 from fusegrad.core.trace import TRACER
 
 torch.set_num_threads(1)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.quant import nf4
 from fusegrad.quant.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor, create_dynamic_map, quantize_nf4
 
@@ -202,7 +202,7 @@ def test_bad_input_raises_clear_errors():
     w[5] = np.nan
     with pytest.raises(ShapeError, match="non-finite value nan at flat index 5"):
         quantize_nf4(w)
-    with pytest.raises(ShapeError, match="blocksize.*got 48"):
+    with pytest.raises(ConfigError, match="blocksize.*got 48"):
         quantize_nf4(np.ones(96, np.float32), blocksize=48)
 
 

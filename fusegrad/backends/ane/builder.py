@@ -1,7 +1,11 @@
 """MilBuilder: write MIL programs op by op, with shape inference, named consts and BLOBFILE weights.
 
 Small consts (conv params, axes, dtypes) are declared once and reused, like the seed's `pt`, `st`, `pd`.
-Weights go into one MILBlob file per program (`@model_path/weights/w.bin`, several blobs).
+
+Two dialects (`DIALECTS`): "m3" (M3 and later, the seed's spelling: `string("x")`, all weights as
+blobs of one MILBlob file `@model_path/weights/w.bin`) and "m1" for the M1/M2 compilers, which are
+reported to reject `string("x")` and several weights at different offsets of one file: the verbose
+spelling `tensor<string, []>("x")` and one file per weight (`@model_path/weights/<name>.bin`).
 
 >>> import numpy as np
 >>> b = MilBuilder()
@@ -13,15 +17,17 @@ Weights go into one MILBlob file per program (`@model_path/weights/w.bin`, sever
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 
 from fusegrad.backends.ane.blob import BlobWriter
 from fusegrad.backends.ane.mil import Blobfile, MilType, Op, Program, Var
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, ShapeError
 
 WEIGHTS_FILE = "@model_path/weights/w.bin"
+DIALECTS = ("m3", "m1")
 
 
 def broadcast_shape(op: str, a: tuple, b: tuple) -> tuple:
@@ -32,12 +38,14 @@ def broadcast_shape(op: str, a: tuple, b: tuple) -> tuple:
 
 
 class MilBuilder:
-    def __init__(self, target: str = "ios18"):
-        self.target = target
+    def __init__(self, target: str = "ios18", dialect: str = "m3"):
+        if dialect not in DIALECTS:
+            raise ConfigError(f"MIL dialect {dialect!r}: choose one of {', '.join(DIALECTS)}")
+        self.target, self.dialect = target, dialect
         self.inputs, self.ops = [], []
         self._names = set()
         self._consts = {}  # (role, type, value) -> Var, so a repeated small const is declared once
-        self._blob = BlobWriter()
+        self._blobs = {}  # weight file path -> BlobWriter
 
     # ---- naming and consts ----------------------------------------------------------------------
     def _fresh(self, base: str) -> str:
@@ -83,12 +91,19 @@ class MilBuilder:
         return self._consts[key]
 
     def weight(self, name: str, array: np.ndarray, dtype: str = "fp16") -> Var:
-        """A BLOBFILE const holding `array` (rounded to fp16 by default), stored in this program's blob."""
+        """A BLOBFILE const holding `array` (rounded to fp16 by default), in the dialect's weight file."""
         data = np.asarray(array, {"fp16": np.float16, "fp32": np.float32}[dtype])
-        offset = self._blob.add(data)
         out = Var(self._fresh(name), MilType(dtype, data.shape))
-        self.ops.append(Op(out, "const", out.name, val=Blobfile(WEIGHTS_FILE, offset)))
+        path = WEIGHTS_FILE if self.dialect == "m3" else f"@model_path/weights/{out.name}.bin"
+        offset = self._blobs.setdefault(path, BlobWriter()).add(data)
+        self.ops.append(Op(out, "const", out.name, val=Blobfile(path, offset)))
         return out
+
+    def rename(self, var: Var, name: str) -> Var:
+        """Give the value `var` (an op's output, not used yet) the name `name`."""
+        op = next(op for op in self.ops if op.out == var)
+        op.out = Var(self._fresh(name), var.type)
+        return op.out
 
     # ---- ops (argument order follows the seed / coremltools printing) ---------------------------
     def cast(self, x: Var, dtype: str, name: str | None = None) -> Var:
@@ -166,29 +181,23 @@ class MilBuilder:
                 "x": x.name}
         return self._emit("reduce_sum", x.type.dtype, shape, args, name)
 
-    def _binary(self, op: str, x: Var, y, name: str | None) -> Var:
+    def _binary(self, op: str, x: Var, y, name: str | None = None) -> Var:
         if not isinstance(y, Var):
             y = self.const(float(y), dtype=x.type.dtype, name=op[0] + "k")
         shape = broadcast_shape(op, x.type.shape, y.type.shape or ())
         return self._emit(op, x.type.dtype, shape, {"x": x.name, "y": y.name}, name)
 
-    def add(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("add", x, y, name)
-
-    def sub(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("sub", x, y, name)
-
-    def mul(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("mul", x, y, name)
-
-    def pow(self, x: Var, y, name: str | None = None) -> Var:
-        return self._binary("pow", x, y, name)
+    # x (op) y, y a Var or a number: add(x, y, name=None) and so on
+    add = functools.partialmethod(_binary, "add")
+    sub = functools.partialmethod(_binary, "sub")
+    mul = functools.partialmethod(_binary, "mul")
+    pow = functools.partialmethod(_binary, "pow")
 
     def sigmoid(self, x: Var, name: str | None = None) -> Var:
         return self._emit("sigmoid", x.type.dtype, x.type.shape, {"x": x.name}, name)
 
     def build(self, outputs: list):
         """(Program, weights) where weights maps each BLOBFILE path to the file's bytes."""
-        program = Program(list(self.inputs), list(self.ops), [v.name for v in outputs], target=self.target)
-        weights = {WEIGHTS_FILE: self._blob.to_bytes()} if len(self._blob) else {}
-        return program, weights
+        program = Program(list(self.inputs), list(self.ops), [v.name for v in outputs], target=self.target,
+                          verbose=self.dialect == "m1")
+        return program, {path: blob.to_bytes() for path, blob in self._blobs.items()}

@@ -2,7 +2,8 @@
 
 Every kernel takes one fp32 input `x`, casts it to fp16, computes in fp16 and returns one fp32 output
 `y` (the seed's convention, so a kernel needs one input and one output IOSurface). Each returns
-`(program, weights)`; weights maps BLOBFILE paths to MILBlob bytes.
+`(program, weights)`; weights maps BLOBFILE paths to MILBlob bytes. With `dialect="m1"` (M1/M2
+compilers, see builder.py) `x` and `y` are fp16 and there is no cast.
 
 Two flavours:
 - baked: weights are BLOBFILE consts. Changing a weight means compiling again (the ANE ignores a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusegrad.backends.ane.builder import MilBuilder
+from fusegrad.backends.ane.sim import INNER_MULTIPLE, MIN_IO_BYTES
 from fusegrad.core.errors import ShapeError
 
 MASK_VALUE = -65504.0  # most negative fp16; the ANE's SDPA ignores masks, so the mask is added by hand
@@ -38,12 +40,14 @@ def pack_dynamic(act: np.ndarray, *mats: np.ndarray) -> np.ndarray:
 
 
 def _input16(b: MilBuilder, channels: int, width: int):
-    x = b.input("x", (1, channels, 1, width))
-    return b.cast(x, "fp16", name="x16")
+    """The fp16 input: cast from fp32 ("m3"), or fp16 I/O with no cast ("m1": M1/M2 reject cast)."""
+    if b.dialect == "m1":
+        return b.input("x", (1, channels, 1, width), "fp16")
+    return b.cast(b.input("x", (1, channels, 1, width)), "fp16", name="x16")
 
 
 def _output32(b: MilBuilder, y):
-    return b.build([b.cast(y, "fp32", name="y")])
+    return b.build([b.rename(y, "y") if b.dialect == "m1" else b.cast(y, "fp32", name="y")])
 
 
 def _channels(b, x, begin, count, name):
@@ -130,20 +134,20 @@ def _check_heads(dim: int, n_heads: int, n_kv_heads: int):
 
 
 # ---- backward dx (the seed's kernels) -----------------------------------------------------------
-def ffn_w13_backward_dx(w1: np.ndarray, w3: np.ndarray, seq: int):
+def ffn_w13_backward_dx(w1: np.ndarray, w3: np.ndarray, seq: int, dialect: str = "m3"):
     """dx = W1^T dh1 + W3^T dh3. x = concat(dh1, dh3) (1, 2H, 1, S) -> y (1, D, 1, S); w1, w3 (H, D)."""
     hidden, dim = w1.shape
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, 2 * hidden, seq)
     dx1 = _linear(b, _channels(b, x, 0, hidden, "dh1"), w1.T, "dx1", "W1t")
     dx3 = _linear(b, _channels(b, x, hidden, hidden, "dh3"), w3.T, "dx3", "W3t")
     return _output32(b, b.add(dx1, dx3, name="dx"))
 
 
-def qkv_backward_dx(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, seq: int):
+def qkv_backward_dx(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, seq: int, dialect: str = "m3"):
     """dx = Wq^T dq + Wk^T dk + Wv^T dv. x = concat(dq, dk, dv) (1, D+2KV, 1, S) -> y (1, D, 1, S)."""
     dim, kv = wq.shape[0], wk.shape[0]
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, dim + 2 * kv, seq)
     dxq = _linear(b, _channels(b, x, 0, dim, "dq"), wq.T, "dxq", "Wqt")
     dxk = _linear(b, _channels(b, x, dim, kv, "dk"), wk.T, "dxk", "Wkt")
@@ -151,24 +155,42 @@ def qkv_backward_dx(wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, seq: int):
     return _output32(b, b.add(b.add(dxq, dxk, name="dxqk"), dxv, name="dx"))
 
 
-def matmul_dynamic(in_channels: int, dim: int, seq: int):
+def matmul_dynamic(in_channels: int, dim: int, seq: int, dialect: str = "m3"):
     """x = pack_dynamic(act (IC, S), M (IC, OC)) -> y = M^T act (1, OC, 1, S), OC = dim, in fp16: one
     program for any weights, so training compiles it once per shape. It is the program of the fused
     backward-dx kernels below, and the ANE backend's GEMM for every projection."""
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, in_channels, seq + dim)
     act, w = _columns(b, x, 0, seq, "act"), _columns(b, x, seq, dim, "wt")
     return _output32(b, _linear_dynamic(b, act, w, transposed=True, name="dx"))
 
 
-def ffn_w13_backward_dx_dynamic(dim: int, hidden: int, seq: int):
+def gemm_padding(m: int, k: int, n: int, itemsize: int = 4) -> tuple:
+    """(m', k') to run y = a (m, k) @ w (k, n) as matmul_dynamic(k', n, m'): the inner dimension k up to a
+    multiple of INNER_MULTIPLE, the tokens m up until both I/O surfaces (input k' x (m' + n), output
+    n x m', `itemsize` bytes each) hold MIN_IO_BYTES. Zero padding leaves y[:m] unchanged."""
+    k2 = -(-k // INNER_MULTIPLE) * INNER_MULTIPLE
+    need = -(-MIN_IO_BYTES // itemsize)
+    return max(m, -(-need // n), -(-need // k2) - n), k2
+
+
+def pack_gemm(a: np.ndarray, mat: np.ndarray, m2: int, k2: int, dtype=np.float32) -> np.ndarray:
+    """The input of matmul_dynamic(k2, n, m2) for a (m, k) @ mat (k, n): pack_dynamic(a^T, mat), zero padded."""
+    (m, k), n = a.shape, mat.shape[1]
+    x = np.zeros((1, k2, 1, m2 + n), dtype)
+    x[0, :k, 0, :m] = a.T
+    x[0, :k, 0, m2:] = mat
+    return x
+
+
+def ffn_w13_backward_dx_dynamic(dim: int, hidden: int, seq: int, dialect: str = "m3"):
     """x = pack_dynamic(concat(dh1, dh3) (2H, S), vstack(W1, W3) (2H, D)) -> y = W1^T dh1 + W3^T dh3."""
-    return matmul_dynamic(2 * hidden, dim, seq)
+    return matmul_dynamic(2 * hidden, dim, seq, dialect)
 
 
-def qkv_backward_dx_dynamic(dim: int, kv_dim: int, seq: int):
+def qkv_backward_dx_dynamic(dim: int, kv_dim: int, seq: int, dialect: str = "m3"):
     """x = pack_dynamic(concat(dq, dk, dv) (D+2KV, S), vstack(Wq, Wk, Wv) (D+2KV, D)) -> y (1, D, 1, S)."""
-    return matmul_dynamic(dim + 2 * kv_dim, dim, seq)
+    return matmul_dynamic(dim + 2 * kv_dim, dim, seq, dialect)
 
 
 # ---- forward FFN --------------------------------------------------------------------------------
@@ -176,18 +198,18 @@ def _swiglu(b, h1, h3, name: str = "g"):
     return b.mul(b.mul(h1, b.sigmoid(h1, name="sig"), name="silu"), h3, name=name)
 
 
-def ffn_forward(w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, seq: int):
+def ffn_forward(w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, seq: int, dialect: str = "m3"):
     """y = W2 (silu(W1 x) * W3 x). x (1, D, 1, S) -> y (1, D, 1, S); w1, w3 (H, D), w2 (D, H)."""
     dim = w1.shape[1]
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, dim, seq)
     g = _swiglu(b, _linear(b, x, w1, "h1", "W1"), _linear(b, x, w3, "h3", "W3"))
     return _output32(b, _linear(b, g, w2, "ffn", "W2"))
 
 
-def ffn_forward_dynamic(dim: int, hidden: int, seq: int):
+def ffn_forward_dynamic(dim: int, hidden: int, seq: int, dialect: str = "m3"):
     """x = pack_dynamic(x (D, S), W1^T (D, H), W3^T (D, H), W2 (D, H)) -> y (1, D, 1, S)."""
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, dim, seq + 3 * hidden)
     act = _columns(b, x, 0, seq, "act")
     w1t, w3t, w2 = (_columns(b, x, seq + i * hidden, hidden, n) for i, n in enumerate(("w1t", "w3t", "w2")))
@@ -210,23 +232,25 @@ def _attention_core(b, q, k, v, n_heads: int, n_kv_heads: int):
     return b.reshape(out, (1, dim, 1, seq), name="attn_flat")
 
 
-def attention_forward(wq, wk, wv, wo, norm_weight, n_heads: int, n_kv_heads: int, seq: int, eps: float = 1e-5):
+def attention_forward(wq, wk, wv, wo, norm_weight, n_heads: int, n_kv_heads: int, seq: int, eps: float = 1e-5,
+                      dialect: str = "m3"):
     """y = Wo attn(RoPE(Wq' xn), RoPE(Wk' xn), Wv' xn) with xn = x / rms(x) and W' = W diag(norm_weight)
     (the RMSNorm weight folded into the projections). x (1, D, 1, S) -> y (1, D, 1, S)."""
     dim = wq.shape[1]
     _check_heads(dim, n_heads, n_kv_heads)
     g = np.asarray(norm_weight, np.float32)[None, :]
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     xn = _rmsnorm_unit(b, _input16(b, dim, seq), eps)
     q, k, v = (_linear(b, xn, w * g, n, "W" + n) for w, n in ((wq, "q"), (wk, "k"), (wv, "v")))
     return _output32(b, _linear(b, _attention_core(b, q, k, v, n_heads, n_kv_heads), wo, "o", "Wo"))
 
 
-def attention_forward_dynamic(dim: int, n_heads: int, n_kv_heads: int, seq: int, eps: float = 1e-5):
+def attention_forward_dynamic(dim: int, n_heads: int, n_kv_heads: int, seq: int, eps: float = 1e-5,
+                              dialect: str = "m3"):
     """x = pack_dynamic(x (D, S), (Wq diag(g))^T (D, D), (Wk diag(g))^T (D, KV), (Wv diag(g))^T (D, KV), Wo (D, D))
     -> y (1, D, 1, S); g is the attention RMSNorm weight, folded in by the caller."""
     _, kv = _check_heads(dim, n_heads, n_kv_heads)
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, dim, seq + 2 * dim + 2 * kv)
     xn = _rmsnorm_unit(b, _columns(b, x, 0, seq, "act"), eps)
     offsets = np.cumsum([seq, dim, kv, kv])
@@ -238,13 +262,13 @@ def attention_forward_dynamic(dim: int, n_heads: int, n_kv_heads: int, seq: int,
 
 
 # ---- SDPA backward ------------------------------------------------------------------------------
-def sdpa_backward(dim: int, n_heads: int, n_kv_heads: int, seq: int):
+def sdpa_backward(dim: int, n_heads: int, n_kv_heads: int, seq: int, dialect: str = "m3"):
     """Gradients of causal softmax(q^T k / sqrt(hd)) attention. x = concat(q, k, v, dout) (1, 2D+2KV, 1, S)
     with q, k already RoPE'd -> y = concat(dq, dk, dv) (1, D+2KV, 1, S), the input of qkv_backward_dx.
     No weights, so there is one flavour; dq, dk are w.r.t. the rotated q, k."""
     hd, kv = _check_heads(dim, n_heads, n_kv_heads)
     rep = n_heads // n_kv_heads
-    b = MilBuilder()
+    b = MilBuilder(dialect=dialect)
     x = _input16(b, 2 * dim + 2 * kv, seq)
 
     def heads(t, n, h):  # (1, h*hd, 1, S) -> (1, h, hd, S)
@@ -269,5 +293,6 @@ def sdpa_backward(dim: int, n_heads: int, n_kv_heads: int, seq: int):
     return _output32(b, b.concat(out, axis=1, name="dqkv"))
 
 
-KERNELS = ("ffn_w13_backward_dx", "ffn_w13_backward_dx_dynamic", "qkv_backward_dx", "qkv_backward_dx_dynamic",
-           "ffn_forward", "ffn_forward_dynamic", "attention_forward", "attention_forward_dynamic", "sdpa_backward")
+KERNELS = ("matmul_dynamic", "ffn_w13_backward_dx", "ffn_w13_backward_dx_dynamic", "qkv_backward_dx",
+           "qkv_backward_dx_dynamic", "ffn_forward", "ffn_forward_dynamic", "attention_forward",
+           "attention_forward_dynamic", "sdpa_backward")

@@ -12,10 +12,13 @@ True
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
+import subprocess
 import sys
 from ctypes import c_uint, c_void_p
 
@@ -51,6 +54,24 @@ def _probe() -> tuple:
     except BackendError as e:
         return False, f"{e}; {hint}"
     return True, ""
+
+
+@functools.lru_cache(maxsize=1)
+def chip_name() -> str:
+    """This machine's chip, e.g. "Apple M1 Pro" (`sysctl machdep.cpu.brand_string` on macOS)."""
+    if sys.platform == "darwin":
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or "unknown"
+        except (OSError, subprocess.SubprocessError):
+            return "unknown"
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def dialect_for(chip: str) -> str:
+    """The MIL dialect for a chip: "m1" for Apple M1/M2 (their compilers are reported to reject string("x")
+    and cast), "m3" for everything else (M3 and later, and ane-sim)."""
+    return "m1" if re.match(r"Apple M[12]\b", chip) else "m3"
 
 
 def program_key(text: str, weights: dict) -> str:

@@ -1,0 +1,90 @@
+"""What every numba kernel shares: the jit settings, a float32 exp and row max that vectorise, the dtype
+gate. Kernels in other files inline `fast_exp` and `row_max`: after changing them, delete numba's caches
+(`find fusegrad -name '*.nb[ic]' -delete`).
+
+>>> from numba import njit
+>>> njit(lambda x: fast_exp(x))(np.float32(0.0))
+1.0
+"""
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import types
+from numba.extending import intrinsic
+
+# numba's own workqueue threads, not OpenMP's: GNU OpenMP's idle threads spin against OpenBLAS's GEMM
+# threads (docs/performance.md). Set NUMBA_THREADING_LAYER to choose another.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+# Reassociation (vectorised reductions) and FMA contraction only: no 'nnan'/'ninf', so -inf masks and
+# NaNs still propagate exactly as in the reference.
+FAST = {"reassoc", "contract", "arcp", "nsz"}
+jit = njit(parallel=True, cache=True, fastmath=FAST)
+
+
+@intrinsic
+def _bits_of_float32(typingctx, x):
+    """The int32 IEEE bits of the float32 `x` (an LLVM bitcast)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 `bits` (an LLVM bitcast, which vectorises)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def fast_exp(x):
+    """float32 exp that vectorises (numba's scalar expf does not: no SVML here); max relative error
+    ~3e-7 over [-87, 88], exactly 0 below -87.33 and inf above 88.72 like expf, NaN stays NaN.
+
+    exp(x) = 2^k e^r with k = round(x / ln 2), |r| <= ln2 / 2 (ln 2 split in two for exactness), e^r by
+    Cephes' expf polynomial, 2^k built from its exponent bits (a table gather is slower).
+    """
+    xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
+    r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    k = min(max(np.int32(kf), np.int32(-126)), np.int32(127))  # a normal 2^k, also for a NaN's garbage kf
+    p = (p * r * r + r + np.float32(1.0)) * _float32_from_bits((k + np.int32(127)) << np.int32(23))
+    p = np.float32(0.0) if x < np.float32(-87.33) else p
+    p = np.float32(np.inf) if x > np.float32(88.72) else p
+    return x if x != x else p  # NaN in, NaN out: a NaN loss must stay visible to the trainer
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def row_max(row, n):
+    # max of row[:n], n >= 1, as an int32 max over order-preserving keys of the float bits (negative floats get
+    # their magnitude bits flipped): LLVM vectorises an integer max, not numba's float max (3-5x slower).
+    # A NaN (positive sign) is the largest key, so the row's exp sum and loss become NaN and stay visible
+    m = np.int32(-2147483648)
+    for j in range(n):
+        b = _bits_of_float32(row[j])
+        m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+def is_f32(*arrays) -> bool:
+    """True when every array is a float32 ndarray: the only dtype the compiled kernels are built for."""
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+
+
+def row_chunks(n: int) -> int:
+    """How many row ranges a reduction over rows splits into (one partial sum per thread)."""
+    return max(1, min(n, numba.get_num_threads()))

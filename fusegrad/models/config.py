@@ -1,0 +1,81 @@
+"""Llama hyper-parameters and the named presets.
+
+>>> preset("stories15M").dim, preset("default").vocab_size
+(288, 258)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from fusegrad.core.errors import ConfigError
+
+
+@dataclasses.dataclass
+class LlamaConfig:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    hidden_dim: int | None = None  # None: llama2.c's rule, 2/3 of 4 dim rounded up to multiple_of
+    vocab_size: int = 32000
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    multiple_of: int = 32
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"LlamaConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ConfigError(f"LlamaConfig: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        C, L, Hd, V, KV = self.dim, self.n_layers, self.hidden_dim, self.vocab_size, self.kv_dim
+        per_layer = C * (C + 2 * KV) + C * C + 3 * C * Hd + 2 * C
+        return V * C * (1 if self.tie_embeddings else 2) + L * per_layer + C
+
+
+# The llama2.c models (sizes from its README); "tiny" is for tests; "default" is `fusegrad train`'s.
+PRESETS = {
+    "tiny": dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64, max_seq_len=32),
+    "default": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=258, max_seq_len=128),
+    "stories260K": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, hidden_dim=172, vocab_size=512,
+                        max_seq_len=512),
+    "stories15M": dict(dim=288, n_layers=6, n_heads=6, hidden_dim=768, vocab_size=32000, max_seq_len=256),
+    "stories42M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=1024),
+    "stories110M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, vocab_size=32000, max_seq_len=1024),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return LlamaConfig(**{**PRESETS[name], **overrides})
