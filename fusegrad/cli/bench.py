@@ -35,7 +35,7 @@ import numpy as np
 from fusegrad.backends import get_backend
 from fusegrad.backends.openblas import blas_info
 from fusegrad.core.errors import ConfigError
-from fusegrad.core.trace import TRACER, trace
+from fusegrad.core.trace import TRACER, mark_step, trace
 from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora
 from fusegrad.finetune.losses import lm_loss
 from fusegrad.finetune.qlora import attach_qlora
@@ -93,18 +93,6 @@ def batch_tokens(seed: int, step: int, batch: int, seq: int, vocab: int) -> np.n
     return np.random.default_rng((seed, step)).integers(0, vocab, (batch, seq + 1))
 
 
-def flops_per_token(model, seq: int, adapter_params: int | None = None) -> float:
-    """Model FLOPs of a training step per token."""
-    if hasattr(model, "flops_per_token"):
-        return model.flops_per_token(seq)
-    # SHIM until h-backends merges (Llama.flops_per_token): 6 N + 12 L H D T, N the GEMM weights; with adapters
-    # (frozen base, no dW) 4 N + 6 P, P the adapter weights
-    c = model.config
-    n = c.n_layers * (c.dim * (c.dim + 2 * c.kv_dim) + c.dim * c.dim + 3 * c.dim * c.hidden_dim) + c.vocab_size * c.dim
-    gemms = 6.0 * n if adapter_params is None else 4.0 * n + 6.0 * adapter_params
-    return gemms + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
-
-
 class BenchRun(Run):
     """The step `fusegrad train` runs (or with `lora`, the one `fusegrad finetune` runs) on the batch in
     `self.tokens` (B, T+1), at a constant lr."""
@@ -151,7 +139,7 @@ class FusegradSide:
             model = Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
         self.run = BenchRun(model, spec["batch"], self.backend, spec.get("lora"), spec.get("workers", 0), spec["seed"])
         self.dp, self.info = self.run.dp, self.run.info
-        self.info["flops_per_step"] = flops_per_token(model, spec["seq"], self.info.get("trainable_params")) * spec["batch"] * spec["seq"]
+        self.info["flops_per_step"] = model.flops_per_token(spec["seq"]) * spec["batch"] * spec["seq"]
 
     def step(self, tokens) -> float:
         self.run.tokens = tokens
@@ -174,7 +162,7 @@ class Timer:
         t0 = time.perf_counter()
         self.spec, self.side = spec, side_class(spec)
         self.dp, self.info = getattr(self.side, "dp", None), getattr(self.side, "info", {})
-        self.steps, self.tracing = 0, contextlib.ExitStack()
+        self.steps, self.tracing, self.tracer = 0, contextlib.ExitStack(), None
         self.init_s = time.perf_counter() - t0
 
     @property
@@ -189,18 +177,17 @@ class Timer:
         loss = self.side.step(tokens)
         dt = time.perf_counter() - t0
         self.steps += 1
-        if TRACER.enabled:
-            TRACER.mark_step(self.steps)
+        mark_step(self.steps)
         after = dispatch_counts()
         return {"step_s": dt, "loss": loss, "dispatches": {k: n - before.get(k, 0) for k, n in after.items()
                                                                  if n != before.get(k, 0)}}
 
     def start_trace(self) -> None:
-        self.tracing.enter_context(trace())
+        self.tracer = self.tracing.enter_context(trace())
 
     def finish(self) -> dict:
-        if self.spec.get("trace") and TRACER.enabled and self.is_main:
-            TRACER.save_chrome(self.spec["trace"])
+        if self.spec.get("trace") and self.tracer is not None and self.is_main:
+            self.tracer.save_chrome(self.spec["trace"])
         self.tracing.close()
         own = peak_rss_mb() + getattr(self.side, "helpers_peak_rss_mb", lambda: 0.0)()  # with its worker processes
         rss = own if self.dp is None else self.dp.comm.allreduce(own)  # all ranks' sum

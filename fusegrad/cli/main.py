@@ -13,7 +13,6 @@ import sys
 
 import numpy as np
 
-from fusegrad import __version__
 from fusegrad.backends import available_backends, get_backend
 from fusegrad.backends.openblas import blas_info
 from fusegrad.cli import bench, finetune
@@ -24,6 +23,11 @@ from fusegrad.data.tokenizer import load_tokenizer
 from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.models.generate import generate
 from fusegrad.train.trainer import TrainConfig, load_model, train
+
+
+def version() -> str:
+    """fusegrad's version, from the top package (imported before any module in it)."""
+    return sys.modules["fusegrad"].__version__
 
 
 def _cmd_train(args) -> int:
@@ -72,7 +76,7 @@ def usable_backends() -> list:
 
 def _cmd_info(args) -> int:
     blas = blas_info()
-    print(f"fusegrad {__version__}, numpy {np.__version__}")
+    print(f"fusegrad {version()}, numpy {np.__version__}")
     print(f"backends usable here: {', '.join(usable_backends())}")
     print(f"float32 GEMMs: OpenBLAS {blas['blas_core'] or 'not found (numpy uses another BLAS)'} kernels"
           + (f", forced by OPENBLAS_CORETYPE={blas['openblas_coretype_env']}" if blas["openblas_coretype_env"] else ""))
@@ -87,7 +91,7 @@ def _cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusegrad", description="Train Llama-family models with fused, "
                                      "explicit backward passes.")
-    parser.add_argument("--version", action="version", version=f"fusegrad {__version__}")
+    parser.add_argument("--version", action="version", version=f"fusegrad {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="pre-train a model (no arguments: a small model on the embedded corpus)",

@@ -21,34 +21,12 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from fusegrad.backends import gemm_offload, use_backend
 from fusegrad.core.errors import ConfigError, FusegradError
-from fusegrad.core.trace import TRACER, count, span, trace
+from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
 from fusegrad.train.optim import clip_grad_norm
 from fusegrad.train.schedule import cosine_schedule
-
-try:
-    from fusegrad.backends import gemm_offload, use_backend
-except ImportError:  # SHIM until h-backends merges: the agreed context managers over today's global switches
-    from fusegrad import backends as _backends
-    from fusegrad.backends.dispatch import GEMM_CHAIN as _GEMM_CHAIN
-
-    @contextlib.contextmanager
-    def use_backend(name):
-        previous = _backends._DEFAULT[0]
-        _backends.set_default_backend(name)
-        try:
-            yield
-        finally:
-            _backends._DEFAULT[0] = previous
-
-    @contextlib.contextmanager
-    def gemm_offload(spec, min_flops=None):
-        entry = _backends.enable_gemm_offload(spec, min_flops)
-        try:
-            yield entry
-        finally:
-            _GEMM_CHAIN.remove_offload(entry.name)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_SCALE_GROWTH_INTERVAL = 200  # good steps before an fp16 loss scale doubles again
@@ -266,8 +244,7 @@ class Run:
                 loss = self.train_step()
                 record = {"step": self.step, "loss": loss, "lr": self.history["lr"][-1],
                           "tokens_per_s": self.last_tokens / (time.perf_counter() - t0)}
-                if TRACER.enabled:
-                    TRACER.mark_step(self.step)
+                mark_step(self.step)
                 last = self.step == cfg.max_steps
                 if self.dp is not None and (self.step % self.dp.check_interval == 0 or last):
                     self.dp.check_consistency(self.model.named_parameters(), self.step)

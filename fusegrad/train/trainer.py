@@ -33,8 +33,6 @@ from fusegrad.train.optim import AdamW
 from fusegrad.train.plot import plot_losses
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
-# SHIM until h-backends merges (models/llama.py then holds "default"): delete these two lines
-PRESETS.setdefault("default", dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=258, max_seq_len=128))
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "train", "load_model"]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fusegrad as fg
-from fusegrad.core.errors import ConfigError, FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.finetune import data as ftdata
 from fusegrad.finetune.losses import masked_classifier_cross_entropy
 from fusegrad.finetune.peft_io import load_adapter
@@ -170,9 +170,9 @@ def test_bad_input_gives_clear_errors(base, tmp_path):
     labels.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n')
     with pytest.raises(FormatError, match=r"labels.jsonl:2: label 5 is outside \[0, num_classes=3\)"):
         Finetuner(cfg(base, tmp_path / "b", data=str(labels), task="classify", num_classes=3))
-    with pytest.raises(ShapeError, match="unknown target module 'attn'"):
+    with pytest.raises(ConfigError, match="unknown target module 'attn'"):
         Finetuner(cfg(base, tmp_path / "c", lora_targets="q,attn"))
-    with pytest.raises(ShapeError, match="rank 40 is larger"):
+    with pytest.raises(ConfigError, match="rank 40 is larger"):
         Finetuner(cfg(base, tmp_path / "d", rank=40))
     finetune(cfg(base, tmp_path / "e", max_steps=1))
     stamp = os.path.getmtime(tmp_path / "e" / "adapter_model.safetensors")
