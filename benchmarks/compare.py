@@ -1,6 +1,6 @@
 """fusegrad's training step side by side with a peer, or as MPI ranks: each side in its own process (so its
-peak RSS is its own), all from the same weights on the same batches. The options of `fusegrad bench`, plus
---vs and --ranks (without either, it is `fusegrad bench`):
+peak RSS is its own), all from the same weights on the same batches: what `fusegrad bench --vs torch|peft`
+and `fusegrad bench --ranks N` run, with the same options:
 
     python -m benchmarks.compare --preset stories15M --batch 8 --seq 256 --steps 5 --json --vs torch
     python -m benchmarks.compare --preset stories15M --lora --targets q,k,v,o --rank 8 --alpha 16 --vs peft
@@ -34,7 +34,7 @@ import time
 
 from fusegrad.backends.numpy_backend import KEEP_FREED_MEMORY_ENV
 from fusegrad.cli import bench
-from fusegrad.core.errors import BackendError, ConfigError
+from fusegrad.core.errors import BackendError
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "MKL_NUM_THREADS": "1"}
@@ -91,19 +91,8 @@ class ProcessWorker:
         return out
 
 
-def check_args(args) -> None:
-    bench.check_args(args)
-    if args.vs == "peft" and not args.lora or args.vs == "torch" and args.lora:
-        raise ConfigError(f"bench: --vs {args.vs} {'needs' if args.vs == 'peft' else 'cannot time'} --lora "
-                          f"(the peer of --lora is --vs peft, of the full step --vs torch)")
-    if args.ranks < 0 or args.ranks and args.batch % args.ranks:
-        raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
-    if args.ranks and args.lora:
-        raise ConfigError("bench: --ranks times the full training step; it does not combine with --lora")
-
-
 def run(args) -> int:
-    check_args(args)
+    bench.check_args(args)
     out = compare(args) if args.vs or args.ranks else bench.measure(args)
     print(json.dumps(out) if args.json else bench.format_report(out, args.vs))
     return 0
@@ -195,19 +184,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--side"]:
         return side_main(argv[1], argv[2])
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare")
-    add_parser(parser.add_subparsers(dest="command"))
+    bench.add_parser(parser.add_subparsers(dest="command")).set_defaults(func=run)  # `fusegrad bench`'s options
     args = parser.parse_args(["bench"] + argv)
     return args.func(args)
-
-
-def add_parser(subparsers):
-    """`fusegrad bench`'s options, plus --vs and --ranks."""
-    p = bench.add_parser(subparsers)
-    p.add_argument("--vs", choices=["torch", "peft"], default=None,
-                   help="also time the PyTorch eager step (torch) or, with --lora, transformers + peft (peft)")
-    p.add_argument("--ranks", type=int, default=0, help="run fusegrad under mpirun -n RANKS (1 thread each)")
-    p.set_defaults(func=run)
-    return p
 
 
 if __name__ == "__main__":

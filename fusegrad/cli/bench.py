@@ -13,12 +13,12 @@ only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay). Each
 one seeded stream; the first --warmup steps are not timed.
 
 Side by side with a peer (`--vs torch` for the full step, `--vs peft` for --lora) or as MPI ranks (`--ranks
-N`, one thread each), each side in its own process: the harness of the repository's benchmarks/ folder takes
-the same options, from a fusegrad checkout:
+N`, one thread each), each side runs in its own process, driven by the comparison harness of a fusegrad
+checkout (benchmarks/compare.py; `python -m benchmarks.compare` takes the same options):
 
-    python -m benchmarks.compare --preset stories15M --batch 8 --seq 256 --steps 5 --json --vs torch
-    python -m benchmarks.compare --preset stories15M --lora --targets q,k,v,o --rank 8 --vs peft [--qlora]
-    python -m benchmarks.compare --preset stories260K --ranks 2
+    fusegrad bench --preset stories15M --batch 8 --seq 256 --steps 5 --json --vs torch
+    fusegrad bench --preset stories15M --lora --targets q,k,v,o --rank 8 --vs peft [--qlora]
+    fusegrad bench --preset stories260K --ranks 2
 
 Model FLOPs per step come from the model (`Llama.flops_per_token`, nanoGPT / PaLM accounting).
 """
@@ -28,13 +28,15 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from fusegrad.backends import get_backend
 from fusegrad.backends.openblas import blas_info
-from fusegrad.core.errors import ConfigError
+from fusegrad.core.errors import BackendError, ConfigError
 from fusegrad.core.trace import TRACER, mark_step, trace
 from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora
 from fusegrad.finetune.losses import lm_loss
@@ -50,13 +52,16 @@ LORA_STEP = dict(lr=1e-3, weight_decay=0.0)
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("bench", help="time the training step (tokens/s, FLOP/s, MFU, RSS)",
+    p = subparsers.add_parser("bench", help="time the training step (tokens/s, FLOP/s, MFU, RSS), optionally vs a peer",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="stories15M", help="model preset (tiny, stories260K, stories15M, ...)")
-    p.add_argument("--batch", type=int, default=8, help="global batch (split over MPI ranks)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (split over --ranks)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--vs", choices=["torch", "peft"], default=None,
+                   help="also time the PyTorch eager step (torch) or, with --lora, transformers + peft (peft)")
+    p.add_argument("--ranks", type=int, default=0, help="run fusegrad under mpirun -n RANKS (1 thread each)")
     p.add_argument("--backend", default="numpy", help="fusegrad's backend: numpy, torch:cpu, torch:cuda, ...")
     p.add_argument("--workers", type=int, default=0,
                    help="processes splitting each batch, one core each (0 = one per core, as `fusegrad train`)")
@@ -79,9 +84,16 @@ def check_args(args) -> None:
     if args.steps < 1 or args.warmup < 1 or args.batch < 1 or args.seq < 1:
         raise ConfigError(f"bench: --steps, --warmup, --batch and --seq must be >= 1, got {args.steps}, "
                           f"{args.warmup}, {args.batch}, {args.seq}")
+    if args.vs == "peft" and not args.lora or args.vs == "torch" and args.lora:
+        raise ConfigError(f"bench: --vs {args.vs} {'needs' if args.vs == 'peft' else 'cannot time'} --lora "
+                          f"(the peer of --lora is --vs peft, of the full step --vs torch)")
     if args.qlora and not args.lora:
         raise ConfigError("bench: --qlora needs --lora")
-    rows = args.batch // max(getattr(args, "ranks", 0), 1)  # benchmarks/compare.py adds --ranks
+    if args.ranks < 0 or args.ranks and args.batch % args.ranks:
+        raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
+    if args.ranks and args.lora:
+        raise ConfigError("bench: --ranks times the full training step; it does not combine with --lora")
+    rows = args.batch // max(args.ranks, 1)
     if args.workers < 0 or args.workers > rows or args.lora and args.workers > 1:
         raise ConfigError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)"
                           + (", and 1 with --lora" if args.lora else ""))
@@ -257,10 +269,33 @@ def measure(args) -> dict:
     return report(args, spec, timer.info, results, first, end)
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a repository's root
+
+
 def run_bench(args) -> int:
     check_args(args)
+    if args.vs or args.ranks:
+        return compare_in_checkout(args)
     out = measure(args)
     print(json.dumps(out) if args.json else format_report(out))
+    return 0
+
+
+def compare_in_checkout(args) -> int:
+    """--vs, --ranks: `python -m benchmarks.compare` of the checkout this fusegrad runs from, same options."""
+    if not os.path.isfile(os.path.join(CHECKOUT, "benchmarks", "compare.py")):
+        raise ConfigError("bench: --vs and --ranks run the comparison harness of a fusegrad checkout "
+                          "(benchmarks/compare.py), which this installation does not have")
+    argv = []
+    for key, value in vars(args).items():
+        if key not in ("func", "command") and value is not None and value is not False:
+            argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")])))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", *argv], env=env, stdout=subprocess.PIPE,
+                          text=True)
+    print(done.stdout, end="")
+    if done.returncode:
+        raise BackendError(f"bench: the comparison harness failed (exit code {done.returncode}); see above")
     return 0
 
 
