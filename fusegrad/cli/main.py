@@ -1,10 +1,11 @@
-"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info.
+"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info | doctor.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
     fusegrad sample --checkpoint runs/default --prompt "The list"
     fusegrad prepare my_texts/ --out data/mine --tokenizer bpe --vocab_size 4096
     fusegrad info runs/default
+    fusegrad doctor                     # every Neural Engine kernel once, against ane-sim: a pasteable report
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import numpy as np
 
 from fusegrad.backends import available_backends, get_backend
+from fusegrad.backends.ane.doctor import doctor, format_report
 from fusegrad.backends.openblas import blas_info
 from fusegrad.cli import bench, finetune
 from fusegrad.cli.config import add_dataclass_args, config_from_args
@@ -131,7 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
     p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("doctor", help="run every Neural Engine kernel once (on the ANE of a Mac, else on ane-sim) "
+                                      "and print a report to paste into a bug report; exit 1 if a kernel failed")
+    p.set_defaults(func=_cmd_doctor)
     return parser
+
+
+def _cmd_doctor(args) -> int:
+    report = doctor()
+    print(format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def main(argv=None) -> int:
