@@ -22,7 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from fusegrad.backends import gemm_offload, use_backend
-from fusegrad.core.errors import ConfigError, FusegradError
+from fusegrad.core.errors import FusegradError
+from fusegrad.core.settings import check_fields, setting
 from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
 from fusegrad.train.optim import clip_grad_norm
@@ -40,27 +41,30 @@ class TrainingError(FusegradError, RuntimeError):
 @dataclasses.dataclass
 class RunConfig:
     """The settings every run shares; TrainConfig and FinetuneConfig extend them with their task's."""
-    batch_size: int = 16
-    grad_accum: int = 1  # micro-batches per step, their gradients averaged
-    max_steps: int = 600
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0 = off
-    val_fraction: float = 0.1
-    eval_interval: int = 100
-    ckpt_interval: int = 100
-    seed: int = 1337
-    resume: bool = False
-    progress: bool = True
-    quiet: bool = False
-    trace: str = ""  # write a Chrome trace of the run here
+    batch_size: int = setting(16, "rows (sequences) per micro-batch", "[1, 1048576]")
+    grad_accum: int = setting(1, "micro-batches per optimizer step, their gradients averaged", "[1, 65536]")
+    max_steps: int = setting(600, "optimizer steps of the whole run", "[1, inf)")
+    lr: float = setting(3e-3, "peak learning rate (AdamW), after warmup", "(0, inf)")
+    min_lr: float | None = setting(None, "floor of the cosine decay (none: lr / 10; never above lr)", "[0, inf)")
+    warmup_steps: int = setting(30, "steps of linear warmup to lr (at most max_steps)", "[0, inf)")
+    weight_decay: float = setting(0.1, "AdamW decoupled weight decay of matrices", "[0, inf)")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 = off)", "[0, inf)")
+    val_fraction: float = setting(0.1, "share of the data held out for validation", "[0, 1)")
+    eval_interval: int = setting(100, "steps between validations, and one at the end (0 = none)", "[0, inf)")
+    ckpt_interval: int = setting(100, "steps between checkpoints (0 = at the end only)", "[0, inf)")
+    seed: int = setting(1337, "seed of weights, data order and dropout", "[0, 4294967295]")
+    resume: bool = setting(False, "continue from the checkpoint in the run directory")
+    progress: bool = setting(True, "show a progress bar")
+    quiet: bool = setting(False, "print nothing but errors")
+    trace: str = setting("", "write a Chrome trace of the run to this file")
 
     def check(self, task: str) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
-            raise ConfigError(f"{task}: batch_size, grad_accum and max_steps must be >= 1, got {self.batch_size}, "
-                              f"{self.grad_accum}, {self.max_steps}")
+        """Every setting of type and range (ConfigError naming `task`, the key and the value)."""
+        check_fields(self, task)
+
+    @property
+    def lr_floor(self) -> float:
+        return self.lr / 10 if self.min_lr is None else min(self.min_lr, self.lr)
 
 
 @contextlib.contextmanager
@@ -153,8 +157,7 @@ class Run:
     # -- the step ------------------------------------------------------------------------------------
     def train_step(self) -> float:
         cfg = self.cfg
-        lr = cosine_schedule(self.step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps,
-                             min(cfg.min_lr, cfg.lr))
+        lr = cosine_schedule(self.step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps, cfg.lr_floor)
         scale = self.loss_scale[0] if self.loss_scale else 1.0
         total, self.last_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):  # accumulation averages the micro-batch grads
