@@ -4,6 +4,11 @@ evaluation and a checkpoint; the step (gradient accumulation, data-parallel aver
 clipping, AdamW on a cosine schedule), evaluation, checkpointing, NaN stopping, the tqdm progress bar and
 the metrics log (metrics.jsonl in the run directory, and TensorBoard when it is installed) live here once.
 
+Nothing non-finite is saved: before each checkpoint every weight and AdamW moment is checked, and a NaN/inf
+one stops the run naming the step and the tensor, the last checkpoint untouched. Ctrl-C finishes the step,
+saves a checkpoint and stops; a second Ctrl-C exits at once. `restore` reads the loop's part of a checkpoint
+(step, history, AdamW state), each field checked.
+
 A run changes nothing process-wide: its backend, GEMM offload and tracer hold inside `run_context` only
 and are restored when the run ends, also on error.
 """
@@ -15,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 
@@ -22,14 +28,16 @@ import numpy as np
 from tqdm import tqdm
 
 from fusegrad.backends import gemm_offload, use_backend
-from fusegrad.core.errors import FusegradError
+from fusegrad.core.errors import FormatError, FusegradError
 from fusegrad.core.settings import check_fields, setting
 from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
+from fusegrad.train.checkpoint import value, weights
 from fusegrad.train.optim import clip_grad_norm
 from fusegrad.train.schedule import cosine_schedule
 
 METRICS_FILE = "metrics.jsonl"
+MAX_WEIGHT = 1e4  # a trained weight this large means divergence (healthy Llama weights stay well below 10)
 LOSS_SCALE_GROWTH_INTERVAL = 200  # good steps before an fp16 loss scale doubles again
 log = logging.getLogger("fusegrad.train")
 
@@ -91,6 +99,30 @@ def start_workers(model, requested: int, rows: int, eligible: bool):
             raise
         log.warning("training in one process: %s", e)
         return None
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Yield a list that the first Ctrl-C appends to (the loop finishes its step, saves and stops); a second
+    Ctrl-C exits at once with status 130. Outside the main thread Ctrl-C is left alone."""
+    hits = []
+
+    def handler(signum, frame):
+        if hits:
+            os.write(2, b"\nfusegrad: interrupted again; exiting now (the last checkpoint is intact)\n")
+            os._exit(130)
+        hits.append(signum)
+        os.write(2, b"\nfusegrad: interrupted; saving a checkpoint after this step (Ctrl-C again to exit now)\n")
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        yield hits
+        return
+    try:
+        yield hits
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 class MetricsLog:
@@ -179,8 +211,8 @@ class Run:
                 self.optimizer.step()
         self.optimizer.zero_grad()
         self.step += 1
-        for key, value in (("step", self.step), ("loss", total), ("lr", lr)):
-            self.history[key].append(value)
+        for key, v in (("step", self.step), ("loss", total), ("lr", lr)):
+            self.history[key].append(v)
         return total
 
     def model_loss_backward(self, tokens, grad_scale: float) -> tuple[float, int]:
@@ -195,6 +227,36 @@ class Run:
         if math.isfinite(value):
             (loss * grad_scale).backward()
         return value, n
+
+    def check_finite(self) -> None:
+        """TrainingError naming the step and tensor if a weight or AdamW moment holds NaN or inf, or a weight
+        reached MAX_WEIGHT in magnitude (a diverged run whose loss stays finite behind the norms)."""
+        opt = self.optimizer
+        for name, p, m, v in zip(opt.names, opt.params, opt.exp_avg, opt.exp_avg_sq):
+            for what, x in (("weight", p.data), ("AdamW exp_avg of", m), ("AdamW exp_avg_sq of", v)):
+                x = p.backend.to_numpy(x)
+                big = what == "weight" and x.size and float(np.abs(x).max()) >= MAX_WEIGHT
+                if big or not np.isfinite(x).all():
+                    raise self.Error(f"step {self.step}: {what} {name} "
+                                     + (f"reached {float(np.abs(x).max()):.3g} in magnitude" if big else "holds NaN or inf")
+                                     + f": the run diverged (lower lr?); stopped without saving. The last good "
+                                     f"checkpoint (in {self.run_dir}, if any) is kept untouched")
+
+    def restore(self, state: dict, path) -> None:
+        """Step, history and AdamW state from a loaded checkpoint; FormatError naming the file and field."""
+        opt = self.optimizer
+        shapes = {n: p.shape for n, p in zip(opt.names, opt.params)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            weights(state, f"optimizer/{key}", shapes, path)
+        for name in opt.names:
+            value(state, f"optimizer/steps/{name}", int, path, "[0, inf)")
+        step = value(state, "step", int, path, "[0, inf)")
+        history = state.get("history")
+        if not (isinstance(history, dict) and all(isinstance(v, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) for v in history.values())):
+            raise FormatError(f"{path}: checkpoint field 'history' is not a mapping of lists of numbers")
+        opt.load_state_dict(state["optimizer"])
+        self.step, self.history = step, {k: list(v) for k, v in history.items()}
 
     def _unscale_grads(self, params, scale: float) -> bool:
         """Divide grads by the loss scale; False (skip the step, halve the scale) if any is inf/NaN,
@@ -242,31 +304,8 @@ class Run:
         metrics = MetricsLog(self.run_dir, append=self.step > 0) if main else None
         t_start = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                record = {"step": self.step, "loss": loss, "lr": self.history["lr"][-1],
-                          "tokens_per_s": self.last_tokens / (time.perf_counter() - t0)}
-                mark_step(self.step)
-                last = self.step == cfg.max_steps
-                if self.dp is not None and (self.step % self.dp.check_interval == 0 or last):
-                    self.dp.check_consistency(self.model.named_parameters(), self.step)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                refresh=False)
-                bar.update(1)
-                if main and cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
-                    val = {f"val_{k}": v for k, v in self.evaluate().items()}
-                    self.history["val_step"].append(self.step)
-                    for key, value in val.items():
-                        self.history.setdefault(key, []).append(value)
-                    record.update(val)
-                    if not cfg.quiet:
-                        bar.write(f"step {self.step}: train loss {loss:.4f}, "
-                                  + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()), file=sys.stderr)
-                if metrics is not None:
-                    metrics.write(record)
-                if main and ((cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last):
-                    self.save()
+            with deferred_interrupt() as interrupted:
+                self._steps(bar, metrics, interrupted)
         finally:
             bar.close()
             if metrics is not None:
@@ -274,6 +313,37 @@ class Run:
         last_of = {k: (v[-1] if v else None) for k, v in self.history.items()}
         return {"step": self.step, "loss": last_of["loss"], "val_loss": last_of["val_loss"],
                 "seconds": time.perf_counter() - t_start}
+
+    def _steps(self, bar, metrics, interrupted: list) -> None:
+        cfg, main = self.cfg, self.is_main
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            record = {"step": self.step, "loss": loss, "lr": self.history["lr"][-1],
+                      "tokens_per_s": self.last_tokens / (time.perf_counter() - t0)}
+            mark_step(self.step)
+            last = self.step == cfg.max_steps
+            if self.dp is not None and (self.step % self.dp.check_interval == 0 or last):
+                self.dp.check_consistency(self.model.named_parameters(), self.step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                            refresh=False)
+            bar.update(1)
+            if main and cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
+                val = {f"val_{k}": v for k, v in self.evaluate().items()}
+                self.history["val_step"].append(self.step)
+                for key, v in val.items():
+                    self.history.setdefault(key, []).append(v)
+                record.update(val)
+                if not cfg.quiet:
+                    bar.write(f"step {self.step}: train loss {loss:.4f}, "
+                              + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()), file=sys.stderr)
+            if metrics is not None:
+                metrics.write(record)
+            if main and ((cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last or interrupted):
+                self.check_finite()
+                self.save()
+            if interrupted:
+                raise KeyboardInterrupt
 
     def close(self) -> None:
         """Stop the worker processes (the model's weights leave shared memory, values kept)."""
