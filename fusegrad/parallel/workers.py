@@ -303,6 +303,14 @@ def _start_helper(spec: dict):
     return parent, proc
 
 
+def _fusegrad_class(qualified: str):
+    """A class of fusegrad's models by its qualified name; nothing outside fusegrad.models is imported."""
+    module, _, name = qualified.rpartition(".")
+    if not module.startswith("fusegrad.models.") or not name.isidentifier():
+        raise WorkerError(f"worker processes build fusegrad.models classes only, not {qualified!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 def _attach(name: str) -> shared_memory.SharedMemory:
     """The main process's block; unregistered from this process's resource tracker, which would otherwise
     unlink it when the helper exits (Python < 3.13 registers every attach)."""
@@ -319,14 +327,11 @@ def _helper_main(conn) -> None:
     try:
         spec = conn.recv()
         get_backend("numpy").prewarm_kernels()
-        module, _, cls = spec["model"].rpartition(".")
-        model_cls = getattr(importlib.import_module(module), cls)
+        model_cls, config_cls = _fusegrad_class(spec["model"]), _fusegrad_class(spec["config_class"])
         weights, grads = _attach(spec["weights"]), _attach(spec["grads"])
         params = {n: Tensor(a, requires_grad=spec["requires_grad"][n])
                   for n, a in views(weights, spec["offsets"]).items()}
-        module, _, cls = spec["config_class"].rpartition(".")
-        config = getattr(importlib.import_module(module), cls).from_dict(spec["config"])
-        model = model_cls(config, params=params)
+        model = model_cls(config_cls.from_dict(spec["config"]), params=params)
         grad_views = views(grads, spec["offsets"])
     except Exception as e:  # noqa: BLE001  (reported to the main process, which raises it)
         conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from fusegrad.backends import gemm_offload, use_backend
 from fusegrad.core.errors import FormatError, FusegradError
+from fusegrad.core.fileio import remove_stale_temps
 from fusegrad.core.settings import check_fields, setting
 from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
@@ -302,6 +303,8 @@ class Run:
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
                    disable=not (cfg.progress and main and not cfg.quiet))
         metrics = MetricsLog(self.run_dir, append=self.step > 0) if main else None
+        if main:
+            remove_stale_temps(self.run_dir)  # of writers that crashed, e.g. killed while saving a checkpoint
         t_start = time.perf_counter()
         try:
             with deferred_interrupt() as interrupted:

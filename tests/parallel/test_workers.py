@@ -186,3 +186,12 @@ def test_a_stopped_helper_is_a_clear_error_not_a_hang():
                 dp.loss_backward(batch(4))
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_helpers_build_only_fusegrad_model_classes():
+    from fusegrad.parallel.workers import _fusegrad_class
+
+    assert _fusegrad_class("fusegrad.models.llama.Llama") is Llama
+    for name in ("os.system", "numpy.random.default_rng", "fusegrad.core.fileio.os"):
+        with pytest.raises(WorkerError, match="fusegrad.models classes only"):
+            _fusegrad_class(name)

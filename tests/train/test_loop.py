@@ -94,3 +94,27 @@ def test_a_second_ctrl_c_exits_at_once_without_tracebacks(tmp_path):
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_a_full_disk_at_checkpoint_time_is_one_line_and_the_old_checkpoint_stays(tmp_path, monkeypatch, capsys):
+    import safetensors.numpy
+
+    from fusegrad.cli.main import main
+
+    args = ["train", "--preset", "tiny", "--max_steps", "2", "--batch_size", "2", "--seq_len", "16", "--workers", "1",
+            "--eval_interval", "0", "--ckpt_interval", "1", "--progress", "false", "--plot", "false",
+            "--sample_tokens", "0", "--out_dir", str(tmp_path)]
+    assert main(args[:4] + ["1"] + args[5:]) == 0
+    capsys.readouterr()
+
+    def full_disk(arrays, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise Exception("No space left on device (os error 28)")  # how safetensors (Rust) reports it
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    assert main(args + ["--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusegrad train: error: ") and "the disk is full" in err[0], err
+    assert "Errno" not in err[0]
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")["step"] == 1
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
