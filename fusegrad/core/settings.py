@@ -82,19 +82,20 @@ def in_range(value, spec: str) -> bool:
     return (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
-def check_value(name: str, value, kind, spec: str, where: str, optional: bool = False):
-    """`value` as `kind` within `spec` -> the value; ConfigError "where: name = value: why" otherwise."""
+def check_value(name: str, value, kind, spec: str, where: str, optional: bool = False, error=ConfigError):
+    """`value` as `kind` within `spec` -> the value; `error` (ConfigError; loaders of files pass FormatError)
+    "where: name = value: why" otherwise."""
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{where}: {name} = null; expected a {kind.__name__} value")
+        raise error(f"{where}: {name} = null; expected a {kind.__name__} value")
     try:
         value = _convert(value, kind)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {name} = {value!r}: {exc}") from None
+        raise error(f"{where}: {name} = {value!r}: {exc}") from None
     if not in_range(value, spec):
         allowed = f"one of {spec.replace('|', ', ')}" if spec[0] not in "[(" else spec
-        raise ConfigError(f"{where}: {name} = {value!r} is outside {allowed}")
+        raise error(f"{where}: {name} = {value!r} is outside {allowed}")
     return value
 
 

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.errors import FormatError
 from fusegrad.core.fileio import atomic_path
 from fusegrad.core.settings import check_value
 from fusegrad.core.trace import span
@@ -112,9 +112,12 @@ def load_checkpoint(path) -> dict:
 def _at(state: dict, key: str, path):
     node = state
     for part in key.split("/"):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             raise FormatError(f"{path}: checkpoint field {key!r} is missing")
-        node = node[part]
     return node
 
 
@@ -122,8 +125,8 @@ def value(state: dict, key: str, kind, path, spec: str = "", optional: bool = Fa
     """The JSON field at '/'-path `key` as `kind` within `spec` (core.settings ranges); FormatError naming the
     file and field otherwise.
 
-    >>> value({"a": {"step": 3}}, "a/step", int, "ckpt", "[0, inf)"), value({}, "x", float, "ckpt", optional=True)
-    (3, None)
+    >>> value({"a": {"step": 3}}, "a/step", int, "ckpt", "[0, inf)"), value({"s": [2.0, 5]}, "s/1", int, "ckpt")
+    (3, 5)
     """
     try:
         found = _at(state, key, path)
@@ -135,10 +138,7 @@ def value(state: dict, key: str, kind, path, spec: str = "", optional: bool = Fa
         raise FormatError(f"{path}: checkpoint field {key!r} is a {type(found).__name__}, expected {kind.__name__}")
     if kind is list:
         return found
-    try:
-        return check_value(key, found, kind, spec, f"{path}: checkpoint field", optional)
-    except ConfigError as exc:
-        raise FormatError(str(exc)) from None
+    return check_value(key, found, kind, spec, f"{path}: checkpoint field", optional, FormatError)
 
 
 def weights(state: dict, key: str, shapes: dict, path) -> dict:

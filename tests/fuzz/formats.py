@@ -154,7 +154,12 @@ def _yaml_load(path):
 
 
 def _yaml_check(cfg):
-    cfg.check("train")  # a ConfigError here means a bad value got through config_from_args: a failure
+    from fusegrad.core.errors import ConfigError
+
+    try:
+        cfg.check("train")
+    except ConfigError as e:  # a value config_from_args let through: a failure, not a refusal
+        raise AssertionError(f"accepted, then refused by check: {e}") from None
     assert 0 < cfg.lr_floor <= cfg.lr and 0 <= cfg.beta1 < 1 and cfg.batch_size >= 1, "out-of-range setting"
 
 
@@ -268,7 +273,21 @@ def _examples_check(examples):
         assert e.label in (-1, 0, 1), f"label {e.label!r} accepted for 2 classes"
 
 
+def _resume_load(path):  # Trainer.load (train/trainer.py): --resume
+    trainer = _TRAINER[0]
+    trainer.load(path)
+    return trainer.model
+
+
+def _load_model_from_checkpoint(path):  # load_model (train/trainer.py): sample and info
+    from fusegrad.train.trainer import load_model
+
+    return load_model(path)[0]
+
+
 OTHER_FORMATS = [
+    ("checkpoint-resume", _checkpoint_make, _resume_load, _model_check),
+    ("checkpoint-load_model", _checkpoint_make, _load_model_from_checkpoint, _model_check),
     ("llama2c.bin", _llama2c_make, _load_model, _model_check),
     ("hf-config.json", _hf_config_make, _load_model, _model_check),
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
