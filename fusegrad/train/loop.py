@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from fusegrad.backends import gemm_offload, use_backend
 from fusegrad.core.errors import FormatError, FusegradError
-from fusegrad.core.fileio import remove_stale_temps
+from fusegrad.core.fileio import remove_stale_temps, storage_error
 from fusegrad.core.settings import check_fields, setting
 from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
@@ -131,8 +131,10 @@ class MetricsLog:
     scalars in run_dir when the `tensorboard` package is installed."""
 
     def __init__(self, run_dir: str, append: bool):
-        os.makedirs(run_dir, exist_ok=True)
-        self.file = open(os.path.join(run_dir, METRICS_FILE), "a" if append else "w")
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        with self._storage():
+            os.makedirs(run_dir, exist_ok=True)
+            self.file = open(self.path, "a" if append else "w")
         try:
             from tensorboard.summary import Writer
         except ImportError:
@@ -141,15 +143,24 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         record = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with self._storage():
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.board is not None:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self.board.add_scalar(key, value, step=record["step"])
 
+    @contextlib.contextmanager
+    def _storage(self):
+        try:
+            yield
+        except OSError as exc:  # a full disk, a read-only or unwritable directory: one line, not a traceback
+            raise storage_error(self.path, exc) from exc
+
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
         if self.board is not None:
             self.board.close()
 

@@ -118,3 +118,12 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_the_old_checkpoint_stays
     assert "Errno" not in err[0]
     assert load_checkpoint(tmp_path / "checkpoint.safetensors")["step"] == 1
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_an_unwritable_run_directory_is_one_storage_error(tmp_path):
+    from fusegrad.core.errors import StorageError
+    from fusegrad.train.loop import MetricsLog
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="metrics.jsonl: cannot write"):
+        MetricsLog(str(tmp_path / "file" / "run"), append=False)
