@@ -105,13 +105,13 @@ def start_workers(model, requested: int, rows: int, eligible: bool):
 @contextlib.contextmanager
 def deferred_interrupt():
     """Yield a list that the first Ctrl-C appends to (the loop finishes its step, saves and stops); a second
-    Ctrl-C exits at once with status 130. Outside the main thread Ctrl-C is left alone."""
+    raises KeyboardInterrupt at once (worker processes and shared memory are still released on the way out).
+    Outside the main thread Ctrl-C is left alone."""
     hits = []
 
     def handler(signum, frame):
         if hits:
-            os.write(2, b"\nfusegrad: interrupted again; exiting now (the last checkpoint is intact)\n")
-            os._exit(130)
+            raise KeyboardInterrupt
         hits.append(signum)
         os.write(2, b"\nfusegrad: interrupted; saving a checkpoint after this step (Ctrl-C again to exit now)\n")
 
