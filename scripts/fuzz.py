@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="", help="comma-separated format names (default: all)")
     parser.add_argument("--other", action="store_true", help="also the loaders of OTHER_FORMATS")
     args = parser.parse_args(argv)
-    chosen = [f for f in FORMATS + (OTHER_FORMATS if args.other else []) if not args.formats or f[0] in args.formats.split(",")]
+    chosen = [f for f in FORMATS + (OTHER_FORMATS if args.other else [])
+              if not args.formats or f[0] in args.formats.split(",")]
     bad = 0
     print(f"{'format':<22}{'ok':>8}{'refused':>9}{'crash':>7}{'accepted-bad':>14}")
     for fmt in chosen:

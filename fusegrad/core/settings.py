@@ -114,5 +114,5 @@ def refuse_unknown(keys, known, where: str) -> None:
     unknown = sorted(str(k) for k in set(keys) - set(known))
     if unknown:
         hints = [f"{k} -> {m[0]}" for k in unknown for m in [difflib.get_close_matches(k, known, 1, 0.6)] if m]
-        raise ConfigError(f"{where}: unknown setting(s) {unknown}"
-                          + (f"; did you mean {', '.join(hints)}?" if hints else f"; known: {', '.join(sorted(known))}"))
+        hint = f"did you mean {', '.join(hints)}?" if hints else f"known: {', '.join(sorted(known))}"
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; {hint}")

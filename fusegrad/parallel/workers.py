@@ -181,7 +181,8 @@ class ProcessDataParallel:
         while not conn.poll(0.5):
             waited += 0.5
             if proc.poll() is not None:
-                raise WorkerError(f"fusegrad worker process {proc.pid} died (exit status {proc.returncode}); see its stderr")
+                raise WorkerError(f"fusegrad worker process {proc.pid} died (exit status {proc.returncode}); "
+                                  f"see its stderr")
             if _stopped(proc.pid) or waited >= ANSWER_TIMEOUT_S:
                 why = "is stopped (SIGSTOP?)" if waited < ANSWER_TIMEOUT_S else f"sent nothing for {waited:.0f} s"
                 raise WorkerError(f"fusegrad worker process {proc.pid} {why}; giving up on it (workers=1 trains in "

@@ -247,10 +247,11 @@ class Run:
         for name, p, m, v in zip(opt.names, opt.params, opt.exp_avg, opt.exp_avg_sq):
             for what, x in (("weight", p.data), ("AdamW exp_avg of", m), ("AdamW exp_avg_sq of", v)):
                 x = p.backend.to_numpy(x)
-                big = what == "weight" and x.size and float(np.abs(x).max()) >= MAX_WEIGHT
+                top = float(np.abs(x).max()) if x.size else 0.0
+                big = what == "weight" and MAX_WEIGHT <= top < math.inf
                 if big or not np.isfinite(x).all():
                     raise self.Error(f"step {self.step}: {what} {name} "
-                                     + (f"reached {float(np.abs(x).max()):.3g} in magnitude" if big else "holds NaN or inf")
+                                     + (f"reached {top:.3g} in magnitude" if big else "holds NaN or inf")
                                      + f": the run diverged (lower lr?); stopped without saving. The last good "
                                      f"checkpoint (in {self.run_dir}, if any) is kept untouched")
 

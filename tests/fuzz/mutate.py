@@ -57,7 +57,8 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def run_format(fmt, workdir, cases: int, seed: int = 0, budget_s: float | None = None) -> dict:
-    """Mutate `fmt`'s valid file `cases` times (or until `budget_s`); {outcome: count} plus an example of each kind of failure."""
+    """Mutate `fmt`'s valid file `cases` times (or until `budget_s`) -> {outcome: count} and an example of each
+    kind of failure."""
     name, make, load, check = fmt
     rng = np.random.default_rng(seed)
     base_dir = os.path.join(workdir, f"{name}-valid")

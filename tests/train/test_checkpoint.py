@@ -69,7 +69,8 @@ def test_nothing_non_finite_is_written_or_read(tmp_path):
     with pytest.raises(FormatError, match="tensor params/w holds NaN or inf; not written"):
         save_checkpoint(path, {"params": {"w": np.array([1.0, np.nan], np.float32)}, "step": 2})
     assert load_checkpoint(path)["step"] == 1  # the good one is kept
-    save_file({"params/w": np.array([np.inf], np.float32)}, str(path), metadata={"fusegrad": '{"params": {"w": {"__array__": "params/w"}}}'})
+    header = '{"params": {"w": {"__array__": "params/w"}}}'
+    save_file({"params/w": np.array([np.inf], np.float32)}, str(path), metadata={"fusegrad": header})
     with pytest.raises(FormatError, match="c.safetensors: tensor params/w holds NaN or inf"):
         load_checkpoint(path)
     save_file({"w": np.ones(1, np.float32)}, str(path), metadata={"fusegrad": "[1, 2]"})
