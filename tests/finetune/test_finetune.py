@@ -201,3 +201,36 @@ def test_cli_reads_yaml_and_options_override_it(base, tmp_path, capsys):
     assert run_cli(["finetune", "--config", str(yaml_path), "--rank", "2"]) == 0
     assert json.load(open(tmp_path / "o" / "adapter_config.json"))["r"] == 2
     assert "accuracy" not in capsys.readouterr().out  # an lm run reports no accuracy
+
+
+def test_chat_jsonl_is_rendered_by_the_models_template_with_loss_on_assistant_turns_only(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.data.test_chat import CONVERSATION, make_hf_model
+
+    model = make_hf_model(tmp_path / "hf")
+    data = tmp_path / "chat.jsonl"
+    chats = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in chats * 2) + "\n" + json.dumps({"text": "plain"}))
+    ft = Finetuner(FinetuneConfig(model=str(model), data=str(data), out=str(tmp_path / "out"), max_len=256,
+                                  val_fraction=0.0, quiet=True, max_steps=2, batch_size=3))
+    theirs = transformers.AutoTokenizer.from_pretrained(model)
+    rendered = {tuple(theirs.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]): m for m in chats}
+    examples = ftdata.lm_examples(ftdata.read_records(data), ft.tokenizer, 256)
+    for e in examples[:-1]:
+        messages = rendered[tuple(e.tokens.tolist())]  # the ids transformers renders
+        trained = theirs.decode(e.tokens[1:][e.loss_mask])
+        assert trained == "".join(f"{m['content']}<|im_end|>\n" for m in messages if m["role"] == "assistant")
+    assert examples[-1].tokens.tolist() == theirs.encode("plain") + [theirs.eos_token_id]  # no BOS: none is added
+    assert np.isfinite(ft.run()["loss"])
+
+
+def test_byte_tokenizer_on_a_model_with_its_own_is_refused_unless_forced(base, tmp_path):
+    from fusegrad.data.tokenizer import BPETokenizer
+
+    model = tmp_path / "m"
+    Llama(LlamaConfig(**BASE), seed=1).save_pretrained(model)
+    BPETokenizer.train(["the cat sat on the mat. " * 20], vocab_size=260).save(model)
+    with pytest.raises(FormatError, match=r"byte tokenizer on the model .*m, whose 258-id vocabulary is that of its "
+                                          r"tokenizer .*m/tokenizer.json: byte ids"):
+        Finetuner(cfg(base, tmp_path / "a", model=str(model)))
+    assert Finetuner(cfg(base, tmp_path / "b", model=str(model), force_tokenizer=True)).tokenizer.kind == "byte"
