@@ -240,7 +240,7 @@ def test_export_hf_with_an_adapter_loads_in_transformers_with_tokenizer_and_temp
                  "--force"]) == 0  # merge: the same code
 
 
-def test_export_a_run_to_llama2c_and_gguf(tmp_path):
+def test_export_a_run_to_llama2c(tmp_path):
     pytest.importorskip("fusegrad.models.export", reason="W-models' fusegrad.models.export is not merged yet")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

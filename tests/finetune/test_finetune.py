@@ -222,6 +222,8 @@ def test_chat_jsonl_is_rendered_by_the_models_template_with_loss_on_assistant_tu
         assert trained == "".join(f"{m['content']}<|im_end|>\n" for m in messages if m["role"] == "assistant")
     assert examples[-1].tokens.tolist() == theirs.encode("plain") + [theirs.eos_token_id]  # no BOS: none is added
     assert np.isfinite(ft.run()["loss"])
+    assert run_cli(["finetune", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "q"), "--qlora",
+                    "--max_steps", "2", "--batch_size", "3", "--lora_targets", "q,k,v,o", "--quiet"]) == 0
 
 
 def test_byte_tokenizer_on_a_model_with_its_own_is_refused_unless_forced(base, tmp_path):
