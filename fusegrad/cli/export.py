@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir or llama2.c .bin")
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
-    p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f32)")
+    p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir to merge into the weights first")
     p.add_argument("--tokenizer", default="", help="tokenizer file/dir, when none lies beside the model")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -443,8 +443,8 @@ def tokenizer_for_model(model_path, vocab_size, own=None, choice="", force=False
     if tok.kind == "byte" and not force and (own.kind != "byte" if own is not None else vocab_size != tok.vocab_size):
         theirs = f"that of its tokenizer {getattr(own, 'source', own.kind)}" if own is not None else "not bytes"
         raise FormatError(f"byte tokenizer on the model {model_path}, whose {vocab_size}-id vocabulary is {theirs}: "
-                          f"byte ids would mean other tokens to it; pass its tokenizer, or force_tokenizer to "
-                          f"train byte ids into it anyway")
+                          f"byte ids would mean other tokens to it; pass its tokenizer, or --force_tokenizer to "
+                          f"use byte ids anyway")
     return tok
 
 
