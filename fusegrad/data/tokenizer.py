@@ -1,8 +1,9 @@
 """Tokenizers with one interface: byte-level, Hugging Face BPE, sentencepiece and llama2.c's tokenizer.bin.
 
 Every tokenizer has `encode(text, bos=None, eos=None) -> list[int]` (None: what the tokenizer adds by default),
-`decode(ids) -> str`, `vocab_size`, `bos_id`, `eos_id`, `eos_ids`, `save(dir)` and `to_json()` (metadata a checkpoint records); `load_tokenizer(path)`
-reads back whatever `save` wrote, or a tokenizer.json / tokenizer.model / tokenizer.bin from elsewhere.
+`decode(ids) -> str`, `vocab_size`, `bos_id`, `eos_id`, `eos_ids`, `save(dir)` and `to_json()` (metadata a
+checkpoint records); `load_tokenizer(path)` reads back whatever `save` wrote, or a tokenizer.json /
+tokenizer.model / tokenizer.bin from elsewhere.
 
 >>> tok = ByteTokenizer()
 >>> tok.encode("hi", eos=True)

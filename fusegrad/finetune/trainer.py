@@ -48,7 +48,7 @@ class FinetuneError(TrainingError):
 @dataclasses.dataclass
 class FinetuneConfig(RunConfig):
     model: str = ""  # llama2.c .bin or Hugging Face directory
-    data: str = ""  # JSONL ({"text"}, {"prompt", "completion"} or chat {"messages"}; classify: {"text", "label"}) or CSV
+    data: str = ""  # JSONL ({"text"}, {"prompt", "completion"}, chat {"messages"}; classify: {"text", "label"}) or CSV
     out: str = "runs/finetune"
     tokenizer: str = ""  # "" = the tokenizer beside the model; "byte" or a tokenizer file/dir
     force_tokenizer: bool = False  # use the byte tokenizer on a model whose vocabulary is not bytes

@@ -124,7 +124,7 @@ class Trainer(Run):
                                  force=cfg.force_tokenizer)
         self.data_dir = _prepare_data(cfg, fits(cfg.tokenizer) if pretrained else cfg.tokenizer or "byte")
         meta = read_meta(self.data_dir)
-        self.tokenizer = fits(self.data_dir) if pretrained else load_tokenizer(self.data_dir)  # data prepared before too
+        self.tokenizer = fits(self.data_dir) if pretrained else load_tokenizer(self.data_dir)  # also data made before
         self.tokenizer.save(cfg.out_dir)  # beside the checkpoint, so the run dir alone is enough to sample
         self.train_data = TokenDataset(self.data_dir, cfg.seq_len, "train")
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
@@ -165,7 +165,8 @@ class Trainer(Run):
 
     def describe(self) -> str:
         procs = f"{self.workers.workers} worker processes" if self.workers is not None else "1 process"
-        return (f"fusegrad: training {self.cfg.init_from or self.cfg.preset} ({self.model.num_params() / 1e6:.2f}M params) on "
+        what = self.cfg.init_from or self.cfg.preset
+        return (f"fusegrad: training {what} ({self.model.num_params() / 1e6:.2f}M params) on "
                 f"{self.train_data.n_tokens:,} tokens from {self.data_dir} ({procs}); out_dir {self.cfg.out_dir}")
 
     def finish(self, result: dict, say) -> dict:

@@ -209,7 +209,8 @@ def test_chat_jsonl_is_rendered_by_the_models_template_with_loss_on_assistant_tu
 
     model = make_hf_model(tmp_path / "hf")
     data = tmp_path / "chat.jsonl"
-    chats = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+    hi = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    chats = [CONVERSATION, CONVERSATION[1:3], hi]
     data.write_text("\n".join(json.dumps({"messages": m}) for m in chats * 2) + "\n" + json.dumps({"text": "plain"}))
     ft = Finetuner(FinetuneConfig(model=str(model), data=str(data), out=str(tmp_path / "out"), max_len=256,
                                   val_fraction=0.0, quiet=True, max_steps=2, batch_size=3))
