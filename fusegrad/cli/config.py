@@ -37,8 +37,13 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "hidden_dim": ("feed-forward width (none: the preset's)", "[1, 262144]"),
     "tie_embeddings": ("share the embedding and classifier weights (none: the preset's)", ""),
     "data": ("shard dir from `fusegrad prepare`, text file/dir (train: none = the embedded corpus), or "
-             "JSONL/CSV (finetune)", ""),
-    "tokenizer": ("byte, bpe or a tokenizer file/dir (finetune, none: the one beside the model)", ""),
+             "JSONL/CSV (finetune: text, prompt/completion or chat messages)", ""),
+    "init_from": ("start from a pretrained model, its config, weights and tokenizer: HF dir, llama2.c .bin or run "
+                  "dir (none: a new model of the preset)", ""),
+    "tokenizer": ("byte, bpe or a tokenizer file/dir (none: byte, or init_from's own; finetune: the one beside the "
+                  "model)", ""),
+    "force_tokenizer": ("use the byte tokenizer on a model whose vocabulary is not bytes (its ids mean other "
+                        "tokens to it)", ""),
     "vocab_size": ("vocabulary of a bpe tokenizer trained on the data (none: automatic)", "[1, 4194304]"),
     "seq_len": ("tokens per training row", "[1, 1048576]"),
     "beta1": ("AdamW first-moment decay", "[0, 1)"),
