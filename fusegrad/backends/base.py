@@ -258,12 +258,24 @@ class Backend:
         p = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
         return self.merge_heads(self.xp.matmul(p, v_cache[:, :, :start + T]).reshape(q.shape))
 
+    # -- NF4 weights (QLoRA) ---------------------------------------------------------------------------------
+    def dequantize_nf4(self, q, code):
+        """An NF4Tensor (fusegrad.quant.nf4: host codes and scales) -> its float32 weight as this backend's
+        array; code: the 16 NF4 values. The reference dequantizes on the host and copies the result over."""
+        return self.asarray(q.dequantize())
+
     # -- SwiGLU on the packed W1/W3 output ----------------------------------------------------------------
     def sigmoid(self, x):
         """1 / (1 + exp(-x)) with exp only of -|x|: no overflow (and no RuntimeWarning) for very negative x."""
         xp = self.xp
         e = xp.exp(-xp.abs(x))
         return xp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+    def erf(self, x):
+        """The error function, elementwise, in x's dtype (the exact GELU); the reference is scipy's, on the host."""
+        from scipy.special import erf  # heavy (0.3 s): only the exact GELU needs it
+
+        return erf(x).astype(x.dtype)
 
     def swiglu_forward(self, h13):
         """h13 (N, 2 Hd) = [h1 | h3] -> silu(h1) * h3 (N, Hd)."""
@@ -354,10 +366,10 @@ class Backend:
             raise ShapeError(f"accumulate: out {tuple(out.shape)} and x {tuple(x.shape)} must have the same shape")
         out += x
 
-    def sum_of_squares(self, arrays) -> float:
-        """sum(x^2) over every array, accumulated in `accum_dtype`; one device->host sync."""
+    def sum_of_squares(self, arrays):
+        """sum(x^2) over every array -> a 0-d array in `accum_dtype`, where the arrays live (no host read)."""
         xp = self.xp
-        return float(sum(xp.sum(xp.square(xp.astype(a, self.accum_dtype))) for a in arrays))
+        return sum(xp.sum(xp.square(xp.astype(a, self.accum_dtype))) for a in arrays)
 
     def __repr__(self) -> str:
         return f"<backend {self.name} on {self.device}>"

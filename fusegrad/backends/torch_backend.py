@@ -30,7 +30,7 @@ from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, Backend
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import count, span
 
-DEVICES = ("cuda", "mps", "cpu")
+DEVICES = ("cuda", "mps", "cpu", "meta")  # meta: shapes only, no data (proves a step never leaves the device)
 
 
 def best_device() -> str:
@@ -76,6 +76,8 @@ def _h2d(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = No
 
 
 def _d2h(array: torch.Tensor) -> np.ndarray:
+    if array.device.type == "meta":
+        raise BackendError(f"torch:meta holds shapes, no data: cannot read a {tuple(array.shape)} tensor on the host")
     nbytes = array.numel() * array.element_size()
     with span("d2h", "transfer", bytes=nbytes):
         out = array.detach().to("cpu").numpy()
@@ -155,6 +157,21 @@ class TorchBackend(Backend):
             torch.cuda.synchronize(self.device)
         elif self.device.type == "mps":
             torch.mps.synchronize()
+
+    def erf(self, x):
+        return torch.special.erf(x)
+
+    @torch.no_grad()
+    def dequantize_nf4(self, q, code):
+        """On the device: the packed codes and block scales go over once per NF4Tensor, each call is a
+        table lookup and a scale (no host work, no host copy of the fp32 weight)."""
+        hit = self._constants.get(id(q))
+        if hit is None or hit[0] is not q:
+            hit = self._constants[id(q)] = (q, self.asarray(q.packed), self.asarray(q.block_scales()))
+        packed, scales, n = hit[1], hit[2], q.size
+        idx = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[:n].long()  # first element high
+        w = self.constant(code)[idx]  # (n,)
+        return (w * scales.repeat_interleave(q.blocksize)[:n]).reshape(q.shape)
 
     @torch.no_grad()
     def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):

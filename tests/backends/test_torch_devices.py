@@ -1,0 +1,111 @@
+"""Every path on a torch device without a GPU: torch's meta device (shapes, no data) fails on any tensor
+made off the device and on any host read, so a whole step running there proves a step never leaves the
+device; torch:cpu proves the numbers (fp32 within 1e-5 of the numpy backend)."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("array_api_compat")
+
+import fusegrad as fg  # noqa: E402
+from fusegrad import ops  # noqa: E402
+from fusegrad.backends import get_backend  # noqa: E402
+from fusegrad.core.errors import BackendError  # noqa: E402
+from fusegrad.finetune.lora import LoraConfig, attach_lora  # noqa: E402
+from fusegrad.finetune.losses import lm_loss, pool  # noqa: E402
+from fusegrad.finetune.qlora import quantize_projections  # noqa: E402
+from fusegrad.models import Llama  # noqa: E402
+from fusegrad.models.generate import generate  # noqa: E402
+from fusegrad.train.optim import AdamW, clip_grad_norm  # noqa: E402
+
+V = 64
+TOKENS = np.random.default_rng(3).integers(0, V, (2, 9))
+MASK = np.arange(8)[None, :] >= np.array([[2], [0]])  # (2, 8): the first row's prompt is not a target
+
+
+def on(backend, host, quantized=None, lora=None):
+    """A copy of the host model on `backend` (and LoRA/QLoRA adapters on it, the same init)."""
+    model = Llama(host.config, params={n: fg.tensor(t.numpy(), backend=backend, requires_grad=True)
+                                       for n, t in host.params.items()})
+    adapters = attach_lora(model, lora, quantized=quantized) if lora else None
+    return model, adapters
+
+
+def step(model, adapters, kind):
+    """One whole training step: loss, backward, clip, AdamW -> (loss tensor, {name: grad}) before the update."""
+    named = adapters.named_parameters() if adapters else model.named_parameters()
+    opt = AdamW(named, lr=1e-2)
+    if kind == "classify":
+        head = fg.tensor(np.random.default_rng(1).normal(0, 0.02, (3, model.config.dim)), dtype="float32",
+                         requires_grad=True, backend=model.backend)
+        opt = AdamW(named + [("score", head)], lr=1e-2)
+        h = pool(model.hidden(TOKENS[:, :-1]), "last")
+        loss = ops.cross_entropy(ops.matmul_nt(h, head), np.array([0, 2]))
+    elif adapters:
+        loss = lm_loss(model, TOKENS, MASK, int(MASK.sum()))
+    else:
+        loss = model.loss(TOKENS)
+    (loss * 0.5).backward()
+    grads = {n: t.grad for n, t in opt_named(opt)}
+    if model.backend.name != "torch:meta":  # a host copy, before clipping scales the grads in place
+        grads = {n: np.array(model.backend.to_numpy(g)) for n, g in grads.items()}
+    clip_grad_norm(opt.params, 1.0)
+    opt.step()
+    return loss, grads
+
+
+def opt_named(opt):
+    return list(zip(opt.names, opt.params))
+
+
+KINDS = {"pretrain": None, "lora": LoraConfig(targets="q,v,down", r=4), "qlora": LoraConfig(targets="q,v", r=4),
+         "classify": LoraConfig(targets="q,v", r=4)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_whole_training_step_runs_on_meta(kind):
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    quantized = quantize_projections(host)[0] if kind == "qlora" else None  # quantized on the host, once
+    model, adapters = on("torch:meta", host, quantized, KINDS[kind])
+    loss, grads = step(model, adapters, kind)
+    assert loss.data.device.type == "meta" and loss.shape == ()
+    assert grads and all(g.device.type == "meta" for g in grads.values())
+    for t in (adapters.parameters() if adapters else model.parameters()):
+        assert t.data.device.type == "meta"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_cpu_matches_numpy_in_fp32(kind):
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    quantized = quantize_projections(host)[0] if kind == "qlora" else None
+    results = [step(*on(name, host, quantized, KINDS[kind]), kind) for name in ("numpy", "torch:cpu")]
+    (want_loss, want), (got_loss, got) = results
+    assert abs(got_loss.item() - want_loss.item()) < 1e-5
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_meta_refuses_every_host_read():
+    be = get_backend("torch:meta")
+    x = fg.tensor(np.ones((2, 3), np.float32), backend=be)
+    for read in (x.item, x.numpy, lambda: float(x.sum().item())):
+        with pytest.raises(BackendError, match="meta holds shapes"):
+            read()
+    with pytest.raises(RuntimeError):  # an array made off the device does not mix with the device's
+        _ = x.data + torch.ones(2, 3)
+
+
+def test_a_generation_step_on_meta():
+    """On meta a generation step is the cached forward: prompt, then one new token, KV cache filled on the
+    device; sampling a token needs data, so `generate` stops exactly there with BackendError."""
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    model, _ = on("torch:meta", host)
+    cache = model.new_cache(1, 8)
+    with fg.no_grad():
+        prompt = model.logits(np.array([[1, 5, 7]]), cache=cache)
+        nxt = model.logits(np.array([[4]]), cache=cache)
+    assert prompt.shape == (1, 3, V) and nxt.shape == (1, 1, V) and nxt.data.device.type == "meta"
+    assert cache.k[0].device.type == "meta"
+    with pytest.raises(BackendError, match="meta holds shapes"):
+        generate(model, [1, 5, 7], max_new_tokens=2, seed=0)
