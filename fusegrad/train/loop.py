@@ -56,6 +56,10 @@ class RunConfig:
     progress: bool = True
     quiet: bool = False
     trace: str = ""  # write a Chrome trace of the run here
+    backend: str = "numpy"  # numpy | torch (issue 13: the run's arrays and kernels)
+    device: str = ""  # with backend torch: cuda, mps, cpu or meta ("" = the best one present)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (torch: fp32 master weights, GEMMs and activations in this dtype)
+    log_interval: int = 1  # steps between loss reads; on a device the only host sync of a step
 
     def check(self, task: str) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
@@ -131,6 +135,7 @@ class Run:
         self.step = 0
         self.history = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": []}
         self.last_tokens = 0
+        self.backend = f"{cfg.backend}:{cfg.device}" if cfg.device else cfg.backend
 
     # -- what a task provides ------------------------------------------------------------------------
     def micro_batch(self, grad_scale: float) -> tuple[float, int]:
@@ -159,7 +164,7 @@ class Run:
         total, self.last_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):  # accumulation averages the micro-batch grads
             value, tokens = self.micro_batch(scale / cfg.grad_accum)
-            if not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):  # a device loss is checked when read
                 raise self.Error(f"step {self.step + 1}: loss is {value}; training stopped. The last good "
                                  f"checkpoint (in {self.run_dir}, if any) is kept untouched")
             total += value / cfg.grad_accum
@@ -187,17 +192,40 @@ class Run:
         tokens = tokens if self.dp is None else self.dp.shard(tokens)
         if self.workers is not None:  # loss and backward of a slice of rows per core, grads summed
             return self.workers.loss_backward(tokens, grad_scale), n
-        loss = self.model.loss(tokens)
+        return self.backward_loss(self.model.loss(tokens), grad_scale), n
+
+    def backward_loss(self, loss, grad_scale: float):
+        """The grads of grad_scale * loss added -> the loss: a float on the host (a non-finite one skips the
+        backward), a 0-d array on a device (no host read inside a step; `read_losses` checks it)."""
+        if not isinstance(loss.data, np.ndarray):
+            (loss * grad_scale).backward()
+            return loss.data
         value = loss.item()
         if math.isfinite(value):
             (loss * grad_scale).backward()
-        return value, n
+        return value
+
+    def read_losses(self) -> float:
+        """Device losses of the steps since the last read -> floats in history (one host sync); the last
+        loss. TrainingError naming the first step whose loss is not finite."""
+        losses = self.history["loss"]
+        pending = [i for i, v in enumerate(losses) if not isinstance(v, float)]
+        if pending:
+            be = self.optimizer.params[0].backend
+            host = be.to_numpy(be.xp.stack([be.xp.astype(losses[i], be.accum_dtype) for i in pending]))
+            for i, v in zip(pending, host.tolist()):
+                losses[i] = v
+                if not math.isfinite(v):
+                    raise self.Error(f"step {self.history['step'][i]}: loss is {v}; training stopped. The last good "
+                                     f"checkpoint (in {self.run_dir}, if any) is kept untouched")
+        return losses[-1]
 
     def _unscale_grads(self, params, scale: float) -> bool:
         """Divide grads by the loss scale; False (skip the step, halve the scale) if any is inf/NaN,
         and double the scale after LOSS_SCALE_GROWTH_INTERVAL good steps."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not all(np.isfinite(g).all() for g in grads):
+        xp = params[0].backend.xp  # one host read of a device-side count (as torch's GradScaler)
+        if int(sum(xp.sum(xp.astype(~xp.isfinite(g), xp.int32)) for g in grads)):
             self.loss_scale = [scale / 2, 0]
             count("loss_scale:overflow")
             log.warning("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale now %g",
@@ -242,6 +270,13 @@ class Run:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
                 loss = self.train_step()
+                if not isinstance(loss, float):  # on a device: read the loss at logging intervals only
+                    if self.step % cfg.log_interval and self.step != cfg.max_steps and not any(
+                            i and self.step % i == 0 for i in (cfg.eval_interval, cfg.ckpt_interval,
+                                                               self.dp.check_interval if self.dp else 0)):
+                        bar.update(1)
+                        continue
+                    loss = self.read_losses()
                 record = {"step": self.step, "loss": loss, "lr": self.history["lr"][-1],
                           "tokens_per_s": self.last_tokens / (time.perf_counter() - t0)}
                 mark_step(self.step)

@@ -109,3 +109,32 @@ def test_a_generation_step_on_meta():
     assert cache.k[0].device.type == "meta"
     with pytest.raises(BackendError, match="meta holds shapes"):
         generate(model, [1, 5, 7], max_new_tokens=2, seed=0)
+
+
+def _trainer(tmp_path, **kw):
+    from fusegrad.train.trainer import TrainConfig, Trainer
+
+    cfg = dict(preset="tiny", max_steps=6, warmup_steps=1, batch_size=2, seq_len=16, out_dir=str(tmp_path),
+               progress=False, plot=False, sample_tokens=0, eval_interval=0, quiet=True, workers=1)
+    return Trainer(TrainConfig(**{**cfg, **kw}))
+
+
+def test_the_loop_steps_on_meta_and_reads_device_losses_at_log_intervals(tmp_path):
+    trainer = _trainer(tmp_path / "meta", backend="torch", device="meta")
+    for _ in range(2):  # the loop's whole step: grad accumulation, clipping, AdamW; no host read
+        trainer.train_step()
+    assert [v.device.type for v in trainer.history["loss"]] == ["meta", "meta"]
+    host = _trainer(tmp_path / "np", log_interval=4).run()
+    dev = _trainer(tmp_path / "cpu", backend="torch", device="cpu", log_interval=4)
+    assert abs(dev.run()["loss"] - host["loss"]) < 1e-5
+    assert all(isinstance(v, float) for v in dev.history["loss"])  # every loss read by the end
+
+
+def test_a_non_finite_device_loss_stops_the_run_naming_its_step(tmp_path):
+    from fusegrad.train.loop import TrainingError
+
+    trainer = _trainer(tmp_path, backend="torch", device="cpu", log_interval=4, ckpt_interval=0)
+    trainer.model.params["norm"].data[:] = float("nan")
+    with pytest.raises(TrainingError, match="step 1: loss is nan"):
+        trainer.run()
+    assert trainer.step == 4  # read at the logging interval, before any checkpoint
