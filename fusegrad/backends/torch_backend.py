@@ -18,6 +18,8 @@ GEMMs to the device one call at a time (`fusegrad.backends.gemm_offload("torch:c
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -30,6 +32,8 @@ from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, Backend
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import count, span
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPUTE = contextvars.ContextVar("fusegrad_torch_compute", default=None)  # the GEMM dtype of the current run
 DEVICES = ("cuda", "mps", "cpu", "meta")  # meta: shapes only, no data (proves a step never leaves the device)
 
 
@@ -152,6 +156,33 @@ class TorchBackend(Backend):
         torch.matmul(torch.zeros((m, k), dtype=dt, device=self.device), torch.zeros((k, n), dtype=dt, device=self.device))
         self.synchronize()
 
+    # -- mixed precision: fp32 master weights, GEMMs in bf16/fp16, softmax, norm statistics and loss in fp32 --
+    @contextlib.contextmanager
+    def precision(self, dtype: str = "fp32"):
+        """Inside the block (per thread and task) every GEMM multiplies `dtype` operands (tensor cores on a
+        GPU) and hands back float32: softmax, RMSNorm statistics, the loss, parameters, grads and AdamW state
+        stay float32. Activations are stored in float32 between kernels: fusegrad's tensor dtypes are numpy's,
+        and numpy has no bfloat16."""
+        if dtype not in ("fp32", "float32", *COMPUTE_DTYPES):
+            raise BackendError(f"torch backend: dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        token = _COMPUTE.set(COMPUTE_DTYPES.get(dtype))
+        try:
+            yield self
+        finally:
+            _COMPUTE.reset(token)
+
+    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        dt = _COMPUTE.get()
+        if dt is None or not a.is_floating_point():
+            return super().gemm(a, b, trans_a, trans_b)
+        return super().gemm(a.to(dt), b.to(dt), trans_a, trans_b).float()
+
+    def mm(self, a, b):
+        dt = _COMPUTE.get()
+        if dt is None or not a.is_floating_point():
+            return torch.matmul(a, b)
+        return torch.matmul(a.to(dt), b.to(dt)).float()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -180,7 +211,9 @@ class TorchBackend(Backend):
         B, T, _ = qkv.shape
         cos, sin = self.constant(cos), self.constant(sin)
         q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[:T], sin[:T])  # q (B, Hkv, G, T, D)
-        y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, is_causal=True, enable_gqa=n_heads != n_kv_heads)
+        dt = _COMPUTE.get() or q.dtype  # mixed precision: bf16/fp16 operands, float32 out
+        y = F.scaled_dot_product_attention(q.flatten(1, 2).to(dt), k.to(dt), v.to(dt), is_causal=True,
+                                           enable_gqa=n_heads != n_kv_heads).to(q.dtype)
         return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
 
     @torch.no_grad()

@@ -29,6 +29,7 @@ from fusegrad.train.optim import clip_grad_norm
 from fusegrad.train.schedule import cosine_schedule
 
 METRICS_FILE = "metrics.jsonl"
+FP16_LOSS_SCALE = 2.0 ** 16  # the first loss scale of an fp16 run
 LOSS_SCALE_GROWTH_INTERVAL = 200  # good steps before an fp16 loss scale doubles again
 log = logging.getLogger("fusegrad.train")
 
@@ -68,10 +69,10 @@ class RunConfig:
 
 
 @contextlib.contextmanager
-def run_context(backend: str = "numpy", offload_gemm: str = "", tracing: bool = False):
-    """The run's backend, GEMM offload and tracer for this block only -> the tracer, or None."""
+def run_context(backend: str = "numpy", offload_gemm: str = "", tracing: bool = False, dtype: str = "fp32"):
+    """The run's backend, its GEMM dtype, GEMM offload and tracer for this block only -> the tracer, or None."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(use_backend(backend))
+        stack.enter_context(stack.enter_context(use_backend(backend)).precision(dtype))
         if offload_gemm:
             stack.enter_context(gemm_offload(offload_gemm))
         yield stack.enter_context(trace()) if tracing else None
@@ -244,9 +245,12 @@ class Run:
         return self.dp is None or self.dp.is_main
 
     def run(self) -> dict:
+        if self.cfg.dtype == "fp16" and self.loss_scale is None:  # fp16 GEMMs: the loss is scaled
+            self.loss_scale = [FP16_LOSS_SCALE, 0]
         try:
             with self.dp.abort_on_error() if self.dp is not None else contextlib.nullcontext():
-                with run_context(self.backend, self.offload_gemm, bool(self.cfg.trace) and self.is_main) as tracer:
+                with run_context(self.backend, self.offload_gemm, bool(self.cfg.trace) and self.is_main,
+                                 self.cfg.dtype) as tracer:
                     result = self._loop()
                     if tracer is not None:
                         tracer.save_chrome(self.cfg.trace)

@@ -138,3 +138,27 @@ def test_a_non_finite_device_loss_stops_the_run_naming_its_step(tmp_path):
     with pytest.raises(TrainingError, match="step 1: loss is nan"):
         trainer.run()
     assert trainer.step == 4  # read at the logging interval, before any checkpoint
+
+
+def test_bf16_and_fp16_loss_curves_stay_within_their_tolerance_of_fp32(tmp_path):
+    """50 steps of a tiny model. bf16 keeps 8 significant bits (unit roundoff u = 2^-8 = 0.0039): each GEMM
+    operand is rounded once (relative error <= u/2), products accumulate in fp32, softmax, norms and loss
+    are fp32, so a step's loss moves by a small multiple of u relative; 50 AdamW steps (clipped, lr 3e-3)
+    keep it there. Tolerance: 1e-2 relative (2.5 u) at every step; fp16 (u = 2^-11, with loss scaling) too.
+    The curves must also differ from fp32, or the GEMMs did not run in the low precision."""
+    def curve(dtype):
+        trainer = _trainer(tmp_path / dtype, backend="torch", device="cpu", dtype=dtype, max_steps=50, warmup_steps=5,
+                           log_interval=10)
+        trainer.run()
+        return np.array(trainer.history["loss"]), trainer
+
+    fp32, _ = curve("fp32")
+    for dtype in ("bf16", "fp16"):
+        low, trainer = curve(dtype)
+        rel = np.abs(low - fp32) / fp32
+        assert rel.max() < 1e-2 and rel.max() > 1e-7, (dtype, rel.max())
+        assert all(t.data.dtype == torch.float32 for t in trainer.model.parameters())  # fp32 master weights
+        assert all(m.dtype == torch.float32 for m in trainer.optimizer.exp_avg_sq)
+        assert (trainer.loss_scale is not None) == (dtype == "fp16")
+    with pytest.raises(BackendError, match="fp32 only"):
+        _trainer(tmp_path / "np", dtype="bf16").run()
