@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 
 import array_api_compat.torch as xp  # numpy-style names (axis=, keepdims=, permute_dims) on torch
 import numpy as np
@@ -62,6 +63,8 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 def resolve_device(device: str | None) -> torch.device:
     """A torch.device that really exists here, with its index ("cuda" -> cuda:0); BackendError if not."""
     name = device or best_device()
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():  # torchrun: one GPU per local process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     if name.split(":")[0] not in DEVICES:
         raise BackendError(f"torch backend: unknown device {name!r}; use one of {', '.join(DEVICES)}")
     try:

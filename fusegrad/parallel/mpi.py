@@ -78,8 +78,15 @@ class DataParallel:
 
     @classmethod
     def from_env(cls):
-        """A DataParallel over COMM_WORLD when mpirun started more than one rank, else None."""
-        return cls() if launched_ranks() > 1 else None
+        """A DataParallel over COMM_WORLD when mpirun started more than one rank; a torch.distributed one
+        (parallel/torch_dist.py) when torchrun started several processes; else None."""
+        if launched_ranks() > 1:
+            return cls()
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and "MASTER_ADDR" in os.environ:
+            from fusegrad.parallel.torch_dist import TorchDataParallel  # torch: an optional dependency
+
+            return TorchDataParallel.from_env()
+        return None
 
     @property
     def is_main(self) -> bool:
