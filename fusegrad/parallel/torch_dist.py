@@ -17,11 +17,9 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 from fusegrad.core.trace import count, span
-from fusegrad.parallel.mpi import BUCKET_BYTES, CHECK_INTERVAL, DataParallel, buckets
+from fusegrad.parallel.common import BUCKET_BYTES, CHECK_INTERVAL, Replicas, buckets
 
 TIMEOUT_S = 300  # a collective that waits longer than this fails instead of hanging
 
@@ -32,25 +30,36 @@ def launched_by_torchrun() -> int:
     return int(size) if size.isdigit() and "MASTER_ADDR" in os.environ and "RANK" in os.environ else 1
 
 
+def _torch():
+    """torch, with torch.distributed loaded (an optional dependency: imported on first use)."""
+    import torch
+    import torch.distributed
+
+    return torch
+
+
 class _Comm:
     """The few mpi4py calls DataParallel's shared methods use, over torch.distributed objects."""
 
     def bcast(self, obj, root=0):
         box = [obj]
-        dist.broadcast_object_list(box, src=root)
+        _torch().distributed.broadcast_object_list(box, src=root)
         return box[0]
 
     def allgather(self, obj):
+        dist = _torch().distributed
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
 
 
-class TorchDataParallel(DataParallel):
-    """DataParallel over an initialised torch.distributed process group (shard, check_consistency and
-    is_main are DataParallel's own)."""
+class TorchDataParallel(Replicas):
+    """parallel/mpi.py's DataParallel over an initialised torch.distributed process group (shard,
+    check_consistency and is_main are the shared Replicas')."""
 
     def __init__(self, bucket_bytes: int = BUCKET_BYTES, check_interval: int = CHECK_INTERVAL):
+        torch = _torch()
+        dist = torch.distributed
         self.comm = _Comm()
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.bucket_bytes, self.check_interval = bucket_bytes, check_interval
@@ -62,6 +71,8 @@ class TorchDataParallel(DataParallel):
         """Join the process group torchrun describes (env://) -> TorchDataParallel; None for one process."""
         if launched_by_torchrun() <= 1:
             return None
+        torch = _torch()
+        dist = torch.distributed
         if not dist.is_initialized():
             nccl = torch.cuda.is_available()
             if nccl:
@@ -69,20 +80,22 @@ class TorchDataParallel(DataParallel):
             dist.init_process_group("nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
         return cls()
 
-    def _flat(self, arrays) -> torch.Tensor:
+    def _flat(self, arrays):
         """One flat float32 buffer of the arrays (device tensors or numpy), on the collective's device."""
+        torch = _torch()
         parts = [torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in arrays]
         return torch.cat([p.reshape(-1).to(self.device, torch.float32) for p in parts])
 
     def average(self, value):
         """Mean over ranks of a float (-> float) or of a 0-d device array (-> one, no host read)."""
         t = self._flat([value if not isinstance(value, float) else np.float32(value).reshape(1)])
-        dist.all_reduce(t)
+        _torch().distributed.all_reduce(t)
         t /= self.size
         return float(t.item()) if isinstance(value, float) else t.reshape(()).to(value.device, value.dtype)
 
     def allreduce_grads(self, params) -> None:
         """Replace every grad by its mean over ranks: bucketed all_reduce, written back in place."""
+        dist = _torch().distributed
         params = [p for p in params if p.grad is not None]
         with span("allreduce", "parallel", ranks=self.size):
             for idx in buckets([p.numel() for p in params], 4, self.bucket_bytes):
@@ -104,7 +117,7 @@ class TorchDataParallel(DataParallel):
         """Rank 0's parameter values on every rank."""
         for _, t in named_params:
             flat = self._flat([t.data])
-            dist.broadcast(flat, src=0)
+            _torch().distributed.broadcast(flat, src=0)
             if not self.is_main:
                 host = flat.cpu().numpy().reshape(t.shape).astype(t.dtype)
                 t.data = t.backend.asarray(host)
