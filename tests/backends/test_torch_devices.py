@@ -162,3 +162,13 @@ def test_bf16_and_fp16_loss_curves_stay_within_their_tolerance_of_fp32(tmp_path)
         assert (trainer.loss_scale is not None) == (dtype == "fp16")
     with pytest.raises(BackendError, match="fp32 only"):
         _trainer(tmp_path / "np", dtype="bf16").run()
+
+
+def test_generation_and_export_of_a_torch_model_match_numpy(tmp_path):
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    dev, _ = on("torch:cpu", host)
+    assert generate(dev, [1, 2, 3], 8, seed=0) == generate(host, [1, 2, 3], 8, seed=0)
+    dev.save_pretrained(tmp_path / "hf")  # weights come to the host once, on export
+    back = Llama.from_pretrained(tmp_path / "hf")
+    for name, t in host.params.items():
+        np.testing.assert_array_equal(back.params[name].numpy(), t.numpy())
