@@ -129,6 +129,7 @@ class Run:
     Error = TrainingError
     backend, offload_gemm = "numpy", ""  # the run's backend name and GEMM offload target, held during run()
     dp = workers = loss_scale = None  # MPI ranks, worker processes, fp16 loss scale [scale, good steps]
+    deferred_reads = False  # True in the loop: a device loss stays on the device until a logging step
     run_dir = ""
 
     def __init__(self, cfg: RunConfig):
@@ -157,7 +158,9 @@ class Run:
         return result
 
     # -- the step ------------------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self):
+        """One optimizer step -> its loss: a float, or in the loop's own steps on a device a 0-d device array
+        (the loop reads those at logging intervals: `read_losses`)."""
         cfg = self.cfg
         lr = cosine_schedule(self.step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps,
                              min(cfg.min_lr, cfg.lr))
@@ -184,7 +187,7 @@ class Run:
         self.step += 1
         for key, value in (("step", self.step), ("loss", total), ("lr", lr)):
             self.history[key].append(value)
-        return total
+        return total if self.deferred_reads or isinstance(total, float) else self.read_losses()
 
     def model_loss_backward(self, tokens, grad_scale: float) -> tuple[float, int]:
         """The model's next-token loss of the global batch tokens (B, T+1) and the grads of grad_scale * loss
@@ -270,6 +273,7 @@ class Run:
                    disable=not (cfg.progress and main and not cfg.quiet))
         metrics = MetricsLog(self.run_dir, append=self.step > 0) if main else None
         t_start = time.perf_counter()
+        self.deferred_reads = True
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -304,6 +308,7 @@ class Run:
                 if main and ((cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last):
                     self.save()
         finally:
+            self.deferred_reads = False
             bar.close()
             if metrics is not None:
                 metrics.close()

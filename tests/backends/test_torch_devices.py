@@ -121,6 +121,10 @@ def _trainer(tmp_path, **kw):
 
 def test_the_loop_steps_on_meta_and_reads_device_losses_at_log_intervals(tmp_path):
     trainer = _trainer(tmp_path / "meta", backend="torch", device="meta")
+    with pytest.raises(BackendError, match="meta holds shapes"):
+        trainer.train_step()  # outside the loop a step hands back its loss as a float: a host read
+    trainer.history["loss"].clear()
+    trainer.deferred_reads = True  # as in the loop
     for _ in range(2):  # the loop's whole step: grad accumulation, clipping, AdamW; no host read
         trainer.train_step()
     assert [v.device.type for v in trainer.history["loss"]] == ["meta", "meta"]
