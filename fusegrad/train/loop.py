@@ -39,6 +39,7 @@ from fusegrad.train.schedule import cosine_schedule
 
 METRICS_FILE = "metrics.jsonl"
 MAX_WEIGHT = 1e4  # a trained weight this large means divergence (healthy Llama weights stay well below 10)
+FP16_LOSS_SCALE = 2.0 ** 16  # the first loss scale of an fp16 run
 LOSS_SCALE_GROWTH_INTERVAL = 200  # good steps before an fp16 loss scale doubles again
 log = logging.getLogger("fusegrad.train")
 
@@ -66,6 +67,11 @@ class RunConfig:
     progress: bool = setting(True, "show a progress bar")
     quiet: bool = setting(False, "print nothing but errors")
     trace: str = setting("", "write a Chrome trace of the run to this file")
+    backend: str = setting("numpy", "array library of the run: numpy (CPU) or torch (a device)",
+                           "numpy|torch|torch:cpu|torch:cuda|torch:mps|torch:meta|ane|ane-sim")
+    device: str = setting("", "with backend torch: cuda, mps, cpu or meta (empty: the best present)")
+    dtype: str = setting("fp32", "GEMM precision; bf16/fp16 keep fp32 master weights (torch backend)", "fp32|bf16|fp16")
+    log_interval: int = setting(1, "steps between loss reads (on a device the only host sync of a step)", "[1, inf)")
 
     def check(self, task: str) -> None:
         """Every setting of type and range (ConfigError naming `task`, the key and the value)."""
@@ -77,10 +83,10 @@ class RunConfig:
 
 
 @contextlib.contextmanager
-def run_context(backend: str = "numpy", offload_gemm: str = "", tracing: bool = False):
-    """The run's backend, GEMM offload and tracer for this block only -> the tracer, or None."""
+def run_context(backend: str = "numpy", offload_gemm: str = "", tracing: bool = False, dtype: str = "fp32"):
+    """The run's backend, its GEMM dtype, GEMM offload and tracer for this block only -> the tracer, or None."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(use_backend(backend))
+        stack.enter_context(stack.enter_context(use_backend(backend)).precision(dtype))
         if offload_gemm:
             stack.enter_context(gemm_offload(offload_gemm))
         yield stack.enter_context(trace()) if tracing else None
@@ -172,6 +178,7 @@ class Run:
     Error = TrainingError
     backend, offload_gemm = "numpy", ""  # the run's backend name and GEMM offload target, held during run()
     dp = workers = loss_scale = None  # MPI ranks, worker processes, fp16 loss scale [scale, good steps]
+    deferred_reads = False  # True in the loop: a device loss stays on the device until a logging step
     run_dir = ""
 
     def __init__(self, cfg: RunConfig):
@@ -179,6 +186,7 @@ class Run:
         self.step = 0
         self.history = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": []}
         self.last_tokens = 0
+        self.backend = f"{cfg.backend}:{cfg.device}" if cfg.device else cfg.backend
 
     # -- what a task provides ------------------------------------------------------------------------
     def micro_batch(self, grad_scale: float) -> tuple[float, int]:
@@ -199,14 +207,16 @@ class Run:
         return result
 
     # -- the step ------------------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self):
+        """One optimizer step -> its loss: a float, or in the loop's own steps on a device a 0-d device array
+        (the loop reads those at logging intervals: `read_losses`)."""
         cfg = self.cfg
         lr = cosine_schedule(self.step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps, cfg.lr_floor)
         scale = self.loss_scale[0] if self.loss_scale else 1.0
         total, self.last_tokens = 0.0, 0
         for _ in range(cfg.grad_accum):  # accumulation averages the micro-batch grads
             value, tokens = self.micro_batch(scale / cfg.grad_accum)
-            if not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):  # a device loss is checked when read
                 raise self.Error(f"step {self.step + 1}: loss is {value}; training stopped. The last good "
                                  f"checkpoint (in {self.run_dir}, if any) is kept untouched")
             total += value / cfg.grad_accum
@@ -225,7 +235,7 @@ class Run:
         self.step += 1
         for key, v in (("step", self.step), ("loss", total), ("lr", lr)):
             self.history[key].append(v)
-        return total
+        return total if self.deferred_reads or isinstance(total, float) else self.read_losses()
 
     def model_loss_backward(self, tokens, grad_scale: float) -> tuple[float, int]:
         """The model's next-token loss of the global batch tokens (B, T+1) and the grads of grad_scale * loss
@@ -234,11 +244,33 @@ class Run:
         tokens = tokens if self.dp is None else self.dp.shard(tokens)
         if self.workers is not None:  # loss and backward of a slice of rows per core, grads summed
             return self.workers.loss_backward(tokens, grad_scale), n
-        loss = self.model.loss(tokens)
+        return self.backward_loss(self.model.loss(tokens), grad_scale), n
+
+    def backward_loss(self, loss, grad_scale: float):
+        """The grads of grad_scale * loss added -> the loss: a float on the host (a non-finite one skips the
+        backward), a 0-d array on a device (no host read inside a step; `read_losses` checks it)."""
+        if not isinstance(loss.data, np.ndarray):
+            (loss * grad_scale).backward()
+            return loss.data
         value = loss.item()
         if math.isfinite(value):
             (loss * grad_scale).backward()
-        return value, n
+        return value
+
+    def read_losses(self) -> float:
+        """Device losses of the steps since the last read -> floats in history (one host sync); the last
+        loss. TrainingError naming the first step whose loss is not finite."""
+        losses = self.history["loss"]
+        pending = [i for i, v in enumerate(losses) if not isinstance(v, float)]
+        if pending:
+            be = self.optimizer.params[0].backend
+            host = be.to_numpy(be.xp.stack([be.xp.astype(losses[i], be.accum_dtype) for i in pending]))
+            for i, v in zip(pending, host.tolist()):
+                losses[i] = v
+                if not math.isfinite(v):
+                    raise self.Error(f"step {self.history['step'][i]}: loss is {v}; training stopped. The last good "
+                                     f"checkpoint (in {self.run_dir}, if any) is kept untouched")
+        return losses[-1]
 
     def check_finite(self) -> None:
         """TrainingError naming the step and tensor if a weight or AdamW moment holds NaN or inf, or a weight
@@ -275,7 +307,8 @@ class Run:
         """Divide grads by the loss scale; False (skip the step, halve the scale) if any is inf/NaN,
         and double the scale after LOSS_SCALE_GROWTH_INTERVAL good steps."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not all(np.isfinite(g).all() for g in grads):
+        xp = params[0].backend.xp  # one host read of a device-side count (as torch's GradScaler)
+        if int(sum(xp.sum(xp.astype(~xp.isfinite(g), xp.int32)) for g in grads)):
             self.loss_scale = [scale / 2, 0]
             count("loss_scale:overflow")
             log.warning("step %d: fp16 gradient overflow at loss scale %g; step skipped, scale now %g",
@@ -294,9 +327,12 @@ class Run:
         return self.dp is None or self.dp.is_main
 
     def run(self) -> dict:
+        if self.cfg.dtype == "fp16" and self.loss_scale is None:  # fp16 GEMMs: the loss is scaled
+            self.loss_scale = [FP16_LOSS_SCALE, 0]
         try:
             with self.dp.abort_on_error() if self.dp is not None else contextlib.nullcontext():
-                with run_context(self.backend, self.offload_gemm, bool(self.cfg.trace) and self.is_main) as tracer:
+                with run_context(self.backend, self.offload_gemm, bool(self.cfg.trace) and self.is_main,
+                                 self.cfg.dtype) as tracer:
                     result = self._loop()
                     if tracer is not None:
                         tracer.save_chrome(self.cfg.trace)
@@ -318,10 +354,12 @@ class Run:
         if main:
             remove_stale_temps(self.run_dir)  # of writers that crashed, e.g. killed while saving a checkpoint
         t_start = time.perf_counter()
+        self.deferred_reads = True
         try:
             with deferred_interrupt() as interrupted:
                 self._steps(bar, metrics, interrupted)
         finally:
+            self.deferred_reads = False
             bar.close()
             if metrics is not None:
                 metrics.close()
@@ -334,6 +372,13 @@ class Run:
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             loss = self.train_step()
+            if not isinstance(loss, float):  # on a device: read the loss at logging intervals only
+                if self.step % cfg.log_interval and self.step != cfg.max_steps and not interrupted and not any(
+                        i and self.step % i == 0 for i in (cfg.eval_interval, cfg.ckpt_interval,
+                                                           self.dp.check_interval if self.dp else 0)):
+                    bar.update(1)
+                    continue
+                loss = self.read_losses()
             record = {"step": self.step, "loss": loss, "lr": self.history["lr"][-1],
                       "tokens_per_s": self.last_tokens / (time.perf_counter() - t0)}
             mark_step(self.step)
