@@ -34,8 +34,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import platform
+import statistics
 import subprocess
 import sys
 import time
