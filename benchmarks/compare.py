@@ -7,8 +7,9 @@ and `fusegrad bench --ranks N` run, with the same options:
     python -m benchmarks.compare --preset stories260K --ranks 2
 
 The parent alternates the sides step by step (fusegrad first on even
-steps, the peer first on odd ones); `speedup_vs_<peer>` is the median of the per-pair ratios peer_step_s /
-fusegrad_step_s. The first step on each side is a warm-up whose loss is compared (`losses_agree`): both sides
+steps, the peer first on odd ones) and measures the sgemm peak itself just before each step of each side, so
+each step's MFU is against a peak measured beside it; `speedup_vs_<peer>` is the median of the per-pair ratios
+peer_step_s / fusegrad_step_s. The first step on each side is a warm-up whose loss is compared (`losses_agree`): both sides
 do the same work from the same state (LoRA's B starts at 0, so step 0 is the base model on both).
 
 `--ranks N` runs fusegrad's side under `mpirun -n N` with one thread per rank; each rank takes B/N rows of the
@@ -93,14 +94,13 @@ class ProcessWorker:
 
 def run(args) -> int:
     bench.check_args(args)
-    out = compare(args) if args.vs or args.ranks else bench.measure(args)
-    print(json.dumps(out) if args.json else bench.format_report(out, args.vs))
+    bench.emit(compare(args) if args.vs or args.ranks else bench.measure(args), args.json, args.vs)
     return 0
 
 
 def compare(args) -> dict:
     """The report of `fusegrad bench` with a peer (args.vs) and/or MPI ranks (args.ranks)."""
-    spec = bench.spec_of(args)
+    load_before, spec = os.getloadavg()[0], bench.spec_of(args)
     workers = {"fusegrad": ProcessWorker("fusegrad", spec, ranks=args.ranks)}
     if args.vs == "peft":  # the peer needs peft's target names from fusegrad's LoRA
         spec = dict(spec, lora=dict(spec["lora"], peft_target_modules=workers["fusegrad"].info["peft_target_modules"]))
@@ -113,20 +113,20 @@ def compare(args) -> dict:
     results = {side: [] for side in names}
     for i in range(args.steps):
         for side in (names if i % 2 == 0 else names[::-1]):  # alternate who goes first
-            results[side].append(workers[side].step())
+            results[side].append(bench.timed_step(workers[side], args.gemm_size))
     ends = {side: w.finish() for side, w in workers.items()}
     info = workers["fusegrad"].info
-    out = bench.report(args, spec, info, results["fusegrad"], firsts["fusegrad"], ends["fusegrad"])
+    out = bench.report(args, spec, info, results["fusegrad"], firsts["fusegrad"], ends["fusegrad"], load_before)
     if args.vs:
-        peer = bench.summarize(results[args.vs], info["flops_per_step"], out["tokens_per_step"],
-                               out["sgemm_peak_flops_per_s"], firsts[args.vs], ends[args.vs])
+        peer = bench.summarize(results[args.vs], info["flops_per_step"], out["tokens_per_step"], firsts[args.vs],
+                               ends[args.vs])
         peer.pop("dispatches_per_step")
-        out[args.vs] = peer
+        out[args.vs] = dict(peer, kernels=workers[args.vs].info["kernels"])
         out[f"speedup_vs_{args.vs}"] = statistics.median(
             t["step_s"] / f["step_s"] for f, t in zip(results["fusegrad"], results[args.vs]))
         out[f"rss_ratio_vs_{args.vs}"] = out["peak_rss_mb"] / peer["peak_rss_mb"]
         out["losses_agree"] = abs(out["loss_step0"] - peer["loss_step0"]) <= 1e-3 * abs(peer["loss_step0"])
-    return out
+    return bench.flag_noise(out, args.vs)
 
 
 # -- a side's process ----------------------------------------------------------------------------------------

@@ -12,27 +12,26 @@ same batches as fusegrad's side (fusegrad.cli.bench.FusegradSide: the product's 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.torch_llama import TorchLlama
-from fusegrad.cli.bench import FULL_STEP, LORA_STEP
-from fusegrad.models.llama import Llama, LlamaConfig
+from fusegrad.cli.bench import FULL_STEP, LORA_STEP, base_model
 
 BETAS, EPS, CLIP = (0.9, 0.95), 1e-8, 1.0
-
-
-def base_model(spec: dict) -> Llama:
-    """The weights fusegrad's side starts from (the same seed)."""
-    return Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
+# the kernels torch's GEMMs run: its BLAS (MKL here) and the vector ISA its CPU kernels were chosen for
+BLAS = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+KERNELS = f"torch {torch.__version__}, BLAS {BLAS and BLAS.group(1)}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 class TorchSide:
     name = "torch"
 
     def __init__(self, spec: dict):
+        self.info = {"kernels": KERNELS}
         self.model = TorchLlama.from_fusegrad(base_model(spec))
         params = list(self.model.p.values())
         self.opt = torch.optim.AdamW([{"params": [t for t in params if t.ndim >= 2], "weight_decay": FULL_STEP["weight_decay"]},
@@ -52,6 +51,7 @@ class PeftSide:
     name = "peft"
 
     def __init__(self, spec: dict):
+        self.info = {"kernels": KERNELS}
         import transformers
         from peft import LoraConfig, get_peft_model
 

@@ -5,12 +5,19 @@ peak (MFU), peak RSS, GEMM dispatches per step.
     fusegrad bench --preset stories15M --lora --targets q,k,v,o --rank 8 [--qlora]
     fusegrad bench --preset stories260K --backend torch:cpu       # fusegrad on its torch backend
     fusegrad bench --preset tiny --batch 2 --seq 16 --steps 2 --trace out.json
+    fusegrad bench --model out/model.bin --batch 4 --seq 128    # any checkpoint: HF dir, llama2.c .bin, run dir
 
 The step is the one `fusegrad train` runs (train/loop.py: loss, backward, global-norm clip 1.0, AdamW with
 betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4 here), split over one worker
 process per core as `fusegrad train` does by default; with --lora, the step `fusegrad finetune` runs (adapters
 only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay). Each step gets the next batch of
 one seeded stream; the first --warmup steps are not timed.
+
+Before each timed step (of each side) the sgemm peak is measured again, and that step's MFU is its model FLOP/s
+over the peak measured beside it, so load from other processes weighs on both alike. The report gives medians
+and their spread (min, max) of tokens/s, step time, peak and MFU, the CPU model and vector ISA, the BLAS
+kernels that ran, and the load average; a run whose MFU exceeds 1 at any step, or whose peak or step times
+vary too much, is flagged `noisy` with the reasons (and a warning on stderr).
 
 Side by side with a peer (`--vs torch` for the full step, `--vs peft` for --lora) or as MPI ranks (`--ranks
 N`, one thread each), each side runs in its own process, driven by the comparison harness of a fusegrad
@@ -27,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +54,7 @@ from fusegrad.parallel.mpi import DataParallel
 from fusegrad.parallel.workers import peak_rss_mb
 from fusegrad.train.loop import Run, RunConfig, start_workers, use_backend
 from fusegrad.train.optim import AdamW
+from fusegrad.train.trainer import load_model
 
 FULL_STEP = dict(lr=3e-4, weight_decay=0.1)  # the settings a peer's full step mirrors (clip 1.0, betas, eps)
 LORA_STEP = dict(lr=1e-3, weight_decay=0.0)
@@ -55,6 +64,8 @@ def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="time the training step (tokens/s, FLOP/s, MFU, RSS), optionally vs a peer",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="stories15M", help="model preset (tiny, stories260K, stories15M, ...)")
+    p.add_argument("--model", default="", help="benchmark this checkpoint instead of a preset (HF dir, llama2.c "
+                                               ".bin, run dir or checkpoint)")
     p.add_argument("--batch", type=int, default=8, help="global batch (split over --ranks)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (after --warmup steps)")
@@ -79,7 +90,7 @@ def add_parser(subparsers):
 
 
 def check_args(args) -> None:
-    if args.preset not in PRESETS:
+    if not args.model and args.preset not in PRESETS:
         raise ConfigError(f"bench: unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     if args.steps < 1 or args.warmup < 1 or args.batch < 1 or args.seq < 1:
         raise ConfigError(f"bench: --steps, --warmup, --batch and --seq must be >= 1, got {args.steps}, "
@@ -139,6 +150,13 @@ class BenchRun(Run):
         return loss.item(), n
 
 
+def base_model(spec: dict) -> Llama:
+    """The weights every side starts from: the checkpoint spec["model"], or a fresh model seeded spec["seed"]."""
+    if spec.get("model"):
+        return load_model(spec["model"])[0]
+    return Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
+
+
 class FusegradSide:
     """fusegrad's side of a benchmark: a BenchRun on the model of `spec` (config, seed, batch, seq, backend,
     lora, workers), on `spec["backend"]` for the steps only."""
@@ -148,7 +166,7 @@ class FusegradSide:
         get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
         self.backend = spec["backend"]
         with use_backend(self.backend):
-            model = Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
+            model = base_model(spec)
         self.run = BenchRun(model, spec["batch"], self.backend, spec.get("lora"), spec.get("workers", 0), spec["seed"])
         self.dp, self.info = self.run.dp, self.run.info
         self.info["flops_per_step"] = model.flops_per_token(spec["seq"]) * spec["batch"] * spec["seq"]
@@ -207,9 +225,33 @@ class Timer:
 
 
 # -- the report ------------------------------------------------------------------------------------------
+ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+       "neon", "asimd", "sve", "sme", "bf16")  # the vector extensions that decide a GEMM's speed
+PEAK_SPREAD, STEP_SPREAD = 1.25, 1.5  # max / min of a run's sgemm peaks or of a side's step times: too noisy
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and which of ISA it has: /proc/cpuinfo on Linux, sysctl on macOS."""
+    model, flags = platform.processor() or platform.machine(), set()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)  # the last core's: all alike
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name") or fields.get("Model") or fields.get("Hardware") or model
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    elif sys.platform == "darwin":
+        sysctl = lambda *a: subprocess.run(["sysctl", *a], capture_output=True, text=True).stdout  # noqa: E731
+        model = sysctl("-n", "machdep.cpu.brand_string").strip() or model
+        for line in sysctl("hw.optional").splitlines():  # hw.optional.avx2_0: 1, hw.optional.arm.FEAT_SME: 1
+            name, _, value = line.partition(":")
+            if value.strip() == "1":
+                flags.add(name.rsplit(".", 1)[-1].lower().removeprefix("feat_").removesuffix("_0"))
+    return {"model": model, "isa": [f for f in ISA if f in flags]}
+
+
 def sgemm_peak(n: int, repeats: int = 3) -> float:
     """Best FLOP/s of an (n, n) x (n, n) float32 numpy matmul over a few runs."""
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     out = np.empty_like(a)
     np.matmul(a, a, out=out)
     best = float("inf")
@@ -220,53 +262,102 @@ def sgemm_peak(n: int, repeats: int = 3) -> float:
     return 2.0 * n ** 3 / best
 
 
-def summarize(results: list, flops: float, tokens: int, peak: float, first: dict, end: dict) -> dict:
+def timed_step(timer, gemm_size: int) -> dict:
+    """One step of a side (a Timer, or a side's process), with the sgemm peak measured just before it."""
+    peak = sgemm_peak(gemm_size)
+    return dict(timer.step(), sgemm_peak_flops_per_s=peak)
+
+
+def summarize(results: list, flops: float, tokens: int, first: dict, end: dict) -> dict:
+    """A side's medians and their spread (min, max) over its timed steps; each step's MFU is its model FLOP/s
+    over the sgemm peak measured beside it."""
     times = [r["step_s"] for r in results]
+    peaks = [r["sgemm_peak_flops_per_s"] for r in results]
+    mfus = [flops / t / p for t, p in zip(times, peaks)]
     median = statistics.median(times)
-    model_flops = flops / median
     return {"tokens_per_s": tokens / median,
             "step_s": {"median": median, "min": min(times), "max": max(times)},
-            "model_flops_per_s": model_flops, "mfu": model_flops / peak, "peak_rss_mb": end["peak_rss_mb"],
-            "loss_step0": first["loss"], "init_s": end["init_s"], "first_step_s": first["step_s"],
-            "dispatches_per_step": results[-1]["dispatches"]}
+            "model_flops_per_s": flops / median, "sgemm_peak_flops_per_s": statistics.median(peaks),
+            "mfu": statistics.median(mfus),
+            "per_step": [{"step_s": t, "sgemm_peak_flops_per_s": p, "mfu": m} for t, p, m in zip(times, peaks, mfus)],
+            "spread": {"tokens_per_s": [tokens / max(times), tokens / min(times)], "mfu": [min(mfus), max(mfus)],
+                       "sgemm_peak_flops_per_s": [min(peaks), max(peaks)]},
+            "peak_rss_mb": end["peak_rss_mb"], "loss_step0": first["loss"], "init_s": end["init_s"],
+            "first_step_s": first["step_s"], "dispatches_per_step": results[-1]["dispatches"]}
+
+
+def noise(rows: dict) -> list:
+    """Why the figures of a run's sides ({name: summary}) cannot be trusted, if they cannot."""
+    reasons = []
+    peaks = [p for row in rows.values() for p in row["spread"]["sgemm_peak_flops_per_s"]]
+    if max(peaks) > PEAK_SPREAD * min(peaks):
+        reasons.append(f"the sgemm peak varied {min(peaks) / 1e9:.1f}-{max(peaks) / 1e9:.1f} GFLOP/s over the run")
+    for name, row in rows.items():
+        worst = max(row["per_step"], key=lambda r: r["mfu"])
+        if worst["mfu"] > 1:
+            reasons.append(f"{name}'s MFU reached {worst['mfu']:.2f} > 1 at timed step {row['per_step'].index(worst)}: "
+                           f"other load slowed the sgemm peak measured beside it")
+        s = row["step_s"]
+        if s["max"] > STEP_SPREAD * s["min"]:
+            reasons.append(f"{name}'s step times varied {s['min']:.3f}-{s['max']:.3f} s")
+    return reasons
 
 
 def spec_of(args) -> dict:
     """What a side needs to build its step (JSON: it goes to worker processes as is)."""
     lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora) if args.lora else None
-    return {"config": preset(args.preset, max_seq_len=max(args.seq, 1)).to_dict(), "batch": args.batch,
-            "seq": args.seq, "seed": args.seed, "trace": os.path.abspath(args.trace) if args.trace else "",
-            "backend": args.backend, "lora": lora, "workers": args.workers}
+    if args.model:
+        config = load_model(args.model)[0].config
+        if args.seq > config.max_seq_len:
+            raise ConfigError(f"bench: --seq {args.seq} exceeds {args.model}'s max_seq_len {config.max_seq_len}")
+    else:
+        config = preset(args.preset, max_seq_len=max(args.seq, 1))
+    return {"config": config.to_dict(), "model": os.path.abspath(args.model) if args.model else "",
+            "batch": args.batch, "seq": args.seq, "seed": args.seed, "backend": args.backend, "lora": lora,
+            "trace": os.path.abspath(args.trace) if args.trace else "", "workers": args.workers}
 
 
-def report(args, spec: dict, info: dict, results: list, first: dict, end: dict) -> dict:
-    """The JSON report of fusegrad's side."""
+def report(args, spec: dict, info: dict, results: list, first: dict, end: dict, load_before: float) -> dict:
+    """The JSON report of fusegrad's side; the 1-minute load average before and after the run."""
     tokens = args.batch * args.seq
-    peak = sgemm_peak(args.gemm_size)
-    out = {"preset": args.preset, "config": spec["config"], "batch": args.batch, "seq": args.seq,
-           "steps": args.steps, "tokens_per_step": tokens, "model_flops_per_step": info["flops_per_step"],
-           "sgemm_peak_flops_per_s": peak, "sgemm_size": args.gemm_size,
+    out = {"preset": None if args.model else args.preset, "model": spec["model"] or None, "config": spec["config"],
+           "batch": args.batch, "seq": args.seq, "steps": args.steps, "tokens_per_step": tokens,
+           "model_flops_per_step": info["flops_per_step"], "sgemm_size": args.gemm_size,
            "jit": os.environ.get("FUSEGRAD_JIT", "1") != "0", "backend": args.backend,
-           "ranks": end["ranks"], "workers": info.get("workers", 1), **blas_info()}
+           "ranks": end["ranks"], "workers": info.get("workers", 1), "cpu": cpu_info(), **blas_info(),
+           "load_average": [load_before, os.getloadavg()[0]]}
     if args.lora:
         out["lora"] = dict(spec["lora"], **{k: v for k, v in info.items() if k not in ("workers", "flops_per_step")})
-    out.update(summarize(results, info["flops_per_step"], tokens, peak, first, end))
+    out.update(summarize(results, info["flops_per_step"], tokens, first, end))
     if args.trace:
         out["trace"] = spec["trace"]
     return out
 
 
+def flag_noise(out: dict, vs: str | None = None) -> dict:
+    out["noisy_reasons"] = noise({"fusegrad": out, **({vs: out[vs]} if vs else {})})
+    out["noisy"] = bool(out["noisy_reasons"])
+    return out
+
+
 def measure(args) -> dict:
     """fusegrad's step in this process: --warmup untimed steps, then --steps timed ones."""
-    spec = spec_of(args)
+    load_before, spec = os.getloadavg()[0], spec_of(args)
     timer = Timer(FusegradSide, spec)
     first = [timer.step() for _ in range(args.warmup)][0]
     if args.trace:
         timer.start_trace()
-    results = [timer.step() for _ in range(args.steps)]
+    results = [timed_step(timer, args.gemm_size) for _ in range(args.steps)]
     end = timer.finish()
     timer.side.run.close()
-    return report(args, spec, timer.info, results, first, end)
+    return flag_noise(report(args, spec, timer.info, results, first, end, load_before))
+
+
+def emit(out: dict, as_json: bool, vs: str | None = None) -> None:
+    """Print the report: as text (a noisy run's reasons in its last line) or JSON (and the reasons on stderr)."""
+    print(json.dumps(out) if as_json else format_report(out, vs))
+    if out["noisy"] and as_json:
+        print("bench: WARNING: too noisy to trust: " + "; ".join(out["noisy_reasons"]), file=sys.stderr)
 
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a repository's root
@@ -276,8 +367,7 @@ def run_bench(args) -> int:
     check_args(args)
     if args.vs or args.ranks:
         return compare_in_checkout(args)
-    out = measure(args)
-    print(json.dumps(out) if args.json else format_report(out))
+    emit(measure(args), args.json)
     return 0
 
 
@@ -301,9 +391,12 @@ def compare_in_checkout(args) -> int:
 
 def format_report(out: dict, vs: str | None = None) -> str:
     """The report as text; `vs` names a peer whose row out[vs] holds (benchmarks/compare.py)."""
-    lines = [f"{out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
-             f"backend {out['backend']}, {out['ranks']} rank(s) x {out['workers']} worker process(es), "
-             f"sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} GFLOP/s on OpenBLAS's {out['blas_core']} kernels"
+    lo, hi = out["spread"]["sgemm_peak_flops_per_s"]
+    lines = [f"{out['model'] or out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
+             f"backend {out['backend']}, {out['ranks']} rank(s) x {out['workers']} worker process(es)",
+             f"{out['cpu']['model']} ({', '.join(out['cpu']['isa']) or 'no AVX2/AVX-512/AMX/NEON'}), load average "
+             f"{out['load_average'][0]:.2f} -> {out['load_average'][1]:.2f}; sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} "
+             f"GFLOP/s ({lo / 1e9:.1f}-{hi / 1e9:.1f}) on OpenBLAS's {out['blas_core']} kernels"
              + (f" (OPENBLAS_CORETYPE={out['openblas_coretype_env']})" if out["openblas_coretype_env"] else "")]
     if "lora" in out:
         lo = out["lora"]
@@ -312,12 +405,15 @@ def format_report(out: dict, vs: str | None = None) -> str:
                      + (f", NF4 base {lo['memory']['nf4_bytes']} B vs fp32 {lo['memory']['fp32_bytes']} B "
                         f"({lo['memory']['ratio']:.3f}x)" if lo["memory"] else ""))
     for name, row in [("fusegrad", out)] + ([(vs, out[vs])] if vs else []):
-        s = row["step_s"]
-        lines.append(f"{name:>9}: {row['tokens_per_s']:8.1f} tok/s  step {s['median']:.3f}s (min {s['min']:.3f}, "
-                     f"max {s['max']:.3f})  {row['model_flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU {row['mfu']:.2f}  "
-                     f"RSS {row['peak_rss_mb']:.0f} MB  loss0 {row['loss_step0']:.4f}")
+        s, (t0, t1), (m0, m1) = row["step_s"], row["spread"]["tokens_per_s"], row["spread"]["mfu"]
+        lines.append(f"{name:>9}: {row['tokens_per_s']:8.1f} tok/s ({t0:.1f}-{t1:.1f})  step {s['median']:.3f}s "
+                     f"({s['min']:.3f}-{s['max']:.3f})  {row['model_flops_per_s'] / 1e9:6.1f} GFLOP/s  MFU "
+                     f"{row['mfu']:.2f} ({m0:.2f}-{m1:.2f})  RSS {row['peak_rss_mb']:.0f} MB  loss0 {row['loss_step0']:.4f}"
+                     + (f"  [{row['kernels']}]" if "kernels" in row else ""))
     lines.append(f"dispatches per step: {out['dispatches_per_step']}")
     if vs:
         lines.append(f"speedup vs {vs} (median of per-step ratios): {out[f'speedup_vs_{vs}']:.2f}x, "
                      f"RSS ratio {out[f'rss_ratio_vs_{vs}']:.2f}, step-0 losses agree: {out['losses_agree']}")
+    if out["noisy"]:
+        lines.append("NOISY, do not quote these figures: " + "; ".join(out["noisy_reasons"]))
     return "\n".join(lines)

@@ -1,12 +1,16 @@
 """`fusegrad bench` smoke run on the tiny preset (no timing asserted) and its FLOP accounting."""
 import argparse
+import itertools
 import json
 import math
 import os
+import platform
 import shutil
+import subprocess
 
 import pytest
 
+from benchmarks import compare
 from fusegrad.backends import openblas
 from fusegrad.cli import bench
 from fusegrad.cli.main import main
@@ -32,6 +36,33 @@ def check_side(row, steps_flops, tokens):
     assert row["model_flops_per_s"] == pytest.approx(steps_flops / s["median"])
     assert row["mfu"] > 0 and row["peak_rss_mb"] > 10
     assert math.isfinite(row["loss_step0"])
+    # medians and their spread; each step's MFU against the sgemm peak measured beside that step
+    steps = row["per_step"]
+    assert sorted(r["step_s"] for r in steps)[0] == s["min"] and max(r["step_s"] for r in steps) == s["max"]
+    for r in steps:
+        assert r["mfu"] == pytest.approx(steps_flops / r["step_s"] / r["sgemm_peak_flops_per_s"])
+    mfus, peaks = [r["mfu"] for r in steps], [r["sgemm_peak_flops_per_s"] for r in steps]
+    assert row["spread"]["mfu"] == [min(mfus), max(mfus)] and min(mfus) <= row["mfu"] <= max(mfus)
+    assert row["spread"]["sgemm_peak_flops_per_s"] == [min(peaks), max(peaks)]
+    assert min(peaks) <= row["sgemm_peak_flops_per_s"] <= max(peaks)
+    assert row["spread"]["tokens_per_s"] == pytest.approx([tokens / s["max"], tokens / s["min"]])
+
+
+def check_run(out):
+    """What the run says about the machine, and that an MFU above 1 never goes unflagged."""
+    assert out["cpu"]["model"] and set(out["cpu"]["isa"]) <= set(bench.ISA)
+    assert all(x >= 0 for x in out["load_average"]) and len(out["load_average"]) == 2
+    mfus = [r["mfu"] for side in [out] + [out[p] for p in ("torch", "peft") if p in out] for r in side["per_step"]]
+    assert out["noisy"] == bool(out["noisy_reasons"])
+    assert out["noisy"] or max(mfus) <= 1
+
+
+@pytest.mark.skipif(shutil.which("lscpu") is None or platform.machine() != "x86_64", reason="x86-64 lscpu")
+def test_bench_names_the_cpu_and_its_isa():
+    info, lscpu = bench.cpu_info(), subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lscpu.splitlines())}
+    assert info["model"] == fields["Model name"]
+    assert info["isa"] == [f for f in bench.ISA if f in fields.get("Flags", "").split()]
 
 
 def test_bench_vs_torch_json(capsys, tmp_path):
@@ -43,8 +74,8 @@ def test_bench_vs_torch_json(capsys, tmp_path):
     assert out["tokens_per_step"] == 16
     check_side(out, out["model_flops_per_step"], 16)
     check_side(out["torch"], out["model_flops_per_step"], 16)
-    assert out["sgemm_peak_flops_per_s"] > 0
-    assert out["mfu"] == pytest.approx(out["model_flops_per_s"] / out["sgemm_peak_flops_per_s"])
+    check_run(out)
+    assert out["sgemm_peak_flops_per_s"] > 0 and out["torch"]["kernels"].startswith("torch ")
     # which BLAS kernels ran, and whether the environment forced them
     assert out["blas_core"] == openblas.corename()
     assert out["openblas_coretype_env"] == os.environ.get("OPENBLAS_CORETYPE")
@@ -105,6 +136,7 @@ def test_bench_lora_vs_peft_json(capsys):
     assert out["model_flops_per_step"] == lora_flops + attention_flops(cfg, 8, 16)
     check_side(out, out["model_flops_per_step"], 16)
     check_side(out["peft"], out["model_flops_per_step"], 16)
+    check_run(out)
     # B = 0 at step 0: both sides compute the base model's loss on the same batch
     assert out["losses_agree"] and out["loss_step0"] == pytest.approx(out["peft"]["loss_step0"], rel=1e-4)
     assert out["speedup_vs_peft"] > 0 and out["rss_ratio_vs_peft"] > 0
@@ -170,6 +202,70 @@ def test_the_fusegrad_command_times_the_product_step_in_process(capsys):
     cfg = preset("tiny", max_seq_len=8)
     assert out["workers"] == 1 and out["dispatches_per_step"] == {"numpy": 3 * 4 * cfg.n_layers}
     assert out["loss_step0"] == pytest.approx(base_loss(cfg, 2, 8), rel=1e-5)
+
+
+def peaks_from(values, monkeypatch):
+    """sgemm_peak returns `values` in turn (the FLOP/s a busy or quiet machine would measure)."""
+    calls = iter(values)
+    monkeypatch.setattr(bench, "sgemm_peak", lambda n, repeats=3: next(calls))
+
+
+def test_a_noisy_peak_flags_the_run(capsys, monkeypatch):
+    peaks_from(itertools.cycle([1e15, 1e3]), monkeypatch)  # every other peak as if another job had the cores
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "3", "--workers", "1",
+                         "--json"))
+    check_side(out, out["model_flops_per_step"], 16)
+    check_run(out)
+    assert [r["sgemm_peak_flops_per_s"] for r in out["per_step"]] == [1e15, 1e3, 1e15]
+    assert out["per_step"][1]["mfu"] > 1 and out["noisy"]
+    assert any("MFU reached" in r and "timed step 1" in r for r in out["noisy_reasons"])
+    assert any("sgemm peak varied" in r for r in out["noisy_reasons"])
+
+
+def test_a_noisy_run_warns_in_text_and_on_stderr(capsys, monkeypatch):
+    peaks_from(itertools.cycle([1e3]), monkeypatch)
+    assert main(["bench", "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--workers", "1",
+                 "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["noisy"] and "too noisy to trust" in captured.err and "MFU reached" in captured.err
+    peaks_from(itertools.cycle([1e3]), monkeypatch)
+    assert main(["bench", "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--workers", "1"]) == 0
+    assert "NOISY, do not quote these figures: fusegrad's MFU reached" in capsys.readouterr().out
+
+
+def test_compare_measures_the_peak_before_each_step_of_each_side(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    model = Llama(preset("tiny", max_seq_len=16), seed=3)  # a checkpoint, not the preset's seed-0 weights
+    model.save_llama2c(tmp_path / "model.bin", version=0)
+    peaks_from([1e15 * (k + 1) for k in range(6)], monkeypatch)
+    assert compare.main(["--model", str(tmp_path / "model.bin"), "--batch", "2", "--seq", "8", "--steps", "3",
+                         "--vs", "torch", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # alternating: fusegrad then torch, torch then fusegrad, fusegrad then torch; a fresh peak before each step
+    assert [r["sgemm_peak_flops_per_s"] / 1e15 for r in out["per_step"]] == [1, 4, 5]
+    assert [r["sgemm_peak_flops_per_s"] / 1e15 for r in out["torch"]["per_step"]] == [2, 3, 6]
+    check_side(out, out["model_flops_per_step"], 16)
+    check_side(out["torch"], out["model_flops_per_step"], 16)
+    assert out["noisy"] and any("sgemm peak varied 1000000.0-6000000.0" in r for r in out["noisy_reasons"])
+    # both sides start from the checkpoint's weights
+    assert out["model"] == str(tmp_path / "model.bin") and out["preset"] is None
+    assert out["losses_agree"] and out["loss_step0"] == pytest.approx(
+        model.loss(bench.batch_tokens(0, 0, 2, 8, model.config.vocab_size)).item(), rel=1e-5)
+
+
+def test_bench_any_checkpoint(capsys, tmp_path):
+    model = Llama(preset("tiny", max_seq_len=16), seed=5)
+    model.save_pretrained(tmp_path / "hf")
+    out = json.loads(run(capsys, "--model", str(tmp_path / "hf"), "--batch", "2", "--seq", "8", "--steps", "1",
+                         "--workers", "1", "--gemm-size", "64", "--json"))
+    assert out["config"] == model.config.to_dict() and out["model"] == str(tmp_path / "hf")
+    assert out["model_flops_per_step"] == model.flops_per_token(8) * 16
+    assert out["loss_step0"] == pytest.approx(model.loss(bench.batch_tokens(0, 0, 2, 8, model.config.vocab_size)).item(), rel=1e-5)
+    assert out["loss_step0"] != pytest.approx(base_loss(preset("tiny", max_seq_len=8), 2, 8), rel=1e-3)
+    with pytest.raises(FusegradError, match="--seq 32 exceeds .*max_seq_len 16"):
+        run(capsys, "--model", str(tmp_path / "hf"), "--batch", "2", "--seq", "32")
+    with pytest.raises(FusegradError, match="nope"):
+        run(capsys, "--model", str(tmp_path / "nope"), "--batch", "2", "--seq", "8")
 
 
 def test_peers_need_a_checkout(capsys, monkeypatch):
