@@ -33,8 +33,10 @@ def sample_token(logits, rng, temperature: float = 1.0, top_p: float = 1.0) -> i
 
 
 def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 0.8, top_p: float = 0.9,
-             seed: int | None = None, stop_id: int | None = None) -> list:
-    """prompt ids -> prompt + new ids (stops early at `stop_id` or the context limit)."""
+             seed: int | None = None, stop_id: int | None = None, stop_ids=()) -> list:
+    """prompt ids -> prompt + new ids; stops early after any of `stop_ids` (every eos id the model
+    declares; `stop_id` is one more) or at the context limit."""
+    stops = {int(t) for t in stop_ids} | ({int(stop_id)} if stop_id is not None else set())
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise ShapeError("generate: the prompt must hold at least one token (e.g. BOS)")
@@ -53,7 +55,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
             logits = ops.matmul_nt(h[:, -1], model.classifier)  # (1, V): the last position's only
             nxt = sample_token(logits.numpy()[0], rng, temperature, top_p)
             out.append(nxt)
-            if nxt == stop_id:
+            if nxt in stops:
                 break
             new = [nxt]
     return out
