@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 
-from fusegrad.core.errors import FormatError
+from fusegrad.cli.config import add_dataclass_args, config_from_args
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.finetune.trainer import FinetuneConfig, finetune
+from fusegrad.models.llama import Llama
 
 HELP = {"model": "base model: llama2.c .bin or Hugging Face directory",
         "data": "JSONL ({'text'} or {'prompt','completion'}; classify: {'text','label'}) or CSV with a header",
@@ -26,9 +30,6 @@ HELP = {"model": "base model: llama2.c .bin or Hugging Face directory",
 
 
 def _cmd_finetune(args) -> int:
-    from fusegrad.cli.config import config_from_args
-    from fusegrad.finetune.trainer import FinetuneConfig, finetune
-
     result = finetune(config_from_args(FinetuneConfig, args))
     acc = f", val accuracy {result['val_accuracy']:.3f}" if result.get("val_accuracy") is not None else ""
     val = f", val loss {result['val_loss']:.4f}" if result.get("val_loss") is not None else ""
@@ -38,12 +39,9 @@ def _cmd_finetune(args) -> int:
 
 def merge(model_path, adapter_dir, out, fmt: str = "", force: bool = False) -> str:
     """Fold a PEFT adapter into its base and save a plain checkpoint (HF dir, or llama2.c .bin) -> format."""
-    from fusegrad.finetune.peft_io import load_adapter
-    from fusegrad.models import Llama
-
     fmt = fmt or ("llama2c" if str(out).endswith(".bin") else "hf")
     if fmt not in ("hf", "llama2c"):
-        raise FormatError(f"merge: --format must be hf or llama2c, got {fmt!r}")
+        raise ConfigError(f"merge: --format must be hf or llama2c, got {fmt!r}")
     target = os.path.join(out, "model.safetensors") if fmt == "hf" else out
     if os.path.exists(target) and not force:
         raise FormatError(f"{target}: already exists; pass --force to overwrite")
@@ -65,9 +63,6 @@ def _cmd_merge(args) -> int:
 
 def add_parser(subparsers) -> None:
     """Register `finetune` and `merge` on the `fusegrad` command's subparsers."""
-    from fusegrad.cli.config import add_dataclass_args
-    from fusegrad.finetune.trainer import FinetuneConfig
-
     p = subparsers.add_parser("finetune", help="LoRA/QLoRA fine-tune a pretrained model (lm or classify)",
                               description="Fine-tune a pretrained Llama with LoRA (or QLoRA: NF4 base) on "
                                           "JSONL/CSV data; saves a PEFT-compatible adapter in --out.")

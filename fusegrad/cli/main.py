@@ -1,43 +1,52 @@
-"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info.
+"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info | doctor.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
     fusegrad sample --checkpoint runs/default --prompt "The list"
     fusegrad prepare my_texts/ --out data/mine --tokenizer bpe --vocab_size 4096
     fusegrad info runs/default
+    fusegrad doctor                     # every Neural Engine kernel once, against ane-sim: a pasteable report
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-import fusegrad
+import numpy as np
+
+from fusegrad.backends import available_backends, get_backend
+from fusegrad.backends.ane.doctor import doctor, format_report
+from fusegrad.backends.openblas import blas_info
+from fusegrad.cli import bench, finetune
+from fusegrad.cli.config import add_dataclass_args, config_from_args
+from fusegrad.core.errors import BackendError, FormatError, FusegradError
+from fusegrad.data.prepare import prepare
+from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.models.generate import generate
+from fusegrad.train.trainer import TrainConfig, load_model, train
+
+
+def version() -> str:
+    """fusegrad's version, from the top package (imported before any module in it)."""
+    return sys.modules["fusegrad"].__version__
 
 
 def _cmd_train(args) -> int:
-    from fusegrad.cli.config import config_from_args
-    from fusegrad.train.trainer import TrainConfig, train
-
     train(config_from_args(TrainConfig, args))
     return 0
 
 
 def _cmd_sample(args) -> int:
-    from fusegrad.data.tokenizer import load_tokenizer
-    from fusegrad.models.generate import generate
-    from fusegrad.train.trainer import load_model
-
     model, tokenizer = load_model(args.checkpoint)
     if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
-        from fusegrad.finetune.peft_io import load_adapter
-
         load_adapter(args.adapter, model).merge()
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer is None:
-        raise fusegrad.FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
+        raise FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise fusegrad.FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
+        raise FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
     for i in range(args.num_samples):
         ids = generate(model, tokenizer.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature,
                        args.top_p, seed=args.seed + i, stop_id=tokenizer.eos_id)
@@ -48,8 +57,6 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_prepare(args) -> int:
-    from fusegrad.data.prepare import prepare
-
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    val_fraction=args.val_fraction, overwrite=args.overwrite)
     print(f"prepared {meta.get('tokens', '?')} tokens from {meta['documents']} documents into {args.out} "
@@ -59,9 +66,6 @@ def _cmd_prepare(args) -> int:
 
 def usable_backends() -> list:
     """The registered backends that start on this machine (a GPU or the ANE only where one is present)."""
-    from fusegrad.backends import available_backends, get_backend
-    from fusegrad.core.errors import BackendError
-
     usable = []
     for name in available_backends():
         try:
@@ -73,18 +77,12 @@ def usable_backends() -> list:
 
 
 def _cmd_info(args) -> int:
-    import numpy as np
-
-    from fusegrad.backends.openblas import blas_info
-
     blas = blas_info()
-    print(f"fusegrad {fusegrad.__version__}, numpy {np.__version__}")
+    print(f"fusegrad {version()}, numpy {np.__version__}")
     print(f"backends usable here: {', '.join(usable_backends())}")
     print(f"float32 GEMMs: OpenBLAS {blas['blas_core'] or 'not found (numpy uses another BLAS)'} kernels"
           + (f", forced by OPENBLAS_CORETYPE={blas['openblas_coretype_env']}" if blas["openblas_coretype_env"] else ""))
     if args.path:
-        from fusegrad.train.trainer import load_model
-
         model, tokenizer = load_model(args.path)
         print(f"model: {model.config}")
         print(f"parameters: {model.num_params():,}")
@@ -93,12 +91,9 @@ def _cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fusegrad.cli.config import add_dataclass_args
-    from fusegrad.train.trainer import TrainConfig
-
     parser = argparse.ArgumentParser(prog="fusegrad", description="Train Llama-family models with fused, "
                                      "explicit backward passes.")
-    parser.add_argument("--version", action="version", version=f"fusegrad {fusegrad.__version__}")
+    parser.add_argument("--version", action="version", version=f"fusegrad {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="pre-train a model (no arguments: a small model on the embedded corpus)",
@@ -132,14 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
     p.set_defaults(func=_cmd_prepare)
 
-    from fusegrad.cli import bench, finetune
     finetune.add_parser(sub)
     bench.add_parser(sub)
 
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
     p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("doctor", help="run every Neural Engine kernel once (on the ANE of a Mac, else on ane-sim) "
+                                      "and print a report to paste into a bug report; exit 1 if a kernel failed")
+    p.set_defaults(func=_cmd_doctor)
     return parser
+
+
+def _cmd_doctor(args) -> int:
+    report = doctor()
+    print(format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def main(argv=None) -> int:
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except fusegrad.FusegradError as exc:
+    except FusegradError as exc:
         print(f"fusegrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor, is_grad_enabled
 from fusegrad.core.trace import span
 from fusegrad.ops._util import check_float, result
@@ -54,10 +54,17 @@ def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, de
     return result(be.asarray(mean * frac, h.dtype), "masked_classifier_cross_entropy", (h, weight), backward)
 
 
+def lm_loss(model, tokens, mask, denominator: int) -> Tensor:
+    """Next-token loss of tokens (B, T+1) on the targets that mask (B, T) selects: their sum / denominator."""
+    h = model.hidden(tokens[:, :-1])  # (B, T, C)
+    return masked_classifier_cross_entropy(h.reshape(-1, model.config.dim), model.classifier,
+                                           tokens[:, 1:].reshape(-1), mask.reshape(-1), denominator)
+
+
 def pool(h: Tensor, how: str = "last") -> Tensor:
     """h (B, T, C) -> (B, C): the last token's state (no padding exists in a group) or the mean over T."""
     if how == "last":
         return h[:, h.shape[1] - 1, :]
     if how == "mean":
         return h.mean(axis=1)
-    raise ShapeError(f"pool: pooling must be 'last' or 'mean', got {how!r}")
+    raise ConfigError(f"pool: pooling must be 'last' or 'mean', got {how!r}")

@@ -19,29 +19,34 @@ from which `resume=True` continues bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import sys
-import time
 
 import numpy as np
 
-import fusegrad as fg
-from fusegrad.core.errors import FormatError, FusegradError, ShapeError
-from fusegrad.core.tensor import no_grad
+from fusegrad import ops
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.tensor import no_grad, tensor
+from fusegrad.data.shards import rng_from_state, rng_state
+from fusegrad.data.tokenizer import load_tokenizer
 from fusegrad.finetune import data as ftdata
-from fusegrad.finetune.losses import masked_classifier_cross_entropy, pool
+from fusegrad.finetune.lora import LoraConfig, attach_lora
+from fusegrad.finetune.losses import lm_loss, pool
 from fusegrad.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
+from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.models.llama import Llama
+from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+from fusegrad.train.loop import Run, RunConfig, TrainingError
+from fusegrad.train.optim import AdamW
 
 STATE_FILE = "finetune_state.safetensors"
 
 
-class FinetuneError(FusegradError, RuntimeError):
+class FinetuneError(TrainingError):
     """Fine-tuning cannot go on (NaN loss, a resume that does not match this run)."""
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     model: str = ""  # llama2.c .bin or Hugging Face directory
     data: str = ""  # JSONL ({"text"} or {"prompt", "completion"}; classify: {"text", "label"}) or CSV
     out: str = "runs/finetune"
@@ -57,43 +62,39 @@ class FinetuneConfig:
     rslora: bool = False
     qlora: bool = False
     max_len: int = 256
+    # the shared run settings, with fine-tuning's defaults
     batch_size: int = 8
     max_steps: int = 100
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    val_fraction: float = 0.1
     eval_interval: int = 50
     ckpt_interval: int = 50
-    seed: int = 1337
-    resume: bool = False
     force: bool = False
-    progress: bool = True
-    quiet: bool = False
 
     # settings that must match for resume to continue the same run
     IDENTITY = ("model", "data", "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha",
-                "dropout", "rslora", "qlora", "max_len", "batch_size", "seed", "val_fraction")
+                "dropout", "rslora", "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
 
 
-class Finetuner:
+class Finetuner(Run):
+    Error = FinetuneError
+
     def __init__(self, cfg: FinetuneConfig):
-        from fusegrad.finetune.lora import LoraConfig, attach_lora
-        from fusegrad.finetune.qlora import attach_qlora
-        from fusegrad.models import Llama
-        from fusegrad.train.optim import AdamW
-
-        self.cfg = cfg
+        super().__init__(cfg)
+        cfg.check("finetune")
         if cfg.task not in ("lm", "classify"):
-            raise ShapeError(f"finetune: task must be 'lm' or 'classify', got {cfg.task!r}")
+            raise ConfigError(f"finetune: task must be 'lm' or 'classify', got {cfg.task!r}")
         if cfg.task == "classify" and cfg.num_classes < 2:
-            raise ShapeError(f"finetune: --task classify needs --num_classes >= 2, got {cfg.num_classes}")
-        if cfg.batch_size < 1 or cfg.max_steps < 1 or cfg.max_len < 1:
-            raise ShapeError("finetune: batch_size, max_steps and max_len must be >= 1")
+            raise ConfigError(f"finetune: --task classify needs --num_classes >= 2, got {cfg.num_classes}")
+        if cfg.max_len < 1:
+            raise ConfigError(f"finetune: max_len must be >= 1, got {cfg.max_len}")
+        if cfg.pooling not in ("last", "mean"):
+            raise ConfigError(f"finetune: pooling must be 'last' or 'mean', got {cfg.pooling!r}")
         if not cfg.model or not cfg.data:
-            raise FormatError("finetune: give --model PATH (llama2.c .bin or HF dir) and --data FILE (JSONL or CSV)")
+            raise ConfigError("finetune: give --model PATH (llama2.c .bin or HF dir) and --data FILE (JSONL or CSV)")
+        self.run_dir = cfg.out
         self.state_path = os.path.join(cfg.out, STATE_FILE)
         taken = [f for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if os.path.exists(os.path.join(cfg.out, f))]
         if taken and not (cfg.force or cfg.resume):
@@ -102,12 +103,11 @@ class Finetuner:
         self.model = Llama.from_pretrained(cfg.model)
         self.tokenizer = self._tokenizer()
         records = ftdata.read_records(cfg.data)
+        max_len = min(cfg.max_len, self.model.config.max_seq_len)
         if cfg.task == "lm":
-            examples = ftdata.lm_examples(records, self.tokenizer, min(cfg.max_len, self.model.config.max_seq_len),
-                                          cfg.mask_prompt)
+            examples = ftdata.lm_examples(records, self.tokenizer, max_len, cfg.mask_prompt)
         else:
-            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes,
-                                                min(cfg.max_len, self.model.config.max_seq_len))
+            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes, max_len)
         if len(examples) < 2:
             raise FormatError(f"{cfg.data}: {len(examples)} usable example(s); need at least 2 (train + val)")
         self.train_set, self.val_set = ftdata.split(examples, cfg.val_fraction, cfg.seed)
@@ -122,19 +122,16 @@ class Finetuner:
         self.head = None
         if cfg.task == "classify":
             rng = np.random.default_rng(cfg.seed)
-            self.head = fg.tensor(rng.normal(0, 0.02, (cfg.num_classes, self.model.config.dim)),
-                                  dtype=self.model.dtype, requires_grad=True)
+            self.head = tensor(rng.normal(0, 0.02, (cfg.num_classes, self.model.config.dim)),
+                               dtype=self.model.dtype, requires_grad=True)
             named.append(("score.weight", self.head))
         self.optimizer = AdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = ftdata.Sampler(len(self.train_set), cfg.batch_size, cfg.seed)
-        self.step = 0
-        self.history = {"step": [], "loss": [], "lr": [], "val_step": [], "val_loss": [], "val_accuracy": []}
+        self.history["val_accuracy"] = []
         if cfg.resume and os.path.exists(self.state_path):
             self.load()
 
     def _tokenizer(self):
-        from fusegrad.data.tokenizer import load_tokenizer
-
         cfg = self.cfg
         if cfg.tokenizer:
             tok = load_tokenizer(cfg.tokenizer)
@@ -149,51 +146,29 @@ class Finetuner:
                               f"{self.model.config.vocab_size}")
         return tok
 
-    # -- loss --------------------------------------------------------------------------------------
+    # -- the task ----------------------------------------------------------------------------------
     def group_loss(self, tokens, mask, labels, denominator):
         """One equal-length group -> its share of the step's mean loss (and #correct for classify)."""
-        m = self.model
         if self.cfg.task == "lm":
-            h = m.hidden(tokens[:, :-1])  # (B, T, C)
-            return masked_classifier_cross_entropy(h.reshape(-1, m.config.dim), m.classifier,
-                                                   tokens[:, 1:].reshape(-1), mask.reshape(-1), denominator), 0
-        logits = fg.matmul_nt(pool(m.hidden(tokens), self.cfg.pooling), self.head)  # (B, K)
+            return lm_loss(self.model, tokens, mask, denominator), 0
+        logits = ops.matmul_nt(pool(self.model.hidden(tokens), self.cfg.pooling), self.head)  # (B, K)
         correct = int((logits.numpy().argmax(-1) == labels).sum())
-        return fg.cross_entropy(logits, labels) * (len(labels) / denominator), correct
+        return ops.cross_entropy(logits, labels) * (len(labels) / denominator), correct
 
     @staticmethod
     def denominator(examples, task) -> int:
         return sum(int(e.loss_mask.sum()) for e in examples) if task == "lm" else len(examples)
 
-    # -- steps -------------------------------------------------------------------------------------
-    def train_step(self) -> float:
-        from fusegrad.train.optim import clip_grad_norm
-        from fusegrad.train.schedule import cosine_schedule
-
-        cfg = self.cfg
+    def micro_batch(self, grad_scale: float) -> tuple[float, int]:
         batch = [self.train_set[i] for i in self.sampler.next_indices()]
-        denom = self.denominator(batch, cfg.task)
-        self.last_tokens = sum(len(e.tokens) for e in batch)  # for tokens/s: every one is computed, no padding
+        denom = self.denominator(batch, self.cfg.task)
         self.lora.train(True)
         total = 0.0
-        for tokens, mask, labels in ftdata.group_by_length(batch):
+        for tokens, mask, labels in ftdata.group_by_length(batch):  # no padding: every token is computed
             loss, _ = self.group_loss(tokens, mask, labels, denom)
             total += loss.item()
-            loss.backward()
-        if not math.isfinite(total):
-            raise FinetuneError(f"step {self.step + 1}: loss is {total}; stopped, the last checkpoint in "
-                                f"{cfg.out} is kept")
-        if cfg.grad_clip > 0:
-            clip_grad_norm(self.optimizer.params, cfg.grad_clip)
-        lr = cosine_schedule(self.step, cfg.lr, min(cfg.warmup_steps, cfg.max_steps), cfg.max_steps,
-                             min(cfg.min_lr, cfg.lr))
-        self.optimizer.lr = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self.step += 1
-        for k, v in (("step", self.step), ("loss", total), ("lr", lr)):
-            self.history[k].append(v)
-        return total
+            (loss * grad_scale if grad_scale != 1.0 else loss).backward()
+        return total, sum(len(e.tokens) for e in batch)
 
     def evaluate(self, examples=None) -> dict:
         """-> {"loss": mean over loss tokens (lm) or examples (classify), "accuracy": classify only}."""
@@ -211,10 +186,24 @@ class Finetuner:
             out["accuracy"] = correct / len(examples)
         return out
 
+    def describe(self) -> str:
+        cfg = self.cfg
+        n_lora = sum(t.numel() for t in self.optimizer.params)
+        text = (f"fusegrad finetune: {cfg.task} on {len(self.train_set)} train / {len(self.val_set)} val examples, "
+                f"{'QLoRA' if cfg.qlora else 'LoRA'} r={cfg.rank} on {self.lora.config.targets}, "
+                f"{n_lora:,} trainable params")
+        if self.memory:
+            text += f"\nNF4 base projections: {self.memory['nf4_bytes']:,} bytes = {self.memory['ratio']:.3f}x fp32"
+        return text
+
+    def finish(self, result: dict, say) -> dict:
+        say(f"adapter: {self.cfg.out}/{WEIGHTS_FILE}")
+        accuracy = self.history["val_accuracy"]
+        return dict(result, val_accuracy=accuracy[-1] if self.cfg.task == "classify" and accuracy else None,
+                    memory=self.memory, out=self.cfg.out)
+
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict:
-        from fusegrad.data.shards import rng_state
-
         return {"format": "fusegrad-finetune", "version": 1, "step": self.step,
                 "config": {k: getattr(self.cfg, k) for k in FinetuneConfig.IDENTITY},
                 "lora": self.lora.state_dict(), "head": {} if self.head is None else {"score": self.head.data},
@@ -222,15 +211,10 @@ class Finetuner:
                 "dropout_rng": rng_state(self.lora.rng), "history": self.history}
 
     def save(self) -> None:
-        from fusegrad.train.checkpoint import save_checkpoint
-
         save_checkpoint(self.state_path, self.state())
         save_adapter(self.cfg.out, self.lora, self.head, base_model=os.path.abspath(self.cfg.model), force=True)
 
     def load(self) -> None:
-        from fusegrad.data.shards import rng_from_state
-        from fusegrad.train.checkpoint import load_checkpoint
-
         state = load_checkpoint(self.state_path)
         if state.get("format") != "fusegrad-finetune":
             raise FormatError(f"{self.state_path}: not a fusegrad fine-tuning checkpoint")
@@ -246,42 +230,6 @@ class Finetuner:
         self.lora.rng = rng_from_state(state["dropout_rng"])
         self.step = int(state["step"])
         self.history = {k: list(v) for k, v in state["history"].items()}
-
-    # -- the loop ----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        from fusegrad.train.progress import ProgressBar
-
-        cfg = self.cfg
-        log = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=sys.stderr))
-        n_lora = sum(t.numel() for t in self.optimizer.params)
-        log(f"fusegrad finetune: {cfg.task} on {len(self.train_set)} train / {len(self.val_set)} val examples, "
-            f"{'QLoRA' if cfg.qlora else 'LoRA'} r={cfg.rank} on {self.lora.config.targets}, "
-            f"{n_lora:,} trainable params")
-        if self.memory:
-            log(f"NF4 base projections: {self.memory['nf4_bytes']:,} bytes = {self.memory['ratio']:.3f}x fp32")
-        bar = ProgressBar(cfg.max_steps, start=self.step, enabled=cfg.progress and not cfg.quiet)
-        t_start = time.perf_counter()
-        while self.step < cfg.max_steps:
-            t0 = time.perf_counter()
-            loss = self.train_step()
-            bar.update(self.step, loss=loss, lr=self.history["lr"][-1], tok_s=self.last_tokens / (time.perf_counter() - t0))
-            last = self.step == cfg.max_steps
-            if cfg.eval_interval and (self.step % cfg.eval_interval == 0 or last):
-                val = self.evaluate()
-                self.history["val_step"].append(self.step)
-                self.history["val_loss"].append(val["loss"])
-                self.history["val_accuracy"].append(val.get("accuracy", float("nan")))
-                acc = f", val accuracy {val['accuracy']:.3f}" if "accuracy" in val else ""
-                bar.note(f"step {self.step}: train loss {loss:.4f}, val loss {val['loss']:.4f}{acc}")
-            if (cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0) or last:
-                self.save()
-        bar.close()
-        log(f"adapter: {cfg.out}/{WEIGHTS_FILE}")
-        return {"step": self.step, "loss": self.history["loss"][-1] if self.history["loss"] else None,
-                "val_loss": self.history["val_loss"][-1] if self.history["val_loss"] else None,
-                "val_accuracy": self.history["val_accuracy"][-1] if cfg.task == "classify" and self.history["val_step"]
-                else None,
-                "memory": self.memory, "seconds": time.perf_counter() - t_start, "out": cfg.out}
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from fusegrad.core.errors import FusegradError, ShapeError
+from fusegrad.core.errors import ConfigError, FusegradError
 from fusegrad.core.trace import count, span
 
 BUCKET_BYTES = 16 << 20  # gradient bytes per Allreduce: large enough to amortise latency, small in memory
@@ -89,7 +89,7 @@ class DataParallel:
         """This rank's rows of the global batch (B, ...): rows [rank B/n, (rank+1) B/n)."""
         B = batch.shape[0]
         if B % self.size:
-            raise ShapeError(f"data parallel: batch_size {B} does not split evenly over {self.size} ranks; "
+            raise ConfigError(f"data parallel: batch_size {B} does not split evenly over {self.size} ranks; "
                              f"use a multiple of {self.size}")
         per = B // self.size
         return batch[self.rank * per:(self.rank + 1) * per]

@@ -5,9 +5,7 @@ same model over that block, so it always computes with the weights the optimizer
 shared grad block. Per micro-batch the rows are split: the main process runs the first slice and helper k the
 (k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are then added
 into the model's. Why: on a small CPU, splitting every GEMM and kernel of a step over all cores loses time to
-the split, and whole slices per core do not: a stories15M step (batch 8 x 256) on 2 cores takes 0.61-0.66 s
-in one process and about 0.55 s as two single-core MPI ranks (docs/performance.md). Threads in one process
-did not get there (the workers slowed each other; measured, docs/performance.md).
+the split, and whole slices per core do not (measured in docs/performance.md).
 
 >>> import numpy as np
 >>> from fusegrad.models import Llama
@@ -32,7 +30,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from fusegrad.core.errors import FusegradError, ShapeError
+from fusegrad.backends import get_backend, openblas
+from fusegrad.core.errors import ConfigError, FusegradError, ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
 
@@ -68,8 +67,6 @@ def one_core():
     """The calling thread's JIT kernels and every OpenBLAS GEMM (a process-wide count) on one core."""
     import numba
 
-    from fusegrad.backends import openblas
-
     outer = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -95,7 +92,7 @@ def choose_workers(requested: int, rows: int, eligible: bool) -> int:
     (1, 3)
     """
     if requested < 0 or requested > max(rows, 1):
-        raise ShapeError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
+        raise ConfigError(f"workers {requested} must be 0 (auto) or 1..{rows} (the rows of a batch)")
     return requested or (min(available_cores(), rows) if eligible and os.name == "posix" else 1)
 
 
@@ -126,11 +123,11 @@ class ProcessDataParallel:
 
     def __init__(self, model, workers: int):
         if workers < 2:
-            raise ShapeError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
+            raise ConfigError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
         if os.name != "posix":  # the helpers inherit their pipe as a file descriptor
             raise WorkerError("worker processes need a POSIX system (Linux, macOS); use workers=1")
         if getattr(model, "adapters", None):
-            raise ShapeError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
+            raise ConfigError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
         bad = [n for n, p in model.params.items()
                if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
         if bad:
@@ -300,8 +297,6 @@ def _helper_main(conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
     try:
         spec = conn.recv()
-        from fusegrad.backends import get_backend
-
         get_backend("numpy").prewarm_kernels()
         module, _, cls = spec["model"].rpartition(".")
         model_cls = getattr(importlib.import_module(module), cls)

@@ -1,8 +1,8 @@
 """AdamW with decoupled weight decay (torch.optim.AdamW semantics) and global gradient-norm clipping.
 
 Updates run in place on each parameter's float32 `.data` with one shared scratch buffer, so a step
-allocates nothing per parameter. The math lives in `adamw_update`, a plain reference kernel that
-faster (JIT) versions are tested against.
+allocates nothing per parameter. The math is the backend's `adamw_update` kernel, run where the
+parameters live.
 
 >>> import fusegrad as fg, numpy as np
 >>> w = fg.tensor([[1.0, -2.0]], requires_grad=True)
@@ -19,8 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from fusegrad.backends.reference import adamw_update  # noqa: F401  (the reference kernel, re-exported)
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.tensor import Tensor
 
 _CLIP_CHUNK = 1 << 16  # elements converted to float64 at a time when a grad's float32 dot overflows
@@ -42,7 +41,7 @@ def _named(params) -> list:
     for i, item in enumerate(params):
         name, t = item if isinstance(item, tuple) else (f"param.{i}", item)
         if not isinstance(t, Tensor):
-            raise ShapeError(f"AdamW: parameter {name} is a {type(t).__name__}, expected a fusegrad Tensor")
+            raise ConfigError(f"AdamW: parameter {name} is a {type(t).__name__}, expected a fusegrad Tensor")
         out.append((name, t))
     return out
 
@@ -62,7 +61,7 @@ class AdamW:
         self.weight_decay = float(weight_decay)
         params = list(params)
         if not params:
-            raise ShapeError("AdamW: got an empty parameter list")
+            raise ConfigError("AdamW: got an empty parameter list")
         if isinstance(params[0], dict):
             entries = [(n, t, float(g.get("weight_decay", weight_decay))) for g in params for n, t in _named(g["params"])]
         else:
@@ -70,7 +69,7 @@ class AdamW:
         self.names = [n for n, _, _ in entries]
         if len(set(self.names)) != len(self.names):
             dup = sorted({n for n in self.names if self.names.count(n) > 1})
-            raise ShapeError(f"AdamW: duplicate parameter names {dup}")
+            raise ConfigError(f"AdamW: duplicate parameter names {dup}")
         for n, t, _ in entries:
             if t.dtype != np.float32:
                 raise ShapeError(f"AdamW: parameter {n} is {t.dtype}; the optimizer updates float32 in place")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fusegrad.core.errors import ConfigError
+
 
 def cosine_schedule(step: int, max_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """lr for optimizer step `step` (0-based).
@@ -19,7 +21,7 @@ def cosine_schedule(step: int, max_lr: float, warmup_steps: int, total_steps: in
     """
     _check(max_lr, warmup_steps, total_steps, min_lr)
     if step < 0:
-        raise ValueError(f"cosine_schedule: step must be >= 0, got {step}")
+        raise ConfigError(f"cosine_schedule: step must be >= 0, got {step}")
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -30,9 +32,9 @@ def cosine_schedule(step: int, max_lr: float, warmup_steps: int, total_steps: in
 
 def _check(max_lr, warmup_steps, total_steps, min_lr) -> None:
     if not 0 <= min_lr <= max_lr:
-        raise ValueError(f"cosine_schedule: need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        raise ConfigError(f"cosine_schedule: need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
     if not 0 <= warmup_steps <= total_steps or total_steps <= 0:
-        raise ValueError(f"cosine_schedule: need 0 <= warmup_steps <= total_steps and total_steps > 0, "
+        raise ConfigError(f"cosine_schedule: need 0 <= warmup_steps <= total_steps and total_steps > 0, "
                          f"got warmup_steps={warmup_steps}, total_steps={total_steps}")
 
 

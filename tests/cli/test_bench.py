@@ -9,8 +9,12 @@ import pytest
 
 from fusegrad.backends import openblas
 from fusegrad.cli import bench
+from fusegrad.cli.main import main
 from fusegrad.core.errors import FusegradError
-from fusegrad.models.llama import preset
+from fusegrad.finetune.trainer import Finetuner
+from fusegrad.models.llama import Llama, preset
+from fusegrad.train.loop import Run
+from fusegrad.train.trainer import Trainer
 
 
 def run(capsys, *argv):
@@ -56,13 +60,29 @@ def test_bench_vs_torch_json(capsys, tmp_path):
     assert any(e["name"] == "attention" for e in events)
 
 
+def gemm_params(cfg) -> int:
+    """Weights a GEMM multiplies by per token: the projections and the classifier (an untied input embedding
+    is a lookup)."""
+    per_layer = cfg.dim * (cfg.dim + 2 * cfg.kv_dim) + cfg.dim * cfg.dim + 3 * cfg.dim * cfg.hidden_dim
+    return cfg.n_layers * per_layer + cfg.vocab_size * cfg.dim
+
+
+def attention_flops(cfg, seq, tokens) -> int:
+    """QK^T and PV, forward and backward, over the full T x T square (PaLM)."""
+    return 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * tokens
+
+
 def test_flops_follow_palm_accounting():
     cfg = preset("stories15M")
     norms = (2 * cfg.n_layers + 1) * cfg.dim  # RMSNorm weights are not GEMM weights
-    assert bench.gemm_params(cfg) == cfg.num_params() - norms
+    assert gemm_params(cfg) == cfg.num_params() - norms
     tokens = 8 * 256
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 256 * tokens
-    assert bench.flops_per_step(cfg, 8, 256) == 6 * bench.gemm_params(cfg) * tokens + attention
+    assert Llama(cfg).flops_per_token(256) * tokens == 6 * gemm_params(cfg) * tokens + attention_flops(cfg, 256, tokens)
+
+
+def test_the_bench_times_the_step_users_run():
+    assert bench.BenchRun.train_step is Trainer.train_step is Finetuner.train_step is Run.train_step
+    assert bench.BenchRun.model_loss_backward is Trainer.model_loss_backward
 
 
 def lora_params(cfg, targets, r):
@@ -81,7 +101,8 @@ def test_bench_lora_vs_peft_json(capsys):
     cfg = preset("tiny", max_seq_len=8)
     assert out["lora"]["trainable_params"] == lora_params(cfg, ("q", "v", "down"), 4)
     assert out["lora"]["peft_target_modules"] == ["q_proj", "v_proj", "down_proj"]
-    assert out["model_flops_per_step"] == bench.flops_per_step(cfg, 2, 8, out["lora"]["trainable_params"])
+    lora_flops = 4 * gemm_params(cfg) * 16 + 6 * out["lora"]["trainable_params"] * 16  # no dW of the frozen base
+    assert out["model_flops_per_step"] == lora_flops + attention_flops(cfg, 8, 16)
     check_side(out, out["model_flops_per_step"], 16)
     check_side(out["peft"], out["model_flops_per_step"], 16)
     # B = 0 at step 0: both sides compute the base model's loss on the same batch
@@ -100,10 +121,7 @@ def test_bench_qlora_reports_nf4_memory(capsys):
 
 
 def base_loss(cfg, batch, seq):
-    from fusegrad.cli.bench_worker import batch_tokens
-    from fusegrad.models.llama import Llama
-
-    return Llama(cfg, seed=0).loss(batch_tokens(0, 0, batch, seq, cfg.vocab_size)).item()
+    return Llama(cfg, seed=0).loss(bench.batch_tokens(0, 0, batch, seq, cfg.vocab_size)).item()
 
 
 def test_bench_torch_backend(capsys):
@@ -143,3 +161,18 @@ def test_bad_combinations_raise(capsys, argv, match):
 def test_bad_steps_raise(capsys):
     with pytest.raises(FusegradError, match="--steps"):
         run(capsys, "--preset", "tiny", "--steps", "0")
+
+
+def test_the_fusegrad_command_times_the_product_step_in_process(capsys):
+    assert main(["bench", "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--workers", "1",
+                 "--gemm-size", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["workers"] == 1 and out["dispatches_per_step"] == {"numpy": 3 * 4 * cfg.n_layers}
+    assert out["loss_step0"] == pytest.approx(base_loss(cfg, 2, 8), rel=1e-5)
+
+
+def test_peers_need_a_checkout(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "CHECKOUT", "/nonexistent")  # an installed fusegrad: no benchmarks/ beside it
+    with pytest.raises(FusegradError, match="comparison harness of a fusegrad checkout"):
+        run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--vs", "torch")

@@ -19,7 +19,7 @@ def test_version_from_the_installed_command():
     assert out.returncode == 0 and out.stdout.strip() == f"fusegrad {fusegrad.__version__}"
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "prepare", "info"])
+@pytest.mark.parametrize("command", ["train", "sample", "prepare", "info", "doctor"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -112,3 +112,11 @@ def test_sample_with_an_adapter_equals_sampling_the_merged_model(tmp_path):
     plain = run_cli("sample", "--checkpoint", str(tmp_path / "base"), *args)
     assert with_adapter.returncode == 0, with_adapter.stderr
     assert with_adapter.stdout == merged.stdout != plain.stdout
+
+
+def test_doctor_reports_every_kernel_and_says_the_ane_is_absent(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "ANE      absent" in out and "10 of 10 kernels passed" in out
+    for kernel in ("matmul_dynamic", "ffn_w13_backward_dx_dynamic", "qkv_backward_dx", "sdpa_backward"):
+        assert f"\n{kernel} " in out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fusegrad as fg
-from fusegrad.core.errors import FormatError, ShapeError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.finetune import data as ftdata
 from fusegrad.finetune.losses import masked_classifier_cross_entropy
 from fusegrad.finetune.peft_io import load_adapter
@@ -116,6 +116,9 @@ def test_classify_trains_reports_accuracy_and_peft_loads_the_head(base, tmp_path
     res = finetune(cfg(base, out, data=str(base / "cls.csv"), task="classify", num_classes=3, max_steps=12,
                        lr=3e-2, lora_targets="all", val_fraction=0.3, eval_interval=12))
     assert 0.0 <= res["val_accuracy"] <= 1.0 and res["val_accuracy"] > 0.34  # 3 balanced classes: chance 1/3
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] == res["loss"]
+    assert metrics[-1]["val_loss"] == res["val_loss"] and metrics[-1]["val_accuracy"] == res["val_accuracy"]
     cfgj = json.load(open(out / "adapter_config.json"))
     assert cfgj["task_type"] == "SEQ_CLS" and "score" in cfgj["modules_to_save"]
     model = Llama.from_pretrained(base / "base")
@@ -167,9 +170,9 @@ def test_bad_input_gives_clear_errors(base, tmp_path):
     labels.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n')
     with pytest.raises(FormatError, match=r"labels.jsonl:2: label 5 is outside \[0, num_classes=3\)"):
         Finetuner(cfg(base, tmp_path / "b", data=str(labels), task="classify", num_classes=3))
-    with pytest.raises(ShapeError, match="unknown target module 'attn'"):
+    with pytest.raises(ConfigError, match="unknown target module 'attn'"):
         Finetuner(cfg(base, tmp_path / "c", lora_targets="q,attn"))
-    with pytest.raises(ShapeError, match="rank 40 is larger"):
+    with pytest.raises(ConfigError, match="rank 40 is larger"):
         Finetuner(cfg(base, tmp_path / "d", rank=40))
     finetune(cfg(base, tmp_path / "e", max_steps=1))
     stamp = os.path.getmtime(tmp_path / "e" / "adapter_model.safetensors")
@@ -179,6 +182,15 @@ def test_bad_input_gives_clear_errors(base, tmp_path):
     other = Llama(LlamaConfig(**{**BASE, "dim": 48, "hidden_dim": 64}), seed=0)
     with pytest.raises(FormatError, match="different base"):
         load_adapter(tmp_path / "e", other)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(task="regress"), "task must be 'lm' or 'classify'"),
+                                       (dict(task="classify"), "needs --num_classes >= 2, got 0"),
+                                       (dict(task="classify", num_classes=2, pooling="max"), "pooling must be"),
+                                       (dict(batch_size=0), "batch_size"), (dict(max_len=0), "max_len")])
+def test_bad_settings_are_config_errors(base, tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        Finetuner(cfg(base, tmp_path, **kw))
 
 
 def test_cli_reads_yaml_and_options_override_it(base, tmp_path, capsys):

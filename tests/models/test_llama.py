@@ -1,139 +1,19 @@
-"""fusegrad's Llama against an independent PyTorch Llama (llama2.c conventions, written here) and
+"""fusegrad's Llama against an independent PyTorch Llama (llama2.c conventions, benchmarks/torch_llama.py) and
 against transformers' LlamaForCausalLM: loss and every gradient, through llama2.c `.bin` v0/v1 files
 written byte by byte here and through Hugging Face directories. Plus a convergence run on "tiny".
 """
-import json
-import struct
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusegrad as fg
+from benchmarks.torch_llama import TorchLlama
 from fusegrad.models import Llama
 
 torch.set_num_threads(1)
 
 CFG = dict(dim=32, hidden_dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=67, seq_len=16)
-
-
-# -- an independent Llama in torch, llama2.c layout and conventions ----------------------------------------
-class TorchLlama:
-    """Weights as llama2.c stores them (Linear (out, in), wq/wk rows for interleaved-pair RoPE)."""
-
-    def __init__(self, dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, tied, seed=0,
-                 eps=1e-5, theta=10000.0):
-        self.dim, self.hidden, self.L, self.H, self.Hkv = dim, hidden_dim, n_layers, n_heads, n_kv_heads
-        self.V, self.seq_len, self.tied, self.eps, self.theta = vocab_size, seq_len, tied, eps, theta
-        D = dim // n_heads
-        kv = D * n_kv_heads
-        g = torch.Generator().manual_seed(seed)
-
-        def rand(*shape, std=0.15, mean=0.0):  # float32 values (what a .bin holds), kept in float64
-            return (mean + std * torch.randn(*shape, generator=g)).float().double()
-        L = n_layers
-        self.w = {"emb": rand(vocab_size, dim, std=0.5), "att_norm": rand(L, dim, mean=1.0, std=0.2),
-                  "wq": rand(L, dim, dim), "wk": rand(L, kv, dim), "wv": rand(L, kv, dim), "wo": rand(L, dim, dim),
-                  "ffn_norm": rand(L, dim, mean=1.0, std=0.2), "w1": rand(L, hidden_dim, dim),
-                  "w2": rand(L, dim, hidden_dim), "w3": rand(L, hidden_dim, dim), "norm": rand(dim, mean=1.0, std=0.2)}
-        if not tied:
-            self.w["cls"] = rand(vocab_size, dim, std=0.5)
-        for t in self.w.values():
-            t.requires_grad_(True)
-
-    def rope(self, x):  # x (B, T, H, D): llama2.c run.c rotates (x[2i], x[2i+1]) by t * theta^(-2i/D)
-        T, D = x.shape[1], x.shape[-1]
-        freq = self.theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
-        ang = torch.arange(T, dtype=torch.float64)[:, None] * freq
-        c, s = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
-
-    def rms(self, x, w):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
-
-    def loss(self, tokens):
-        tokens = torch.as_tensor(tokens)
-        inp, tgt = tokens[:, :-1], tokens[:, 1:]
-        B, T = inp.shape
-        D, G, w = self.dim // self.H, self.H // self.Hkv, self.w
-        x = w["emb"][inp]
-        mask = torch.ones(T, T, dtype=torch.bool).tril()
-        for i in range(self.L):
-            h = self.rms(x, w["att_norm"][i])
-            q = self.rope((h @ w["wq"][i].T).view(B, T, self.H, D)).transpose(1, 2)
-            k = self.rope((h @ w["wk"][i].T).view(B, T, self.Hkv, D)).transpose(1, 2).repeat_interleave(G, 1)
-            v = (h @ w["wv"][i].T).view(B, T, self.Hkv, D).transpose(1, 2).repeat_interleave(G, 1)
-            att = (q @ k.transpose(-1, -2)) / D ** 0.5
-            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-            x = x + ((att @ v).transpose(1, 2).reshape(B, T, self.dim)) @ w["wo"][i].T
-            h = self.rms(x, w["ffn_norm"][i])
-            x = x + (F.silu(h @ w["w1"][i].T) * (h @ w["w3"][i].T)) @ w["w2"][i].T
-        logits = self.rms(x, w["norm"]) @ (w["emb"] if self.tied else w["cls"]).T
-        return F.cross_entropy(logits.reshape(-1, self.V), tgt.reshape(-1))
-
-    # -- files, written here from FORMATS.md --------------------------------------------------------------
-    def arrays(self):
-        return {k: v.detach().float().numpy() for k, v in self.w.items()}
-
-    def write_llama2c(self, path, version):
-        a, D = self.arrays(), self.dim // self.H
-        dims = [self.dim, self.hidden, self.L, self.H, self.Hkv, self.V, self.seq_len]
-        with open(path, "wb") as f:
-            if version == 0:
-                dims[5] = self.V if self.tied else -self.V
-                f.write(struct.pack("<7i", *dims))
-                ang = np.outer(np.arange(self.seq_len), self.theta ** (-np.arange(0, D, 2) / D))
-                order = ["emb", "att_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w1", "w2", "w3", "norm"]
-                blobs = [a[k] for k in order] + [np.cos(ang), np.sin(ang)]
-            else:
-                head = struct.pack("<Ii7iB", 0x616B3432, 1, *dims, int(self.tied))
-                f.write(head + bytes(256 - len(head)))
-                order = ["att_norm", "ffn_norm", "norm", "emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-                blobs = [a[k] for k in order]
-            if not self.tied:
-                blobs.append(a["cls"])
-            for b in blobs:
-                f.write(np.ascontiguousarray(b, dtype="<f4").tobytes())
-
-    def hf_state(self, arrays=None):
-        """llama2.c-layout arrays (weights or grads) -> HF names, q/k rows permuted for rotate-half RoPE."""
-        a = self.arrays() if arrays is None else arrays
-
-        def perm(w, heads):  # view (heads, D/2, 2, dim) -> swap the middle axes
-            return w.reshape(heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
-        out = {"model.embed_tokens.weight": a["emb"], "model.norm.weight": a["norm"]}
-        for i in range(self.L):
-            p = f"model.layers.{i}."
-            out.update({p + "input_layernorm.weight": a["att_norm"][i],
-                        p + "self_attn.q_proj.weight": perm(a["wq"][i], self.H),
-                        p + "self_attn.k_proj.weight": perm(a["wk"][i], self.Hkv),
-                        p + "self_attn.v_proj.weight": a["wv"][i], p + "self_attn.o_proj.weight": a["wo"][i],
-                        p + "post_attention_layernorm.weight": a["ffn_norm"][i],
-                        p + "mlp.gate_proj.weight": a["w1"][i], p + "mlp.up_proj.weight": a["w3"][i],
-                        p + "mlp.down_proj.weight": a["w2"][i]})
-        if not self.tied:
-            out["lm_head.weight"] = a["cls"]
-        return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-    def loss_and_hf_grads(self, tokens):
-        for t in self.w.values():
-            t.grad = None
-        loss = self.loss(tokens)
-        loss.backward()
-        return float(loss.detach()), self.hf_state({k: v.grad.numpy() for k, v in self.w.items()})
-
-    def write_hf_dir(self, directory):
-        from safetensors.numpy import save_file
-
-        directory.mkdir(exist_ok=True)
-        save_file(self.hf_state(), str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({
-            "model_type": "llama", "hidden_size": self.dim, "intermediate_size": self.hidden,
-            "num_hidden_layers": self.L, "num_attention_heads": self.H, "num_key_value_heads": self.Hkv,
-            "vocab_size": self.V, "max_position_embeddings": self.seq_len, "rms_norm_eps": self.eps,
-            "rope_theta": self.theta, "tie_word_embeddings": self.tied}))
 
 
 def assert_rel(got, ref, tol, name=""):

@@ -12,7 +12,7 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
-from fusegrad.core.errors import ShapeError  # noqa: E402
+from fusegrad.core.errors import ConfigError  # noqa: E402
 from fusegrad.parallel.mpi import DataParallel, ParallelError, buckets  # noqa: E402
 from fusegrad.train.checkpoint import load_checkpoint  # noqa: E402
 from fusegrad.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -55,7 +55,7 @@ def test_batch_that_does_not_split_names_the_rank_count():
 
     dp = DataParallel(TwoRanks())
     np.testing.assert_array_equal(dp.shard(np.arange(8).reshape(4, 2)), [[4, 5], [6, 7]])
-    with pytest.raises(ShapeError, match="batch_size 3 does not split evenly over 2 ranks"):
+    with pytest.raises(ConfigError, match="batch_size 3 does not split evenly over 2 ranks"):
         dp.shard(np.zeros((3, 2)))
 
 

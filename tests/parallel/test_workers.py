@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.models import Llama
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers, layout
@@ -137,11 +137,11 @@ def test_too_little_shared_memory_is_refused_before_anything_is_written(tmp_path
 
 def test_bad_requests_are_refused():
     model = Llama.from_preset("tiny", seed=1)
-    with pytest.raises(ShapeError, match="workers must be >= 2"):
+    with pytest.raises(ConfigError, match="workers must be >= 2"):
         ProcessDataParallel(model, 1)
     with ProcessDataParallel(model, 2) as dp, pytest.raises(ShapeError, match="1 rows does not split over 2"):
         dp.loss_backward(batch(1))
-    with pytest.raises(ShapeError, match="workers 9 must be 0"):
+    with pytest.raises(ConfigError, match="workers 9 must be 0"):
         choose_workers(9, rows=4, eligible=True)
     assert layout([("w", (5,))]) == ({"w": (0, (5,))}, 64)
 

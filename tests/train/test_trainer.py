@@ -1,8 +1,13 @@
+import json
+import sys
+import types
+
 import numpy as np
 import pytest
 
 import fusegrad as fg
-from fusegrad.train.trainer import Trainer, TrainConfig, TrainingError, load_model
+from fusegrad.backends import get_backend
+from fusegrad.train.trainer import Trainer, TrainConfig, TrainingError, load_model, train
 
 
 def tiny(tmp_path, **kw):
@@ -79,9 +84,71 @@ def test_checkpoint_loads_for_sampling(tmp_path):
 
 
 def test_bad_settings_name_the_setting(tmp_path):
-    with pytest.raises(fg.ShapeError, match="unknown preset 'huge'"):
+    with pytest.raises(fg.ConfigError, match="unknown preset 'huge'"):
         Trainer(tiny(tmp_path, preset="huge"))
     with pytest.raises(fg.FormatError, match="no such data"):
         Trainer(tiny(tmp_path, data=str(tmp_path / "missing")))
-    with pytest.raises(fg.ShapeError, match="batch_size"):
+    with pytest.raises(fg.ConfigError, match="batch_size"):
         Trainer(tiny(tmp_path, batch_size=0))
+
+
+def test_every_step_and_evaluation_goes_to_metrics_jsonl_and_tensorboard(tmp_path, monkeypatch):
+    scalars = []
+
+    class Writer:  # tensorboard.summary.Writer's interface, recording what it is given
+        def __init__(self, directory):
+            self.directory = directory
+
+        def add_scalar(self, tag, data, step):
+            scalars.append((self.directory, tag, data, step))
+
+        def close(self):
+            scalars.append("closed")
+    summary = types.ModuleType("tensorboard.summary")
+    summary.Writer = Writer
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    monkeypatch.setitem(sys.modules, "tensorboard.summary", summary)
+    trainer = Trainer(tiny(tmp_path))
+    trainer.run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == trainer.history["step"] == list(range(1, 9))
+    assert [r["loss"] for r in lines] == trainer.history["loss"]
+    assert [r["lr"] for r in lines] == trainer.history["lr"]
+    assert all(r["tokens_per_s"] > 0 for r in lines)
+    assert [(r["step"], r["val_loss"]) for r in lines if "val_loss" in r] == list(
+        zip(trainer.history["val_step"], trainer.history["val_loss"]))
+    run_dir = str(tmp_path / "run")
+    assert (run_dir, "loss", lines[0]["loss"], 1) in scalars and (run_dir, "val_loss", lines[-1]["val_loss"], 8) in scalars
+    assert scalars[-1] == "closed"
+    # a resumed run appends its steps
+    trainer.cfg.max_steps = 10
+    trainer.run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 11))
+
+
+def assert_nothing_left_behind():
+    """The process after a run: no tracer, numpy the default backend, a float32 GEMM on numpy (exact)."""
+    assert not fg.TRACER.enabled
+    assert get_backend().name == "numpy" and fg.tensor([1.0]).backend.name == "numpy"
+    a = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)  # large enough to offload
+    np.testing.assert_array_equal((fg.tensor(a) @ fg.tensor(a)).numpy(), a @ a)
+
+
+def test_a_run_leaves_no_backend_offload_tracer_behind(tmp_path):
+    pytest.importorskip("torch")
+    result = train(tiny(tmp_path, max_steps=2, offload_gemm="ane-sim", trace=str(tmp_path / "trace.json")))
+    assert result["step"] == 2 and json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert_nothing_left_behind()
+    trainer = Trainer(tiny(tmp_path / "torch", max_steps=2, backend="torch", device="cpu"))
+    assert type(trainer.model.params["norm"].data).__module__ == "torch"
+    trainer.run()
+    assert_nothing_left_behind()
+
+
+def test_a_run_that_raised_leaves_nothing_behind(tmp_path):
+    trainer = Trainer(tiny(tmp_path, offload_gemm="ane-sim", trace=str(tmp_path / "trace.json")))
+    trainer.model.params["norm"].data[:] = np.nan
+    with pytest.raises(TrainingError, match="step 1: loss is nan"):
+        trainer.run()
+    assert_nothing_left_behind()

@@ -9,7 +9,7 @@ from fusegrad.backends.ane.mil import format_program, parse
 from fusegrad.backends.ane.runtime import dialect_for
 from fusegrad.backends.ane.sim import INNER_MULTIPLE, MIN_IO_BYTES
 from fusegrad.core.errors import BackendError
-from fusegrad.core.trace import TRACER, trace
+from fusegrad.core.trace import trace
 
 CHIPS = ["Apple M4 Pro", "Apple M1"]  # the "m3" and the "m1" dialect
 
@@ -96,7 +96,7 @@ def test_wrong_values_disable_the_shape_warn_once_and_return_the_cpu_result():
     assert sum("computed GEMM" in str(w.message) for w in record) == 1
     assert set(be.disabled) == {(64, 96, 128), (64, 128, 96)} and runner.runs == 2  # the second call: CPU only
     assert t.counters["ane-mismatch:ane-sim"] == 2 and t.counters["ane-check:ane-sim"] == 2
-    events = [e for e in TRACER.chrome_events() if e.get("name") == "ane-mismatch"]
+    events = [e for e in t.chrome_events() if e.get("name") == "ane-mismatch"]
     assert [tuple(e["args"]["shape"]) for e in events[-2:]] == [(64, 96, 128), (64, 128, 96)]
 
 
