@@ -134,3 +134,38 @@ def test_merge_and_every_export_read_back_by_its_own_reader(fine_tuned, model_di
     back = Llama.from_pretrained(tmp_path / "m.bin")
     assert back.config.vocab_size == 49152 and back.config.n_kv_heads == 3
     np.testing.assert_array_equal(back.params["layers.29.wqkv"].numpy(), merged.params["layers.29.wqkv"].numpy())
+
+
+PEAK_RSS = """
+import resource, sys
+import numpy as np
+from fusegrad.finetune.lora import LoraConfig, attach_lora
+from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.models import Llama
+from fusegrad.train.optim import AdamW
+qlora = sys.argv[2] == "qlora"
+model = Llama.from_pretrained(sys.argv[1], quantize="nf4" if qlora else None)
+cfg = LoraConfig(targets="all", r=8)
+lora = attach_qlora(model, cfg)[0] if qlora else attach_lora(model, cfg)
+opt = AdamW(lora.parameters(), lr=1e-4)
+tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 65))
+for _ in range(2):
+    model.loss(tokens).backward()
+    opt.step()
+    opt.zero_grad()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_qlora_peak_memory_is_at_most_0_6_of_lora(model_dir):
+    """Each fine-tune in its own process: QLoRA quantizes module by module while loading, so the fp32
+    projections never exist; peak RSS (ru_maxrss) of two steps, all seven targets, r 8."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    peak = {kind: int(subprocess.run([sys.executable, "-c", PEAK_RSS, model_dir, kind], env=env, check=True,
+                                     capture_output=True, text=True).stdout.split()[-1])
+            for kind in ("lora", "qlora")}
+    assert peak["qlora"] <= 0.6 * peak["lora"], peak

@@ -138,7 +138,9 @@ def read_tensor(path, name: str, entry: tuple) -> np.ndarray:
     tag, shape, offset = entry
     raw = np.fromfile(path, dtype=ST_DTYPES[tag], count=int(np.prod(shape, dtype=np.int64)), offset=offset)
     if tag == "BF16":
-        a = (raw.astype(np.uint32) << 16).view(np.float32)
+        a = raw.astype(np.uint32)
+        a <<= 16
+        a = a.view(np.float32)
     else:
         a = raw.astype(np.float32, copy=False)
     if not np.isfinite(a).all():

@@ -245,7 +245,8 @@ class Llama:
         model = cls(config, params={}, dtype=dtype, backend=backend)
         arrays = from_hf(state, config, quantize=quantize_parts if quantize else None)
         model.quantized = {n: a for n, a in arrays.items() if isinstance(a, FusedNF4)}
-        model.params = {n: tensor(a, dtype=dtype, requires_grad=not model.quantized, backend=model.backend)
+        be, trainable = model.backend, not model.quantized  # fresh arrays: wrapped without another copy
+        model.params = {n: Tensor(be.asarray(np.asarray(a, dtype=dtype)), requires_grad=trainable, backend=be)
                         for n, a in arrays.items() if n not in model.quantized}
         return model
 
