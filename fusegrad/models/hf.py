@@ -32,7 +32,8 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
     def refuse(field, why):
         raise FormatError(f"{path}: {field} = {d.get(field)!r} is not supported ({why})")
 
-    arch = (d.get("architectures") or [None])[0]
+    archs = d.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch is not None and arch not in ARCHITECTURES:
         refuse("architectures", f"fusegrad runs {', '.join(ARCHITECTURES)}")
     model_type = d.get("model_type", ARCHITECTURES.get(arch, "llama"))
@@ -49,6 +50,8 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
     rope = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or rope
     field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rope, dict) or not isinstance(scaling, dict):
+        refuse(field, "not a JSON object")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     rope_scaling = None
     if rope_type == "llama3":
@@ -78,7 +81,7 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
                            rope_scaling=rope_scaling)
     except KeyError as exc:
         raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
-    except (ConfigError, TypeError, ValueError) as exc:
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
 
 
@@ -120,7 +123,7 @@ def safetensors_entries(path) -> dict:
         if name == "__metadata__":
             continue
         try:
-            tag, shape, (lo, hi) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
+            tag, shape, (lo, hi) = str(e["dtype"]), tuple(int(s) for s in e["shape"]), map(int, e["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise FormatError(f"{path}: corrupt safetensors file: bad header entry for {name!r}: {e!r}") from None
         if tag not in ST_DTYPES:
@@ -187,7 +190,7 @@ class HFCheckpoint:
         try:
             with open(cfg_path) as f:
                 raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
         if not isinstance(raw, dict):
             raise FormatError(f"{cfg_path}: the model config is not a JSON object")
@@ -197,8 +200,11 @@ class HFCheckpoint:
             try:
                 with open(index) as f:
                     files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                 raise FormatError(f"{index}: cannot read the shard index (weight_map): {exc}") from None
+            bad = [n for n in files if not isinstance(n, str) or os.path.basename(n) != n]
+            if bad:
+                raise FormatError(f"{index}: weight_map names {bad[0]!r}, not a file name in {directory}")
             missing = [n for n in files if not os.path.isfile(os.path.join(directory, n))]
             if missing:
                 raise FormatError(f"{index}: weight_map names shard {missing[0]!r}, which is not in {directory}")

@@ -139,3 +139,27 @@ def test_saved_bf16_directory_loads_in_transformers(tmp_path):
     with fg.no_grad():
         ours = model.logits(tokens).numpy()  # the source was bf16: its values survive bf16 exactly
     np.testing.assert_allclose(transformers_logits(tmp_path / "out", tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_damaged_headers_and_configs_raise_only_format_errors(tmp_path):
+    """Every byte of the safetensors header and of config.json changed in turn (a sample): a FormatError
+    or a model that still loads, never another exception."""
+    path = make_checkpoint(tmp_path / "m", "qwen2")
+    st, cfg = path / "model.safetensors", path / "config.json"
+    good_st, good_cfg = st.read_bytes(), cfg.read_bytes()
+    n = struct.unpack_from("<Q", good_st)[0]
+    rng = np.random.default_rng(0)
+    for target, good, hi in [(st, good_st, 8 + n), (cfg, good_cfg, len(good_cfg))]:
+        for pos in rng.choice(hi, size=60, replace=False):
+            for byte in (b"0", b"]", b"\xff"):
+                target.write_bytes(good[:pos] + byte + good[pos + 1:])
+                try:
+                    Llama.from_pretrained(path)
+                except fg.FormatError:
+                    pass
+        target.write_bytes(good)
+    index = path / "model.safetensors.index.json"
+    for weight_map in ({"model.norm.weight": 3}, {"model.norm.weight": "../model.safetensors"}, []):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(fg.FormatError, match=r"index\.json: (weight_map names|cannot read)"):
+            Llama.from_pretrained(path)
