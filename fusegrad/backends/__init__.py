@@ -48,7 +48,7 @@ def numpy_backend_class() -> type:
 
 register_backend("numpy", lambda: numpy_backend_class()())
 register_backend("torch", _factory("fusegrad.backends.torch_backend:TorchBackend"))  # best device present
-for _device in ("cuda", "mps", "cpu"):
+for _device in ("cuda", "mps", "cpu", "meta"):
     register_backend(f"torch:{_device}", _factory("fusegrad.backends.torch_backend:TorchBackend", _device))
 for _name in ("ane", "ane-sim"):  # "ane" off Apple Silicon raises BackendError with the reason
     register_backend(_name, _factory("fusegrad.backends.ane.backend:AneBackend", _name))

@@ -17,12 +17,13 @@ V vocabulary, N rows (tokens).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import numpy as np
 
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import BackendError, ShapeError
 from fusegrad.core.trace import count, span
 
 ATTENTION_BLOCK = 128  # query rows per attention block: keys past the block's last row are never touched
@@ -124,6 +125,19 @@ class Backend:
         with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend=self.name):
             return xp.matmul(xp.matrix_transpose(a) if trans_a else a, xp.matrix_transpose(b) if trans_b else b)
 
+    def mm(self, a, b):
+        """a @ b inside a kernel (attention, classifier): no span; a mixed-precision backend multiplies in its
+        compute dtype and returns float32, so the softmax that follows runs in float32."""
+        return self.xp.matmul(a, b)
+
+    @contextlib.contextmanager
+    def precision(self, dtype: str = "fp32"):
+        """Inside the block the GEMMs run in `dtype` (fp32 | bf16 | fp16); parameters stay float32. This
+        backend computes in float32 only."""
+        if dtype not in ("fp32", "float32"):
+            raise BackendError(f"backend {self.name} computes in fp32 only; dtype {dtype} needs --backend torch")
+        yield self
+
     def prewarm_gemm(self, m: int, k: int, n: int, dtype) -> None:
         """Make the first real GEMM of this shape fast (JIT, kernel selection, allocation)."""
         self.gemm(self.zeros((m, k), dtype), self.zeros((k, n), dtype))
@@ -191,7 +205,7 @@ class Backend:
         xp = self.xp
         B, Hkv, G, bq, D = qb.shape
         hi = lo + bq
-        s = xp.matmul(qb.reshape(B, Hkv, G * bq, D), xp.matrix_transpose(k[:, :, :hi]))  # (B, Hkv, G bq, hi)
+        s = self.mm(qb.reshape(B, Hkv, G * bq, D), xp.matrix_transpose(k[:, :, :hi]))  # (B, Hkv, G bq, hi)
         s *= 1.0 / math.sqrt(D)
         positions = xp.arange(lo, hi, device=self.device)
         query_pos = xp.reshape(xp.broadcast_to(positions[None, :], (G, bq)), (G * bq,))
@@ -214,7 +228,7 @@ class Backend:
         probs = []
         for lo, hi in blocks(T, block):
             p = self.causal_probs(q[:, :, :, lo:hi], k, lo)
-            out[:, :, :, lo:hi] = xp.matmul(p, v[:, :, :hi]).reshape(out[:, :, :, lo:hi].shape)
+            out[:, :, :, lo:hi] = self.mm(p, v[:, :, :hi]).reshape(out[:, :, :, lo:hi].shape)
             probs.append(p)
         return self.merge_heads(out), AttentionSaved(q, k, v, probs, cos, sin, block)
 
@@ -232,13 +246,13 @@ class Backend:
             bq = hi - lo
             p = saved.probs[i] if saved.probs is not None else self.causal_probs(q[:, :, :, lo:hi], k, lo)
             do_b = do[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D)
-            dv[:, :, :hi] += xp.matmul(xp.matrix_transpose(p), do_b)  # (B, Hkv, hi, D)
-            dp = xp.matmul(do_b, xp.matrix_transpose(v[:, :, :hi]))  # (B, Hkv, G bq, hi)
+            dv[:, :, :hi] += self.mm(xp.matrix_transpose(p), do_b)  # (B, Hkv, hi, D)
+            dp = self.mm(do_b, xp.matrix_transpose(v[:, :, :hi]))  # (B, Hkv, G bq, hi)
             dp -= xp.sum(dp * p, axis=-1, keepdims=True)
             ds = p * dp
             ds *= scale
-            dq[:, :, :, lo:hi] = xp.matmul(ds, k[:, :, :hi]).reshape(B, Hkv, G, bq, D)
-            dk[:, :, :hi] += xp.matmul(xp.matrix_transpose(ds), q[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D))
+            dq[:, :, :, lo:hi] = self.mm(ds, k[:, :, :hi]).reshape(B, Hkv, G, bq, D)
+            dk[:, :, :hi] += self.mm(xp.matrix_transpose(ds), q[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D))
         c, s = saved.cos[:T], saved.sin[:T]
         dq = self.rope_apply(xp.permute_dims(dq, (0, 3, 1, 2, 4)).reshape(B, T, n_heads, D), c, s, inverse=True)
         dk = self.rope_apply(xp.permute_dims(dk, (0, 2, 1, 3)), c, s, inverse=True)
@@ -256,7 +270,13 @@ class Backend:
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v
         p = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
-        return self.merge_heads(self.xp.matmul(p, v_cache[:, :, :start + T]).reshape(q.shape))
+        return self.merge_heads(self.mm(p, v_cache[:, :, :start + T]).reshape(q.shape))
+
+    # -- NF4 weights (QLoRA) ---------------------------------------------------------------------------------
+    def dequantize_nf4(self, q, code):
+        """An NF4Tensor (fusegrad.quant.nf4: host codes and scales) -> its float32 weight as this backend's
+        array; code: the 16 NF4 values. The reference dequantizes on the host and copies the result over."""
+        return self.asarray(q.dequantize())
 
     # -- SwiGLU on the packed W1/W3 output ----------------------------------------------------------------
     def sigmoid(self, x):
@@ -264,6 +284,12 @@ class Backend:
         xp = self.xp
         e = xp.exp(-xp.abs(x))
         return xp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+    def erf(self, x):
+        """The error function, elementwise, in x's dtype (the exact GELU); the reference is scipy's, on the host."""
+        from scipy.special import erf  # heavy (0.3 s): only the exact GELU needs it
+
+        return erf(x).astype(x.dtype)
 
     def swiglu_forward(self, h13):
         """h13 (N, 2 Hd) = [h1 | h3] -> silu(h1) * h3 (N, Hd)."""
@@ -305,7 +331,7 @@ class Backend:
         dw = xp.zeros_like(weight) if need_dw else None
         for lo in range(0, N, chunk):
             hi = min(lo + chunk, N)
-            logits = xp.matmul(h[lo:hi], xp.matrix_transpose(weight))  # (n, V)
+            logits = self.mm(h[lo:hi], xp.matrix_transpose(weight))  # (n, V)
             logits -= xp.max(logits, axis=-1, keepdims=True)
             rows = xp.arange(hi - lo, device=self.device)
             picked = logits[rows, targets[lo:hi]]
@@ -316,9 +342,9 @@ class Backend:
                 p /= z * N
                 p[rows, targets[lo:hi]] -= 1.0 / N  # p is now dlogits for this chunk
                 if need_dh:
-                    dh[lo:hi] = xp.matmul(p, weight)
+                    dh[lo:hi] = self.mm(p, weight)
                 if need_dw:
-                    dw += xp.matmul(xp.matrix_transpose(p), h[lo:hi])
+                    dw += self.mm(xp.matrix_transpose(p), h[lo:hi])
         return total / N, dh, dw
 
     # -- optimizer and gradient sums ------------------------------------------------------------------------
@@ -354,10 +380,10 @@ class Backend:
             raise ShapeError(f"accumulate: out {tuple(out.shape)} and x {tuple(x.shape)} must have the same shape")
         out += x
 
-    def sum_of_squares(self, arrays) -> float:
-        """sum(x^2) over every array, accumulated in `accum_dtype`; one device->host sync."""
+    def sum_of_squares(self, arrays):
+        """sum(x^2) over every array -> a 0-d array in `accum_dtype`, where the arrays live (no host read)."""
         xp = self.xp
-        return float(sum(xp.sum(xp.square(xp.astype(a, self.accum_dtype))) for a in arrays))
+        return sum(xp.sum(xp.square(xp.astype(a, self.accum_dtype))) for a in arrays)
 
     def __repr__(self) -> str:
         return f"<backend {self.name} on {self.device}>"

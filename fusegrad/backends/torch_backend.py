@@ -18,8 +18,11 @@ GEMMs to the device one call at a time (`fusegrad.backends.gemm_offload("torch:c
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+import os
 
 import array_api_compat.torch as xp  # numpy-style names (axis=, keepdims=, permute_dims) on torch
 import numpy as np
@@ -30,7 +33,9 @@ from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, Backend
 from fusegrad.core.errors import BackendError
 from fusegrad.core.trace import count, span
 
-DEVICES = ("cuda", "mps", "cpu")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_COMPUTE = contextvars.ContextVar("fusegrad_torch_compute", default=None)  # the GEMM dtype of the current run
+DEVICES = ("cuda", "mps", "cpu", "meta")  # meta: shapes only, no data (proves a step never leaves the device)
 
 
 def best_device() -> str:
@@ -58,6 +63,8 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 def resolve_device(device: str | None) -> torch.device:
     """A torch.device that really exists here, with its index ("cuda" -> cuda:0); BackendError if not."""
     name = device or best_device()
+    if name == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():  # torchrun: one GPU per local process
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     if name.split(":")[0] not in DEVICES:
         raise BackendError(f"torch backend: unknown device {name!r}; use one of {', '.join(DEVICES)}")
     try:
@@ -76,6 +83,8 @@ def _h2d(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = No
 
 
 def _d2h(array: torch.Tensor) -> np.ndarray:
+    if array.device.type == "meta":
+        raise BackendError(f"torch:meta holds shapes, no data: cannot read a {tuple(array.shape)} tensor on the host")
     nbytes = array.numel() * array.element_size()
     with span("d2h", "transfer", bytes=nbytes):
         out = array.detach().to("cpu").numpy()
@@ -150,11 +159,53 @@ class TorchBackend(Backend):
         torch.matmul(torch.zeros((m, k), dtype=dt, device=self.device), torch.zeros((k, n), dtype=dt, device=self.device))
         self.synchronize()
 
+    # -- mixed precision: fp32 master weights, GEMMs in bf16/fp16, softmax, norm statistics and loss in fp32 --
+    @contextlib.contextmanager
+    def precision(self, dtype: str = "fp32"):
+        """Inside the block (per thread and task) every GEMM multiplies `dtype` operands (tensor cores on a
+        GPU) and hands back float32: softmax, RMSNorm statistics, the loss, parameters, grads and AdamW state
+        stay float32. Activations are stored in float32 between kernels: fusegrad's tensor dtypes are numpy's,
+        and numpy has no bfloat16."""
+        if dtype not in ("fp32", "float32", *COMPUTE_DTYPES):
+            raise BackendError(f"torch backend: dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        token = _COMPUTE.set(COMPUTE_DTYPES.get(dtype))
+        try:
+            yield self
+        finally:
+            _COMPUTE.reset(token)
+
+    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        dt = _COMPUTE.get()
+        if dt is None or not a.is_floating_point():
+            return super().gemm(a, b, trans_a, trans_b)
+        return super().gemm(a.to(dt), b.to(dt), trans_a, trans_b).float()
+
+    def mm(self, a, b):
+        dt = _COMPUTE.get()
+        if dt is None or not a.is_floating_point():
+            return torch.matmul(a, b)
+        return torch.matmul(a.to(dt), b.to(dt)).float()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elif self.device.type == "mps":
             torch.mps.synchronize()
+
+    def erf(self, x):
+        return torch.special.erf(x)
+
+    @torch.no_grad()
+    def dequantize_nf4(self, q, code):
+        """On the device: the packed codes and block scales go over once per NF4Tensor, each call is a
+        table lookup and a scale (no host work, no host copy of the fp32 weight)."""
+        hit = self._constants.get(id(q))
+        if hit is None or hit[0] is not q:
+            hit = self._constants[id(q)] = (q, self.asarray(q.packed), self.asarray(q.block_scales()))
+        packed, scales, n = hit[1], hit[2], q.size
+        idx = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[:n].long()  # first element high
+        w = self.constant(code)[idx]  # (n,)
+        return (w * scales.repeat_interleave(q.blocksize)[:n]).reshape(q.shape)
 
     @torch.no_grad()
     def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
@@ -163,7 +214,9 @@ class TorchBackend(Backend):
         B, T, _ = qkv.shape
         cos, sin = self.constant(cos), self.constant(sin)
         q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[:T], sin[:T])  # q (B, Hkv, G, T, D)
-        y = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, is_causal=True, enable_gqa=n_heads != n_kv_heads)
+        dt = _COMPUTE.get() or q.dtype  # mixed precision: bf16/fp16 operands, float32 out
+        y = F.scaled_dot_product_attention(q.flatten(1, 2).to(dt), k.to(dt), v.to(dt), is_causal=True,
+                                           enable_gqa=n_heads != n_kv_heads).to(q.dtype)
         return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
 
     @torch.no_grad()

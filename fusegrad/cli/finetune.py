@@ -3,22 +3,20 @@
     fusegrad finetune --model stories15M.bin --tokenizer tokenizer.bin --data chat.jsonl --out runs/ft
     fusegrad finetune --config ft.yaml --lora_targets q,k,v,o --rank 16 --qlora
     fusegrad finetune --model hf_dir --data reviews.csv --task classify --num_classes 2 --out runs/cls
-    fusegrad merge --model stories15M.bin --adapter runs/ft --out merged.bin
+    fusegrad merge --model stories15M.bin --adapter runs/ft --out merged.bin      # = fusegrad export --adapter
 """
 from __future__ import annotations
 
-import os
-
 from fusegrad.cli.config import add_dataclass_args, config_from_args
-from fusegrad.core.errors import ConfigError, FormatError
-from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.cli.export import DTYPES, FORMATS, export
 from fusegrad.finetune.trainer import FinetuneConfig, finetune
-from fusegrad.models.llama import Llama
 
 HELP = {"model": "base model: llama2.c .bin or Hugging Face directory",
-        "data": "JSONL ({'text'} or {'prompt','completion'}; classify: {'text','label'}) or CSV with a header",
+        "data": "JSONL ({'text'}, {'prompt','completion'} or chat {'messages': [{'role','content'}, ...]}: loss on "
+                "the assistant turns; classify: {'text','label'}) or CSV with a header",
         "out": "directory for the PEFT adapter and the resumable state",
         "tokenizer": "'byte', a tokenizer file/dir (default: the one beside the model)",
+        "force_tokenizer": "use --tokenizer byte on a model whose vocabulary is not bytes (its ids mean other tokens)",
         "task": "lm (next-token loss) or classify (head over a pooled hidden state)",
         "lora_targets": "comma list of q,k,v,o,gate,up,down (or HF names, or 'all')",
         "rank": "LoRA rank r", "alpha": "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with --rslora)",
@@ -37,26 +35,8 @@ def _cmd_finetune(args) -> int:
     return 0
 
 
-def merge(model_path, adapter_dir, out, fmt: str = "", force: bool = False) -> str:
-    """Fold a PEFT adapter into its base and save a plain checkpoint (HF dir, or llama2.c .bin) -> format."""
-    fmt = fmt or ("llama2c" if str(out).endswith(".bin") else "hf")
-    if fmt not in ("hf", "llama2c"):
-        raise ConfigError(f"merge: --format must be hf or llama2c, got {fmt!r}")
-    target = os.path.join(out, "model.safetensors") if fmt == "hf" else out
-    if os.path.exists(target) and not force:
-        raise FormatError(f"{target}: already exists; pass --force to overwrite")
-    model = Llama.from_pretrained(model_path)
-    lora = load_adapter(adapter_dir, model)
-    lora.merge()
-    if fmt == "hf":
-        model.save_pretrained(out)
-    else:
-        model.save_llama2c(out)
-    return fmt
-
-
 def _cmd_merge(args) -> int:
-    fmt = merge(args.model, args.adapter, args.out, args.format, args.force)
+    fmt = export(args.model, args.out, args.format, args.adapter, dtype=args.dtype, force=args.force)
     print(f"merged {args.adapter} into {args.model}: {args.out} ({fmt})")
     return 0
 
@@ -72,7 +52,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("merge", help="fold a LoRA adapter into its base and save a plain checkpoint")
     p.add_argument("--model", required=True, help=HELP["model"])
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output: a directory (HF) or a .bin file (llama2.c)")
-    p.add_argument("--format", default="", choices=["", "hf", "llama2c"], help="default: from --out's name")
+    p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
+    p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
+    p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_cmd_merge)

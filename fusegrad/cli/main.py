@@ -1,8 +1,10 @@
-"""The `fusegrad` command: train | sample | prepare | finetune | merge | bench | info | doctor.
+"""The `fusegrad` command: train | sample | prepare | finetune | merge | export | bench | info | doctor.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
+    fusegrad train --init_from hf_dir --data my_texts/    # continued pretraining of a downloaded model
     fusegrad sample --checkpoint runs/default --prompt "The list"
+    fusegrad sample --checkpoint hf_dir --chat --prompt "What is a list?"
     fusegrad prepare my_texts/ --out data/mine --tokenizer bpe --vocab_size 4096
     fusegrad info runs/default
     fusegrad doctor                     # every Neural Engine kernel once, against ane-sim: a pasteable report
@@ -17,11 +19,12 @@ import numpy as np
 from fusegrad.backends import available_backends, get_backend
 from fusegrad.backends.ane.doctor import doctor, format_report
 from fusegrad.backends.openblas import blas_info
-from fusegrad.cli import bench, finetune
+from fusegrad.cli import bench, export, finetune
 from fusegrad.cli.config import add_dataclass_args, config_from_args
-from fusegrad.core.errors import BackendError, FormatError, FusegradError
+from fusegrad.core.errors import BackendError, FusegradError
+from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
-from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.models.generate import generate
 from fusegrad.train.trainer import TrainConfig, load_model, train
@@ -41,16 +44,17 @@ def _cmd_sample(args) -> int:
     model, tokenizer = load_model(args.checkpoint)
     if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
         load_adapter(args.adapter, model).merge()
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise FormatError(f"{args.checkpoint}: no tokenizer found beside the model; pass --tokenizer PATH")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise FormatError(f"tokenizer has {tokenizer.vocab_size} ids, model only {model.config.vocab_size}")
+    tokenizer = tokenizer_for_model(args.checkpoint, model.config.vocab_size, tokenizer, args.tokenizer,
+                                    args.force_tokenizer)
+    if args.chat:  # the prompt as a one-turn conversation, in the model's own chat template
+        text = chat_text(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        prompt = tokenizer.encode(text, bos=False, eos=False)  # the template places its special tokens itself
+    else:
+        prompt = tokenizer.prompt_ids(args.prompt)
     for i in range(args.num_samples):
-        ids = generate(model, tokenizer.encode(args.prompt, bos=True), args.max_new_tokens, args.temperature,
-                       args.top_p, seed=args.seed + i, stop_id=tokenizer.eos_id)
-        print(tokenizer.decode(ids))
+        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed + i,
+                       stop_id=tokenizer.eos_id)
+        print(tokenizer.decode(ids[len(prompt):] if args.chat else ids))  # chat: the assistant's reply only
         if i + 1 < args.num_samples:
             print("---")
     return 0
@@ -102,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig, {"data": "shard dir from `fusegrad prepare`, or text file/dir",
                                         "preset": "model size: tiny, default, stories260K, stories15M, ...",
                                         "resume": "continue from out_dir/checkpoint.safetensors",
+                                        "init_from": "start from a pretrained model (HF dir, llama2.c .bin, run "
+                                                     "dir): its config, weights and tokenizer",
+                                        "tokenizer": "byte, bpe, or a tokenizer file/dir (default: byte, or "
+                                                     "init_from's own)",
+                                        "force_tokenizer": "use the byte tokenizer on an init_from model whose "
+                                                           "vocabulary is not bytes",
                                         "workers": "processes splitting each batch, one core each (0 = one per "
                                                    "core with the numpy backend, 1 = one process)"})
     p.set_defaults(func=_cmd_train)
@@ -115,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", "--num-samples", type=int, default=1)
     p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
+    p.add_argument("--force_tokenizer", "--force-tokenizer", action="store_true",
+                   help="use --tokenizer byte on a model whose vocabulary is not bytes")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the model's chat template; "
+                                                       "prints the assistant's reply")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("prepare", help="tokenize text files into training shards")
@@ -128,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     finetune.add_parser(sub)
+    export.add_parser(sub)
     bench.add_parser(sub)
 
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")

@@ -42,3 +42,6 @@ class ConfigError(FusegradError, ValueError):
 class StorageError(FusegradError, OSError):
     """A file could not be written or read back from disk (disk full, read-only or unwritable directory);
     the message names the path and the reason, and the previous file at that path is left as it was."""
+
+    def __str__(self):  # the message alone, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()

@@ -2,7 +2,8 @@
 
 A write goes to `NAME.<pid>.<random>.tmp` beside the target, is fsynced and renamed over it. A full disk or
 an unwritable directory is one StorageError naming the path, with the old file intact and no temp file
-left; temp files that a crashed process left beside the target are removed by the next write. Files get
+left; temp files that a crashed process left beside the target are removed by the next write (and those
+of a whole run directory when a run starts). Files get
 the permissions the umask gives (not mkstemp's 0600).
 
 >>> import os, tempfile
@@ -44,11 +45,14 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(path) -> list:
-    """Remove the temp files of earlier writes of `path` whose process is gone; returns what was removed."""
+    """Remove the temp files of earlier writes of `path` (of every file in it, for a directory) whose process
+    is gone; returns what was removed."""
+    path = os.fspath(path)
+    pattern = os.path.join(glob.escape(path), "*.tmp") if os.path.isdir(path) else glob.escape(path) + ".*.tmp"
     removed = []
-    for tmp in glob.glob(glob.escape(os.fspath(path)) + ".*.tmp"):
-        pid = os.path.basename(tmp)[len(os.path.basename(os.fspath(path))) + 1:].split(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    for tmp in glob.glob(pattern):
+        parts = os.path.basename(tmp).rsplit(".", 3)  # NAME.<pid>.<random>.tmp
+        if len(parts) == 4 and parts[1].isdigit() and not _alive(int(parts[1])):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
                 removed.append(tmp)

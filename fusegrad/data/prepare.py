@@ -1,7 +1,8 @@
 """Text files -> pretokenized shards + the tokenizer + meta.json, ready for TokenDataset.
 
 This is what `fusegrad prepare` runs. Each text file is one document (the embedded corpus: one
-document per topic); every document is encoded with BOS in front, as llama2.c's shards are.
+document per topic), encoded as the tokenizer encodes text by default: BOS in front where it adds one (as
+llama2.c's shards are), else followed by EOS as the separator.
 A folder of llama2.c's own pretokenized shards (data00.bin, ... from its tinystories.py) is checked and
 described by a meta.json that points at it, not copied; llama2.c's first shard is the validation split.
 
@@ -22,7 +23,7 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write_text
 from fusegrad.data import corpus
 from fusegrad.data.shards import META_FILE, LLAMA2C_LAYOUT, check_llama2c_shards, shard_dtype, shard_name, write_shard
-from fusegrad.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from fusegrad.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 DEFAULT_BPE_VOCAB = 4096
 _OUR_FILES = re.compile(r"^data\d+(\.u32)?\.bin$")
@@ -37,7 +38,8 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
                   Or a folder of llama2.c's pretokenized uint16 shards: checked against the tokenizer
                   (which must be the one they were made with) and used in place.
     tokenizer:    "byte" (258 ids, no training), "bpe" (byte-level BPE trained here on the inputs to
-                  `vocab_size` ids, default 4096), or a path to a saved tokenizer (see load_tokenizer).
+                  `vocab_size` ids, default 4096), a path to a saved tokenizer (see load_tokenizer), or a
+                  Tokenizer (a pretrained model's, for continued pretraining).
     val_fraction: the last fraction of every shard that TokenDataset serves as validation (recorded).
     shard_tokens: start a new shard once one holds this many tokens (whole documents per shard).
     overwrite:    replace shards + meta.json a previous prepare left in out_dir (else FormatError).
@@ -52,7 +54,7 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
 
     shards, buf, n_buf = [], [], 0
     for doc in docs:
-        buf.append(np.asarray(tok.encode(doc, bos=True), dtype=np.int64))
+        buf.append(np.asarray(tok.document_ids(doc), dtype=np.int64))
         n_buf += len(buf[-1])
         if n_buf >= shard_tokens:
             shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
@@ -99,10 +101,13 @@ def _read_documents(inputs):
     return paths, docs
 
 
-def _make_tokenizer(tokenizer, vocab_size, docs):
-    if tokenizer == "bpe":
+def _make_tokenizer(tokenizer, vocab_size=None, docs=()):
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    elif tokenizer == "bpe":
         return BPETokenizer.train(docs, vocab_size or DEFAULT_BPE_VOCAB)
-    tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
+    else:
+        tok = load_tokenizer(tokenizer)
     if vocab_size is not None and vocab_size != tok.vocab_size:
         raise ConfigError(f"prepare: vocab_size {vocab_size} given, but tokenizer {tokenizer!r} has "
                          f"{tok.vocab_size} ids (vocab_size is only chosen when training 'bpe')")
@@ -128,8 +133,8 @@ def _flush(out_dir, index, vocab_size, buf):
 
 def _describe_llama2c_shards(source, out_dir, tokenizer, overwrite):
     """meta.json (+ the tokenizer) in out_dir for llama2.c's shards in `source`, which stay where they are."""
-    tok = ByteTokenizer() if tokenizer == "byte" else load_tokenizer(tokenizer)
-    shards = check_llama2c_shards(source, tok.vocab_size, tokenizer)
+    tok = _make_tokenizer(tokenizer)
+    shards = check_llama2c_shards(source, tok.vocab_size, getattr(tok, "source", tok.kind))
     _clear_out_dir(out_dir, overwrite)
     tok.save(out_dir)
     tokens = [n for _, n in shards]

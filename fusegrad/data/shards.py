@@ -130,8 +130,8 @@ def check_llama2c_shards(directory, vocab_size, tokenizer_name):
             if "outside the vocabulary" not in str(e):
                 raise
             raise FormatError(f"{e}; the tokenizer {tokenizer_name!r} has {vocab_size} ids: pass the tokenizer the "
-                              f"shards were made with (llama2.c's tokenizer.model, or tok<N>.model for its custom "
-                              f"vocabularies)") from None
+                              f"shards were made with (--tokenizer: llama2.c's tokenizer.model, or tok<N>.model for "
+                              f"its custom vocabularies)") from None
         head = ids[:8192]
         if len(head) >= 64 and np.count_nonzero(head[1::2] == 0) > 0.9 * (len(head) // 2):
             raise FormatError(f"{path}: every other uint16 id is 0: these look like uint32 ids; llama2.c's shards are "

@@ -1,8 +1,9 @@
 """Tokenizers with one interface: byte-level, Hugging Face BPE, sentencepiece and llama2.c's tokenizer.bin.
 
-Every tokenizer has `encode(text, bos=True, eos=False) -> list[int]`, `decode(ids) -> str`, `vocab_size`,
-`bos_id`, `eos_id`, `save(dir)` and `to_json()` (metadata a checkpoint records); `load_tokenizer(path)`
-reads back whatever `save` wrote, or a tokenizer.json / tokenizer.model / tokenizer.bin from elsewhere.
+Every tokenizer has `encode(text, bos=None, eos=None) -> list[int]` (None: what the tokenizer adds by default),
+`decode(ids) -> str`, `vocab_size`, `bos_id`, `eos_id`, `eos_ids`, `save(dir)` and `to_json()` (metadata a
+checkpoint records); `load_tokenizer(path)` reads back whatever `save` wrote, or a tokenizer.json /
+tokenizer.model / tokenizer.bin from elsewhere.
 
 >>> tok = ByteTokenizer()
 >>> tok.encode("hi", eos=True)
@@ -22,6 +23,7 @@ from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin")  # search order
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
 
@@ -48,6 +50,16 @@ class Tokenizer:
         ids = self._encode(text)
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + \
             ([self.eos_id] if eos and self.eos_id is not None else [])
+
+    def prompt_ids(self, text):
+        """A prompt's ids as `encode` gives them by default; an empty prompt starts from BOS (else EOS, the
+        document separator), since generation needs one token to start from."""
+        return self.encode(text) or [self.bos_id if self.bos_id is not None else self.eos_id]
+
+    def document_ids(self, text):
+        """A document for pretraining: as `encode` gives it, followed by EOS when the tokenizer adds neither BOS
+        nor EOS (documents need a separator)."""
+        return self.encode(text) + ([self.eos_id] if not (self.add_bos or self.add_eos) else [])
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
@@ -372,23 +384,17 @@ def read_tokenizer_bin(path):
 def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
-    A directory is searched for tokenizer.model, tokenizer.json, byte_tokenizer.json, tokenizer.bin
-    (in that order; tokenizer.json first where a tokenizer_config.json says it is a Hugging Face model's). Files dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face
-    (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
+    A directory is searched as `tokenizer_file` says. Files dispatch on their name: *.model -> sentencepiece,
+    *.json -> Hugging Face (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
     """
     if path == "byte":
         return ByteTokenizer()
     path = os.fspath(path)
     if os.path.isdir(path):
-        names = ["tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin"]
-        if os.path.isfile(os.path.join(path, TOKENIZER_CONFIG)):  # a Hugging Face model: its fast tokenizer
-            names.remove("tokenizer.json")
-            names.insert(0, "tokenizer.json")
-        for name in names:
-            if os.path.isfile(os.path.join(path, name)):
-                return load_tokenizer(os.path.join(path, name))
-        raise FormatError(f"{path}: directory holds no tokenizer (tokenizer.model, tokenizer.json, "
-                          f"{BYTE_TOKENIZER_FILE} or tokenizer.bin)")
+        found = tokenizer_file(path)
+        if found is None:
+            raise FormatError(f"{path}: directory holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+        return load_tokenizer(found)
     if not os.path.isfile(path):
         raise FormatError(f"{path}: tokenizer file does not exist")
     if path.endswith(".model"):
@@ -404,6 +410,43 @@ def load_tokenizer(path):
             return ByteTokenizer()
         return BPETokenizer.load(path)
     raise FormatError(f"{path}: unknown tokenizer file type (expected .model, .json or .bin)")
+
+
+def tokenizer_file(directory):
+    """The tokenizer file in `directory` that load_tokenizer reads, or None: the first of TOKENIZER_FILES there
+    (tokenizer.json first where a tokenizer_config.json says it is a Hugging Face model's)."""
+    names = TOKENIZER_FILES
+    if os.path.isfile(os.path.join(directory, TOKENIZER_CONFIG)):  # a Hugging Face model: its fast tokenizer
+        names = ("tokenizer.json",) + tuple(n for n in names if n != "tokenizer.json")
+    return next((os.path.join(directory, n) for n in names if os.path.isfile(os.path.join(directory, n))), None)
+
+
+def tokenizer_beside(path):
+    """The tokenizer in a model directory or beside a model file, or None when there is none."""
+    path = os.fspath(path)
+    found = tokenizer_file(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+    return None if found is None else load_tokenizer(found)
+
+
+def tokenizer_for_model(model_path, vocab_size, own=None, choice="", force=False):
+    """The tokenizer to use with the model at `model_path` (`vocab_size` ids): `choice` (a tokenizer path or
+    "byte") or else `own`, the one beside the model. It must fit: more ids than the model's vocabulary is an
+    error naming both files; so is the byte tokenizer on a model that has another tokenizer of its own, or no
+    tokenizer and a vocabulary other than 258, unless `force`: byte ids would mean other tokens to that model."""
+    if not choice and own is None:
+        raise FormatError(f"{model_path}: no tokenizer found beside the model ({', '.join(TOKENIZER_FILES)}); "
+                          f"pass --tokenizer PATH, the tokenizer the model was trained with")
+    tok = load_tokenizer(choice) if choice else own
+    name = getattr(tok, "source", choice or tok.kind)
+    if tok.vocab_size > vocab_size:
+        raise FormatError(f"{name}: the tokenizer has {tok.vocab_size} ids, more than the vocabulary of the model "
+                          f"{model_path} ({vocab_size}); they do not belong together")
+    if tok.kind == "byte" and not force and (own.kind != "byte" if own is not None else vocab_size != tok.vocab_size):
+        theirs = f"that of its tokenizer {getattr(own, 'source', own.kind)}" if own is not None else "not bytes"
+        raise FormatError(f"byte tokenizer on the model {model_path}, whose {vocab_size}-id vocabulary is {theirs}: "
+                          f"byte ids would mean other tokens to it; pass its tokenizer, or --force_tokenizer to "
+                          f"use byte ids anyway")
+    return tok
 
 
 def _find_token(hf, names):

@@ -1,7 +1,9 @@
 """Fine-tuning data: JSONL or CSV records -> token examples, and batches with no padding at all.
 
 Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
-unless mask_prompt=False). Classification: `text` + `label` (an int in [0, num_classes)).
+unless mask_prompt=False), or a chat `messages` list of {"role", "content"} rendered with the tokenizer's own
+chat template (loss on the assistant turns only). Text gets a BOS only where the tokenizer adds one.
+Classification: `text` + `label` (an int in [0, num_classes)).
 Batches group examples of EQUAL length: a step's examples are split into (B_g, T_g) groups that run
 one after another, so no position is padding and nothing is computed for it.
 
@@ -20,6 +22,7 @@ import os
 import numpy as np
 
 from fusegrad.core.errors import FormatError
+from fusegrad.data.chat import chat_example
 
 
 @dataclasses.dataclass
@@ -69,35 +72,37 @@ def _text(r, key):
 
 
 def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> list:
-    """Records -> Examples of at most max_len + 1 tokens (BOS ... EOS, cut at the right).
+    """Records -> Examples of at most max_len + 1 tokens ([BOS] ... EOS, cut at the right).
 
     Records whose loss would cover no token after truncation (a prompt longer than max_len) are dropped.
     """
     out = []
     for r in records:
-        if "text" in r:
-            prompt, completion = [], tokenizer.encode(_text(r, "text"), bos=False, eos=True)
-            mask_prompt_here = False
+        if "messages" in r:
+            try:
+                ids, trained = chat_example(tokenizer, r["messages"])  # trained: 1 on the assistant's tokens
+            except FormatError as e:
+                raise FormatError(f"{_where(r)}: {e}") from None
+        elif "text" in r:
+            ids = tokenizer.encode(_text(r, "text"), eos=True)
+            trained = [1] * len(ids)
         elif "prompt" in r and "completion" in r:
-            prompt = tokenizer.encode(_text(r, "prompt"), bos=False)
-            completion = tokenizer.encode(_text(r, "completion"), bos=False, eos=True)
-            mask_prompt_here = mask_prompt
+            prompt = tokenizer.encode(_text(r, "prompt"))
+            ids = prompt + tokenizer.encode(_text(r, "completion"), bos=False, eos=True)
+            trained = [int(not mask_prompt)] * len(prompt) + [1] * (len(ids) - len(prompt))
         else:
-            raise FormatError(f"{_where(r)}: a record needs 'text', or 'prompt' and 'completion' "
+            raise FormatError(f"{_where(r)}: a record needs 'text', 'prompt' and 'completion', or 'messages' "
                               f"(has {sorted(k for k in r if not k.startswith('_'))})")
-        ids = ([tokenizer.bos_id] + prompt + completion)[:max_len + 1]
-        if len(ids) < 2:
-            continue
-        mask = np.ones(len(ids) - 1, bool)
-        if mask_prompt_here:
-            mask[:len(prompt)] = False  # target t is ids[t + 1]: prompt tokens are targets 0..len(prompt)-1
+        ids = ids[:max_len + 1]
+        mask = np.array(trained[1:len(ids)], bool)  # target t is ids[t + 1]
         if mask.any():
             out.append(Example(np.array(ids, np.int64), mask))
     return out
 
 
 def classify_examples(records, tokenizer, num_classes: int, max_len: int) -> list:
-    """Records with text + label -> Examples (BOS + text, cut to max_len); label checked against num_classes."""
+    """Records with text + label -> Examples (text, with BOS where the tokenizer adds one, cut to max_len); label
+    checked against num_classes."""
     out = []
     for r in records:
         raw = r.get("label")
@@ -109,7 +114,7 @@ def classify_examples(records, tokenizer, num_classes: int, max_len: int) -> lis
             raise FormatError(f"{_where(r)}: label must be an integer class id, got {raw!r}") from None
         if not 0 <= label < num_classes:
             raise FormatError(f"{_where(r)}: label {label} is outside [0, num_classes={num_classes})")
-        ids = tokenizer.encode(_text(r, "text"), bos=True)[:max_len]
+        ids = tokenizer.encode(_text(r, "text"))[:max_len]
         out.append(Example(np.array(ids, np.int64), label=label))
     return out
 

@@ -33,6 +33,7 @@ from fusegrad.core.tensor import Tensor, is_grad_enabled, tensor
 from fusegrad.core.trace import span
 from fusegrad.models.hf_names import HF_MODULES
 from fusegrad.ops._util import check_float, result
+from fusegrad.quant.nf4 import NF4_CODE
 
 # target -> (fused parameter kind, index of the part inside it)
 TARGETS = {"q": ("wqkv", 0), "k": ("wqkv", 1), "v": ("wqkv", 2), "o": ("wo", 0),
@@ -88,12 +89,13 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _base_weight(base):
-    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4Tensor dequantized for this GEMM."""
+def _base_weight(base, be):
+    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4Tensor dequantized for this GEMM
+    where backend `be` keeps its arrays."""
     if isinstance(base, Tensor):
         return base.data
     with span("nf4_dequantize", "quant", shape=base.shape):
-        return base.dequantize()
+        return be.dequantize_nf4(base, NF4_CODE)
 
 
 def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scaling: float,
@@ -112,7 +114,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
     r = A.shape[0] // P if P else 0
     be = x.backend
     x2 = x.data.reshape(-1, in_f)  # (N, in)
-    y = be.gemm(x2, _base_weight(base), trans_b=True)  # (N, out)
+    y = be.gemm(x2, _base_weight(base, be), trans_b=True)  # (N, out)
     xa = x2 if dropout_mask is None else x2 * dropout_mask
     us = None
     if P:
@@ -138,7 +140,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
                 dA = be.gemm(du, xa, trans_a=True) if A.requires_grad else None  # (P r, in)
         dx = None
         if x.requires_grad:
-            dx = be.gemm(g2, _base_weight(base))  # (N, in): the only GEMM the frozen base costs
+            dx = be.gemm(g2, _base_weight(base, be))  # (N, in): the only GEMM the frozen base costs
             if P:
                 dxa = be.gemm(du, A.data)
                 dx += dxa if dropout_mask is None else dxa * dropout_mask
@@ -163,7 +165,7 @@ class LoraProjection:
         s, mask = self.state, None
         if s.training and s.config.dropout > 0 and self.targets and is_grad_enabled():
             keep = s.rng.random(x.shape[:-1] + (x.shape[-1],)) >= s.config.dropout
-            mask = (keep / (1.0 - s.config.dropout)).astype(x.dtype).reshape(-1, x.shape[-1])
+            mask = x.backend.asarray((keep / (1.0 - s.config.dropout)).reshape(-1, x.shape[-1]), x.dtype)  # h2d
         return lora_linear(x, self.base, self.A, [self.B[t] for t in self.targets], self.slices,
                            s.config.scaling, mask)
 
@@ -226,16 +228,17 @@ class Lora:
             if arr is None or arr.shape != t.shape:
                 raise FormatError(f"{where}: LoRA parameter {n} is missing or has shape "
                                   f"{None if arr is None else arr.shape}, expected {t.shape}")
-            t.data = np.array(arr, dtype=t.dtype)
+            t.data = t.backend.asarray(np.array(arr, dtype=t.dtype))
 
     def merge(self) -> None:
         """Fold every adapter into its base weight (W[rows_p] += s B_p A_p) and detach them all.
         An NF4 base is dequantized first (merging into 4-bit codes would lose the delta)."""
+        be = self.model.backend
         for name, proj in self.projections.items():
-            W = np.array(_base_weight(proj.base), dtype=self.model.dtype)
+            W = np.array(be.to_numpy(_base_weight(proj.base, be)), dtype=self.model.dtype)
             for t, rows in zip(proj.targets, proj.slices):
-                W[rows] += proj.delta(t).astype(W.dtype)
-            self.model.params[name] = tensor(W, dtype=self.model.dtype)
+                W[rows] += be.to_numpy(proj.delta(t)).astype(W.dtype)
+            self.model.params[name] = tensor(W, dtype=self.model.dtype, backend=be)
             self.model.adapters.pop(name, None)
         self.projections = {}
 
@@ -277,10 +280,10 @@ def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lor
             if parts:
                 bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) as torch.nn.Linear and PEFT
                 proj.A = tensor(rng.uniform(-bound, bound, (len(parts) * config.r, in_f)), dtype=model.dtype,
-                                   requires_grad=True)
+                                requires_grad=True, backend=model.backend)
                 for t, rows in parts:
                     proj.B[t] = tensor(np.zeros((rows.stop - rows.start, config.r)), dtype=model.dtype,
-                                          requires_grad=True)
+                                       requires_grad=True, backend=model.backend)
             lora.projections[name] = proj
             model.adapters[name] = proj
     return lora

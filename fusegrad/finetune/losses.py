@@ -40,7 +40,8 @@ def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, de
     need_dw = is_grad_enabled() and weight.requires_grad
     be = h.backend
     with span("masked_classifier_cross_entropy", "classifier", N=rows.size, V=weight.shape[0]):
-        mean, dh_sel, dw = be.classifier_cross_entropy(h.data[rows], weight.data, t,
+        rows_d = be.asarray(rows)  # h2d, with the targets
+        mean, dh_sel, dw = be.classifier_cross_entropy(h.data[rows_d], weight.data, t,
                                                        chunk or logits_chunk_rows(weight.shape[0]), need_dh, need_dw)
     frac = rows.size / denominator  # mean over selected rows -> share of the step's mean
 
@@ -48,8 +49,8 @@ def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, de
         scale = g.reshape(()) * frac
         dh = None
         if dh_sel is not None:
-            dh = np.zeros_like(h.data)
-            dh[rows] = dh_sel * scale
+            dh = be.xp.zeros_like(h.data)
+            dh[rows_d] = dh_sel * scale
         return dh, (dw * scale if dw is not None else None)
     return result(be.asarray(mean * frac, h.dtype), "masked_classifier_cross_entropy", (h, weight), backward)
 

@@ -27,7 +27,7 @@ from fusegrad import ops
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.tensor import no_grad, tensor
 from fusegrad.data.shards import rng_from_state, rng_state
-from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.data.tokenizer import tokenizer_beside, tokenizer_for_model
 from fusegrad.finetune import data as ftdata
 from fusegrad.finetune.lora import LoraConfig, attach_lora
 from fusegrad.finetune.losses import lm_loss, pool
@@ -48,9 +48,10 @@ class FinetuneError(TrainingError):
 @dataclasses.dataclass
 class FinetuneConfig(RunConfig):
     model: str = ""  # llama2.c .bin or Hugging Face directory
-    data: str = ""  # JSONL ({"text"} or {"prompt", "completion"}; classify: {"text", "label"}) or CSV
+    data: str = ""  # JSONL ({"text"}, {"prompt", "completion"}, chat {"messages"}; classify: {"text", "label"}) or CSV
     out: str = "runs/finetune"
     tokenizer: str = ""  # "" = the tokenizer beside the model; "byte" or a tokenizer file/dir
+    force_tokenizer: bool = False  # use the byte tokenizer on a model whose vocabulary is not bytes
     task: str = "lm"  # lm | classify
     num_classes: int = 0
     pooling: str = "last"  # last | mean (classify)
@@ -101,7 +102,8 @@ class Finetuner(Run):
             raise FormatError(f"{cfg.out}: already holds {', '.join(taken)}; pass --resume to continue or "
                               f"--force to overwrite")
         self.model = Llama.from_pretrained(cfg.model)
-        self.tokenizer = self._tokenizer()
+        self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
+                                             cfg.tokenizer, cfg.force_tokenizer)
         records = ftdata.read_records(cfg.data)
         max_len = min(cfg.max_len, self.model.config.max_seq_len)
         if cfg.task == "lm":
@@ -130,21 +132,6 @@ class Finetuner(Run):
         self.history["val_accuracy"] = []
         if cfg.resume and os.path.exists(self.state_path):
             self.load()
-
-    def _tokenizer(self):
-        cfg = self.cfg
-        if cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-        else:
-            directory = cfg.model if os.path.isdir(cfg.model) else os.path.dirname(os.path.abspath(cfg.model))
-            try:
-                tok = load_tokenizer(directory)
-            except FormatError:
-                raise FormatError(f"{cfg.model}: no tokenizer beside the model; pass --tokenizer byte|PATH") from None
-        if tok.vocab_size > self.model.config.vocab_size:
-            raise FormatError(f"tokenizer has {tok.vocab_size} ids but the model's vocabulary is "
-                              f"{self.model.config.vocab_size}")
-        return tok
 
     # -- the task ----------------------------------------------------------------------------------
     def group_loss(self, tokens, mask, labels, denominator):

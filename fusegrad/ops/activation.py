@@ -54,9 +54,7 @@ def gelu(a: Tensor, approximate: str = "none") -> Tensor:
         def backward(g):
             return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)),)
     elif approximate == "none":
-        from scipy.special import erf  # heavy (0.3 s), and only the exact GELU needs it
-
-        cdf = 0.5 * (1 + erf(x / math.sqrt(2))).astype(x.dtype)
+        cdf = 0.5 * (1 + a.backend.erf(x / math.sqrt(2)))
         out = x * cdf
 
         def backward(g):

@@ -170,9 +170,13 @@ def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int | No
         loss, dh, dw = be.classifier_cross_entropy(h.data, weight.data, t, chunk, need_dh, need_dw)
 
     def backward(g):
-        # the loss grad is 1.0 in training: hand over the arrays the forward made (no (V, C) product),
-        # unless the graph is retained: the receiver may change them before this node runs again
+        # scale the arrays the forward made in place (no (V, C) temporary, no host read of g), unless the
+        # graph is retained: the receiver may change them before this node runs again
         scale = g.reshape(())
-        give = scale == 1 and g.dtype == h.dtype and not is_graph_retained()
-        return tuple(None if a is None else a if give else a * scale for a in (dh, dw))
+        if is_graph_retained() or g.dtype != h.dtype:
+            return tuple(None if a is None else a * scale for a in (dh, dw))
+        for a in (dh, dw):
+            if a is not None:
+                a *= scale
+        return dh, dw
     return result(be.asarray(loss, h.dtype), "classifier_cross_entropy", (h, weight), backward)

@@ -136,7 +136,7 @@ def getitem(a: Tensor, key) -> Tensor:
     xp = a.backend.xp
 
     def backward(g):
-        grad = xp.zeros(a.shape, dtype=g.dtype)
+        grad = xp.zeros(a.shape, dtype=g.dtype, device=a.backend.device)
         if basic:
             grad[key] = g
         else:

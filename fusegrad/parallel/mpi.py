@@ -18,22 +18,18 @@ them (the others would otherwise wait forever in the next Allreduce).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 
 import numpy as np
 
-from fusegrad.core.errors import ConfigError, FusegradError
 from fusegrad.core.trace import count, span
+from fusegrad.parallel.common import BUCKET_BYTES, CHECK_INTERVAL, ParallelError, Replicas, buckets
+from fusegrad.parallel.torch_dist import TorchDataParallel, launched_by_torchrun
 
-BUCKET_BYTES = 16 << 20  # gradient bytes per Allreduce: large enough to amortise latency, small in memory
-CHECK_INTERVAL = 50  # steps between parameter-consistency checks
+__all__ = ["BUCKET_BYTES", "CHECK_INTERVAL", "DataParallel", "ParallelError", "buckets", "launched_ranks"]
+
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")  # set by mpirun/mpiexec
-
-
-class ParallelError(FusegradError, RuntimeError):
-    """Ranks disagree (parameters drifted, a batch that does not split) or one of them failed."""
 
 
 def launched_ranks() -> int:
@@ -44,26 +40,7 @@ def launched_ranks() -> int:
     return 1
 
 
-def buckets(sizes, itemsize: int, bucket_bytes: int = BUCKET_BYTES) -> list:
-    """Group consecutive arrays (element counts `sizes`) into buckets of at most `bucket_bytes`
-    (an array bigger than that gets a bucket of its own). Returns lists of indices.
-
-    >>> buckets([4, 4, 10, 1], itemsize=4, bucket_bytes=32)
-    [[0, 1], [2], [3]]
-    """
-    out, current, used = [], [], 0
-    for i, n in enumerate(sizes):
-        if current and used + n * itemsize > bucket_bytes:
-            out.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n * itemsize
-    if current:
-        out.append(current)
-    return out
-
-
-class DataParallel:
+class DataParallel(Replicas):
     """The MPI side of the trainer: sharding, gradient averaging, consistency checks, abort."""
 
     def __init__(self, comm=None, bucket_bytes: int = BUCKET_BYTES, check_interval: int = CHECK_INTERVAL):
@@ -78,21 +55,11 @@ class DataParallel:
 
     @classmethod
     def from_env(cls):
-        """A DataParallel over COMM_WORLD when mpirun started more than one rank, else None."""
-        return cls() if launched_ranks() > 1 else None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, batch: np.ndarray) -> np.ndarray:
-        """This rank's rows of the global batch (B, ...): rows [rank B/n, (rank+1) B/n)."""
-        B = batch.shape[0]
-        if B % self.size:
-            raise ConfigError(f"data parallel: batch_size {B} does not split evenly over {self.size} ranks; "
-                             f"use a multiple of {self.size}")
-        per = B // self.size
-        return batch[self.rank * per:(self.rank + 1) * per]
+        """A DataParallel over COMM_WORLD when mpirun started more than one rank; a torch.distributed one
+        (parallel/torch_dist.py) when torchrun started several processes; else None."""
+        if launched_ranks() > 1:
+            return cls()
+        return TorchDataParallel.from_env() if launched_by_torchrun() > 1 else None
 
     def average(self, value: float) -> float:
         """The mean of a number over ranks (the logged loss of the global batch)."""
@@ -134,20 +101,6 @@ class DataParallel:
             self.comm.Bcast(host, root=0)
             if not self.is_main:
                 t.data = t.backend.asarray(host)
-
-    def check_consistency(self, named_params, step: int) -> None:
-        """Raise ParallelError on every rank if any parameter differs from rank 0's (compared by digest)."""
-        with span("consistency_check", "parallel"):
-            digests = [hashlib.blake2b(np.ascontiguousarray(t.numpy()).tobytes(), digest_size=8).digest()
-                       for _, t in named_params]
-            reference = self.comm.bcast(digests, root=0)
-            bad = [name for (name, _), d, r in zip(named_params, digests, reference) if d != r]
-            drifted = self.comm.allgather(bad[0] if bad else None)
-        culprits = [(rank, name) for rank, name in enumerate(drifted) if name is not None]
-        if culprits:
-            listed = ", ".join(f"rank {r} ({n})" for r, n in culprits)
-            raise ParallelError(f"step {step}: parameters differ from rank 0's on {listed}; the replicas "
-                                f"diverged (non-deterministic kernels or a missed gradient allreduce)")
 
     @contextlib.contextmanager
     def abort_on_error(self):

@@ -37,6 +37,7 @@ from fusegrad.core.trace import span
 
 ONE_CORE_ENV = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1"}
+ANSWER_TIMEOUT_S = float(os.environ.get("FUSEGRAD_WORKER_TIMEOUT", 600))  # longest wait for a helper's answer
 ALIGN = 64  # bytes: every parameter starts on a 64-byte boundary of its block, for aligned SIMD loads
 
 
@@ -173,7 +174,19 @@ class ProcessDataParallel:
         except OSError as e:  # BrokenPipeError: the helper is gone
             raise WorkerError(f"a fusegrad worker process died ({type(e).__name__}); see its stderr") from e
 
-    def _receive(self, conn):
+    def _receive(self, conn, proc):
+        """The helper's next answer. A helper that exits, is stopped (SIGSTOP, Ctrl-Z) or is silent for
+        ANSWER_TIMEOUT_S seconds is a WorkerError: the main process never waits forever."""
+        waited = 0.0
+        while not conn.poll(0.5):
+            waited += 0.5
+            if proc.poll() is not None:
+                raise WorkerError(f"fusegrad worker process {proc.pid} died (exit status {proc.returncode}); "
+                                  f"see its stderr")
+            if _stopped(proc.pid) or waited >= ANSWER_TIMEOUT_S:
+                why = "is stopped (SIGSTOP?)" if waited < ANSWER_TIMEOUT_S else f"sent nothing for {waited:.0f} s"
+                raise WorkerError(f"fusegrad worker process {proc.pid} {why}; giving up on it (workers=1 trains in "
+                                  f"one process; FUSEGRAD_WORKER_TIMEOUT sets the wait)")
         try:
             status, value = conn.recv()
         except (EOFError, OSError) as e:
@@ -208,11 +221,11 @@ class ProcessDataParallel:
     def _gather(self) -> list:
         """One answer per helper (after its "ready" at the first step); the first failure raised after all."""
         answers, failure = [], None
-        for conn, _ in self.helpers:
+        for conn, proc in self.helpers:
             try:
                 if not self.ready:
-                    self._receive(conn)  # "ready": the helper built its model and loaded its kernels
-                answers.append(self._receive(conn))
+                    self._receive(conn, proc)  # "ready": the helper built its model and loaded its kernels
+                answers.append(self._receive(conn, proc))
             except WorkerError as e:
                 failure = failure or e
         self.ready = True
@@ -237,9 +250,9 @@ class ProcessDataParallel:
         if not self.ready:
             return 0.0
         total = 0.0
-        for conn, _ in self.helpers:
+        for conn, proc in self.helpers:
             self._send(conn, ("rss",))
-            total += self._receive(conn)
+            total += self._receive(conn, proc)
         return total - sum(block.size for block in self.blocks) / 2 ** 20
 
     def close(self) -> None:
@@ -250,12 +263,21 @@ class ProcessDataParallel:
         self._finalizer()
 
 
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (state T in Linux's /proc; elsewhere: unknown, False)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def _release(blocks: list, helpers: list) -> None:
     for conn, proc in helpers:
         with contextlib.suppress(OSError):
             conn.send(None)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=0 if _stopped(proc.pid) else 10)
         except subprocess.TimeoutExpired:
             proc.kill()
     helpers.clear()
@@ -282,6 +304,14 @@ def _start_helper(spec: dict):
     return parent, proc
 
 
+def _fusegrad_class(qualified: str):
+    """A class of fusegrad's models by its qualified name; nothing outside fusegrad.models is imported."""
+    module, _, name = qualified.rpartition(".")
+    if not module.startswith("fusegrad.models.") or not name.isidentifier():
+        raise WorkerError(f"worker processes build fusegrad.models classes only, not {qualified!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 def _attach(name: str) -> shared_memory.SharedMemory:
     """The main process's block; unregistered from this process's resource tracker, which would otherwise
     unlink it when the helper exits (Python < 3.13 registers every attach)."""
@@ -298,39 +328,32 @@ def _helper_main(conn) -> None:
     try:
         spec = conn.recv()
         get_backend("numpy").prewarm_kernels()
-        module, _, cls = spec["model"].rpartition(".")
-        model_cls = getattr(importlib.import_module(module), cls)
+        model_cls, config_cls = _fusegrad_class(spec["model"]), _fusegrad_class(spec["config_class"])
         weights, grads = _attach(spec["weights"]), _attach(spec["grads"])
         params = {n: Tensor(a, requires_grad=spec["requires_grad"][n])
                   for n, a in views(weights, spec["offsets"]).items()}
-        module, _, cls = spec["config_class"].rpartition(".")
-        config = getattr(importlib.import_module(module), cls).from_dict(spec["config"])
-        model = model_cls(config, params=params)
+        model = model_cls(config_cls.from_dict(spec["config"]), params=params)
         grad_views = views(grads, spec["offsets"])
     except Exception as e:  # noqa: BLE001  (reported to the main process, which raises it)
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ok", "ready"))
-    while True:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the main process is gone
-            break
-        if msg is None:
-            break
-        try:
-            if msg[0] == "rss":
-                conn.send(("ok", peak_rss_mb()))
-                continue
-            _, tokens, scale = msg
-            for name, p in model.params.items():  # backward accumulates into the shared block, in place
-                grad_views[name][...] = 0.0
-                p.grad = grad_views[name] if p.requires_grad else None
-            loss = model.loss(tokens)
-            (loss * scale).backward()
-            conn.send(("ok", loss.item()))
-        except Exception as e:  # noqa: BLE001
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+    with contextlib.suppress(EOFError, OSError):  # the main process is gone (BrokenPipeError): stop quietly
+        conn.send(("ok", "ready"))
+        while (msg := conn.recv()) is not None:
+            try:
+                if msg[0] == "rss":
+                    conn.send(("ok", peak_rss_mb()))
+                    continue
+                _, tokens, scale = msg
+                for name, p in model.params.items():  # backward accumulates into the shared block, in place
+                    grad_views[name][...] = 0.0
+                    p.grad = grad_views[name] if p.requires_grad else None
+                loss = model.loss(tokens)
+                (loss * scale).backward()
+                answer = ("ok", loss.item())
+            except Exception as e:  # noqa: BLE001
+                answer = ("error", f"{type(e).__name__}: {e}")
+            conn.send(answer)
     del model, params, grad_views
     weights.close()
     grads.close()

@@ -80,7 +80,8 @@ class AdamW:
         self.exp_avg = [xp.zeros_like(t.data) for t in self.params]
         self.exp_avg_sq = [xp.zeros_like(t.data) for t in self.params]
         self.steps = [0] * len(self.params)  # per parameter, like torch: a param without grad does not step
-        self._scratch = xp.empty((max(t.numel() for t in self.params),), dtype=xp.float32)
+        self._scratch = xp.empty((max(t.numel() for t in self.params),), dtype=xp.float32,
+                                 device=self.params[0].backend.device)
 
     def step(self) -> None:
         beta1, beta2 = self.betas
@@ -128,14 +129,15 @@ class AdamW:
             self.steps[i] = int(state["steps"][n])
 
 
-def clip_grad_norm(params, max_norm: float) -> float:
+def clip_grad_norm(params, max_norm: float):
     """Scale all grads in place so their global L2 norm is at most max_norm; return the pre-clip norm.
 
     Each grad's sum of squares is one BLAS dot in its own dtype (float32: ~1e-5 relative error on a 9 M
     element embedding grad, smaller than torch's own float32 norm), summed across grads in float64; a
     non-finite dot is redone in float64 chunks, so only a real inf/NaN gives a non-finite norm. Params
     without grad are skipped. Like torch.nn.utils.clip_grad_norm_ the scale is max_norm / (norm + 1e-6). A non-finite
-    norm is returned with the grads untouched: the caller decides to stop.
+    norm is returned with the grads untouched: the caller decides to stop. Grads on a device are clipped
+    there without a host read: the norm comes back as a 0-d device array.
 
     >>> import fusegrad as fg
     >>> w = fg.tensor([0.0, 0.0], requires_grad=True); w.grad = np.float32([3.0, 4.0])
@@ -145,10 +147,16 @@ def clip_grad_norm(params, max_norm: float) -> float:
     [0.6 0.8]
     """
     named = [t for _, t in _named(params) if t.grad is not None]
-    grads = [t.grad for t in named if isinstance(t.grad, np.ndarray)]
-    device_grads = [t.grad for t in named if not isinstance(t.grad, np.ndarray)]
-    total = named[0].backend.sum_of_squares(device_grads) if device_grads else 0.0  # one host sync
-    for g in grads:
+    if named and not isinstance(named[0].grad, np.ndarray):
+        be = named[0].backend
+        xp = be.xp
+        norm = xp.sqrt(be.sum_of_squares([t.grad for t in named]))  # 0-d, on the device
+        scale = xp.where(xp.isfinite(norm) & (norm > max_norm), max_norm / (norm + 1e-6), xp.ones_like(norm))
+        for t in named:
+            t.grad *= xp.astype(scale, t.grad.dtype)
+        return norm
+    total = 0.0
+    for g in (t.grad for t in named):
         flat = g.reshape(-1)
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled just below
             square_sum = float(np.dot(flat, flat))  # BLAS, in the grad's dtype (blocked sums: ~1e-5 relative)
@@ -159,6 +167,6 @@ def clip_grad_norm(params, max_norm: float) -> float:
     norm = math.sqrt(total)
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
-        for g in grads + device_grads:
-            g *= scale
+        for t in named:
+            t.grad *= scale
     return norm

@@ -1,5 +1,8 @@
 """Pre-training: data, model, and the loop of train/loop.py with AdamW on a cosine schedule.
 
+`init_from` starts from a pretrained model instead of a preset (continued pretraining, or full fine-tuning):
+its config, weights and tokenizer, with the text data prepared by that tokenizer.
+
 Everything that shapes the loss trajectory (weights, optimizer moments, the data sampler's RNG, step,
 history, loss scale) goes into the checkpoint, so `resume=True` continues bit for bit where the run stopped.
 
@@ -13,6 +16,7 @@ history, loss scale) goes into the checkpoint, so `resume=True` continues bit fo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -23,7 +27,7 @@ from fusegrad.core.tensor import no_grad, tensor
 from fusegrad.core.trace import span
 from fusegrad.data.prepare import prepare
 from fusegrad.data.shards import TokenDataset, read_meta, rng_from_state, rng_state
-from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.data.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_for_model
 from fusegrad.models.generate import generate
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig
 from fusegrad.parallel.mpi import DataParallel
@@ -46,18 +50,18 @@ class TrainConfig(RunConfig):
     n_kv_heads: int | None = None
     hidden_dim: int | None = None
     tie_embeddings: bool | None = None
+    init_from: str = ""  # a pretrained model to start from: HF dir, llama2.c .bin, or a run dir / checkpoint
     # data: "" = the embedded CPython docs corpus; or a prepared shard dir, or text file(s)/dir to prepare
     data: str = ""
-    tokenizer: str = "byte"
+    tokenizer: str = ""  # "" = byte, or init_from's own tokenizer; "bpe" or a tokenizer file/dir
+    force_tokenizer: bool = False  # use the byte tokenizer on an init_from model whose vocabulary is not bytes
     vocab_size: int | None = None
     seq_len: int = 128
     beta1: float = 0.9
     beta2: float = 0.95
     eval_batches: int = 8
     out_dir: str = "runs/default"
-    backend: str = "numpy"
     workers: int = 0  # processes that each run a slice of every batch on one core: 0 = one per core, 1 = off
-    device: str = ""  # with backend torch: cuda, mps or cpu ("" = the best one present)
     offload_gemm: str = ""  # torch:cuda|mps|cpu, ane, ane-sim: large GEMMs of the numpy model go there, per call
     sample_tokens: int = 200
     sample_prompt: str = ""
@@ -76,7 +80,7 @@ class TrainConfig(RunConfig):
         return LlamaConfig(**fields)
 
 
-def _prepare_data(cfg: TrainConfig) -> str:
+def _prepare_data(cfg: TrainConfig, tokenizer) -> str:
     """-> a directory of shards (meta.json inside); prepares the embedded corpus or text input once."""
     if cfg.data and os.path.isfile(os.path.join(cfg.data, "meta.json")):
         return cfg.data
@@ -84,9 +88,23 @@ def _prepare_data(cfg: TrainConfig) -> str:
         raise FormatError(f"{cfg.data}: no such data file or directory")
     out = os.path.join(cfg.out_dir, "data")
     if not os.path.isfile(os.path.join(out, "meta.json")):
-        prepare(cfg.data or None, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+        prepare(cfg.data or None, out, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
                 val_fraction=cfg.val_fraction, overwrite=True)
     return out
+
+
+def _pretrained(cfg: TrainConfig):
+    """(model, its own tokenizer or None) of init_from, whose settings rule: no preset or shape overrides."""
+    overridden = [n for n in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "tie_embeddings", "vocab_size")
+                  if getattr(cfg, n) is not None] + (["preset"] if cfg.preset != "default" else [])
+    if overridden or cfg.tokenizer == "bpe":
+        raise ConfigError(f"train: init_from {cfg.init_from} brings its own model and tokenizer; drop "
+                          f"{', '.join(overridden) or 'tokenizer bpe'}")
+    model, own = load_model(cfg.init_from)
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ConfigError(f"train: seq_len {cfg.seq_len} exceeds the context of {cfg.init_from} "
+                          f"(max_seq_len {model.config.max_seq_len})")
+    return model, own
 
 
 class Trainer(Run):
@@ -99,9 +117,12 @@ class Trainer(Run):
         get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
         self.run_dir = cfg.out_dir
         os.makedirs(cfg.out_dir, exist_ok=True)
-        self.data_dir = _prepare_data(cfg)
+        pretrained, own = _pretrained(cfg) if cfg.init_from else (None, None)
+        fits = functools.partial(tokenizer_for_model, cfg.init_from, pretrained and pretrained.config.vocab_size, own,
+                                 force=cfg.force_tokenizer)
+        self.data_dir = _prepare_data(cfg, fits(cfg.tokenizer) if pretrained else cfg.tokenizer or "byte")
         meta = read_meta(self.data_dir)
-        self.tokenizer = load_tokenizer(self.data_dir)
+        self.tokenizer = fits(self.data_dir) if pretrained else load_tokenizer(self.data_dir)  # also data made before
         self.tokenizer.save(cfg.out_dir)  # beside the checkpoint, so the run dir alone is enough to sample
         self.train_data = TokenDataset(self.data_dir, cfg.seq_len, "train")
         self.val_data = TokenDataset(self.data_dir, cfg.seq_len, "val") if meta.get("val_fraction", 0) else None
@@ -111,7 +132,9 @@ class Trainer(Run):
             scale = getattr(get_backend(cfg.offload_gemm), "loss_scale", None)
         self.loss_scale = None if scale is None else [float(scale), 0]
         with use_backend(self.backend):
-            self.model = Llama(cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
+            self.model = Llama(pretrained.config if pretrained else cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
+            if pretrained is not None:
+                self.model.load_state_dict(pretrained.state_dict())
         self.dp = DataParallel.from_env()  # None unless mpirun started several ranks
         if self.dp is not None:
             self.dp.broadcast_params(self.model.named_parameters())
@@ -140,7 +163,8 @@ class Trainer(Run):
 
     def describe(self) -> str:
         procs = f"{self.workers.workers} worker processes" if self.workers is not None else "1 process"
-        return (f"fusegrad: training {self.cfg.preset} ({self.model.num_params() / 1e6:.2f}M params) on "
+        what = self.cfg.init_from or self.cfg.preset
+        return (f"fusegrad: training {what} ({self.model.num_params() / 1e6:.2f}M params) on "
                 f"{self.train_data.n_tokens:,} tokens from {self.data_dir} ({procs}); out_dir {self.cfg.out_dir}")
 
     def finish(self, result: dict, say) -> dict:
@@ -159,7 +183,7 @@ class Trainer(Run):
         return result
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
-        ids = self.tokenizer.encode(prompt, bos=True)
+        ids = self.tokenizer.prompt_ids(prompt)
         model = self.model
         if not isinstance(model.classifier.data, np.ndarray):  # generation runs on a host copy of the weights
             model = Llama(model.config, params={n: tensor(t.numpy(), backend="numpy") for n, t in model.params.items()})
@@ -222,9 +246,5 @@ def load_model(path):
     else:
         model = Llama.from_pretrained(path)
         directories = (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),)
-    for directory in filter(os.path.isdir, directories):
-        try:
-            return model, load_tokenizer(directory)
-        except FormatError:
-            continue
-    return model, None
+    tokenizers = (tokenizer_beside(d) for d in directories if os.path.isdir(d))
+    return model, next((t for t in tokenizers if t is not None), None)

@@ -133,7 +133,7 @@ def test_adamw_accumulate_sum_of_squares(be, rng):
         close(be, got, want)
     be.accumulate(arrays[0], be.asarray(g))
     close(be, arrays[0], p + g)
-    assert be.sum_of_squares([be.asarray(g), be.asarray(m)]) == pytest.approx(REF.sum_of_squares([g, m]), rel=1e-6)
+    assert float(be.sum_of_squares([be.asarray(g), be.asarray(m)])) == pytest.approx(float(REF.sum_of_squares([g, m])), rel=1e-6)
 
 
 def test_ane_sim_gemm_against_the_reference(rng):

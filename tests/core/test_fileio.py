@@ -69,3 +69,14 @@ def test_files_get_the_umasks_permissions(tmp_path, mask, mode):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "f").st_mode & 0o777 == mode
+
+
+def test_a_directory_loses_the_temps_of_every_dead_writer(tmp_path):
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    stale = [tmp_path / f"checkpoint.safetensors.{proc.pid}.a1.tmp", tmp_path / f"tokenizer.json.{proc.pid}.b_2.tmp"]
+    keep = [tmp_path / f"x.bin.{os.getpid()}.c.tmp", tmp_path / "notes.tmp", tmp_path / "checkpoint.safetensors"]
+    for p in stale + keep:
+        p.write_bytes(b"partial")
+    assert sorted(remove_stale_temps(tmp_path)) == sorted(map(str, stale))
+    assert all(p.exists() for p in keep)

@@ -52,12 +52,34 @@ def make_hf_dir(path, specials, config, bos_post_processor=None, generation_eos=
     return path
 
 
+def make_chatml_dir(path):
+    """SmolLM2-style: no BOS added, ChatML turns, eos <|im_end|> (2) and <|endoftext|> (0) end generation."""
+    return make_hf_dir(path, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                       {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                        "chat_template": CHATML}, generation_eos=[2, 0])
+
+
+def make_hf_model(path, norm=1.0):
+    """A tiny LlamaForCausalLM made by transformers (fp32 safetensors) with make_chatml_dir's tokenizer beside it;
+    `norm`: the final RMSNorm's weight (0: every logit 0, so greedy decoding picks id 0)."""
+    torch = pytest.importorskip("torch")
+    make_chatml_dir(path)
+    config = transformers.LlamaConfig(vocab_size=load_tokenizer(path).vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=1,
+                                      eos_token_id=[2, 0])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(norm)
+    model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=["chatml", "llama3", "llama2"])
 def hf_dir(request, tmp_path):
-    if request.param == "chatml":  # SmolLM2-style: no BOS added, ChatML turns
-        return make_hf_dir(tmp_path / "chatml", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                           {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                            "chat_template": CHATML}, generation_eos=[2, 0])
+    if request.param == "chatml":
+        return make_chatml_dir(tmp_path / "chatml")
     if request.param == "llama3":  # BOS from the post-processor, several eos ids from generation_config.json
         return make_hf_dir(tmp_path / "llama3", ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|im_start|>",
                                                  "<|im_end|>"],

@@ -151,3 +151,26 @@ def test_llama2c_shard_folder_errors_name_the_file(tmp_path, sp_model_proto, sp_
         (folder / name).unlink()
     with pytest.raises(FormatError, match=r"1 llama2.c shard\(s\); .*first shard is the validation split"):
         prepare(folder, tmp_path / "out", tokenizer=model)
+
+
+def test_fusegrad_train_on_a_llama2c_shard_folder(tmp_path, sp_model_proto, sp_oracle, capsys):
+    from fusegrad.cli.main import main
+    from fusegrad.train.trainer import load_model
+
+    folder = write_llama2c_shards(tmp_path / "tok512", sp_oracle)
+    args = ["train", "--data", str(folder), "--preset", "tiny", "--max_steps", "3", "--warmup_steps", "1",
+            "--batch_size", "2", "--seq_len", "16", "--eval_interval", "3", "--eval_batches", "2", "--workers", "1",
+            "--sample_tokens", "0", "--plot", "false", "--progress", "false", "--quiet"]
+    assert main(args + ["--out_dir", str(tmp_path / "bad")]) == 2  # the default byte tokenizer does not fit
+    err = capsys.readouterr().err
+    assert "data00.bin: token id" in err and "the tokenizer 'byte' has 258 ids" in err and "--tokenizer" in err
+    (tmp_path / "tok512.model").write_bytes(sp_model_proto)
+    assert main(args + ["--out_dir", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok512.model")]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3 and np.isfinite(metrics[-1]["val_loss"])
+    model, tok = load_model(tmp_path / "run")
+    assert model.config.vocab_size == 512 and isinstance(tok, SentencePieceTokenizer)
+    val = TokenDataset(tmp_path / "run" / "data", seq_len=16, split="val")  # llama2.c's first shard
+    assert [os.path.basename(p) for p in val.paths] == ["data00.bin"]
+    want = np.mean([model.loss(b).item() for b in val.iter_batches(2, 2)])
+    assert metrics[-1]["val_loss"] == pytest.approx(want, rel=1e-5)

@@ -15,6 +15,7 @@ from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.finetune.trainer import FinetuneConfig, Finetuner, finetune
 from fusegrad.models import Llama
 from fusegrad.models.llama import LlamaConfig
+from tests.data.export_shim import export_api  # noqa: F401  (TEMPORARY: until W-models' export is merged)
 
 BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64)
 
@@ -138,7 +139,7 @@ def test_classify_trains_reports_accuracy_and_peft_loads_the_head(base, tmp_path
 
 
 @pytest.mark.parametrize("fmt", ["hf", "llama2c"])
-def test_cli_finetune_then_merge(base, tmp_path, fmt):
+def test_cli_finetune_then_merge(base, tmp_path, fmt, export_api):
     out = tmp_path / "run"
     assert run_cli(["finetune", "--model", str(base / "base"), "--data", str(base / "qa.jsonl"), "--tokenizer",
                     "byte", "--out", str(out), "--max_steps", "3", "--lora-targets", "q,v,down", "--rank", "2",
@@ -200,3 +201,39 @@ def test_cli_reads_yaml_and_options_override_it(base, tmp_path, capsys):
     assert run_cli(["finetune", "--config", str(yaml_path), "--rank", "2"]) == 0
     assert json.load(open(tmp_path / "o" / "adapter_config.json"))["r"] == 2
     assert "accuracy" not in capsys.readouterr().out  # an lm run reports no accuracy
+
+
+def test_chat_jsonl_is_rendered_by_the_models_template_with_loss_on_assistant_turns_only(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.data.test_chat import CONVERSATION, make_hf_model
+
+    model = make_hf_model(tmp_path / "hf")
+    data = tmp_path / "chat.jsonl"
+    hi = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    chats = [CONVERSATION, CONVERSATION[1:3], hi]
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in chats * 2) + "\n" + json.dumps({"text": "plain"}))
+    ft = Finetuner(FinetuneConfig(model=str(model), data=str(data), out=str(tmp_path / "out"), max_len=256,
+                                  val_fraction=0.0, quiet=True, max_steps=2, batch_size=3))
+    theirs = transformers.AutoTokenizer.from_pretrained(model)
+    rendered = {tuple(theirs.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]): m for m in chats}
+    examples = ftdata.lm_examples(ftdata.read_records(data), ft.tokenizer, 256)
+    for e in examples[:-1]:
+        messages = rendered[tuple(e.tokens.tolist())]  # the ids transformers renders
+        trained = theirs.decode(e.tokens[1:][e.loss_mask])
+        assert trained == "".join(f"{m['content']}<|im_end|>\n" for m in messages if m["role"] == "assistant")
+    assert examples[-1].tokens.tolist() == theirs.encode("plain") + [theirs.eos_token_id]  # no BOS: none is added
+    assert np.isfinite(ft.run()["loss"])
+    assert run_cli(["finetune", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "q"), "--qlora",
+                    "--max_steps", "2", "--batch_size", "3", "--lora_targets", "q,k,v,o", "--quiet"]) == 0
+
+
+def test_byte_tokenizer_on_a_model_with_its_own_is_refused_unless_forced(base, tmp_path):
+    from fusegrad.data.tokenizer import BPETokenizer
+
+    model = tmp_path / "m"
+    Llama(LlamaConfig(**BASE), seed=1).save_pretrained(model)
+    BPETokenizer.train(["the cat sat on the mat. " * 20], vocab_size=260).save(model)
+    with pytest.raises(FormatError, match=r"byte tokenizer on the model .*m, whose 258-id vocabulary is that of its "
+                                          r"tokenizer .*m/tokenizer.json: byte ids"):
+        Finetuner(cfg(base, tmp_path / "a", model=str(model)))
+    assert Finetuner(cfg(base, tmp_path / "b", model=str(model), force_tokenizer=True)).tokenizer.kind == "byte"

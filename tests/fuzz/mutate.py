@@ -8,6 +8,7 @@ splices), loads it, and ends in one of: "ok" (loaded, and `check` found nothing 
 CI; scripts/fuzz.py runs many and prints the counts.
 """
 import os
+import re
 import shutil
 import struct
 import time
@@ -56,14 +57,15 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 
 
 def run_format(fmt, workdir, cases: int, seed: int = 0, budget_s: float | None = None) -> dict:
-    """Mutate `fmt`'s valid file `cases` times (or until `budget_s`); {outcome: count} plus examples of failures."""
+    """Mutate `fmt`'s valid file `cases` times (or until `budget_s`) -> {outcome: count} and an example of each
+    kind of failure."""
     name, make, load, check = fmt
     rng = np.random.default_rng(seed)
     base_dir = os.path.join(workdir, f"{name}-valid")
     os.makedirs(base_dir, exist_ok=True)
     valid_path = make(base_dir)
     valid = open(valid_path, "rb").read()
-    counts, failures = {"ok": 0, "refused": 0, "crash": 0, "accepted-bad": 0}, []
+    counts, failures, kinds = {"ok": 0, "refused": 0, "crash": 0, "accepted-bad": 0}, [], set()
     start = time.perf_counter()
     for case in range(cases):
         if budget_s is not None and time.perf_counter() - start > budget_s:
@@ -75,7 +77,9 @@ def run_format(fmt, workdir, cases: int, seed: int = 0, budget_s: float | None =
             f.write(mutate(valid, rng))
         outcome, detail = verdict(load, check, path)
         counts[outcome] += 1
-        if outcome in ("crash", "accepted-bad") and len(failures) < 5:
+        kind = re.sub(r"[\d/]+|'[^']*'", "", detail or "")[:40]  # one example per kind of failure
+        if outcome in ("crash", "accepted-bad") and kind not in kinds and len(kinds) < 8:
+            kinds.add(kind)
             failures.append(f"{name} case {case}: {detail}")
         shutil.rmtree(case_dir, ignore_errors=True)
     return {"counts": counts, "failures": failures}

@@ -1,4 +1,7 @@
 """Data parallel over worker processes: the same grads and trajectory as one process, clear errors, clean exit."""
+import os
+import signal
+
 import numpy as np
 import pytest
 
@@ -122,7 +125,7 @@ def test_helpers_rss_counts_the_shared_blocks_once():
         dp.loss_backward(batch(2))
         shared = sum(b.size for b in dp.blocks) / 2 ** 20
         dp._send(dp.helpers[0][0], ("rss",))
-        helper = dp._receive(dp.helpers[0][0])
+        helper = dp._receive(*dp.helpers[0])
         assert dp.helpers_peak_rss_mb() == pytest.approx(helper - shared, abs=1.0)
         assert 20 < helper < 2000  # a Python process with numpy and numba, in MB
 
@@ -170,3 +173,25 @@ def test_trainer_falls_back_to_one_process_when_shared_memory_is_short(tmp_path,
     assert Trainer(TrainConfig(out_dir=str(tmp_path / "auto"), **cfg)).workers is None  # auto: one process
     with pytest.raises(WorkerError, match="shared memory"):
         Trainer(TrainConfig(out_dir=str(tmp_path / "two"), workers=2, **cfg))  # asked for: the reason
+
+
+def test_a_stopped_helper_is_a_clear_error_not_a_hang():
+    model = Llama.from_preset("tiny", seed=1)
+    with ProcessDataParallel(model, 2) as dp:
+        dp.loss_backward(batch(4))
+        pid = dp.helpers[0][1].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerError, match=f"worker process {pid} is stopped"):
+                dp.loss_backward(batch(4))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_helpers_build_only_fusegrad_model_classes():
+    from fusegrad.parallel.workers import _fusegrad_class
+
+    assert _fusegrad_class("fusegrad.models.llama.Llama") is Llama
+    for name in ("os.system", "numpy.random.default_rng", "fusegrad.core.fileio.os"):
+        with pytest.raises(WorkerError, match="fusegrad.models classes only"):
+            _fusegrad_class(name)

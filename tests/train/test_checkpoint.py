@@ -59,3 +59,38 @@ def test_kill_during_save_leaves_last_good_checkpoint(tmp_path):
     state = load_checkpoint(path)  # either the old or a complete new one, never a torn file
     assert state["step"] in (1, 2)
     assert state["params"]["w"].shape in ((4,), (8_000_000,))
+
+
+def test_nothing_non_finite_is_written_or_read(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"params": {"w": np.ones(2, np.float32)}, "step": 1})
+    with pytest.raises(FormatError, match="tensor params/w holds NaN or inf; not written"):
+        save_checkpoint(path, {"params": {"w": np.array([1.0, np.nan], np.float32)}, "step": 2})
+    assert load_checkpoint(path)["step"] == 1  # the good one is kept
+    header = '{"params": {"w": {"__array__": "params/w"}}}'
+    save_file({"params/w": np.array([np.inf], np.float32)}, str(path), metadata={"fusegrad": header})
+    with pytest.raises(FormatError, match="c.safetensors: tensor params/w holds NaN or inf"):
+        load_checkpoint(path)
+    save_file({"w": np.ones(1, np.float32)}, str(path), metadata={"fusegrad": "[1, 2]"})
+    with pytest.raises(FormatError, match="header is a list"):
+        load_checkpoint(path)
+
+
+def test_fields_are_read_checked_never_cast(tmp_path):
+    from fusegrad.train.checkpoint import value, weights
+
+    state = {"step": "7", "n": True, "params": {"w": np.ones((2, 2), np.int32), "v": np.ones(3, np.float32)}}
+    with pytest.raises(FormatError, match="c: checkpoint field 'step' is a list, expected int"):
+        value({"step": [1]}, "step", int, "c")
+    assert value(state, "step", int, "c") == 7  # digits in a string read as the number they spell
+    with pytest.raises(FormatError, match="n = True: expected an integer"):
+        value(state, "n", int, "c")
+    with pytest.raises(FormatError, match="'missing' is missing"):
+        value(state, "missing", int, "c")
+    with pytest.raises(FormatError, match=r"params/w is int32\[2, 2\], expected a float tensor"):
+        weights(state, "params", {"w": (2, 2)}, "c")
+    with pytest.raises(FormatError, match=r"params/v is float32\[3\], expected a float tensor of shape \[4\]"):
+        weights(state, "params", {"v": (4,)}, "c")
+    assert weights(state, "params", {"v": (3,)}, "c")["v"].dtype == np.float32

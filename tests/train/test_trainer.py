@@ -152,3 +152,77 @@ def test_a_run_that_raised_leaves_nothing_behind(tmp_path):
     with pytest.raises(TrainingError, match="step 1: loss is nan"):
         trainer.run()
     assert_nothing_left_behind()
+
+
+# -- init_from: continued pretraining / full fine-tuning of a pretrained model ------------------------------
+def first_batch(trainer):
+    """The batch of the first step: the data sampler's first draw from the run's seed."""
+    return trainer.train_data.sample_batch(np.random.default_rng(trainer.cfg.seed), trainer.cfg.batch_size)
+
+
+def test_init_from_a_hf_dir_uses_its_weights_and_tokenizer(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from fusegrad.data import corpus
+    from fusegrad.data.shards import read_shard
+    from tests.data.test_chat import make_hf_model
+
+    model_dir = make_hf_model(tmp_path / "hf")
+    docs = corpus.documents()[:2]
+    for i, doc in enumerate(docs):
+        (tmp_path / f"doc{i}.txt").write_text(doc)
+    trainer = Trainer(tiny(tmp_path, preset="default", init_from=str(model_dir), data=str(tmp_path), max_steps=1,
+                           workers=1, eval_interval=0))
+    theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
+    shard = read_shard(tmp_path / "run" / "data" / "data00.bin").tolist()  # no BOS added: EOS ends each document
+    assert shard == [t for doc in docs for t in theirs.encode(doc) + [theirs.eos_token_id]]
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        logits = hf(torch.tensor(batch[:, :-1])).logits
+        want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(batch[:, 1:]).flatten()).item()
+    trainer.run()
+    assert trainer.history["loss"][0] == pytest.approx(want, rel=1e-5)  # the pretrained weights were used
+
+
+def test_init_from_a_llama2c_bin_and_from_a_run_dir(tmp_path):
+    from fusegrad.data import corpus
+    from fusegrad.data.tokenizer import BPETokenizer
+    from fusegrad.models import Llama
+
+    tok = BPETokenizer.train(corpus.documents()[:20], 400)
+    (tmp_path / "m").mkdir()
+    tok.save(tmp_path / "m")  # tokenizer.json beside the .bin
+    Llama.from_preset("tiny", vocab_size=tok.vocab_size, seed=7).save_llama2c(tmp_path / "m" / "model.bin")
+    text = tmp_path / "a.txt"
+    text.write_text(corpus.documents()[30])
+    trainer = Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m" / "model.bin"), data=str(text),
+                           max_steps=2, workers=1))
+    assert trainer.tokenizer.vocab_size == tok.vocab_size and trainer.model.config.dim == 32
+    want = Llama.from_pretrained(tmp_path / "m" / "model.bin").loss(first_batch(trainer)).item()
+    trainer.run()
+    assert trainer.history["loss"][0] == pytest.approx(want, rel=1e-5)
+    again = Trainer(tiny(tmp_path / "2", preset="default", init_from=str(tmp_path / "run"), data=str(text),
+                         max_steps=1, workers=1))  # a run dir: its last weights and its tokenizer
+    want = trainer.model.loss(first_batch(again)).item()
+    again.run()
+    assert again.history["loss"][0] == pytest.approx(want, rel=1e-5)
+
+
+def test_init_from_refuses_what_cannot_be_right(tmp_path):
+    from fusegrad.models import Llama
+
+    Llama.from_preset("tiny", vocab_size=600, seed=1).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "byte_tokenizer.json").write_text('{"kind": "byte"}')
+    with pytest.raises(fg.ConfigError, match="brings its own model and tokenizer; drop dim, preset"):
+        Trainer(tiny(tmp_path, init_from=str(tmp_path / "m"), dim=64))
+    with pytest.raises(fg.ConfigError, match="seq_len 4096 exceeds the context"):
+        Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m"), seq_len=4096))
+    (tmp_path / "m" / "byte_tokenizer.json").unlink()  # a 600-id model and no tokenizer: byte ids mean nothing to it
+    with pytest.raises(fg.FormatError, match=r"no tokenizer found beside the model"):
+        Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m")))
+    with pytest.raises(fg.FormatError, match=r"byte tokenizer on the model .*m, whose 600-id vocabulary is not bytes"):
+        Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m"), tokenizer="byte"))
+    forced = Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m"), tokenizer="byte",
+                          force_tokenizer=True, workers=1))
+    assert forced.model.config.vocab_size == 600 and forced.tokenizer.kind == "byte"

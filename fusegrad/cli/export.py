@@ -1,0 +1,58 @@
+"""`fusegrad export` (and `fusegrad merge`, the same code with an adapter): a run, a checkpoint, or a base model
+with a LoRA adapter folded in, written as a Hugging Face directory, a llama2.c `.bin` or a GGUF file.
+
+    fusegrad export runs/default --format gguf --out model.gguf --dtype q8_0
+    fusegrad export hf_dir --adapter runs/ft --format llama2c --out merged.bin
+"""
+from __future__ import annotations
+
+import os
+
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.data.tokenizer import tokenizer_for_model
+from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.train.trainer import load_model
+
+FORMATS = ("hf", "llama2c", "gguf")
+DTYPES = ("f32", "f16", "q8_0")  # gguf's tensor types
+
+
+def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtype: str = "",
+           force: bool = False) -> str:
+    """Write the model at `src` (with `adapter` merged) to `out` in `fmt` (default: from out's name: .bin ->
+    llama2c, .gguf -> gguf, else an hf directory), its tokenizer beside it -> the format written."""
+    out = os.fspath(out)
+    fmt = fmt or ("llama2c" if out.endswith(".bin") else "gguf" if out.endswith(".gguf") else "hf")
+    if fmt not in FORMATS:
+        raise ConfigError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if dtype and (fmt != "gguf" or dtype not in DTYPES):
+        raise ConfigError(f"export: --dtype is gguf's tensor type ({', '.join(DTYPES)}), got {dtype!r} for {fmt}")
+    target = os.path.join(out, "config.json") if fmt == "hf" else out
+    if os.path.exists(target) and not force:
+        raise FormatError(f"{target}: already exists; pass --force to overwrite")
+    model, own = load_model(src)
+    tok = tokenizer_for_model(src, model.config.vocab_size, own, tokenizer) if tokenizer or own else None
+    if adapter:
+        load_adapter(adapter, model).merge()
+    from fusegrad.models.export import export_model  # TEMPORARY function-level: module level once W-models merges
+
+    export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None)
+    return fmt
+
+
+def _cmd_export(args) -> int:
+    fmt = export(args.src, args.out, args.format, args.adapter, args.tokenizer, args.dtype, args.force)
+    print(f"exported {args.src}{' + ' + args.adapter if args.adapter else ''}: {args.out} ({fmt})")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a run, checkpoint or base + adapter as HF, llama2.c or GGUF")
+    p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir or llama2.c .bin")
+    p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
+    p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
+    p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir to merge into the weights first")
+    p.add_argument("--tokenizer", default="", help="tokenizer file/dir, when none lies beside the model")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(func=_cmd_export)
