@@ -285,6 +285,10 @@ class FusedNF4:
     def nbytes(self) -> int:
         return sum(q.nbytes for q, _ in self.parts)
 
+    def dequantize_with(self, dequantize_part, concatenate):
+        """The fused weight from each part's dequantize_part(NF4Tensor) (e.g. a device backend's kernel)."""
+        return concatenate([dequantize_part(q) if f is None else f(dequantize_part(q)) for q, f in self.parts])
+
     def dequantize(self) -> np.ndarray:
         """float32 (out, in): every part dequantized and put in the fused layout."""
         out = np.empty(self.shape, np.float32)
