@@ -129,7 +129,8 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
                           f"vocabulary to write (byte-level BPE, sentencepiece or llama2.c tokenizers only)")
     model = "gpt2" if hasattr(tokenizer, "hf") else "llama"
     if len(tokens) > vocab_size or max(tokens) >= vocab_size:
-        raise FormatError(f"export gguf: the tokenizer's ids reach {max(tokens)}, the model's vocabulary is {vocab_size}")
+        raise FormatError(f"export gguf: the tokenizer's ids reach {max(tokens)}, "
+                          f"the model's vocabulary is {vocab_size}")
     out = {"model": model, "tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
            "types": [types.get(i, 1 if i in tokens else 5) for i in range(vocab_size)], "merges": merges,
            "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores))}

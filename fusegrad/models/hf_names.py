@@ -81,7 +81,8 @@ def hf_shapes(config) -> dict:
         kind = name.rsplit(".", 1)[-1]
         if kind in FUSED or kind == "bqkv":
             for (t, rows, _), n in zip(fused_parts(c, "wqkv" if kind == "bqkv" else kind), hf):
-                shapes[n] = (rows.stop - rows.start,) + (() if kind == "bqkv" else ((c.hidden_dim if t == "down" else c.dim),))
+                in_features = () if kind == "bqkv" else (c.hidden_dim if t == "down" else c.dim,)
+                shapes[n] = (rows.stop - rows.start,) + in_features
         else:
             shapes[hf[0]] = (c.vocab_size, c.dim) if kind in ("tok_embeddings", "output") else (c.dim,)
     return shapes
@@ -130,7 +131,8 @@ def from_hf(state, config, quantize=None) -> dict:
         if kind in FUSED or kind == "bqkv":
             fused = "wqkv" if kind == "bqkv" else kind
             parts = [get(n) for n in hf]
-            p[name] = quantize(config, fused, parts) if quantize and kind in FUSED else fuse_from_hf(config, fused, parts)
+            quantized = quantize and kind in FUSED
+            p[name] = quantize(config, fused, parts) if quantized else fuse_from_hf(config, fused, parts)
         else:
             p[name] = np.asarray(get(hf[0]))
     return p
@@ -139,5 +141,6 @@ def from_hf(state, config, quantize=None) -> dict:
 def quantize_parts(config, kind: str, arrays: list, blocksize: int = 64, double_quant: bool = True) -> FusedNF4:
     """HF-layout module weights of one fused projection -> FusedNF4, each module quantized on its own
     (bitsandbytes' packing of that module: NF4, blocks of `blocksize`, double-quantized scales)."""
-    return FusedNF4([(quantize_nf4(a, blocksize, double_quant), None if h is None else (lambda w, h=h: permute_from_hf(w, h)))
+    return FusedNF4([(quantize_nf4(a, blocksize, double_quant),
+                      None if h is None else (lambda w, h=h: permute_from_hf(w, h)))
                      for a, (_, _, h) in zip(arrays, fused_parts(config, kind))])

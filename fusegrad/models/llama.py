@@ -132,7 +132,8 @@ class Llama:
         room = self.config.max_seq_len if room is None else room
         T = tokens.shape[1] - extra
         if start + T > room or T < 1:
-            limit = f"max_seq_len {self.config.max_seq_len}" if room == self.config.max_seq_len else f"the cache's {room}"
+            c = self.config
+            limit = f"max_seq_len {c.max_seq_len}" if room == c.max_seq_len else f"the cache's {room}"
             raise ShapeError(f"Llama: sequence length {start + T} must be in [1, {limit}]")
         return tokens
 
