@@ -30,6 +30,7 @@ from fusegrad.core.errors import FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.finetune.lora import LoraConfig, attach_lora, part_rows
 from fusegrad.models.hf_names import HF_MODULES, permute_from_hf, permute_to_hf
+from fusegrad.models.llama import Llama
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -150,3 +151,15 @@ def load_adapter(directory, model, quantized: dict | None = None):
     if lora.head is not None and (lora.head.ndim != 2 or lora.head.shape[1] != c.dim):
         raise FormatError(f"{where}: {HEAD_KEY} has shape {lora.head.shape}, expected (num_classes, {c.dim})")
     return lora
+
+
+def merge_adapter(base, adapter_dir) -> "Llama":
+    """A base model (a Llama, or a path Llama.from_pretrained reads) with the PEFT adapter in `adapter_dir`
+    folded into its weights -> a plain Llama, ready for models.export.export_model (what `merge` writes)."""
+    model = base if isinstance(base, Llama) else Llama.from_pretrained(base)
+    lora = load_adapter(adapter_dir, model, quantized=dict(model.quantized) or None)
+    lora.merge()
+    model.quantized = {}
+    for t in model.params.values():
+        t.requires_grad = True
+    return model

@@ -1,9 +1,10 @@
-"""QLoRA: every projection of the frozen base stored in NF4 (bitsandbytes' layout, double-quantized
-scales, fusegrad.quant.nf4), dequantized on the fly for each GEMM (span "nf4_dequantize"), LoRA on top.
+"""QLoRA: every projection of the frozen base stored in NF4 as bitsandbytes stores each Hugging Face module
+(q, k, v, o, gate, up, down quantized each on its own, double-quantized scales; fusegrad.quant.nf4),
+dequantized on the fly for each GEMM (span "nf4_dequantize"), LoRA on top.
 
-The fp32 projection weights are dropped from `model.params`; embeddings, norms and the classifier stay
-fp32 (as in QLoRA, where only Linear layers are 4-bit). Only a transient fp32 copy of one projection
-exists at a time, during its GEMM.
+Embeddings, norms and the classifier stay fp32 (as in QLoRA, where only Linear layers are 4-bit). Load
+with `Llama.from_pretrained(path, quantize="nf4")` and the fp32 projections never exist: each module is
+quantized as it is read. A model already in memory is quantized here, projection by projection.
 
 >>> from fusegrad.models import Llama
 >>> from fusegrad.finetune.lora import LoraConfig
@@ -15,25 +16,28 @@ exists at a time, during its GEMM.
 from __future__ import annotations
 
 from fusegrad.finetune.lora import PROJECTIONS, LoraConfig, attach_lora
-from fusegrad.quant.nf4 import quantize_nf4
+from fusegrad.models.hf_names import quantize_parts, split_to_hf
 
 
 def quantize_projections(model, blocksize: int = 64, double_quant: bool = True) -> tuple:
-    """-> ({fused name: NF4Tensor}, report) and removes those weights from model.params.
+    """-> ({fused name: FusedNF4}, report); moves the projection weights from model.params to
+    model.quantized (those already there stay).
 
     report: {"fp32_bytes", "nf4_bytes", "ratio"} over the quantized weights (packed codes + all scales).
     """
-    quantized = {}
-    for i in range(model.config.n_layers):
+    c = model.config
+    for i in range(c.n_layers):
         for kind in PROJECTIONS:
             name = f"layers.{i}.{kind}"
-            quantized[name] = quantize_nf4(model.params.pop(name).numpy(), blocksize, double_quant)
-    fp32 = sum(4 * q.size for q in quantized.values())
-    nf4 = sum(q.nbytes for q in quantized.values())
-    return quantized, {"fp32_bytes": fp32, "nf4_bytes": nf4, "ratio": nf4 / fp32}
+            if name not in model.quantized:
+                parts = [a for _, a in split_to_hf(c, kind, model.params.pop(name).numpy())]
+                model.quantized[name] = quantize_parts(c, kind, parts, blocksize, double_quant)
+    fp32 = sum(4 * q.size for q in model.quantized.values())
+    nf4 = sum(q.nbytes for q in model.quantized.values())
+    return dict(model.quantized), {"fp32_bytes": fp32, "nf4_bytes": nf4, "ratio": nf4 / fp32}
 
 
 def attach_qlora(model, config: LoraConfig, blocksize: int = 64, double_quant: bool = True) -> tuple:
-    """Quantize the projections to NF4, freeze the rest, attach LoRA -> (Lora, memory report)."""
+    """Quantize the projections to NF4 (unless loaded so), freeze the rest, attach LoRA -> (Lora, report)."""
     quantized, report = quantize_projections(model, blocksize, double_quant)
     return attach_lora(model, config, quantized=quantized), report

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from fusegrad.core.errors import ConfigError
 
 
@@ -23,6 +25,8 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     multiple_of: int = 32
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases (one fused bias (C + 2 KV,))
+    rope_scaling: dict | None = None  # Llama 3.1/3.2 "llama3": factor, low/high_freq_factor, original_max_len
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -37,6 +41,22 @@ class LlamaConfig:
             raise ConfigError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+
+    def rope_tables(self, dtype=np.float32):
+        """cos, sin (max_seq_len, D/2) of RoPE, with Llama 3's frequency scaling when rope_scaling is set:
+        wavelengths beyond original_max_len / low_freq_factor slow down by `factor`, those below
+        original_max_len / high_freq_factor stay, the ones between are blended (as Meta's and HF's code)."""
+        D = self.head_dim
+        freqs = 1.0 / self.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
+        if self.rope_scaling:
+            s = self.rope_scaling
+            factor, lo, hi, n = (float(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                        "original_max_len"))
+            wavelen = 2 * np.pi / freqs
+            smooth = np.clip((n / wavelen - lo) / (hi - lo), 0.0, 1.0)
+            freqs = (1 - smooth) * freqs / factor + smooth * freqs
+        angles = np.outer(np.arange(self.max_seq_len, dtype=np.float64), freqs)
+        return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +79,7 @@ class LlamaConfig:
 
     def num_params(self) -> int:
         C, L, Hd, V, KV = self.dim, self.n_layers, self.hidden_dim, self.vocab_size, self.kv_dim
-        per_layer = C * (C + 2 * KV) + C * C + 3 * C * Hd + 2 * C
+        per_layer = C * (C + 2 * KV) + C * C + 3 * C * Hd + 2 * C + (C + 2 * KV if self.qkv_bias else 0)
         return V * C * (1 if self.tie_embeddings else 2) + L * per_layer + C
 
 

@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from fusegrad import ops
+from fusegrad.backends import openblas
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import no_grad
 from fusegrad.core.trace import span
@@ -33,8 +36,10 @@ def sample_token(logits, rng, temperature: float = 1.0, top_p: float = 1.0) -> i
 
 
 def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 0.8, top_p: float = 0.9,
-             seed: int | None = None, stop_id: int | None = None) -> list:
-    """prompt ids -> prompt + new ids (stops early at `stop_id` or the context limit)."""
+             seed: int | None = None, stop_id: int | None = None, stop_ids=()) -> list:
+    """prompt ids -> prompt + new ids; stops early after any of `stop_ids` (every eos id the model
+    declares; `stop_id` is one more) or at the context limit."""
+    stops = {int(t) for t in stop_ids} | ({int(stop_id)} if stop_id is not None else set())
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise ShapeError("generate: the prompt must hold at least one token (e.g. BOS)")
@@ -47,13 +52,17 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
     rng = np.random.default_rng(seed)
     cache = model.new_cache(1, min(len(prompt_ids) + max(max_new_tokens, 0), limit))
     out, new = list(prompt_ids), prompt_ids
-    with span("generate", "generate", new=max_new_tokens), no_grad():
+    with span("generate", "generate", new=max_new_tokens), no_grad(), contextlib.ExitStack() as stack:
         while len(out) - len(prompt_ids) < max_new_tokens and len(out) < limit:
             h = model.hidden(np.array([new]), cache=cache)  # (1, T, C): the new tokens after the cached ones
             logits = ops.matmul_nt(h[:, -1], model.classifier)  # (1, V): the last position's only
             nxt = sample_token(logits.numpy()[0], rng, temperature, top_p)
             out.append(nxt)
-            if nxt == stop_id:
+            if nxt in stops:
                 break
+            if new is prompt_ids and openblas.THREAD_COUNT is not None:
+                # after the prompt every GEMM has one row: memory-bound, where OpenBLAS's threads only add
+                # start-up and spin time (benchmarks/bench_generate.py)
+                stack.enter_context(openblas.threads(1))
             new = [nxt]
     return out

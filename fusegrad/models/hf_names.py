@@ -1,28 +1,101 @@
 """Between fusegrad's fused llama2.c-layout parameters and Hugging Face Llama names and layout.
 
 HF rotates halves of each head (rotate_half) where llama2.c rotates interleaved pairs, so HF stores the
-rows of q_proj and k_proj permuted per head: view (heads, D/2, 2, C) -> swap the middle axes.
+rows of q_proj and k_proj (and Qwen2's q/k biases) permuted per head: view (heads, D/2, 2, C) -> swap the
+middle axes. Each fused weight is a stack of HF modules (`fused_parts`): wqkv = q, k, v; w13 = gate, up.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from fusegrad.core.errors import FormatError
+from fusegrad.quant.nf4 import FusedNF4, quantize_nf4
 
 # LoRA target / projection part -> its Hugging Face module inside a decoder layer
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+FUSED = {"wqkv": ("q", "k", "v"), "wo": ("o",), "w13": ("gate", "up"), "w2": ("down",)}
+NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
 def permute_to_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, C)."""
-    out, cols = w.shape
-    return w.reshape(n_heads, out // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
+    """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, ...)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
 def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    out, cols = w.shape
-    return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
+
+
+def fused_parts(config, kind: str) -> list:
+    """[(part, rows, heads)] of a fused weight: the HF module, its row slice, and the head count its rows
+    are permuted with (None: not permuted)."""
+    C, KV, Hd = config.dim, config.kv_dim, config.hidden_dim
+    sizes = {"q": C, "k": KV, "v": KV, "o": C, "gate": Hd, "up": Hd, "down": C}
+    heads = {"q": config.n_heads, "k": config.n_kv_heads}
+    out, lo = [], 0
+    for t in FUSED[kind]:
+        out.append((t, slice(lo, lo + sizes[t]), heads.get(t)))
+        lo += sizes[t]
+    return out
+
+
+def split_to_hf(config, kind: str, w: np.ndarray) -> list:
+    """A fused weight (or bias) -> [(part, HF-layout array)], each a fresh C-contiguous copy."""
+    return [(t, np.array(w[rows] if h is None else permute_to_hf(w[rows], h), order="C"))
+            for t, rows, h in fused_parts(config, kind)]
+
+
+def fuse_from_hf(config, kind: str, arrays: list) -> np.ndarray:
+    """[HF-layout part arrays] (in fused_parts order) -> the fused fusegrad array."""
+    parts = [a if h is None else permute_from_hf(a, h) for a, (_, _, h) in zip(arrays, fused_parts(config, kind))]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def hf_name(i: int, part: str, what: str = "weight") -> str:
+    return f"model.layers.{i}.{HF_MODULES[part]}.{what}"
+
+
+def param_names(config) -> dict:
+    """{fusegrad name: [HF names it is made of]} of every parameter a model of `config` has."""
+    names = {"tok_embeddings": ["model.embed_tokens.weight"]}
+    for i in range(config.n_layers):
+        for ours, theirs in NORMS.items():
+            names[f"layers.{i}.{ours}"] = [f"model.layers.{i}.{theirs}.weight"]
+        for kind, parts in FUSED.items():
+            names[f"layers.{i}.{kind}"] = [hf_name(i, t) for t in parts]
+        if config.qkv_bias:
+            names[f"layers.{i}.bqkv"] = [hf_name(i, t, "bias") for t in FUSED["wqkv"]]
+    names["norm"] = ["model.norm.weight"]
+    if not config.tie_embeddings:
+        names["output"] = ["lm_head.weight"]
+    return names
+
+
+def hf_shapes(config) -> dict:
+    """{HF name: shape} of every parameter a model of `config` has."""
+    c, shapes = config, {}
+    for name, hf in param_names(config).items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in FUSED or kind == "bqkv":
+            for (t, rows, _), n in zip(fused_parts(c, "wqkv" if kind == "bqkv" else kind), hf):
+                in_features = () if kind == "bqkv" else (c.hidden_dim if t == "down" else c.dim,)
+                shapes[n] = (rows.stop - rows.start,) + in_features
+        else:
+            shapes[hf[0]] = (c.vocab_size, c.dim) if kind in ("tok_embeddings", "output") else (c.dim,)
+    return shapes
+
+
+def check_hf_state(shapes: dict, config, where: str = "state dict") -> None:
+    """FormatError naming `where` and the tensor when one is missing or its shape disagrees with config.
+    shapes: {HF name: shape}."""
+    for name, shape in hf_shapes(config).items():
+        if name not in shapes:
+            raise FormatError(f"{where}: no tensor {name!r} (has {len(shapes)} tensors, e.g. {sorted(shapes)[:3]})")
+        if tuple(shapes[name]) != shape:
+            raise FormatError(f"{where}: tensor {name!r} has shape {tuple(shapes[name])}, the config needs {shape}")
 
 
 def to_hf(arrays: dict, config, partial: bool = False) -> dict:
@@ -31,79 +104,43 @@ def to_hf(arrays: dict, config, partial: bool = False) -> dict:
     The arrays are fresh copies: a state dict is a snapshot, untouched by later in-place updates of the
     parameters, and a model loaded from it shares no memory with the source.
     """
-    c, out = config, {}
-    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
-
-    def put(hf_name, name, fn):
-        if name in arrays:
-            out[hf_name] = np.array(fn(arrays[name]), order="C")  # always a copy
-        elif not partial:
+    out = {}
+    for name, hf in param_names(config).items():
+        if name not in arrays:
+            if partial:
+                continue
             raise FormatError(f"state_dict: parameter {name} is missing")
-
-    put("model.embed_tokens.weight", "tok_embeddings", lambda a: a)
-    for i in range(c.n_layers):
-        pre, hf = f"layers.{i}.", f"model.layers.{i}."
-        m = {t: f"{hf}{module}.weight" for t, module in HF_MODULES.items()}
-        put(hf + "input_layernorm.weight", pre + "attention_norm", lambda a: a)
-        put(m["q"], pre + "wqkv", lambda a: permute_to_hf(a[:C], c.n_heads))
-        put(m["k"], pre + "wqkv", lambda a: permute_to_hf(a[C:C + KV], c.n_kv_heads))
-        put(m["v"], pre + "wqkv", lambda a: a[C + KV:])
-        put(m["o"], pre + "wo", lambda a: a)
-        put(hf + "post_attention_layernorm.weight", pre + "ffn_norm", lambda a: a)
-        put(m["gate"], pre + "w13", lambda a: a[:Hd])
-        put(m["up"], pre + "w13", lambda a: a[Hd:])
-        put(m["down"], pre + "w2", lambda a: a)
-    put("model.norm.weight", "norm", lambda a: a)
-    if not c.tie_embeddings:
-        put("lm_head.weight", "output", lambda a: a)
+        kind = name.rsplit(".", 1)[-1]
+        if kind in FUSED or kind == "bqkv":
+            out.update(zip(hf, (a for _, a in split_to_hf(config, "wqkv" if kind == "bqkv" else kind, arrays[name]))))
+        else:
+            out[hf[0]] = np.array(arrays[name], order="C")
     return out
 
 
-def hf_shapes(config) -> dict:
-    """{HF name: shape} of every parameter a model of `config` has."""
-    c = config
-    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, C), "model.norm.weight": (C,)}
-    for i in range(c.n_layers):
-        hf = f"model.layers.{i}."
-        parts = {"q": (C, C), "k": (KV, C), "v": (KV, C), "o": (C, C), "gate": (Hd, C), "up": (Hd, C), "down": (C, Hd)}
-        shapes.update({f"{hf}{HF_MODULES[t]}.weight": shape for t, shape in parts.items()})
-        shapes.update({hf + "input_layernorm.weight": (C,), hf + "post_attention_layernorm.weight": (C,)})
-    if not c.tie_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, C)
-    return shapes
-
-
-def check_hf_state(state: dict, config, where: str = "state dict") -> None:
-    """FormatError naming `where` and the tensor when one is missing or its shape disagrees with config."""
-    for name, shape in hf_shapes(config).items():
-        if name not in state:
-            raise FormatError(f"{where}: no tensor {name!r} (has {len(state)} tensors, e.g. {sorted(state)[:3]})")
-        if tuple(np.shape(state[name])) != shape:
-            raise FormatError(f"{where}: tensor {name!r} has shape {tuple(np.shape(state[name]))}, "
-                              f"the config needs {shape}")
-
-
-def from_hf(state: dict, config) -> dict:
-    """{HF name: array} -> {fusegrad name: array}, fusing q/k/v and gate/up; names a missing or misshapen key."""
-    c = config
-    check_hf_state(state, config)
-
-    def get(name):
-        return np.asarray(state[name])
-
-    p = {"tok_embeddings": get("model.embed_tokens.weight")}
-    for i in range(c.n_layers):
-        hf = f"model.layers.{i}."
-        m = {t: get(f"{hf}{module}.weight") for t, module in HF_MODULES.items()}
-        p[f"layers.{i}.attention_norm"] = get(hf + "input_layernorm.weight")
-        p[f"layers.{i}.wqkv"] = np.concatenate([permute_from_hf(m["q"], c.n_heads),
-                                                permute_from_hf(m["k"], c.n_kv_heads), m["v"]])
-        p[f"layers.{i}.wo"] = m["o"]
-        p[f"layers.{i}.ffn_norm"] = get(hf + "post_attention_layernorm.weight")
-        p[f"layers.{i}.w13"] = np.concatenate([m["gate"], m["up"]])
-        p[f"layers.{i}.w2"] = m["down"]
-    p["norm"] = get("model.norm.weight")
-    if not c.tie_embeddings:
-        p["output"] = get("lm_head.weight")
+def from_hf(state, config, quantize=None) -> dict:
+    """{HF name: array} (or an HFCheckpoint, read tensor by tensor) -> {fusegrad name: array}, fusing
+    q/k/v and gate/up. quantize(config, kind, [HF-layout arrays]) -> a quantized base replaces each fused
+    projection weight (QLoRA quantizes every HF module on its own, as bitsandbytes does)."""
+    if isinstance(state, dict):
+        check_hf_state({k: np.shape(v) for k, v in state.items()}, config)
+    get = state.__getitem__
+    p = {}
+    for name, hf in param_names(config).items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in FUSED or kind == "bqkv":
+            fused = "wqkv" if kind == "bqkv" else kind
+            parts = [get(n) for n in hf]
+            quantized = quantize and kind in FUSED
+            p[name] = quantize(config, fused, parts) if quantized else fuse_from_hf(config, fused, parts)
+        else:
+            p[name] = np.asarray(get(hf[0]))
     return p
+
+
+def quantize_parts(config, kind: str, arrays: list, blocksize: int = 64, double_quant: bool = True) -> FusedNF4:
+    """HF-layout module weights of one fused projection -> FusedNF4, each module quantized on its own
+    (bitsandbytes' packing of that module: NF4, blocks of `blocksize`, double-quantized scales)."""
+    return FusedNF4([(quantize_nf4(a, blocksize, double_quant),
+                      None if h is None else (lambda w, h=h: permute_from_hf(w, h)))
+                     for a, (_, _, h) in zip(arrays, fused_parts(config, kind))])

@@ -1,22 +1,20 @@
-"""Reading and writing model files: llama2.c `.bin` (versions 0 and 1) and Hugging Face directories.
+"""Reading and writing llama2.c `.bin` model files (versions 0 and 1); Hugging Face directories: hf.py.
 
 Everything passes through Hugging Face names and layout (see hf_names.py); llama2.c files store q/k in
 the interleaved-pair layout, so they are permuted on the way in and out. Facts: shared/FORMATS.md.
 """
 from __future__ import annotations
 
-import json
 import os
 import struct
 
 import numpy as np
-from safetensors.numpy import load_file, save
 
-from fusegrad.backends.base import rope_tables
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.config import LlamaConfig
-from fusegrad.models.hf_names import check_hf_state, from_hf, to_hf
+from fusegrad.models.hf import HFCheckpoint
+from fusegrad.models.hf_names import from_hf, to_hf
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
 
@@ -91,14 +89,17 @@ def read_llama2c(path) -> tuple:
     return config, {k: np.asarray(v, dtype=np.float32) for k, v in to_hf(params, config).items()}
 
 
-def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> None:
-    """Write a HF-named state dict as a llama2.c `.bin` of version 0 (legacy) or 1, atomically."""
+def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 0) -> None:
+    """Write a HF-named state dict as a llama2.c `.bin` of version 0 (what run.c reads) or 1, atomically."""
     c = config
     if version not in (0, 1):
         raise FormatError(f"save_llama2c: version must be 0 or 1, got {version}")
     if (c.rope_theta, c.norm_eps) != (10000.0, 1e-5):  # the .bin has no field for them; run.c hard-codes these
         raise FormatError(f"save_llama2c {path}: a llama2.c file implies rope_theta 10000 and norm_eps 1e-5, "
                           f"this model has {c.rope_theta} and {c.norm_eps}; use save_pretrained instead")
+    if c.qkv_bias or c.rope_scaling:
+        raise FormatError(f"save_llama2c {path}: a llama2.c file has no q/k/v biases nor RoPE scaling; "
+                          f"use save_pretrained or GGUF instead")
 
     p = from_hf(state, c)
     C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
@@ -110,7 +111,7 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> No
               "ffn_norm": layers("ffn_norm"), "wq": layers("wqkv", slice(0, C)), "wk": layers("wqkv", slice(C, C + KV)),
               "wv": layers("wqkv", slice(C + KV, None)), "wo": layers("wo"), "w1": layers("w13", slice(0, Hd)),
               "w2": layers("w2"), "w3": layers("w13", slice(Hd, None)),
-              "freq": np.stack(rope_tables(c.max_seq_len, c.head_dim, c.rope_theta))}
+              "freq": np.stack(c.rope_tables())}
     if not c.tie_embeddings:
         arrays["cls"] = p["output"]
     dims = [c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len]
@@ -127,76 +128,12 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 1) -> No
             f.write(np.ascontiguousarray(arrays[key], dtype="<f4").tobytes())
 
 
-# -- Hugging Face --------------------------------------------------------------------------------------
-def hf_config(c: LlamaConfig) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
-            "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
-            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-            "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-            "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}
-
-
-def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
-    # rope scaling (Llama 3.1 "llama3", "linear", ...) changes the rotation angles: refuse it rather than
-    # silently compute something else
-    scaling = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type != "default":
-        raise FormatError(f"{path}: rope type {rope_type!r} is not supported (only the default RoPE)")
-    try:
-        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
-            raise FormatError(f"{path}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
-                              f"({d['hidden_size']} / {d['num_attention_heads']}); fusegrad needs it to be")
-        rope = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return LlamaConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-                           n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                           hidden_dim=d["intermediate_size"], vocab_size=d["vocab_size"],
-                           max_seq_len=d.get("max_position_embeddings", 2048), rope_theta=float(rope),
-                           norm_eps=d.get("rms_norm_eps", 1e-6), tie_embeddings=bool(d.get("tie_word_embeddings", False)))
-    except KeyError as exc:
-        raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
-    except ConfigError as exc:
-        raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
-
-
-def read_hf(directory) -> tuple:
-    directory = os.fspath(directory)
-    cfg_path = os.path.join(directory, "config.json")
-    try:
-        with open(cfg_path) as f:
-            config = config_from_hf(json.load(f), cfg_path)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
-    files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and not n.startswith("adapter"))
-    if not files:
-        raise FormatError(f"{directory}: no *.safetensors weights (pickle .bin weights are never loaded)")
-    state = {}
-    for name in files:
-        try:
-            state.update(load_file(os.path.join(directory, name)))
-        except Exception as exc:
-            raise FormatError(f"{os.path.join(directory, name)}: corrupt safetensors file: {exc}") from None
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    check_hf_state(state, config, f"{directory} (*.safetensors)")
-    return config, {k: v.astype(np.float32) for k, v in state.items()}
-
-
-def save_hf(directory, config: LlamaConfig, state: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    blob = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, metadata={"format": "pt"})
-    with atomic_write(os.path.join(directory, "model.safetensors")) as f:
-        f.write(blob)
-    with atomic_write(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config(config), f, indent=2)
-
-
 def load_pretrained(path) -> tuple:
-    """A llama2.c `.bin` file or a Hugging Face directory -> (LlamaConfig, HF state dict)."""
+    """A llama2.c `.bin` file or a Hugging Face directory -> (LlamaConfig, HF state dict or HFCheckpoint)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        return read_hf(path)
+        ckpt = HFCheckpoint(path)
+        return ckpt.config, ckpt
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such model file or directory")
     return read_llama2c(path)

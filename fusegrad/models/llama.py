@@ -23,12 +23,13 @@ import numpy as np
 
 from fusegrad import ops
 from fusegrad.backends import get_backend
-from fusegrad.backends.base import rope_tables
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor, no_grad, tensor
 from fusegrad.models.config import PRESETS, LlamaConfig, preset
-from fusegrad.models.hf_names import from_hf, to_hf
-from fusegrad.models.io import load_pretrained, save_hf, save_llama2c
+from fusegrad.models.hf_names import from_hf, quantize_parts, to_hf
+from fusegrad.quant.nf4 import FusedNF4
+from fusegrad.models.hf import save_hf
+from fusegrad.models.io import load_pretrained, save_llama2c
 
 __all__ = ["KVCache", "Llama", "LlamaConfig", "PRESETS", "preset"]
 
@@ -58,8 +59,8 @@ class Llama:
         # projection name -> adapter replacing its linear (LoRA, fusegrad.finetune): adapter(x) -> y, and
         # adapter.parameters(), adapter.gemm_shapes(tokens) for FLOP counts and pre-warming
         self.adapters = {}
-        c = config
-        self.rope_cos, self.rope_sin = rope_tables(c.max_seq_len, c.head_dim, c.rope_theta, self.dtype)
+        self.quantized = {}  # projection name -> frozen 4-bit base (from_pretrained(quantize="nf4"), QLoRA)
+        self.rope_cos, self.rope_sin = config.rope_tables(self.dtype)
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, backend=None, **overrides) -> "Llama":
@@ -81,6 +82,8 @@ class Llama:
         for i in range(c.n_layers):
             p[f"layers.{i}.attention_norm"] = ones(c.dim)
             p[f"layers.{i}.wqkv"] = normal((c.dim + 2 * c.kv_dim, c.dim))
+            if c.qkv_bias:
+                p[f"layers.{i}.bqkv"] = normal((c.dim + 2 * c.kv_dim,))
             p[f"layers.{i}.wo"] = normal((c.dim, c.dim), resid_std)
             p[f"layers.{i}.ffn_norm"] = ones(c.dim)
             p[f"layers.{i}.w13"] = normal((2 * c.hidden_dim, c.dim))
@@ -109,10 +112,15 @@ class Llama:
 
     # -- forward -----------------------------------------------------------------------------------
     def project(self, name: str, x: Tensor) -> Tensor:
-        """x (..., in) @ W^T for the projection `name`. An attached adapter computes the whole projection:
-        base GEMM plus its deltas in one op, so a frozen (or NF4) base gets only its dx GEMM."""
+        """x (..., in) @ W^T (+ bias) for the projection `name`. An attached adapter computes the whole
+        projection: base GEMM plus its deltas in one op, so a frozen (or NF4) base gets only its dx GEMM."""
         adapter = self.adapters.get(name)
-        return ops.linear(x, self.params[name]) if adapter is None else adapter(x)
+        bias = self.params.get(name.replace("wqkv", "bqkv")) if name.endswith("wqkv") else None
+        if adapter is None and name in self.quantized:  # a 4-bit base without adapters: dequantize for this GEMM
+            return ops.linear(x, tensor(self.quantized[name].dequantize(), backend=x.backend), bias)
+        if adapter is None:
+            return ops.linear(x, self.params[name], bias)
+        return adapter(x) if bias is None else adapter(x) + bias
 
     def check_tokens(self, tokens, extra: int = 0, start: int = 0, room: int | None = None) -> np.ndarray:
         """tokens (B, T + extra) int at positions start..; ShapeError unless 1 <= T and start + T <= room
@@ -124,7 +132,8 @@ class Llama:
         room = self.config.max_seq_len if room is None else room
         T = tokens.shape[1] - extra
         if start + T > room or T < 1:
-            limit = f"max_seq_len {self.config.max_seq_len}" if room == self.config.max_seq_len else f"the cache's {room}"
+            c = self.config
+            limit = f"max_seq_len {c.max_seq_len}" if room == c.max_seq_len else f"the cache's {room}"
             raise ShapeError(f"Llama: sequence length {start + T} must be in [1, {limit}]")
         return tokens
 
@@ -208,7 +217,9 @@ class Llama:
     # -- Hugging Face names and layout -------------------------------------------------------------
     def state_dict(self) -> dict:
         """numpy arrays under Hugging Face LlamaForCausalLM names; fused weights split, q/k permuted."""
-        return to_hf({n: t.numpy() for n, t in self.params.items()}, self.config)
+        arrays = {n: t.numpy() for n, t in self.params.items()}
+        arrays.update({n: q.dequantize() for n, q in self.quantized.items()})
+        return to_hf(arrays, self.config)
 
     def grad_dict(self) -> dict:
         """Gradients like state_dict(): HF names and layout (None-grad parameters are left out)."""
@@ -224,16 +235,24 @@ class Llama:
             t.data = t.backend.asarray(np.array(arr, dtype=self.dtype))  # a copy: never alias the caller's arrays
 
     @classmethod
-    def from_pretrained(cls, path, dtype=np.float32, backend=None) -> "Llama":
-        """Load a llama2.c `.bin` (version 0 or 1), or a Hugging Face directory (config.json + *.safetensors)."""
+    def from_pretrained(cls, path, dtype=np.float32, backend=None, quantize: str | None = None) -> "Llama":
+        """Load a llama2.c `.bin` (version 0 or 1), or a Hugging Face directory (config.json + *.safetensors
+        in bf16/fp16/fp32, sharded or not), tensor by tensor. quantize="nf4": every projection module is
+        quantized as bitsandbytes does (NF4, blocks of 64, double-quantized scales) as it is read, so the
+        fp32 model never exists; the bases land in `model.quantized` (frozen) for QLoRA."""
+        if quantize not in (None, "nf4"):
+            raise ConfigError(f"from_pretrained: quantize must be None or 'nf4', got {quantize!r}")
         config, state = load_pretrained(path)
         model = cls(config, params={}, dtype=dtype, backend=backend)
-        model.params = {n: tensor(a, dtype=dtype, requires_grad=True, backend=model.backend)
-                        for n, a in from_hf(state, config).items()}
+        arrays = from_hf(state, config, quantize=quantize_parts if quantize else None)
+        model.quantized = {n: a for n, a in arrays.items() if isinstance(a, FusedNF4)}
+        be, trainable = model.backend, not model.quantized  # fresh arrays: wrapped without another copy
+        model.params = {n: Tensor(be.asarray(np.asarray(a, dtype=dtype)), requires_grad=trainable, backend=be)
+                        for n, a in arrays.items() if n not in model.quantized}
         return model
 
-    def save_pretrained(self, directory) -> None:
-        save_hf(directory, self.config, self.state_dict())
+    def save_pretrained(self, directory, dtype: str = "float32", bos_id=1, eos_id=2) -> None:
+        save_hf(directory, self.config, self.state_dict(), dtype, bos_id, eos_id)
 
-    def save_llama2c(self, path, version: int = 1) -> None:
+    def save_llama2c(self, path, version: int = 0) -> None:
         save_llama2c(path, self.config, self.state_dict(), version=version)

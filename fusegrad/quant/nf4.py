@@ -266,3 +266,38 @@ def quantize_nf4(w: np.ndarray, blocksize: int = 64, double_quant: bool = True) 
     normed = centred / np.maximum(nested_absmax, np.float32(1e-38))[:, None]
     qabsmax = _nearest_dynamic(normed.reshape(-1)[: absmax.size])
     return NF4Tensor(packed, qabsmax, w.shape, blocksize, nested_absmax, offset)
+
+
+class FusedNF4:
+    """One weight made of row blocks quantized each on its own (QLoRA's q, k, v inside a fused q/k/v), as
+    bitsandbytes quantizes each Hugging Face module: parts [(NF4Tensor, unpermute or None)], where
+    unpermute maps a part's dequantized rows to the fused layout. Dequantizing concatenates the parts."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.shape = (sum(q.shape[0] for q, _ in parts), parts[0][0].shape[1])
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.nbytes for q, _ in self.parts)
+
+    def dequantize_with(self, dequantize_part, concatenate):
+        """The fused weight from each part's dequantize_part(NF4Tensor) (e.g. a device backend's kernel)."""
+        return concatenate([dequantize_part(q) if f is None else f(dequantize_part(q)) for q, f in self.parts])
+
+    def dequantize(self) -> np.ndarray:
+        """float32 (out, in): every part dequantized and put in the fused layout."""
+        out = np.empty(self.shape, np.float32)
+        lo = 0
+        for q, unpermute in self.parts:
+            rows = out[lo:lo + q.shape[0]]
+            if unpermute is None:
+                q.dequantize_into(rows)
+            else:
+                rows[...] = unpermute(q.dequantize())
+            lo += q.shape[0]
+        return out

@@ -112,3 +112,15 @@ def test_generation_stops_at_the_context_limit_and_checks_ids(model):
         generate(model, [1, 99], 3)
     with pytest.raises(fg.ShapeError, match="at least one token"):
         generate(model, [], 3)
+
+
+def test_generation_stops_at_any_stop_id(model):
+    free = generate(model, [1, 5], max_new_tokens=10, temperature=0.0)
+
+    def cut(stops):  # up to and including the first new token that is a stop id
+        j = next(j for j in range(2, len(free)) if free[j] in stops)
+        return free[:j + 1]
+    stops = [free[-1], free[4]]
+    assert generate(model, [1, 5], max_new_tokens=10, temperature=0.0, stop_ids=stops) == cut(stops)
+    assert generate(model, [1, 5], max_new_tokens=10, temperature=0.0, stop_id=free[-1]) == cut([free[-1]])
+    assert len(cut(stops)) < len(free)

@@ -1,0 +1,222 @@
+"""Exports a model (and its tokenizer) for other runtimes: a Hugging Face directory, llama2.c's `.bin`
+(version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16 or Q8_0).
+
+The tokenizer is duck-typed (fusegrad.data's tokenizers, which live above this layer): `.bos_id`,
+`.eos_ids`, `.kind`, `.save(dir)`, and for GGUF / tokenizer.bin its vocabulary: `.hf` (a `tokenizers`
+Tokenizer: byte-level BPE), `.sp` (a sentencepiece processor) or `.pieces` + `.scores` (llama2.c).
+
+GGUF facts (FORMATS.md): llama.cpp's llama rotates interleaved pairs like llama2.c, which is fusegrad's own
+q/k row layout, so attn_q / attn_k are fusegrad's rows as they are (Hugging Face's are permuted back).
+Norms stay F32 in every file type, as llama.cpp's converter writes them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.fileio import atomic_write
+
+FORMATS = ("hf", "llama2c", "gguf")
+GGUF_DTYPES = ("f32", "f16", "q8_0")
+HF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_model(model, out, format: str, tokenizer=None, dtype: str | None = None) -> list:
+    """Write `model` as `format` to `out` (a directory for "hf", a file otherwise) -> the paths written.
+    Adapters must be merged first (Lora.merge, or peft_io.merge_adapter)."""
+    out = os.fspath(out)
+    if format not in FORMATS:
+        raise ConfigError(f"export: format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if model.adapters:
+        raise ConfigError("export: the model has unmerged adapters; merge them first (Lora.merge())")
+    if tokenizer is not None and getattr(tokenizer, "vocab_size", model.config.vocab_size) > model.config.vocab_size:
+        raise ConfigError(f"export: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only "
+                          f"{model.config.vocab_size}")
+    if format == "hf":
+        return export_hf(model, out, tokenizer, dtype or "float32")
+    if format == "llama2c":
+        if dtype not in (None, "f32", "float32"):
+            raise ConfigError(f"export: llama2.c files hold float32 only, not {dtype!r}")
+        model.save_llama2c(out, version=0)
+        written = [out]
+        if tokenizer is not None and getattr(tokenizer, "kind", "") in ("sentencepiece", "llama2c"):
+            written.append(os.path.join(os.path.dirname(out) or ".", "tokenizer.bin"))
+            write_tokenizer_bin(written[-1], *llama2c_pieces(tokenizer))
+        return written
+    write_gguf(model, out, tokenizer, dtype or "f16")
+    return [out]
+
+
+# -- Hugging Face ----------------------------------------------------------------------------------------
+def _special_ids(tokenizer) -> tuple:
+    """(bos id, eos id or list of ids, pad id) of the tokenizer; llama2.c's 1 and 2 without one."""
+    if tokenizer is None:
+        return 1, 2, None
+    eos = list(tokenizer.eos_ids)
+    return tokenizer.bos_id, (eos[0] if len(eos) == 1 else eos or None), getattr(tokenizer, "pad_id", None)
+
+
+def export_hf(model, directory, tokenizer, dtype) -> list:
+    if dtype not in HF_DTYPES:
+        raise ConfigError(f"export: a Hugging Face directory holds {', '.join(HF_DTYPES)} weights, not {dtype!r}")
+    bos, eos, pad = _special_ids(tokenizer)
+    model.save_pretrained(directory, dtype=dtype, bos_id=bos, eos_id=eos)
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad if pad is not None else None}
+    with atomic_write(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return [directory]
+
+
+# -- llama2.c tokenizer.bin ----------------------------------------------------------------------------
+def llama2c_pieces(tokenizer) -> tuple:
+    """(pieces as bytes, scores) as llama2.c's tokenizer.py exports a sentencepiece model: '▁' -> ' ',
+    BOS -> '\\n<s>\\n', EOS -> '\\n</s>\\n'."""
+    if hasattr(tokenizer, "pieces"):
+        return tokenizer.pieces, tokenizer.scores
+    sp = tokenizer.sp
+    pieces = []
+    for i in range(sp.vocab_size()):
+        piece = "\n<s>\n" if i == sp.bos_id() else "\n</s>\n" if i == sp.eos_id() else sp.id_to_piece(i)
+        pieces.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return pieces, [sp.get_score(i) for i in range(sp.vocab_size())]
+
+
+def write_tokenizer_bin(path, pieces, scores) -> None:
+    """uint32 max piece length, then per token: float32 score, int32 byte length, the bytes."""
+    with atomic_write(path) as f:
+        f.write(struct.pack("<I", max((len(p) for p in pieces), default=0)))
+        for p, s in zip(pieces, scores, strict=True):
+            f.write(struct.pack("<fi", s, len(p)) + p)
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------
+def gguf_vocab(tokenizer, vocab_size: int) -> dict:
+    """GGUF tokenizer metadata: model ("gpt2" byte-level BPE | "llama" sentencepiece), tokens, scores,
+    token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), merges, padded to vocab_size."""
+    scores = merges = None
+    if hasattr(tokenizer, "hf"):
+        spec = json.loads(tokenizer.hf.to_str())
+        if spec["model"]["type"] != "BPE":
+            raise FormatError(f"export gguf: a {spec['model']['type']} tokenizer.json has no GGUF form here "
+                              f"(byte-level BPE or sentencepiece only)")
+        tokens = {i: t for t, i in spec["model"]["vocab"].items()}
+        types = {}
+        for added in spec.get("added_tokens", []):
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = 3 if added.get("special") else 4
+        merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    elif hasattr(tokenizer, "sp"):
+        sp = tokenizer.sp
+        n = sp.vocab_size()
+        tokens = {i: sp.id_to_piece(i) for i in range(n)}
+        scores = [sp.get_score(i) for i in range(n)]
+        types = {i: 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)}
+    elif hasattr(tokenizer, "pieces"):  # llama2.c's pieces: ' ' back to '▁', its BOS/EOS back to <s> / </s>
+        names = {0: "<unk>", tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+        tokens = {i: names.get(i) or p.decode("utf-8", "replace").replace(" ", "\u2581")
+                  for i, p in enumerate(tokenizer.pieces)}
+        types = {i: 2 if i == 0 else 3 if i in names else 6 if len(p) == 6 and p.startswith(b"<0x") else 1
+                 for i, p in enumerate(tokenizer.pieces)}
+        scores = list(tokenizer.scores)
+    else:
+        raise FormatError(f"export gguf: a {getattr(tokenizer, 'kind', type(tokenizer).__name__)} tokenizer has no "
+                          f"vocabulary to write (byte-level BPE, sentencepiece or llama2.c tokenizers only)")
+    model = "gpt2" if hasattr(tokenizer, "hf") else "llama"
+    if len(tokens) > vocab_size or max(tokens) >= vocab_size:
+        raise FormatError(f"export gguf: the tokenizer's ids reach {max(tokens)}, "
+                          f"the model's vocabulary is {vocab_size}")
+    out = {"model": model, "tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
+           "types": [types.get(i, 1 if i in tokens else 5) for i in range(vocab_size)], "merges": merges,
+           "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores))}
+    return out
+
+
+def write_gguf(model, path, tokenizer, dtype: str) -> None:
+    """GGUF v3 for llama.cpp's llama architecture, written with the gguf package's GGUFWriter."""
+    import gguf
+
+    c = model.config
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    if c.qkv_bias or c.rope_scaling:
+        raise FormatError(f"export gguf {path}: q/k/v biases (Qwen2) and Llama 3 RoPE scaling are not written "
+                          f"to GGUF here; export to a Hugging Face directory instead")
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    tmp = f"{path}.tmp{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(os.path.splitext(os.path.basename(path))[0])
+    w.add_context_length(c.max_seq_len)
+    w.add_embedding_length(c.dim)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.hidden_dim)
+    w.add_head_count(c.n_heads)
+    w.add_head_count_kv(c.n_kv_heads)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(ftype)
+    if tokenizer is not None:
+        v = gguf_vocab(tokenizer, c.vocab_size)
+        w.add_tokenizer_model(v["model"])
+        if v["model"] == "gpt2":
+            w.add_tokenizer_pre("default")
+            w.add_token_merges(v["merges"])
+        else:
+            w.add_token_scores(v["scores"])
+        w.add_token_list(v["tokens"])
+        w.add_token_types(v["types"])
+        bos, eos, pad = _special_ids(tokenizer)
+        if bos is not None:
+            w.add_bos_token_id(bos)
+        if eos is not None:
+            w.add_eos_token_id(eos if isinstance(eos, int) else eos[0])
+        if pad is not None:
+            w.add_pad_token_id(pad)
+        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos", False)))
+        if getattr(tokenizer, "chat_template", None):
+            w.add_chat_template(tokenizer.chat_template)
+
+    def add(name, a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not np.isfinite(a).all():
+            raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
+        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, a)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+    p = {n: t.numpy() for n, t in model.params.items()}
+    p.update({n: q.dequantize() for n, q in model.quantized.items()})
+    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
+    add("token_embd.weight", p["tok_embeddings"])
+    for i in range(c.n_layers):
+        wqkv, w13 = p[f"layers.{i}.wqkv"], p[f"layers.{i}.w13"]
+        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", wqkv[:C]),
+                        ("attn_k", wqkv[C:C + KV]), ("attn_v", wqkv[C + KV:]), ("attn_output", p[f"layers.{i}.wo"]),
+                        ("ffn_norm", p[f"layers.{i}.ffn_norm"]), ("ffn_gate", w13[:Hd]), ("ffn_up", w13[Hd:]),
+                        ("ffn_down", p[f"layers.{i}.w2"])):
+            add(f"blk.{i}.{name}.weight", a)
+    add("output_norm.weight", p["norm"])
+    if not c.tie_embeddings:
+        add("output.weight", p["output"])
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,236 @@
+"""Hugging Face checkpoints as published: config.json of the Llama family (Llama 2/3.x, SmolLM, TinyLlama,
+Mistral, Qwen2) and safetensors weights in bf16, fp16 or fp32, one file or sharded.
+
+The safetensors files are read here, not with safetensors.numpy (which has no bf16): every header is
+checked against the file size and the config before anything is allocated, then tensors are read one at a
+time with plain reads (no mapping: a QLoRA load never has the whole model resident). Facts: FORMATS.md.
+
+>>> hf_config(LlamaConfig(dim=32, n_layers=1, n_heads=4, vocab_size=64))["num_key_value_heads"]
+4
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.fileio import atomic_write
+from fusegrad.models.config import LlamaConfig
+from fusegrad.models.hf_names import check_hf_state
+
+ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # bf16: raw 16 bits
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+MAX_HEADER = 100 << 20
+
+
+# -- config.json ---------------------------------------------------------------------------------------
+def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
+    """A Llama-family config.json -> LlamaConfig; FormatError naming the field for what fusegrad cannot run."""
+    def refuse(field, why):
+        raise FormatError(f"{path}: {field} = {d.get(field)!r} is not supported ({why})")
+
+    archs = d.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
+    if arch is not None and arch not in ARCHITECTURES:
+        refuse("architectures", f"fusegrad runs {', '.join(ARCHITECTURES)}")
+    model_type = d.get("model_type", ARCHITECTURES.get(arch, "llama"))
+    if model_type not in ARCHITECTURES.values():
+        refuse("model_type", f"fusegrad runs {', '.join(ARCHITECTURES.values())}")
+    if d.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the Llama MLP is SwiGLU with silu")
+    if d.get("mlp_bias"):
+        refuse("mlp_bias", "MLP projections without biases only")
+    qkv_bias = model_type == "qwen2"  # Qwen2 always has q/k/v biases and none on o_proj
+    if d.get("attention_bias"):
+        refuse("attention_bias", "Llama's attention_bias also puts a bias on o_proj")
+    # transformers >= 5 writes rope_parameters (with rope_theta inside); older files rope_theta/rope_scaling
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or rope
+    field = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    if not isinstance(rope, dict) or not isinstance(scaling, dict):
+        refuse(field, "not a JSON object")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_scaling = None
+    if rope_type == "llama3":
+        try:
+            rope_scaling = {"factor": float(scaling["factor"]), "low_freq_factor": float(scaling["low_freq_factor"]),
+                            "high_freq_factor": float(scaling["high_freq_factor"]),
+                            "original_max_len": int(scaling["original_max_position_embeddings"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"{path}: {field} of rope_type 'llama3' lacks a valid {exc}") from None
+    elif rope_type != "default":
+        raise FormatError(f"{path}: {field}.rope_type = {rope_type!r} is not supported (only 'default' and 'llama3')")
+    try:
+        max_len = int(d.get("max_position_embeddings", 2048))
+        window = d.get("sliding_window")
+        if window is not None and d.get("use_sliding_window", model_type == "mistral") and window < max_len:
+            refuse("sliding_window", f"a window shorter than max_position_embeddings {max_len}: "
+                                     f"fusegrad attends to the whole context")
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            raise FormatError(f"{path}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
+                              f"({d['hidden_size']} / {d['num_attention_heads']}); fusegrad needs it to be")
+        theta = d.get("rope_theta") or rope.get("rope_theta", 10000.0)
+        return LlamaConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
+                           n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                           hidden_dim=d["intermediate_size"], vocab_size=d["vocab_size"], max_seq_len=max_len,
+                           rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+                           rope_scaling=rope_scaling)
+    except KeyError as exc:
+        raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
+
+
+def hf_config(c: LlamaConfig, bos_id=1, eos_id=2, dtype: str = "float32") -> dict:
+    """config.json for transformers: LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry biases."""
+    d = {"architectures": ["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"],
+         "model_type": "qwen2" if c.qkv_bias else "llama", "hidden_size": c.dim,
+         "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+         "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+         "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+         "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+         "mlp_bias": False, "torch_dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id}
+    if c.rope_scaling:
+        s = c.rope_scaling
+        d["rope_scaling"] = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
+                             "high_freq_factor": s["high_freq_factor"],
+                             "original_max_position_embeddings": s["original_max_len"]}
+    return d
+
+
+# -- safetensors ---------------------------------------------------------------------------------------
+def safetensors_entries(path) -> dict:
+    """{name: (dtype tag, shape, absolute offset)} from a safetensors header, every entry checked
+    against the file: dtype one of F32/F16/BF16, byte range inside the file and matching the shape."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, MAX_HEADER):
+                raise FormatError(f"{path}: corrupt safetensors file: header length {n} for a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: corrupt safetensors file: {exc}") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: corrupt safetensors file: the header is not a JSON object")
+    out, data = {}, 8 + n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tag, shape, (lo, hi) = str(e["dtype"]), tuple(int(s) for s in e["shape"]), map(int, e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: corrupt safetensors file: bad header entry for {name!r}: {e!r}") from None
+        if tag not in ST_DTYPES:
+            raise FormatError(f"{path}: tensor {name!r} has dtype {tag}; fusegrad reads F32, F16 and BF16 weights")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * ST_DTYPES[tag].itemsize
+        if min(shape, default=0) < 0 or not 0 <= lo <= hi <= size - data or hi - lo != nbytes:
+            raise FormatError(f"{path}: corrupt safetensors file: tensor {name!r} {tag} {shape} has byte range "
+                              f"[{lo}, {hi}) in a {size - data}-byte data section")
+        out[name] = (tag, shape, data + lo)
+    return out
+
+
+def read_tensor(path, name: str, entry: tuple) -> np.ndarray:
+    """One tensor as float32 (bf16/fp16 widened exactly); FormatError naming it if it holds NaN or inf."""
+    tag, shape, offset = entry
+    raw = np.fromfile(path, dtype=ST_DTYPES[tag], count=int(np.prod(shape, dtype=np.int64)), offset=offset)
+    if tag == "BF16":
+        a = raw.astype(np.uint32)
+        a <<= 16
+        a = a.view(np.float32)
+    else:
+        a = raw.astype(np.float32, copy=False)
+    if not np.isfinite(a).all():
+        raise FormatError(f"{path}: tensor {name!r} holds NaN or inf; nothing non-finite is loaded")
+    return a.reshape(shape)
+
+
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounding to nearest even as torch does."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path, state: dict, dtype: str = "float32") -> None:
+    """Write {name: array} as one safetensors file in float32, float16 or bfloat16, atomically."""
+    tag = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(dtype)
+    if tag is None:
+        raise ConfigError(f"safetensors dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    header, pos = {"__metadata__": {"format": "pt"}}, 0
+    for name, a in state.items():
+        nbytes = int(np.size(a)) * (4 if tag == "F32" else 2)
+        header[name] = {"dtype": tag, "shape": list(np.shape(a)), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for a in state.values():
+            a = np.asarray(a, dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise FormatError(f"{path}: refusing to save a tensor holding NaN or inf")
+            f.write(to_bf16(a).tobytes() if tag == "BF16" else a.astype("<f4" if tag == "F32" else "<f2").tobytes())
+
+
+class HFCheckpoint:
+    """A Hugging Face directory, opened: `.config`, and `[name]` reads one tensor as float32.
+
+    Shards come from model.safetensors.index.json when present, else every *.safetensors file (not
+    adapters). Every tensor the config needs is checked (present, shape) before any is read."""
+
+    def __init__(self, directory):
+        self.directory = directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, "config.json")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
+        if not isinstance(raw, dict):
+            raise FormatError(f"{cfg_path}: the model config is not a JSON object")
+        self.config = config_from_hf(raw, cfg_path)
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise FormatError(f"{index}: cannot read the shard index (weight_map): {exc}") from None
+            bad = [n for n in files if not isinstance(n, str) or os.path.basename(n) != n]
+            if bad:
+                raise FormatError(f"{index}: weight_map names {bad[0]!r}, not a file name in {directory}")
+            missing = [n for n in files if not os.path.isfile(os.path.join(directory, n))]
+            if missing:
+                raise FormatError(f"{index}: weight_map names shard {missing[0]!r}, which is not in {directory}")
+        else:
+            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")
+                           and not n.startswith("adapter"))
+        if not files:
+            raise FormatError(f"{directory}: no *.safetensors weights (pickle .bin weights are never loaded)")
+        self.entries = {}  # name -> (path, (tag, shape, offset))
+        for name in files:
+            path = os.path.join(directory, name)
+            self.entries.update({k: (path, e) for k, e in safetensors_entries(path).items()})
+        if self.config.tie_embeddings:
+            self.entries.pop("lm_head.weight", None)
+        check_hf_state({k: e[1][1] for k, e in self.entries.items()}, self.config, f"{directory} (*.safetensors)")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, entry = self.entries[name]
+        return read_tensor(path, name, entry)
+
+    def state(self) -> dict:
+        return {name: self[name] for name in self.entries}
+
+
+def save_hf(directory, config: LlamaConfig, state: dict, dtype: str = "float32", bos_id=1, eos_id=2) -> None:
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, "model.safetensors"), state, dtype)
+    with atomic_write(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config(config, bos_id, eos_id, dtype), f, indent=2)

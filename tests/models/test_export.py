@@ -1,0 +1,126 @@
+"""export_model: GGUF read by the gguf package and by transformers' GGUF loader (same logits per dtype, same
+token ids), Hugging Face directories loaded by transformers with their tokenizer, chat template and
+generation config, llama2.c version 0 with tokenizer.bin read back."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import fusegrad as fg
+from fusegrad.data.tokenizer import Llama2cTokenizer, load_tokenizer, read_tokenizer_bin
+from fusegrad.finetune.lora import LoraConfig, attach_lora
+from fusegrad.models import Llama
+from fusegrad.models.export import export_model
+from tests.real_checkpoint import smollm2_dir
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+torch.set_num_threads(1)
+
+TEXTS = ("Once upon a time, there was", "  def f(x):\n\treturn x ** 2  # é <|im_end|>")
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4."}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(smollm2_dir())  # SmolLM2's byte-level BPE: 49152 tokens, ChatML, two eos ids
+
+
+@pytest.fixture(scope="module")
+def model():  # tiny, with SmolLM2's vocabulary; untied so output.weight is written too
+    return Llama.from_preset("tiny", seed=4, vocab_size=49152, rope_theta=1e5, tie_embeddings=False)
+
+
+def our_logits(model, tokens):
+    with fg.no_grad():
+        return model.logits(np.array([tokens])).numpy()[0]
+
+
+def their_logits(path, tokens, **kw):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw)
+    with torch.no_grad():
+        return hf(input_ids=torch.as_tensor([tokens])).logits.numpy()[0]
+
+
+@pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-3), ("q8_0", 2e-2)])
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_loads_in_transformers_with_the_same_logits(dtype, atol, tied, tmp_path):
+    model = Llama.from_preset("tiny", seed=4, rope_theta=1e5, tie_embeddings=tied)
+    path = tmp_path / f"m-{dtype}.gguf"
+    export_model(model, path, "gguf", None, dtype)  # no tokenizer: transformers reads its metadata slowly
+    reader = gguf.GGUFReader(path)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == dtype.upper() and types["blk.1.ffn_norm.weight"] == "F32"
+    assert ("output.weight" in types) != tied and len(types) == 2 + (not tied) + 9 * model.config.n_layers
+    ids = list(np.random.default_rng(0).integers(0, 64, 20))
+    np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file=path.name), our_logits(model, ids), atol=atol)
+
+
+def test_gguf_tokenizer_metadata_gives_transformers_the_same_tokenizer(model, tokenizer, tmp_path):
+    export_model(model, tmp_path / "m.gguf", "gguf", tokenizer, "f32")
+    ids = tokenizer.encode(TEXTS[0])
+    np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file="m.gguf"), our_logits(model, ids), atol=1e-5)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in TEXTS:
+        assert theirs.encode(text) == tokenizer.encode(text)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_ids[0])
+    assert theirs.chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("bfloat16", 5e-2)])
+def test_hf_export_loads_in_transformers_with_tokenizer_template_and_generation_config(model, tokenizer, dtype,
+                                                                                       atol, tmp_path):
+    export_model(model, tmp_path, "hf", tokenizer, dtype)
+    ids = tokenizer.encode(TEXTS[0])
+    np.testing.assert_allclose(their_logits(tmp_path, ids), our_logits(model, ids), atol=atol)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert theirs.encode(text) == tokenizer.encode(text)
+    assert theirs.apply_chat_template(MESSAGES, tokenize=False) == \
+        transformers.AutoTokenizer.from_pretrained(smollm2_dir()).apply_chat_template(MESSAGES, tokenize=False)
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path)
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    assert (gen.bos_token_id, eos) == (tokenizer.bos_id, list(tokenizer.eos_ids))
+    assert json.loads((tmp_path / "config.json").read_text())["bos_token_id"] == tokenizer.bos_id
+
+
+def test_llama2c_export_is_version_0_with_tokenizer_bin(tmp_path):
+    model = Llama.from_preset("tiny", seed=6)
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [bytes([97 + i % 26]) * (1 + i // 26) for i in range(61)]
+    tok = Llama2cTokenizer(pieces, [-float(i) for i in range(64)])
+    written = export_model(model, tmp_path / "model.bin", "llama2c", tok)
+    assert written == [str(tmp_path / "model.bin"), str(tmp_path / "tokenizer.bin")]
+    c = model.config
+    assert struct.unpack_from("<7i", (tmp_path / "model.bin").read_bytes()) == \
+        (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len)
+    back = Llama.from_pretrained(tmp_path / "model.bin")
+    for name, a in model.state_dict().items():
+        np.testing.assert_array_equal(back.state_dict()[name], a, err_msg=name)
+    assert read_tokenizer_bin(tmp_path / "tokenizer.bin") == (tok.pieces, [np.float32(s) for s in tok.scores])
+
+
+def test_llama2c_export_writes_no_tokenizer_bin_for_byte_level_bpe(model, tokenizer, tmp_path):
+    model = Llama.from_preset("tiny", seed=6, vocab_size=49152)
+    assert export_model(model, tmp_path / "m.bin", "llama2c", tokenizer) == [str(tmp_path / "m.bin")]
+    assert not (tmp_path / "tokenizer.bin").exists()
+
+
+def test_export_refuses_what_it_cannot_write(model, tmp_path):
+    with pytest.raises(fg.ConfigError, match="format must be one of hf, llama2c, gguf, got 'onnx'"):
+        export_model(model, tmp_path / "m", "onnx")
+    with pytest.raises(fg.ConfigError, match="GGUF dtype must be one of f32, f16, q8_0, got 'q4_0'"):
+        export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_0")
+    with pytest.raises(fg.ConfigError, match="llama2.c files hold float32 only"):
+        export_model(model, tmp_path / "m.bin", "llama2c", dtype="f16")
+    qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True)
+    with pytest.raises(fg.FormatError, match=r"q\.gguf: q/k/v biases"):
+        export_model(qwen, tmp_path / "q.gguf", "gguf")
+    adapted = Llama.from_preset("tiny", seed=0)
+    attach_lora(adapted, LoraConfig(targets=("q",), r=2))
+    with pytest.raises(fg.ConfigError, match="unmerged adapters"):
+        export_model(adapted, tmp_path / "a", "hf")
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,165 @@
+"""Hugging Face Llama-family checkpoints as published, made by transformers itself with random weights and
+saved in bf16 (fp16, sharded): fusegrad's logits equal transformers' on the same files; what fusegrad
+cannot run is refused naming the field, tensor or file."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import fusegrad as fg
+from fusegrad.models import Llama
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(1)
+
+SIZES = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=67, max_position_embeddings=64)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+KINDS = {  # name -> (config class, model class, extra config)
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(rms_norm_eps=1e-5)),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=LLAMA3, tie_word_embeddings=True)),
+    "smollm2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1, tie_word_embeddings=True,
+                                                          rope_parameters={"rope_type": "default", "rope_theta": 1e5})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+}
+
+
+def make_checkpoint(path, kind, dtype=torch.bfloat16, **save_kw):
+    cfg_cls, model_cls, extra = KINDS[kind]
+    config = getattr(transformers, cfg_cls)(**{**SIZES, **extra})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():  # biases are zero at init: give them values so they count
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.to(dtype).save_pretrained(path, **save_kw)
+    return path
+
+
+def transformers_logits(path, tokens):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_logits_equal_transformers_on_bf16_checkpoints(kind, tmp_path):
+    path = make_checkpoint(tmp_path / kind, kind)
+    tokens = np.random.default_rng(0).integers(0, 67, (2, 40))  # past llama3's original 16 positions
+    model = Llama.from_pretrained(path)
+    assert model.config.qkv_bias == (kind == "qwen2") and bool(model.config.rope_scaling) == (kind == "llama3.2")
+    with fg.no_grad():
+        got = model.logits(tokens).numpy()
+    np.testing.assert_allclose(got, transformers_logits(path, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_sharded_and_fp16_checkpoints_load(tmp_path):
+    sharded = make_checkpoint(tmp_path / "sharded", "llama2", max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    half = make_checkpoint(tmp_path / "half", "llama2", dtype=torch.float16)
+    tokens = np.random.default_rng(1).integers(0, 67, (1, 12))
+    for path in (sharded, half):
+        with fg.no_grad():
+            got = Llama.from_pretrained(path).logits(tokens).numpy()
+        np.testing.assert_allclose(got, transformers_logits(path, tokens), rtol=1e-4, atol=1e-4)
+    bf16 = Llama.from_pretrained(sharded).state_dict()["model.layers.0.mlp.up_proj.weight"]
+    raw = (bf16.view(np.uint32) & 0xFFFF)  # bf16 widened exactly: the low 16 bits are zero
+    assert bf16.dtype == np.float32 and not raw.any()
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    (sharded / sorted(set(index["weight_map"].values()))[-1]).unlink()
+    with pytest.raises(fg.FormatError, match=r"index\.json: weight_map names shard 'model-0000\d-of"):
+        Llama.from_pretrained(sharded)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"architectures": ["GemmaForCausalLM"]}, r"architectures = \['GemmaForCausalLM'\] is not supported"),
+    ({"model_type": "gpt2", "architectures": None}, r"model_type = 'gpt2' is not supported"),
+    ({"sliding_window": 16}, r"sliding_window = 16 is not supported.*shorter than max_position_embeddings 64"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_parameters\.rope_type = 'yarn'"),
+    ({"hidden_act": "gelu"}, r"hidden_act = 'gelu' is not supported"),
+    ({"attention_bias": True}, r"attention_bias = True is not supported"),
+])
+def test_unsupported_configs_are_refused_naming_field_and_value(change, match, tmp_path):
+    path = make_checkpoint(tmp_path / "m", "mistral")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(change)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fg.FormatError, match=r"config\.json: " + match):
+        Llama.from_pretrained(path)
+
+
+def _rewrite_tensor(path, name, dtype_tag=None, data=None):
+    """Edit one tensor of a safetensors file in place: its header dtype tag or its bytes."""
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack_from("<Q", raw)[0]
+    header = json.loads(raw[8:8 + n])
+    lo, hi = header[name]["data_offsets"]
+    if dtype_tag:
+        header[name]["dtype"] = dtype_tag
+        blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+        assert len(blob) == n
+        raw[8:8 + n] = blob
+    if data is not None:
+        raw[8 + n + lo:8 + n + lo + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_bad_tensors_are_refused_naming_the_tensor(tmp_path):
+    path = make_checkpoint(tmp_path / "m", "llama2")
+    st = path / "model.safetensors"
+    good = st.read_bytes()
+    _rewrite_tensor(st, "model.norm.weight", data=b"\x80\x7f")  # bf16 +inf as its first value
+    with pytest.raises(fg.FormatError, match=r"model\.safetensors: tensor 'model\.norm\.weight' holds NaN or inf"):
+        Llama.from_pretrained(path)
+    st.write_bytes(good)
+    _rewrite_tensor(st, "model.norm.weight", dtype_tag="I16")  # same size, not a float: never cast
+    with pytest.raises(fg.FormatError, match=r"tensor 'model\.norm\.weight' has dtype I16"):
+        Llama.from_pretrained(path)
+    st.write_bytes(good)
+    _rewrite_tensor(st, "model.norm.weight", dtype_tag="F32")  # the byte range no longer fits the shape
+    with pytest.raises(fg.FormatError, match=r"corrupt safetensors file: tensor 'model\.norm\.weight' F32 \(32,\)"):
+        Llama.from_pretrained(path)
+    st.write_bytes(good[:-10])  # truncated: caught from the header, before anything is read
+    with pytest.raises(fg.FormatError, match=r"model\.safetensors: corrupt safetensors file"):
+        Llama.from_pretrained(path)
+    st.write_bytes(struct.pack("<Q", 1 << 40) + good[8:])
+    with pytest.raises(fg.FormatError, match=r"header length 1099511627776 for a \d+-byte file"):
+        Llama.from_pretrained(path)
+
+
+def test_saved_bf16_directory_loads_in_transformers(tmp_path):
+    model = Llama.from_pretrained(make_checkpoint(tmp_path / "src", "llama3.2"))
+    model.save_pretrained(tmp_path / "out", dtype="bfloat16")
+    tokens = np.random.default_rng(2).integers(0, 67, (1, 30))
+    with fg.no_grad():
+        ours = model.logits(tokens).numpy()  # the source was bf16: its values survive bf16 exactly
+    np.testing.assert_allclose(transformers_logits(tmp_path / "out", tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_damaged_headers_and_configs_raise_only_format_errors(tmp_path):
+    """Every byte of the safetensors header and of config.json changed in turn (a sample): a FormatError
+    or a model that still loads, never another exception."""
+    path = make_checkpoint(tmp_path / "m", "qwen2")
+    st, cfg = path / "model.safetensors", path / "config.json"
+    good_st, good_cfg = st.read_bytes(), cfg.read_bytes()
+    n = struct.unpack_from("<Q", good_st)[0]
+    rng = np.random.default_rng(0)
+    for target, good, hi in [(st, good_st, 8 + n), (cfg, good_cfg, len(good_cfg))]:
+        for pos in rng.choice(hi, size=60, replace=False):
+            for byte in (b"0", b"]", b"\xff"):
+                target.write_bytes(good[:pos] + byte + good[pos + 1:])
+                try:
+                    Llama.from_pretrained(path)
+                except fg.FormatError:
+                    pass
+        target.write_bytes(good)
+    index = path / "model.safetensors.index.json"
+    for weight_map in ({"model.norm.weight": 3}, {"model.norm.weight": "../model.safetensors"}, []):
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(fg.FormatError, match=r"index\.json: (weight_map names|cannot read)"):
+            Llama.from_pretrained(path)
