@@ -199,6 +199,8 @@ class TorchBackend(Backend):
     def dequantize_nf4(self, q, code):
         """On the device: the packed codes and block scales go over once per NF4Tensor, each call is a
         table lookup and a scale (no host work, no host copy of the fp32 weight)."""
+        if hasattr(q, "parts"):  # a FusedNF4: each HF module quantized on its own (fusegrad.quant.nf4)
+            return q.dequantize_with(lambda part: self.dequantize_nf4(part, code), torch.cat)
         hit = self._constants.get(id(q))
         if hit is None or hit[0] is not q:
             hit = self._constants[id(q)] = (q, self.asarray(q.packed), self.asarray(q.block_scales()))

@@ -11,6 +11,7 @@ import os
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.models.export import export_model
 from fusegrad.train.trainer import load_model
 
 FORMATS = ("hf", "llama2c", "gguf")
@@ -34,8 +35,6 @@ def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtyp
     tok = tokenizer_for_model(src, model.config.vocab_size, own, tokenizer) if tokenizer or own else None
     if adapter:
         load_adapter(adapter, model).merge()
-    from fusegrad.models.export import export_model  # TEMPORARY function-level: module level once W-models merges
-
     export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None)
     return fmt
 

@@ -53,7 +53,7 @@ def _cmd_sample(args) -> int:
         prompt = tokenizer.prompt_ids(args.prompt)
     for i in range(args.num_samples):
         ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed + i,
-                       stop_id=tokenizer.eos_id)
+                       stop_ids=tokenizer.eos_ids)
         print(tokenizer.decode(ids[len(prompt):] if args.chat else ids))  # chat: the assistant's reply only
         if i + 1 < args.num_samples:
             print("---")

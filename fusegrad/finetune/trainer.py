@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from fusegrad import ops
+from fusegrad.backends import get_backend
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.tensor import no_grad, tensor
 from fusegrad.data.shards import rng_from_state, rng_state
@@ -101,7 +102,8 @@ class Finetuner(Run):
         if taken and not (cfg.force or cfg.resume):
             raise FormatError(f"{cfg.out}: already holds {', '.join(taken)}; pass --resume to continue or "
                               f"--force to overwrite")
-        self.model = Llama.from_pretrained(cfg.model)
+        self.model = Llama.from_pretrained(cfg.model, backend=get_backend(self.backend),  # NF4 as it is read
+                                           quantize="nf4" if cfg.qlora else None)
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
         records = ftdata.read_records(cfg.data)
@@ -125,7 +127,7 @@ class Finetuner(Run):
         if cfg.task == "classify":
             rng = np.random.default_rng(cfg.seed)
             self.head = tensor(rng.normal(0, 0.02, (cfg.num_classes, self.model.config.dim)),
-                               dtype=self.model.dtype, requires_grad=True)
+                               dtype=self.model.dtype, requires_grad=True, backend=self.model.backend)
             named.append(("score.weight", self.head))
         self.optimizer = AdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = ftdata.Sampler(len(self.train_set), cfg.batch_size, cfg.seed)
@@ -153,8 +155,7 @@ class Finetuner(Run):
         total = 0.0
         for tokens, mask, labels in ftdata.group_by_length(batch):  # no padding: every token is computed
             loss, _ = self.group_loss(tokens, mask, labels, denom)
-            total += loss.item()
-            (loss * grad_scale if grad_scale != 1.0 else loss).backward()
+            total = total + self.backward_loss(loss, grad_scale)  # on a device: no host read
         return total, sum(len(e.tokens) for e in batch)
 
     def evaluate(self, examples=None) -> dict:
@@ -211,7 +212,7 @@ class Finetuner(Run):
                                 f"(saved, now): {differ}")
         self.lora.load_state_dict(state["lora"], self.state_path)
         if self.head is not None:
-            self.head.data = np.array(state["head"]["score"], dtype=self.head.dtype)
+            self.head.data = self.head.backend.asarray(np.array(state["head"]["score"], dtype=self.head.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load(state["sampler"])
         self.lora.rng = rng_from_state(state["dropout_rng"])

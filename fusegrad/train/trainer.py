@@ -188,7 +188,7 @@ class Trainer(Run):
         if not isinstance(model.classifier.data, np.ndarray):  # generation runs on a host copy of the weights
             model = Llama(model.config, params={n: tensor(t.numpy(), backend="numpy") for n, t in model.params.items()})
         out = generate(model, ids, max_new_tokens, self.cfg.temperature, self.cfg.top_p, seed=self.cfg.seed,
-                       stop_id=self.tokenizer.eos_id)
+                       stop_ids=self.tokenizer.eos_ids)
         return self.tokenizer.decode(out)
 
     # -- checkpoints -------------------------------------------------------------------------------

@@ -192,7 +192,6 @@ def test_info_on_a_hf_dir_shows_its_tokenizer(hf_model, capsys):
 
 
 # -- fusegrad export (merge is the same code with an adapter) ----------------------------------------------
-from tests.data.export_shim import export_api  # noqa: E402,F401  (TEMPORARY: until W-models' export is merged)
 
 
 def test_export_argument_errors_name_the_argument(hf_model, tmp_path, capsys):
@@ -221,7 +220,7 @@ def lora_adapter(model_dir, out):
     return model
 
 
-def test_export_hf_with_an_adapter_loads_in_transformers_with_tokenizer_and_template(hf_model, tmp_path, export_api):
+def test_export_hf_with_an_adapter_loads_in_transformers_with_tokenizer_and_template(hf_model, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     merged = lora_adapter(hf_model, tmp_path / "ad")

@@ -15,7 +15,6 @@ from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.finetune.trainer import FinetuneConfig, Finetuner, finetune
 from fusegrad.models import Llama
 from fusegrad.models.llama import LlamaConfig
-from tests.data.export_shim import export_api  # noqa: F401  (TEMPORARY: until W-models' export is merged)
 
 BASE = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64)
 
@@ -139,7 +138,7 @@ def test_classify_trains_reports_accuracy_and_peft_loads_the_head(base, tmp_path
 
 
 @pytest.mark.parametrize("fmt", ["hf", "llama2c"])
-def test_cli_finetune_then_merge(base, tmp_path, fmt, export_api):
+def test_cli_finetune_then_merge(base, tmp_path, fmt):
     out = tmp_path / "run"
     assert run_cli(["finetune", "--model", str(base / "base"), "--data", str(base / "qa.jsonl"), "--tokenizer",
                     "byte", "--out", str(out), "--max_steps", "3", "--lora-targets", "q,v,down", "--rank", "2",
