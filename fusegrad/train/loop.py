@@ -67,8 +67,8 @@ class RunConfig:
     progress: bool = setting(True, "show a progress bar")
     quiet: bool = setting(False, "print nothing but errors")
     trace: str = setting("", "write a Chrome trace of the run to this file")
-    backend: str = setting("numpy", "array library of the run: numpy (CPU) or torch (a device)",
-                           "numpy|torch|torch:cpu|torch:cuda|torch:mps|torch:meta|ane|ane-sim")
+    backend: str = setting("numpy", "where the run computes: numpy, torch[:cuda|mps|cpu|meta], ane, ane-sim or any "
+                                    "registered backend (`fusegrad info` lists those usable here)")
     device: str = setting("", "with backend torch: cuda, mps, cpu or meta (empty: the best present)")
     dtype: str = setting("fp32", "GEMM precision; bf16/fp16 keep fp32 master weights (torch backend)", "fp32|bf16|fp16")
     log_interval: int = setting(1, "steps between loss reads (on a device the only host sync of a step)", "[1, inf)")

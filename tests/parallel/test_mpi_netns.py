@@ -97,14 +97,14 @@ def test_two_hosts_follow_the_one_process_loss_curve(hosts, data_dir, tmp_path):
     one.run()
     cfg = config(data_dir, tmp_path / "two")
     probe = tmp_path / "probe.py"  # each rank names its namespace's address: they really are two hosts
-    probe.write_text("import subprocess, runpy, sys\nfrom mpi4py import MPI\n"
-                     "print('rank', MPI.COMM_WORLD.Get_rank(), subprocess.run(['ip', '-br', '-4', 'addr'], "
-                     "capture_output=True, text=True).stdout.split()[-1], flush=True)\n"
+    probe.write_text("import subprocess, runpy, sys\nfrom mpi4py import MPI\n"  # a file each: stdout interleaves
+                     "open(f'rank{MPI.COMM_WORLD.Get_rank()}.txt', 'w').write(subprocess.run(['ip', '-br', '-4', "
+                     "'addr'], capture_output=True, text=True).stdout.split()[-1])\n"
                      "sys.argv = ['fusegrad'] + sys.argv[1:]\nrunpy.run_module('fusegrad', run_name='__main__')\n")
     run = across(hosts, [str(probe), "train"] + [x for k, v in cfg.items() for x in (f"--{k}", str(v))], tmp_path, 120)
     assert run.returncode == 0, run.stderr[-3000:]
     ips = hosts[2].split(",")
-    assert f"rank 0 {ips[0]}/24" in run.stdout and f"rank 1 {ips[1]}/24" in run.stdout, run.stdout
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [f"{ips[0]}/24", f"{ips[1]}/24"]
     state = load_checkpoint(tmp_path / "two" / "checkpoint.safetensors")
     np.testing.assert_allclose(state["history"]["loss"], one.history["loss"], rtol=1e-5)
 
