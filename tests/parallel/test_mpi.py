@@ -16,10 +16,10 @@ from fusegrad.core.errors import ConfigError  # noqa: E402
 from fusegrad.parallel.mpi import DataParallel, ParallelError, buckets  # noqa: E402
 from fusegrad.train.checkpoint import load_checkpoint  # noqa: E402
 from fusegrad.train.trainer import TrainConfig, Trainer  # noqa: E402
+from tests.parallel.conftest import STEPS, run_config  # noqa: E402
 
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun on PATH (pip install mpich)")
-STEPS = 4
 
 
 def test_buckets_cover_every_array_once_in_order():
@@ -81,21 +81,7 @@ def test_drifted_parameter_is_named():
 
 
 # -- real ranks --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from fusegrad.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data")
-    text = out / "text.txt"
-    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(400)))
-    prepare([str(text)], str(out / "shards"), tokenizer="byte", val_fraction=0.1, overwrite=True)
-    return str(out / "shards")
-
-
-def config(data_dir, out_dir, **kw):
-    return {**dict(preset="tiny", data=data_dir, max_steps=STEPS, warmup_steps=1, batch_size=4, seq_len=16,
-                   out_dir=str(out_dir), progress=False, plot=False, sample_tokens=0, eval_interval=0,
-                   ckpt_interval=2, quiet=True), **kw}
+config = run_config
 
 
 def single_process_losses(data_dir, out_dir):

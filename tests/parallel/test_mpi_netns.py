@@ -17,10 +17,10 @@ pytest.importorskip("mpi4py.MPI")
 
 from fusegrad.train.checkpoint import load_checkpoint  # noqa: E402
 from fusegrad.train.trainer import TrainConfig, Trainer  # noqa: E402
+from tests.parallel.conftest import STEPS, run_config  # noqa: E402
 
 MPIEXEC = shutil.which("mpiexec")
 IP = shutil.which("ip")
-STEPS = 4
 LAUNCHER = """#!/bin/sh
 # hydra's ssh: [options] HOST COMMAND... -> COMMAND inside HOST's network namespace
 while [ "${{1#-}}" != "$1" ]; do shift; done
@@ -66,21 +66,8 @@ def hosts(tmp_path):
             _ip("netns", "del", ns)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from fusegrad.data.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data")
-    text = out / "text.txt"
-    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(400)))
-    prepare([str(text)], str(out / "shards"), tokenizer="byte", val_fraction=0.1, overwrite=True)
-    return str(out / "shards")
-
-
 def config(data_dir, out_dir, **kw):
-    return {**dict(preset="tiny", data=data_dir, max_steps=STEPS, warmup_steps=1, batch_size=4, seq_len=16,
-                   out_dir=str(out_dir), progress=False, plot=False, sample_tokens=0, eval_interval=0,
-                   ckpt_interval=2, quiet=True, workers=1), **kw}
+    return run_config(data_dir, out_dir, **{**dict(workers=1), **kw})
 
 
 def across(hosts, args, tmp_path, timeout):
