@@ -3,7 +3,9 @@
 Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
 unless mask_prompt=False), or a chat `messages` list of {"role", "content"} rendered with the tokenizer's own
 chat template (loss on the assistant turns only). Text gets a BOS only where the tokenizer adds one.
-Classification: `text` + `label` (an int in [0, num_classes)).
+Classification: `text` + `label` (an integer class id in [0, num_classes): a JSON int or, in CSV, digits; a JSON
+`true`, a float such as 1.0 or "1.5" is refused, never cast).
+A file must be UTF-8 text; JSON's NaN/Infinity are refused. Every refusal is a FormatError naming the file and line.
 Batches group examples of EQUAL length: a step's examples are split into (B_g, T_g) groups that run
 one after another, so no position is padding and nothing is computed for it.
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
+import re
 
 import numpy as np
 
@@ -37,27 +41,50 @@ def read_records(path) -> list:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such data file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise FormatError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})") from None
     records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.endswith(".csv"):
-            for i, row in enumerate(csv.DictReader(f), start=2):
-                records.append({**row, "_line": i})
-        else:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise FormatError(f"{path}:{i}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise FormatError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-                records.append({**obj, "_line": i})
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                if None in row or None in row.values():  # more fields than the header, or fewer
+                    raise FormatError(f"{path}:{reader.line_num}: the row's field count differs from the header's "
+                                      f"({len(reader.fieldnames)}: {','.join(reader.fieldnames)})")
+                records.append({**row, "_line": reader.line_num})
+        except csv.Error as exc:
+            raise FormatError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
+    else:
+        for i, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line, parse_constant=_no_constant)
+            except json.JSONDecodeError as exc:
+                raise FormatError(f"{path}:{i}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:
+                raise FormatError(f"{path}:{i}: malformed JSON line: {exc}") from None
+            if not isinstance(obj, dict):
+                raise FormatError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            records.append({**obj, "_line": i})
     if not records:
         raise FormatError(f"{path}: holds no records")
     for r in records:
         r["_path"] = path
     return records
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a finite number")
 
 
 def _where(r) -> str:
@@ -68,7 +95,21 @@ def _text(r, key):
     value = r.get(key)
     if not isinstance(value, str):
         raise FormatError(f"{_where(r)}: field {key!r} must be a string, got {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"{_where(r)}: field {key!r} holds a lone surrogate, not UTF-8 text") from None
     return value
+
+
+def _label(r) -> int:
+    """The record's label as an int: a JSON int (not a bool, not a float) or an ASCII-digit string (CSV)."""
+    raw = r.get("label")
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
+        return int(raw)
+    raise FormatError(f"{_where(r)}: field 'label' must be an integer class id, got {raw!r}")
 
 
 def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> list:
@@ -83,6 +124,8 @@ def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> l
                 ids, trained = chat_example(tokenizer, r["messages"])  # trained: 1 on the assistant's tokens
             except FormatError as e:
                 raise FormatError(f"{_where(r)}: {e}") from None
+            except UnicodeEncodeError:
+                raise FormatError(f"{_where(r)}: field 'messages' holds a lone surrogate, not UTF-8 text") from None
         elif "text" in r:
             ids = tokenizer.encode(_text(r, "text"), eos=True)
             trained = [1] * len(ids)
@@ -105,13 +148,7 @@ def classify_examples(records, tokenizer, num_classes: int, max_len: int) -> lis
     checked against num_classes."""
     out = []
     for r in records:
-        raw = r.get("label")
-        try:
-            label = int(raw)
-            if label != float(raw):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise FormatError(f"{_where(r)}: label must be an integer class id, got {raw!r}") from None
+        label = _label(r)
         if not 0 <= label < num_classes:
             raise FormatError(f"{_where(r)}: label {label} is outside [0, num_classes={num_classes})")
         ids = tokenizer.encode(_text(r, "text"))[:max_len]
