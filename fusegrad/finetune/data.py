@@ -103,11 +103,12 @@ def _text(r, key):
 
 
 def _label(r) -> int:
-    """The record's label as an int: a JSON int (not a bool, not a float) or an ASCII-digit string (CSV)."""
+    """The record's label as an int: a JSON int (not a bool, not a float, not a string) or, in a CSV file, ASCII
+    digits."""
     raw = r.get("label")
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
-    if isinstance(raw, str) and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
+    if isinstance(raw, str) and str(r.get("_path", "")).endswith(".csv") and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
         return int(raw)
     raise FormatError(f"{_where(r)}: field 'label' must be an integer class id, got {raw!r}")
 

@@ -236,3 +236,27 @@ def test_byte_tokenizer_on_a_model_with_its_own_is_refused_unless_forced(base, t
                                           r"tokenizer .*m/tokenizer.json: byte ids"):
         Finetuner(cfg(base, tmp_path / "a", model=str(model)))
     assert Finetuner(cfg(base, tmp_path / "b", model=str(model), force_tokenizer=True)).tokenizer.kind == "byte"
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"),
+    ("d.csv", b"text,label\nok,0\ncaf\xe9,1\n", r"d.csv:3: not UTF-8 text \(byte 0xe9 at column 4\)"),
+    ("n.jsonl", b'{"text": "a", "label": NaN}\n', r"n.jsonl:1: malformed JSON line: NaN is not a finite number"),
+    ("r.csv", b"text,label\na,0\nb,1,extra\n", r"r.csv:3: the row's field count differs from the header's"),
+])
+def test_non_utf8_non_finite_and_ragged_data_name_the_file_and_line(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(FormatError, match=match):
+        ftdata.read_records(tmp_path / name)
+
+
+@pytest.mark.parametrize("label", ["true", "1.0", "1.5", '"1"', "null"])
+def test_labels_are_integers_never_cast(tmp_path, label):
+    path = tmp_path / "l.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": %s}\n' % label)
+    with pytest.raises(FormatError, match=r"l.jsonl:2: field 'label' must be an integer class id"):
+        ftdata.classify_examples(ftdata.read_records(path), fg.data.tokenizer.ByteTokenizer(), 2, 16)
+    csv_path = tmp_path / "l.csv"
+    csv_path.write_text("text,label\na,1\nb,1.0\n")
+    with pytest.raises(FormatError, match=r"l.csv:3: field 'label' must be an integer class id, got '1.0'"):
+        ftdata.classify_examples(ftdata.read_records(csv_path), fg.data.tokenizer.ByteTokenizer(), 2, 16)
