@@ -19,10 +19,13 @@ import dataclasses
 import functools
 import os
 
+import math
+
 import numpy as np
 
 from fusegrad.backends import get_backend
 from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.fileio import storage_error
 from fusegrad.core.tensor import no_grad, tensor
 from fusegrad.core.trace import span
 from fusegrad.data.prepare import prepare
@@ -31,7 +34,7 @@ from fusegrad.data.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_
 from fusegrad.models.generate import generate
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig
 from fusegrad.parallel.mpi import DataParallel
-from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
 from fusegrad.train.loop import Run, RunConfig, TrainingError, start_workers, use_backend
 from fusegrad.train.optim import AdamW
 from fusegrad.train.plot import plot_losses
@@ -116,7 +119,10 @@ class Trainer(Run):
         backend = get_backend(self.backend)  # an unusable backend says why before any data is prepared
         get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
         self.run_dir = cfg.out_dir
-        os.makedirs(cfg.out_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise storage_error(cfg.out_dir, e) from None
         pretrained, own = _pretrained(cfg) if cfg.init_from else (None, None)
         fits = functools.partial(tokenizer_for_model, cfg.init_from, pretrained and pretrained.config.vocab_size, own,
                                  force=cfg.force_tokenizer)
@@ -205,25 +211,68 @@ class Trainer(Run):
             save_checkpoint(self.ckpt_path, self.state())
 
     def load(self, path) -> None:
+        """Resume from `path`: everything is checked (FormatError naming the file and field) before anything of
+        this run changes."""
         state = load_checkpoint(path)
         if state.get("format") != "fusegrad-train":
             raise FormatError(f"{path}: not a fusegrad training checkpoint")
-        saved = LlamaConfig.from_dict(state["model_config"])
+        saved = checkpoint_model_config(state, path)
         if saved != self.model.config:
             raise TrainingError(f"{path}: checkpoint model config {saved} differs from this run's "
                                 f"{self.model.config}; resume with the same model settings")
+        params = weights(state, "params", {n: t.shape for n, t in self.model.params.items()}, path)
+        rng = rng_from_state(state.get("data_rng"), f"{path}: data_rng")
+        loss_scale = None
+        if self.loss_scale is not None and value(state, "loss_scale", list, path, optional=True) is not None:
+            loss_scale = [value(state, "loss_scale/0", float, path, "(0, inf)"),
+                          value(state, "loss_scale/1", int, path, "[0, inf)")]
+        self.restore(state, path)  # step, history, AdamW moments: checked, then set
         backend = get_backend(self.backend)
         for name, t in self.model.params.items():
-            arr = state["params"].get(name)
-            if arr is None or arr.shape != t.shape:
-                raise FormatError(f"{path}: parameter {name} is missing or has the wrong shape")
-            t.data = backend.asarray(np.array(arr, dtype=t.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rng = rng_from_state(state["data_rng"])
-        self.step = int(state["step"])
-        self.history = {k: list(v) for k, v in state["history"].items()}
-        if self.loss_scale is not None and state.get("loss_scale") is not None:
-            self.loss_scale = [float(state["loss_scale"][0]), int(state["loss_scale"][1])]
+            t.data = backend.asarray(np.array(params[name], dtype=t.dtype))
+        self.rng = rng
+        if loss_scale is not None:
+            self.loss_scale = loss_scale
+
+
+MAX_SEQ_LEN = 1 << 20  # a checkpoint asking for more context than this is refused before its RoPE tables exist
+
+
+def checkpoint_model_config(state: dict, path) -> LlamaConfig:
+    """The checkpoint's `model_config` as a LlamaConfig; FormatError naming the file and field if it is not a
+    mapping of LlamaConfig's fields with integer sizes, finite floats and max_seq_len <= MAX_SEQ_LEN."""
+    fields = state.get("model_config")
+    if not isinstance(fields, dict):
+        raise FormatError(f"{path}: checkpoint field 'model_config' is {type(fields).__name__}, not a mapping")
+    for key, v in fields.items():
+        bad = (isinstance(v, float) and not math.isfinite(v)) or (
+            key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len",
+                    "multiple_of") and not (isinstance(v, int) and not isinstance(v, bool) or v is None))
+        if bad:
+            raise FormatError(f"{path}: checkpoint field 'model_config/{key}' = {v!r} is not valid")
+    try:
+        config = LlamaConfig.from_dict(fields)
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise FormatError(f"{path}: checkpoint field 'model_config': {e}") from None
+    if not 1 <= config.max_seq_len <= MAX_SEQ_LEN:
+        raise FormatError(f"{path}: checkpoint field 'model_config/max_seq_len' = {config.max_seq_len} is outside "
+                          f"[1, {MAX_SEQ_LEN}]")
+    return config
+
+
+def param_shapes(c: LlamaConfig) -> dict:
+    """name -> shape of every weight of a Llama of config c (as Llama._init_params makes them)."""
+    shapes = {"tok_embeddings": (c.vocab_size, c.dim)}
+    for i in range(c.n_layers):
+        shapes.update({f"layers.{i}.attention_norm": (c.dim,), f"layers.{i}.wqkv": (c.dim + 2 * c.kv_dim, c.dim)})
+        if c.qkv_bias:
+            shapes[f"layers.{i}.bqkv"] = (c.dim + 2 * c.kv_dim,)
+        shapes.update({f"layers.{i}.wo": (c.dim, c.dim), f"layers.{i}.ffn_norm": (c.dim,),
+                       f"layers.{i}.w13": (2 * c.hidden_dim, c.dim), f"layers.{i}.w2": (c.dim, c.hidden_dim)})
+    shapes["norm"] = (c.dim,)
+    if not c.tie_embeddings:
+        shapes["output"] = (c.vocab_size, c.dim)
+    return shapes
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -240,9 +289,17 @@ def load_model(path):
         state = load_checkpoint(path)
         if state.get("format") != "fusegrad-train":
             raise FormatError(f"{path}: not a fusegrad training checkpoint")
-        model = Llama(LlamaConfig.from_dict(state["model_config"]),
-                      params={n: tensor(a, requires_grad=True) for n, a in state["params"].items()})
-        directories = (os.path.dirname(os.path.abspath(path)), state.get("data_dir", ""))
+        config = checkpoint_model_config(state, path)
+        if not isinstance(state.get("params"), dict):
+            raise FormatError(f"{path}: checkpoint field 'params' is not a mapping of tensors")
+        extra = sorted(set(state["params"]) - set(param_shapes(config)))
+        if extra:
+            raise FormatError(f"{path}: checkpoint field 'params' holds tensors the model config has no place for: "
+                              f"{extra[:5]}")
+        params = weights(state, "params", param_shapes(config), path)
+        model = Llama(config, params={n: tensor(a, requires_grad=True) for n, a in params.items()})
+        data_dir = state.get("data_dir", "")
+        directories = (os.path.dirname(os.path.abspath(path)), data_dir if isinstance(data_dir, str) else "")
     else:
         model = Llama.from_pretrained(path)
         directories = (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),)

@@ -226,3 +226,45 @@ def test_init_from_refuses_what_cannot_be_right(tmp_path):
     forced = Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m"), tokenizer="byte",
                           force_tokenizer=True, workers=1))
     assert forced.model.config.vocab_size == 600 and forced.tokenizer.kind == "byte"
+
+
+def _broken(state, what):
+    if what == "int32-norm":
+        state["params"]["norm"] = state["params"]["norm"].astype(np.int32)
+    elif what == "history":
+        state["history"] = [1.0, 2.0]
+    elif what == "model_config":
+        state["model_config"] = "tiny"
+    else:
+        del state[what]
+
+
+@pytest.mark.parametrize("what, match", [("data_rng", r"checkpoint.safetensors: data_rng: bit_generator must be"),
+                                         ("step", r"checkpoint.safetensors: checkpoint field 'step' is missing"),
+                                         ("history", r"checkpoint.safetensors: checkpoint field 'history' is not"),
+                                         ("int32-norm", r"checkpoint.safetensors: tensor params/norm is int32\[32\]"),
+                                         ("model_config", r"checkpoint.safetensors: checkpoint field 'model_config'")])
+def test_resume_and_load_model_refuse_a_checkpoint_with_a_missing_or_mistyped_field(tmp_path, what, match):
+    from fusegrad.core.errors import FormatError
+    from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+
+    trainer = Trainer(tiny(tmp_path, max_steps=1))
+    trainer.run()
+    state = load_checkpoint(trainer.ckpt_path)
+    _broken(state, what)
+    save_checkpoint(trainer.ckpt_path, state)
+    before = {n: t.data.copy() for n, t in trainer.model.params.items()}
+    with pytest.raises(FormatError, match=match):
+        trainer.load(trainer.ckpt_path)
+    assert all(np.array_equal(t.data, before[n]) for n, t in trainer.model.params.items())  # nothing half-loaded
+    if what in ("int32-norm", "model_config"):
+        with pytest.raises(FormatError, match=match):
+            load_model(trainer.ckpt_path)
+
+
+def test_an_unwritable_out_dir_is_one_storage_error(tmp_path):
+    from fusegrad.core.errors import StorageError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match=r"file/run: cannot write"):
+        Trainer(tiny(tmp_path / "file"))
