@@ -35,7 +35,7 @@ from fusegrad.finetune.losses import lm_loss, pool
 from fusegrad.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models.llama import Llama
-from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
 from fusegrad.train.loop import Run, RunConfig, TrainingError
 from fusegrad.train.optim import AdamW
 
@@ -68,7 +68,6 @@ class FinetuneConfig(RunConfig):
     batch_size: int = 8
     max_steps: int = 100
     lr: float = 1e-3
-    min_lr: float = 1e-4
     warmup_steps: int = 10
     weight_decay: float = 0.0
     eval_interval: int = 50
@@ -203,21 +202,30 @@ class Finetuner(Run):
         save_adapter(self.cfg.out, self.lora, self.head, base_model=os.path.abspath(self.cfg.model), force=True)
 
     def load(self) -> None:
-        state = load_checkpoint(self.state_path)
+        """Resume from finetune_state.safetensors: every field is checked (FormatError naming the file and field)
+        before anything of this run changes."""
+        path = self.state_path
+        state = load_checkpoint(path)
         if state.get("format") != "fusegrad-finetune":
-            raise FormatError(f"{self.state_path}: not a fusegrad fine-tuning checkpoint")
-        differ = {k: (v, getattr(self.cfg, k)) for k, v in state["config"].items() if v != getattr(self.cfg, k)}
+            raise FormatError(f"{path}: not a fusegrad fine-tuning checkpoint")
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise FormatError(f"{path}: checkpoint field 'config' is not a mapping")
+        differ = {k: (saved.get(k, "<missing>"), getattr(self.cfg, k)) for k in FinetuneConfig.IDENTITY
+                  if saved.get(k, "<missing>") != getattr(self.cfg, k)}
         if differ:
-            raise FinetuneError(f"{self.state_path}: resume settings differ from the checkpoint's "
-                                f"(saved, now): {differ}")
-        self.lora.load_state_dict(state["lora"], self.state_path)
-        if self.head is not None:
-            self.head.data = self.head.backend.asarray(np.array(state["head"]["score"], dtype=self.head.dtype))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.sampler.load(state["sampler"])
-        self.lora.rng = rng_from_state(state["dropout_rng"])
-        self.step = int(state["step"])
-        self.history = {k: list(v) for k, v in state["history"].items()}
+            raise FinetuneError(f"{path}: resume settings differ from the checkpoint's (saved, now): {differ}")
+        lora = weights(state, "lora", {n: t.shape for n, t in self.lora.named_parameters()}, path)
+        head = None if self.head is None else weights(state, "head", {"score": self.head.shape}, path)["score"]
+        epoch = value(state, "sampler/epoch", int, path, "[0, inf)")
+        pos = value(state, "sampler/pos", int, path, f"[0, {self.sampler.n})")
+        rng = rng_from_state(state.get("dropout_rng"), f"{path}: dropout_rng")
+        self.restore(state, path)  # step, history, AdamW moments: checked, then set
+        self.lora.load_state_dict(lora, path)
+        if head is not None:
+            self.head.data = self.head.backend.asarray(np.array(head, dtype=self.head.dtype))
+        self.sampler.load({"epoch": epoch, "pos": pos})
+        self.lora.rng = rng
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

@@ -260,3 +260,32 @@ def test_labels_are_integers_never_cast(tmp_path, label):
     csv_path.write_text("text,label\na,1\nb,1.0\n")
     with pytest.raises(FormatError, match=r"l.csv:3: field 'label' must be an integer class id, got '1.0'"):
         ftdata.classify_examples(ftdata.read_records(csv_path), fg.data.tokenizer.ByteTokenizer(), 2, 16)
+
+
+@pytest.mark.parametrize("what, match", [("dropout_rng", r"finetune_state.safetensors: dropout_rng: bit_generator"),
+                                         ("step", r"finetune_state.safetensors: checkpoint field 'step' is missing"),
+                                         ("sampler", r"finetune_state.safetensors: checkpoint field 'sampler/epoch'"),
+                                         ("history", r"finetune_state.safetensors: checkpoint field 'history'"),
+                                         ("int32-head", r"finetune_state.safetensors: tensor head/score is int32")])
+def test_finetune_resume_refuses_a_missing_or_mistyped_field(base, tmp_path, what, match):
+    from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+
+    settings = dict(data=str(base / "cls.csv"), task="classify", num_classes=3, max_steps=2)
+    run = Finetuner(cfg(base, tmp_path, **settings))
+    run.train_step()
+    run.save()
+    state = load_checkpoint(run.state_path)
+    if what == "int32-head":
+        state["head"]["score"] = state["head"]["score"].astype(np.int32)
+    elif what == "history":
+        state["history"] = "none"
+    else:
+        del state[what]
+    save_checkpoint(run.state_path, state)
+    with pytest.raises(FormatError, match=match):
+        Finetuner(cfg(base, tmp_path, resume=True, **settings))
+
+
+def test_finetune_min_lr_follows_lr(base, tmp_path):
+    c = cfg(base, tmp_path, lr=1e-5)
+    assert c.min_lr is None and c.lr_floor == pytest.approx(1e-6)
