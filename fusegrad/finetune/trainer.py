@@ -3,7 +3,9 @@
 A run reads a base model (llama2.c `.bin` or HF dir) and JSONL/CSV data, trains only the adapters (and
 a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
 and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
-from which `resume=True` continues bit for bit.
+from which `resume=True` continues bit for bit. Under `mpirun -n N` or `torchrun` every rank draws the same batch,
+runs its 1/N of the examples and the gradients are averaged (the loss curve of one process; with dropout > 0 the
+masks differ); rank 0 alone evaluates and writes.
 
 >>> import json, os, tempfile
 >>> from fusegrad.models import Llama
@@ -35,6 +37,7 @@ from fusegrad.finetune.losses import lm_loss, pool
 from fusegrad.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models.llama import Llama
+from fusegrad.parallel.mpi import DataParallel
 from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
 from fusegrad.train.loop import Run, RunConfig, TrainingError
 from fusegrad.train.optim import AdamW
@@ -128,6 +131,10 @@ class Finetuner(Run):
             self.head = tensor(rng.normal(0, 0.02, (cfg.num_classes, self.model.config.dim)),
                                dtype=self.model.dtype, requires_grad=True, backend=self.model.backend)
             named.append(("score.weight", self.head))
+        self.dp = DataParallel.from_env()  # None unless mpirun/torchrun started several ranks
+        if self.dp is not None:
+            self.dp.shard(np.zeros(cfg.batch_size))  # a batch that does not split over the ranks says so now
+            self.dp.broadcast_params(named)
         self.optimizer = AdamW(named, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sampler = ftdata.Sampler(len(self.train_set), cfg.batch_size, cfg.seed)
         self.history["val_accuracy"] = []
@@ -148,11 +155,15 @@ class Finetuner(Run):
         return sum(int(e.loss_mask.sum()) for e in examples) if task == "lm" else len(examples)
 
     def micro_batch(self, grad_scale: float) -> tuple[float, int]:
-        batch = [self.train_set[i] for i in self.sampler.next_indices()]
-        denom = self.denominator(batch, self.cfg.task)
+        indices = self.sampler.next_indices()  # the global batch, the same on every rank
+        batch = [self.train_set[i] for i in indices]
+        denom, mine = self.denominator(batch, self.cfg.task), batch
+        if self.dp is not None:  # this rank's examples, their loss x ranks: the mean over ranks is the global one
+            mine = [self.train_set[i] for i in self.dp.shard(np.array(indices))]
+            denom = denom / self.dp.size
         self.lora.train(True)
         total = 0.0
-        for tokens, mask, labels in ftdata.group_by_length(batch):  # no padding: every token is computed
+        for tokens, mask, labels in ftdata.group_by_length(mine):  # no padding: every token is computed
             loss, _ = self.group_loss(tokens, mask, labels, denom)
             total = total + self.backward_loss(loss, grad_scale)  # on a device: no host read
         return total, sum(len(e.tokens) for e in batch)

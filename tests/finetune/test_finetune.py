@@ -1,6 +1,7 @@
 """Fine-tuning runs end to end: data, masked loss, no-padding groups, exact resume, classification, CLI,
 merge, and bad input."""
 import argparse
+import dataclasses
 import json
 import os
 
@@ -289,3 +290,33 @@ def test_finetune_resume_refuses_a_missing_or_mistyped_field(base, tmp_path, wha
 def test_finetune_min_lr_follows_lr(base, tmp_path):
     c = cfg(base, tmp_path, lr=1e-5)
     assert c.min_lr is None and c.lr_floor == pytest.approx(1e-6)
+
+
+def test_two_mpi_ranks_follow_the_single_process_loss_curve(base, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from fusegrad.train.checkpoint import load_checkpoint
+
+    mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+    if mpirun is None:
+        pytest.skip("no mpirun on PATH (pip install mpich)")
+    settings = dict(data=str(base / "cls.csv"), task="classify", num_classes=3, max_steps=4, batch_size=4, lr=3e-2,
+                    eval_interval=0, ckpt_interval=0)
+    finetune(cfg(base, tmp_path / "one", **settings))
+    want = load_checkpoint(tmp_path / "one" / "finetune_state.safetensors")["history"]["loss"]
+    c = cfg(base, tmp_path / "two", **settings)
+    args = [x for k, v in dataclasses.asdict(c).items() if k in {**settings, "model": 1, "tokenizer": 1, "out": 1,
+                                                                  "rank": 1}
+            for x in (f"--{k}", str(v))]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", FUSEGRAD_JIT="0")
+    run = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "fusegrad.cli.main", "finetune", "--quiet", *args],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    got = load_checkpoint(tmp_path / "two" / "finetune_state.safetensors")["history"]["loss"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    odd = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "fusegrad.cli.main", "finetune", "--quiet", *args,
+                          "--batch_size", "3", "--out", str(tmp_path / "odd")],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert odd.returncode != 0 and "batch_size 3 does not split evenly over 2 ranks" in odd.stderr  # the ranks split
