@@ -108,7 +108,8 @@ def _label(r) -> int:
     raw = r.get("label")
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
-    if isinstance(raw, str) and str(r.get("_path", "")).endswith(".csv") and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
+    from_csv = str(r.get("_path", "")).endswith(".csv")
+    if from_csv and isinstance(raw, str) and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
         return int(raw)
     raise FormatError(f"{_where(r)}: field 'label' must be an integer class id, got {raw!r}")
 

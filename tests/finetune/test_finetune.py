@@ -306,10 +306,8 @@ def test_two_mpi_ranks_follow_the_single_process_loss_curve(base, tmp_path):
                     eval_interval=0, ckpt_interval=0)
     finetune(cfg(base, tmp_path / "one", **settings))
     want = load_checkpoint(tmp_path / "one" / "finetune_state.safetensors")["history"]["loss"]
-    c = cfg(base, tmp_path / "two", **settings)
-    args = [x for k, v in dataclasses.asdict(c).items() if k in {**settings, "model": 1, "tokenizer": 1, "out": 1,
-                                                                  "rank": 1}
-            for x in (f"--{k}", str(v))]
+    c = dataclasses.asdict(cfg(base, tmp_path / "two", **settings))
+    args = [x for k in (*settings, "model", "tokenizer", "out", "rank") for x in (f"--{k}", str(c[k]))]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", FUSEGRAD_JIT="0")
     run = subprocess.run([mpirun, "-n", "2", sys.executable, "-m", "fusegrad.cli.main", "finetune", "--quiet", *args],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
