@@ -26,8 +26,9 @@ import os
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from fusegrad.core.errors import FormatError
+from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
+from fusegrad.core.settings import check_value
 from fusegrad.finetune.lora import LoraConfig, attach_lora, part_rows
 from fusegrad.models.hf_names import HF_MODULES, permute_from_hf, permute_to_hf
 from fusegrad.models.llama import Llama
@@ -91,10 +92,12 @@ def read_adapter(directory) -> tuple:
     directory = os.fspath(directory)
     cfg_path, w_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{cfg_path}: cannot read the adapter config: {exc}") from None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{cfg_path}: the adapter config is not a JSON object")
     if meta.get("peft_type") != "LORA":
         raise FormatError(f"{cfg_path}: peft_type {meta.get('peft_type')!r} is not LORA")
     unsupported = [k for k in ("use_dora", "fan_in_fan_out") if meta.get(k)]
@@ -106,15 +109,29 @@ def read_adapter(directory) -> tuple:
     modules = meta.get("target_modules")
     if isinstance(modules, str):
         raise FormatError(f"{cfg_path}: target_modules is a regex {modules!r}; give a list of module names")
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise FormatError(f"{cfg_path}: target_modules = {modules!r}; expected a list of module names")
+
+    def get(name, kind, spec, default=None, nullable=False):
+        value = meta.get(name, default)
+        value = default if value is None and nullable else value
+        return check_value(name, value, kind, spec, cfg_path, error=FormatError)
     try:
-        config = LoraConfig(targets=tuple(modules or ()), r=int(meta["r"]), alpha=float(meta.get("lora_alpha", 8)),
-                            dropout=float(meta.get("lora_dropout") or 0.0), rslora=bool(meta.get("use_rslora")))
-    except (KeyError, ValueError) as exc:  # a ConfigError is a ValueError
+        config = LoraConfig(targets=tuple(modules), r=get("r", int, "[1, 65536]"),
+                            alpha=get("lora_alpha", float, "(0, inf)", 8.0),
+                            dropout=get("lora_dropout", float, "[0, 1)", 0.0, True),
+                            rslora=get("use_rslora", bool, "", False, True))
+    except ConfigError as exc:
         raise FormatError(f"{cfg_path}: bad LoRA config: {exc}") from None
     try:
         tensors = load_file(w_path)
     except Exception as exc:
         raise FormatError(f"{w_path}: cannot read adapter weights: {exc}") from None
+    for k, a in tensors.items():
+        if a.dtype not in (np.float32, np.float16):
+            raise FormatError(f"{w_path}: tensor {k!r} has dtype {a.dtype}; adapters are F32 or F16")
+        if not np.isfinite(a).all():
+            raise FormatError(f"{w_path}: tensor {k!r} holds NaN or inf; nothing non-finite is loaded")
     return config, tensors
 
 

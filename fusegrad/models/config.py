@@ -10,6 +10,18 @@ import dataclasses
 import numpy as np
 
 from fusegrad.core.errors import ConfigError
+from fusegrad.core.settings import check_value, field_type
+
+# The ranges every LlamaConfig field is checked against (files are checked before anything is allocated)
+LIMITS = {"dim": "[1, 65536]", "n_layers": "[1, 1024]", "n_heads": "[1, 1024]", "n_kv_heads": "[1, 1024]",
+          "hidden_dim": "[1, 1048576]", "vocab_size": "[1, 4194304]", "max_seq_len": "[1, 1048576]",
+          "rope_theta": "(0, inf)", "norm_eps": "(0, 1)", "multiple_of": "[1, 65536]"}
+
+
+def check_field(name: str, value, where: str, field: str | None = None, error=ConfigError):
+    """`value` of LlamaConfig field `name` (called `field` in the file `where`) checked for type and range."""
+    kind, optional = field_type(LlamaConfig, name)
+    return check_value(field or name, value, kind, LIMITS.get(name, ""), where, optional, error)
 
 
 @dataclasses.dataclass
@@ -29,14 +41,16 @@ class LlamaConfig:
     rope_scaling: dict | None = None  # Llama 3.1/3.2 "llama3": factor, low/high_freq_factor, original_max_len
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.name != "rope_scaling":
+                setattr(self, f.name, check_field(f.name, getattr(self, f.name), "LlamaConfig"))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"LlamaConfig: {name} must be positive, got {getattr(self, name)}")
+        if self.max_seq_len * (self.dim // self.n_heads) > 1 << 28:  # the RoPE tables' size
+            raise ConfigError(f"LlamaConfig: max_seq_len {self.max_seq_len} x head_dim is over 2^28")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ConfigError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:

@@ -18,7 +18,8 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.config import LlamaConfig
+from fusegrad.core.settings import check_value
+from fusegrad.models.config import LlamaConfig, check_field
 from fusegrad.models.hf_names import check_hf_state
 
 ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # bf16: raw 16 bits
@@ -55,33 +56,37 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     rope_scaling = None
     if rope_type == "llama3":
-        try:
-            rope_scaling = {"factor": float(scaling["factor"]), "low_freq_factor": float(scaling["low_freq_factor"]),
-                            "high_freq_factor": float(scaling["high_freq_factor"]),
-                            "original_max_len": int(scaling["original_max_position_embeddings"])}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"{path}: {field} of rope_type 'llama3' lacks a valid {exc}") from None
+        rope_scaling = {k: check_value(f"{field} of rope_type 'llama3' lacks a valid {src}:", scaling.get(src), kind,
+                                       "(0, inf)", path, error=FormatError)
+                        for k, src, kind in (("factor", "factor", float), ("low_freq_factor",) * 2 + (float,),
+                                             ("high_freq_factor",) * 2 + (float,),
+                                             ("original_max_len", "original_max_position_embeddings", int))}
     elif rope_type != "default":
         raise FormatError(f"{path}: {field}.rope_type = {rope_type!r} is not supported (only 'default' and 'llama3')")
+    def get(hf_name, ours, default=None):  # a field of the file, checked as LlamaConfig's field `ours`
+        if default is None and hf_name not in d:
+            raise FormatError(f"{path}: missing key {hf_name!r} of a Llama config")
+        return check_field(ours, d.get(hf_name, default), path, hf_name, FormatError)
+
+    dim, heads = get("hidden_size", "dim"), get("num_attention_heads", "n_heads")
+    max_len = get("max_position_embeddings", "max_seq_len", 2048)
+    window = d.get("sliding_window")
+    if window is not None and d.get("use_sliding_window", model_type == "mistral") and (
+            not isinstance(window, int) or window < max_len):
+        refuse("sliding_window", f"a window shorter than max_position_embeddings {max_len}: "
+                                 f"fusegrad attends to the whole context")
+    if d.get("head_dim") not in (None, dim // heads):
+        raise FormatError(f"{path}: head_dim {d['head_dim']!r} is not hidden_size / num_attention_heads "
+                          f"({dim} / {heads}); fusegrad needs it to be")
+    theta = get("rope_theta", "rope_theta", rope.get("rope_theta", 10000.0))
     try:
-        max_len = int(d.get("max_position_embeddings", 2048))
-        window = d.get("sliding_window")
-        if window is not None and d.get("use_sliding_window", model_type == "mistral") and window < max_len:
-            refuse("sliding_window", f"a window shorter than max_position_embeddings {max_len}: "
-                                     f"fusegrad attends to the whole context")
-        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
-            raise FormatError(f"{path}: head_dim {d['head_dim']} is not hidden_size / num_attention_heads "
-                              f"({d['hidden_size']} / {d['num_attention_heads']}); fusegrad needs it to be")
-        theta = d.get("rope_theta") or rope.get("rope_theta", 10000.0)
-        return LlamaConfig(dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-                           n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-                           hidden_dim=d["intermediate_size"], vocab_size=d["vocab_size"], max_seq_len=max_len,
-                           rope_theta=float(theta), norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
+        return LlamaConfig(dim=dim, n_layers=get("num_hidden_layers", "n_layers"), n_heads=heads,
+                           n_kv_heads=get("num_key_value_heads", "n_kv_heads", heads),
+                           hidden_dim=get("intermediate_size", "hidden_dim"), vocab_size=get("vocab_size", "vocab_size"),
+                           max_seq_len=max_len, rope_theta=theta, norm_eps=get("rms_norm_eps", "norm_eps", 1e-6),
+                           tie_embeddings=get("tie_word_embeddings", "tie_embeddings", False), qkv_bias=qkv_bias,
                            rope_scaling=rope_scaling)
-    except KeyError as exc:
-        raise FormatError(f"{path}: missing key {exc.args[0]!r} of a Llama config") from None
-    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as exc:
+    except ConfigError as exc:
         raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
 
 

@@ -75,8 +75,9 @@ def read_llama2c(path) -> tuple:
         n = int(np.prod(layout[key]))
         arrays[key] = floats[pos:pos + n].reshape(layout[key])
         pos += n
-    if not np.all(np.isfinite(arrays["emb"])):
-        raise FormatError(f"{path}: token embedding holds NaN or inf")
+    bad = next((k for k in order if not np.isfinite(arrays[k]).all()), None)
+    if bad:
+        raise FormatError(f"{path}: tensor {bad!r} holds NaN or inf; nothing non-finite is loaded")
     # llama2.c's q/k rows are fusegrad's layout (interleaved-pair RoPE): fuse them, then name them as HF does
     params = {"tok_embeddings": arrays["emb"], "norm": arrays["norm"]}
     for i in range(n_layers):

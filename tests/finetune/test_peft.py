@@ -101,3 +101,42 @@ def test_peft_made_adapter_loads_into_fusegrad(base_dir, rng, tmp_path):
     assert lora.config.targets == ("k", "o", "up") and lora.config.dropout == pytest.approx(0.1)
     lora.train(False)
     np.testing.assert_allclose(model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora_alpha", None, "lora_alpha = null"), ("lora_alpha", float("nan"), "lora_alpha = nan: expected a finite"),
+    ("target_modules", 5, "target_modules = 5; expected a list"), ("r", 2.5, "r = 2.5: expected an integer")])
+def test_bad_adapter_config_fields_are_refused_by_name(tmp_path, key, value, message):
+    import json
+
+    from fusegrad.core.errors import FormatError
+
+    save_adapter(tmp_path, attach_lora(Llama.from_preset("tiny"), LoraConfig(targets="q,v", r=4, alpha=8.0)))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"adapter_config\.json: " + message):
+        load_adapter(tmp_path, Llama.from_preset("tiny"))
+    with open(tmp_path / "adapter_config.json", "ab") as f:
+        f.write(b"\xff")
+    with pytest.raises(FormatError, match=r"adapter_config\.json: cannot read the adapter config: 'utf-8'"):
+        load_adapter(tmp_path, Llama.from_preset("tiny"))
+
+
+@pytest.mark.parametrize("bad", ["int32", "nan"])
+def test_int_or_non_finite_adapter_tensors_are_refused(tmp_path, bad):
+    from safetensors.numpy import load_file, save_file
+
+    from fusegrad.core.errors import FormatError
+
+    save_adapter(tmp_path, attach_lora(Llama.from_preset("tiny"), LoraConfig(targets="q,v", r=4, alpha=8.0)))
+    s = load_file(tmp_path / "adapter_model.safetensors")
+    k = sorted(s)[0]
+    if bad == "nan":
+        s[k][0, 0] = np.nan
+    else:
+        s[k] = s[k].astype(np.int32)
+    save_file(s, tmp_path / "adapter_model.safetensors")
+    message = "holds NaN or inf" if bad == "nan" else "has dtype int32"
+    with pytest.raises(FormatError, match=rf"adapter_model\.safetensors: tensor '{k}' {message}"):
+        load_adapter(tmp_path, Llama.from_preset("tiny"))

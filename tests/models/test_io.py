@@ -274,3 +274,50 @@ def test_bad_tokens_raise_shape_errors():
         model.loss(ok[0])
     with pytest.raises(fg.ShapeError, match="sequence length 0"):
         model.loss(np.zeros((2, 1), np.int64))
+
+
+def test_llama2c_huge_seq_len_or_non_finite_weight_is_refused(tmp_path):
+    path = tmp_path / "m.bin"
+    Llama.from_preset("tiny").save_llama2c(path, version=1)
+    raw = bytearray(path.read_bytes())
+    raw[32:36] = struct.pack("<i", 2_000_000_000)  # seq_len: no RoPE table of 60 GiB is allocated
+    path.write_bytes(bytes(raw))
+    with pytest.raises(fg.FormatError, match=r"m\.bin: .*max_seq_len = 2000000000 is outside"):
+        Llama.from_pretrained(path)
+    model = Llama.from_preset("tiny")
+    model.params["norm"].data[0] = np.nan
+    model.save_llama2c(path)
+    with pytest.raises(fg.FormatError, match=r"m\.bin: tensor 'norm' holds NaN or inf"):
+        Llama.from_pretrained(path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_position_embeddings", 10 ** 12, "max_position_embeddings = 1000000000000 is outside"),
+    ("num_attention_heads", 0, "num_attention_heads = 0 is outside"),
+    ("vocab_size", [1], r"vocab_size = \[1\]: expected an integer"),
+    ("rope_theta", float("nan"), "rope_theta = nan: expected a finite number"),
+    ("rms_norm_eps", "x", "rms_norm_eps = 'x': expected a number"),
+    ("num_hidden_layers", True, "num_hidden_layers = True: expected an integer")])
+def test_hf_config_fields_are_checked_by_name(hf_dir, key, value, message):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg[key] = value
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fg.FormatError, match=r"config\.json: " + message):
+        Llama.from_pretrained(hf_dir)
+
+
+def test_hf_non_utf8_config_or_bad_tensors_are_refused(hf_dir):
+    st = hf_dir / "model.safetensors"
+    s = load_file(st)
+    s["model.norm.weight"] = s["model.norm.weight"].astype(np.int32)
+    save_file(s, st)
+    with pytest.raises(fg.FormatError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has dtype I32"):
+        Llama.from_pretrained(hf_dir)
+    s["model.norm.weight"] = np.full(32, np.inf, np.float32)
+    save_file(s, st)
+    with pytest.raises(fg.FormatError, match=r"model\.safetensors: tensor 'model\.norm\.weight' holds NaN or inf"):
+        Llama.from_pretrained(hf_dir)
+    with open(hf_dir / "config.json", "ab") as f:
+        f.write(b"\xff")
+    with pytest.raises(fg.FormatError, match=r"config\.json: cannot read the model config: 'utf-8' codec"):
+        Llama.from_pretrained(hf_dir)
