@@ -4,7 +4,7 @@ Keys are PEFT's: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weig
 `...lora_B.weight` (out, r); a classifier head is `base_model.model.score.weight` (num_classes, C),
 saved like PEFT's modules_to_save for task_type SEQ_CLS. HF stores q/k rows permuted per head
 (rotate-half RoPE, see models/hf_names.py), so the rows of B for q and k are permuted on the way out
-and back on the way in; A's columns (the input features) need nothing. Facts: shared/FORMATS.md.
+and back on the way in; A's columns (the input features) need nothing.
 
 >>> import tempfile
 >>> from fusegrad.models import Llama

@@ -1,7 +1,7 @@
 """Reading and writing llama2.c `.bin` model files (versions 0 and 1); Hugging Face directories: hf.py.
 
 Everything passes through Hugging Face names and layout (see hf_names.py); llama2.c files store q/k in
-the interleaved-pair layout, so they are permuted on the way in and out. Facts: shared/FORMATS.md.
+the interleaved-pair layout, so they are permuted on the way in and out.
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """The file formats fusegrad reads, each as (name, make a valid file, load it, check what was loaded).
 
-FORMATS run in CI (tests/fuzz/test_fuzz.py), llama2.c .bin, Hugging Face dirs and PEFT adapters included.
-OTHER_FORMATS are the loaders of other parts of fusegrad (checkpoint resume, fine-tune JSONL/CSV) whose fuzzing
-still finds failures:
-`python scripts/fuzz.py --other` runs them; each moves to FORMATS once its loader passes.
+FORMATS, every one of them, run in CI (tests/fuzz/test_fuzz.py): data, tokenizers, text, checkpoints (loaded,
+resumed, sampled from), YAML settings, llama2.c .bin, Hugging Face dirs, PEFT adapters, fine-tune JSONL/CSV.
 """
 import argparse
 import json
@@ -177,7 +175,7 @@ FORMATS = [
 ]
 
 
-# -- other helpers' loaders (OTHER_FORMATS) ------------------------------------------------------------
+# -- checkpoints, fine-tune data ------------------------------------------------------------
 def _model_check(model):
     from fusegrad.core.settings import in_range
 
@@ -286,18 +284,16 @@ def _load_model_from_checkpoint(path):  # load_model (train/trainer.py): sample 
     return load_model(path)[0]
 
 
-FORMATS += [  # the model and adapter loaders pass: CI runs them too
+FORMATS += [  # defined below the loaders they call
     ("llama2c.bin", _llama2c_make, _load_model, _model_check),
     ("hf-config.json", _hf_config_make, _load_model, _model_check),
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
     ("peft-config", lambda d: os.path.join(_adapter_make(d), "adapter_config.json"), _adapter_load, _adapter_check),
     ("peft-safetensors", lambda d: os.path.join(_adapter_make(d), "adapter_model.safetensors"), _adapter_load,
      _adapter_check),
-]
-
-OTHER_FORMATS = [
     ("checkpoint-resume", _checkpoint_make, _resume_load, _model_check),
     ("checkpoint-load_model", _checkpoint_make, _load_model_from_checkpoint, _model_check),
     ("finetune.jsonl", _jsonl_make, _jsonl_load, _examples_check),
     ("finetune.csv", _csv_make, _csv_load, _examples_check),
 ]
+
