@@ -22,11 +22,13 @@ from fusegrad.backends.openblas import blas_info
 from fusegrad.cli import bench, export, finetune
 from fusegrad.cli.config import add_dataclass_args, config_from_args
 from fusegrad.core.errors import BackendError, FusegradError
+from fusegrad.core.tensor import tensor
 from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
 from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.models.generate import generate
+from fusegrad.models.llama import Llama
 from fusegrad.train.trainer import TrainConfig, load_model, train
 
 
@@ -44,6 +46,10 @@ def _cmd_sample(args) -> int:
     model, tokenizer = load_model(args.checkpoint)
     if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
         load_adapter(args.adapter, model).merge()
+    if args.backend != "numpy" or args.device:  # the weights go to the device once; generation runs there
+        be = get_backend(f"{args.backend}:{args.device}" if args.device else args.backend)
+        model = Llama(model.config, params={n: tensor(t.numpy(), backend=be) for n, t in model.params.items()},
+                      backend=be)
     tokenizer = tokenizer_for_model(args.checkpoint, model.config.vocab_size, tokenizer, args.tokenizer,
                                     args.force_tokenizer)
     if args.chat:  # the prompt as a one-turn conversation, in the model's own chat template
@@ -130,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
     p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the model's chat template; "
                                                        "prints the assistant's reply")
+    p.add_argument("--backend", default="numpy", help="where to generate: numpy, torch[:cuda|mps|cpu], ... "
+                                                       "(default numpy)")
+    p.add_argument("--device", default="", help="with --backend torch: cuda, mps or cpu (empty: the best present)")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("prepare", help="tokenize text files into training shards")

@@ -272,3 +272,20 @@ def test_export_a_hf_model_to_gguf_loads_in_transformers(hf_model, tmp_path):
     np.testing.assert_allclose(logits, Llama.from_pretrained(hf_model).logits(tokens).numpy(), rtol=1e-4, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert tok.encode("The list") == transformers.AutoTokenizer.from_pretrained(hf_model).encode("The list")
+
+
+def test_sample_on_the_torch_backend_equals_numpy(tmp_path, capsys):
+    pytest.importorskip("torch")
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max_steps", "3", "--warmup_steps", "1", "--batch_size", "2",
+                 "--seq_len", "16", "--out_dir", str(run), "--eval_interval", "0", "--sample_tokens", "0",
+                 "--plot", "false", "--quiet", "true", "--workers", "1"]) == 0
+    capsys.readouterr()
+    outs = []
+    for extra in ([], ["--backend", "torch", "--device", "cpu"]):
+        assert main(["sample", "--checkpoint", str(run), "--prompt", "The", "--max_new_tokens", "12",
+                     "--temperature", "0"] + extra) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0].startswith("The")
+    assert main(["sample", "--checkpoint", str(run), "--backend", "nope"]) == 2
+    assert "unknown backend 'nope'" in capsys.readouterr().err
