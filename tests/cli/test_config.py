@@ -37,7 +37,8 @@ def test_min_lr_follows_lr_unless_given():
     assert parse(["--lr", "1e-4"]).lr_floor == pytest.approx(1e-5)  # was a cosine_schedule traceback
     assert parse(["--lr", "1e-4", "--min_lr", "0"]).lr_floor == 0.0
     assert TrainConfig().lr_floor == pytest.approx(3e-4)  # the old default
-    assert FinetuneConfig(lr=1e-5).lr_floor == 1e-5  # a default floor above lr is clamped, never a traceback
+    assert FinetuneConfig(lr=1e-5).lr_floor == pytest.approx(1e-6)  # fine-tuning's floor follows its lr too
+    assert FinetuneConfig(lr=1e-5, min_lr=1e-4).lr_floor == 1e-5  # a floor above lr is clamped, never a traceback
 
 
 @pytest.mark.parametrize("text, match", [

@@ -1,6 +1,5 @@
 """NF4: code values, packing and round-trip bounds, checked against bitsandbytes (the oracle) where installed."""
 import doctest
-import warnings
 
 import numpy as np
 import pytest
@@ -12,13 +11,6 @@ from fusegrad.quant import nf4
 from fusegrad.quant.nf4 import DYNAMIC_CODE, NF4_CODE, NF4Tensor, create_dynamic_map, quantize_nf4
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def bnbf():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("bitsandbytes.functional")
 
 
 def bnb_quantize(bnbf, w, double_quant):

@@ -1,7 +1,6 @@
 """QLoRA's 4-bit base is bitsandbytes' NF4 of each Hugging Face module (q, k, v, o, gate, up, down quantized
 on its own, blocks of 64), also where fusegrad computes q/k/v and gate/up as one fused GEMM: loaded from a
 transformers-made bf16 checkpoint, or quantized from a model in memory."""
-import warnings
 
 import numpy as np
 import pytest
@@ -13,13 +12,6 @@ from fusegrad.models.hf_names import FUSED, hf_name, split_to_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def bnbf():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("bitsandbytes.functional")
 
 
 @pytest.fixture(scope="module")
