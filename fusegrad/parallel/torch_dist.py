@@ -133,3 +133,6 @@ class TorchDataParallel(Replicas):
                   f"stopping all ranks", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(1)
+        dist = _torch().distributed  # done: no rank leaves while a peer still talks (gloo aborts at exit else)
+        dist.barrier()
+        dist.destroy_process_group()
