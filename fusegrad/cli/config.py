@@ -74,15 +74,14 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
 }
 
 
-def help_line(cls, f, extra: dict | None = None) -> str:
+def help_line(cls, f) -> str:
     meaning, spec = field_spec(cls, f.name, SETTINGS)
-    meaning = meaning or (extra or {}).get(f.name, "")
     default = "none" if f.default is None else repr(f.default)
     return "; ".join(x for x in (meaning, spec and f"range {spec.replace('|', ', ')}", f"default {default}") if x
                      ).replace("%", "%%")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_texts: dict | None = None) -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     """One `--name` option per field (also `--name-with-dashes`); bools take an optional true/false. The
     values stay text here: config_from_args checks them, naming "command line"."""
     parser.add_argument("--config", metavar="YAML", help="a YAML file of settings; options given here override it")
@@ -91,7 +90,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, help_texts: dict | 
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         extra = dict(nargs="?", const=True) if kind is bool else {}
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                            help=help_line(cls, f, help_texts), **extra)
+                            help=help_line(cls, f), **extra)
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -7,24 +7,9 @@
 """
 from __future__ import annotations
 
-from fusegrad.cli.config import add_dataclass_args, config_from_args
+from fusegrad.cli.config import SETTINGS, add_dataclass_args, config_from_args
 from fusegrad.cli.export import DTYPES, FORMATS, export
 from fusegrad.finetune.trainer import FinetuneConfig, finetune
-
-HELP = {"model": "base model: llama2.c .bin or Hugging Face directory",
-        "data": "JSONL ({'text'}, {'prompt','completion'} or chat {'messages': [{'role','content'}, ...]}: loss on "
-                "the assistant turns; classify: {'text','label'}) or CSV with a header",
-        "out": "directory for the PEFT adapter and the resumable state",
-        "tokenizer": "'byte', a tokenizer file/dir (default: the one beside the model)",
-        "force_tokenizer": "use --tokenizer byte on a model whose vocabulary is not bytes (its ids mean other tokens)",
-        "task": "lm (next-token loss) or classify (head over a pooled hidden state)",
-        "lora_targets": "comma list of q,k,v,o,gate,up,down (or HF names, or 'all')",
-        "rank": "LoRA rank r", "alpha": "LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with --rslora)",
-        "qlora": "store the frozen base projections in NF4 (4-bit), dequantized per GEMM",
-        "mask_prompt": "no loss on prompt tokens of prompt/completion records",
-        "pooling": "classify: 'last' token or 'mean' over tokens",
-        "resume": "continue from out/finetune_state.safetensors",
-        "force": "overwrite an adapter already in --out"}
 
 
 def _cmd_finetune(args) -> int:
@@ -46,11 +31,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="LoRA/QLoRA fine-tune a pretrained model (lm or classify)",
                               description="Fine-tune a pretrained Llama with LoRA (or QLoRA: NF4 base) on "
                                           "JSONL/CSV data; saves a PEFT-compatible adapter in --out.")
-    add_dataclass_args(p, FinetuneConfig, HELP)
+    add_dataclass_args(p, FinetuneConfig)
     p.set_defaults(func=_cmd_finetune)
 
     p = subparsers.add_parser("merge", help="fold a LoRA adapter into its base and save a plain checkpoint")
-    p.add_argument("--model", required=True, help=HELP["model"])
+    p.add_argument("--model", required=True, help=SETTINGS["model"][0])
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")

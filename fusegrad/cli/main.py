@@ -109,17 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pre-train a model (no arguments: a small model on the embedded corpus)",
                        description="Pre-train a Llama model. With no arguments: a 0.8M-parameter model on "
                                    "CPython's documentation text, a few minutes on a laptop CPU.")
-    add_dataclass_args(p, TrainConfig, {"data": "shard dir from `fusegrad prepare`, or text file/dir",
-                                        "preset": "model size: tiny, default, stories260K, stories15M, ...",
-                                        "resume": "continue from out_dir/checkpoint.safetensors",
-                                        "init_from": "start from a pretrained model (HF dir, llama2.c .bin, run "
-                                                     "dir): its config, weights and tokenizer",
-                                        "tokenizer": "byte, bpe, or a tokenizer file/dir (default: byte, or "
-                                                     "init_from's own)",
-                                        "force_tokenizer": "use the byte tokenizer on an init_from model whose "
-                                                           "vocabulary is not bytes",
-                                        "workers": "processes splitting each batch, one core each (0 = one per "
-                                                   "core with the numpy backend, 1 = one process)"})
+    add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
