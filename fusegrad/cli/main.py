@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 import numpy as np
@@ -162,7 +163,13 @@ def _cmd_doctor(args) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse's own message, with the option each unknown one was probably meant to be
+        command = parser._subparsers._group_actions[0].choices.get(args.command) if args.command else parser
+        known = [o for action in command._actions for o in action.option_strings]
+        hints = [f"{u} (did you mean {m[0]}?)" for u in unknown
+                 for m in [difflib.get_close_matches(u.split("=")[0], known, 1)] if u.startswith("-") and m]
+        command.error("unrecognized arguments: " + " ".join(unknown) + ("; " + ", ".join(hints) if hints else ""))
     if args.command is None:
         parser.print_help()
         return 0

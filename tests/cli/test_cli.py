@@ -289,3 +289,10 @@ def test_sample_on_the_torch_backend_equals_numpy(tmp_path, capsys):
     assert outs[0] == outs[1] and outs[0].startswith("The")
     assert main(["sample", "--checkpoint", str(run), "--backend", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_an_unknown_option_names_the_one_probably_meant(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--max_stesp", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --max_stesp 3; --max_stesp (did you mean --max_steps?)" in capsys.readouterr().err
