@@ -268,3 +268,19 @@ def test_an_unwritable_out_dir_is_one_storage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=r"file/run: cannot write"):
         Trainer(tiny(tmp_path / "file"))
+
+
+def test_tensorboard_reads_the_runs_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(tiny(tmp_path))
+    trainer.run()
+    from tensorboard.util.tensor_util import make_ndarray
+
+    events = EventAccumulator(str(tmp_path / "run"))
+    events.Reload()
+    loss = events.Tensors("loss")  # tensorboard.summary.Writer stores scalars as 0-d tensors
+    assert [e.step for e in loss] == trainer.history["step"]
+    np.testing.assert_allclose([float(make_ndarray(e.tensor_proto)) for e in loss], trainer.history["loss"], rtol=1e-6)
+    assert [e.step for e in events.Tensors("val_loss")] == trainer.history["val_step"]
