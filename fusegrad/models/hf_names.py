@@ -6,6 +6,8 @@ middle axes. Each fused weight is a stack of HF modules (`fused_parts`): wqkv = 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from fusegrad.core.errors import FormatError
@@ -142,5 +144,5 @@ def quantize_parts(config, kind: str, arrays: list, blocksize: int = 64, double_
     """HF-layout module weights of one fused projection -> FusedNF4, each module quantized on its own
     (bitsandbytes' packing of that module: NF4, blocks of `blocksize`, double-quantized scales)."""
     return FusedNF4([(quantize_nf4(a, blocksize, double_quant),
-                      None if h is None else (lambda w, h=h: permute_from_hf(w, h)))
+                      None if h is None else functools.partial(permute_from_hf, n_heads=h))
                      for a, (_, _, h) in zip(arrays, fused_parts(config, kind))])
