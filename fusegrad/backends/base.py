@@ -138,6 +138,11 @@ class Backend:
             raise BackendError(f"backend {self.name} computes in fp32 only; dtype {dtype} needs --backend torch")
         yield self
 
+    def compute_dtype(self):
+        """Inside a `precision` block, the dtype of GEMM operands and activations (as Tensor.dtype names it);
+        None outside one and on a backend that computes in float32 only."""
+        return None
+
     def prewarm_gemm(self, m: int, k: int, n: int, dtype) -> None:
         """Make the first real GEMM of this shape fast (JIT, kernel selection, allocation)."""
         self.gemm(self.zeros((m, k), dtype), self.zeros((k, n), dtype))
@@ -307,7 +312,12 @@ class Backend:
         dh13[..., hd:] = g * h1 * sig
         return dh13
 
-    # -- embedding (its forward is a gather, in the op) -------------------------------------------------------
+    # -- embedding ---------------------------------------------------------------------------------------------
+    def embedding_forward(self, weight, ids):
+        """weight (V, C), ids (...) int on this backend -> the rows (..., C), in the compute dtype inside a
+        mixed-precision block: the residual stream starts here."""
+        return weight[ids]
+
     def embedding_backward(self, g, tokens, vocab_size: int):
         """g (N, C), tokens (N,) int -> dW (V, C): scatter-add, repeated tokens accumulate."""
         dw = self.xp.zeros((vocab_size, g.shape[-1]), dtype=g.dtype, device=self.device)

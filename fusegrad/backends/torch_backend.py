@@ -56,8 +56,9 @@ def torch_dtype(dtype) -> torch.dtype:
 
 
 @functools.cache
-def numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
+def numpy_dtype(dtype: torch.dtype):
+    """torch dtype -> numpy dtype of that name; bfloat16, which numpy lacks, stays torch.bfloat16."""
+    return dtype if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -87,7 +88,8 @@ def _d2h(array: torch.Tensor) -> np.ndarray:
         raise BackendError(f"torch:meta holds shapes, no data: cannot read a {tuple(array.shape)} tensor on the host")
     nbytes = array.numel() * array.element_size()
     with span("d2h", "transfer", bytes=nbytes):
-        out = array.detach().to("cpu").numpy()
+        out = array.detach().to("cpu")
+        out = (out.float() if out.dtype == torch.bfloat16 else out).numpy()  # numpy has no bfloat16
     count("transfer:d2h")
     count("transfer:d2h_bytes", nbytes)
     return out
@@ -115,7 +117,8 @@ class TorchBackend(Backend):
             return _h2d(data, self.device, dt)
         if isinstance(data, (int, float, bool)) or np.isscalar(data):  # a python number: no host array
             return torch.tensor(data, dtype=dt, device=self.device)
-        return _h2d(np.asarray(data, dtype=numpy_dtype(dt) if dt is not None else None), self.device)
+        host = np.asarray(data, dtype=None if dt in (None, torch.bfloat16) else numpy_dtype(dt))
+        return _h2d(host, self.device, dt)
 
     def constant(self, array):
         """A device copy of a host array that does not change (rope tables), made once per array."""
@@ -159,13 +162,13 @@ class TorchBackend(Backend):
         torch.matmul(torch.zeros((m, k), dtype=dt, device=self.device), torch.zeros((k, n), dtype=dt, device=self.device))
         self.synchronize()
 
-    # -- mixed precision: fp32 master weights, GEMMs in bf16/fp16, softmax, norm statistics and loss in fp32 --
+    # -- mixed precision: fp32 master weights, grads and AdamW state; bf16/fp16 GEMMs and activations -------
     @contextlib.contextmanager
     def precision(self, dtype: str = "fp32"):
         """Inside the block (per thread and task) every GEMM multiplies `dtype` operands (tensor cores on a
-        GPU) and hands back float32: softmax, RMSNorm statistics, the loss, parameters, grads and AdamW state
-        stay float32. Activations are stored in float32 between kernels: fusegrad's tensor dtypes are numpy's,
-        and numpy has no bfloat16."""
+        GPU) and activations are stored in `dtype`, the residual stream included (Megatron's default);
+        softmax, RMSNorm statistics and the loss are computed in float32, and parameters, their grads and
+        AdamW state stay float32 (the autograd engine casts a grad to its tensor's dtype)."""
         if dtype not in ("fp32", "float32", *COMPUTE_DTYPES):
             raise BackendError(f"torch backend: dtype must be fp32, bf16 or fp16, got {dtype!r}")
         token = _COMPUTE.set(COMPUTE_DTYPES.get(dtype))
@@ -174,17 +177,45 @@ class TorchBackend(Backend):
         finally:
             _COMPUTE.reset(token)
 
+    def compute_dtype(self):
+        dt = _COMPUTE.get()
+        return None if dt is None else numpy_dtype(dt)
+
     def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        """Inside a precision block: operands cast to the compute dtype, the result (an activation, or a
+        weight's grad that the engine then casts to float32) stays in it, as under torch.autocast."""
         dt = _COMPUTE.get()
         if dt is None or not a.is_floating_point():
             return super().gemm(a, b, trans_a, trans_b)
-        return super().gemm(a.to(dt), b.to(dt), trans_a, trans_b).float()
+        return super().gemm(a.to(dt), b.to(dt), trans_a, trans_b)
 
     def mm(self, a, b):
+        """Inside a kernel: compute-dtype operands, a float32 result (the softmax or loss after it is fp32)."""
         dt = _COMPUTE.get()
         if dt is None or not a.is_floating_point():
             return torch.matmul(a, b)
         return torch.matmul(a.to(dt), b.to(dt)).float()
+
+    def embedding_forward(self, weight, ids):
+        dt = _COMPUTE.get()
+        return weight[ids] if dt is None else weight[ids].to(dt)
+
+    def embedding_backward(self, g, tokens, vocab_size: int):
+        """dW accumulates in the weight's float32 even when g holds bf16 activation grads."""
+        return super().embedding_backward(g.float(), tokens, vocab_size)
+
+    def rmsnorm_forward(self, x, weight, eps: float):
+        """Statistics in float32 (weight's dtype); y (N, C) in x's dtype, rstd (N, 1) float32."""
+        if x.dtype == weight.dtype:
+            return super().rmsnorm_forward(x, weight, eps)
+        y, rstd = super().rmsnorm_forward(x.to(weight.dtype), weight, eps)
+        return y.to(x.dtype), rstd
+
+    def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
+        if x.dtype == weight.dtype:
+            return super().rmsnorm_backward(dy, x, weight, rstd, need_dx, need_dw)
+        dx, dw = super().rmsnorm_backward(dy.to(weight.dtype), x.to(weight.dtype), weight, rstd, need_dx, need_dw)
+        return (None if dx is None else dx.to(x.dtype)), dw
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -220,6 +251,15 @@ class TorchBackend(Backend):
         y = F.scaled_dot_product_attention(q.flatten(1, 2).to(dt), k.to(dt), v.to(dt), is_causal=True,
                                            enable_gqa=n_heads != n_kv_heads).to(q.dtype)
         return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
+
+    def attention_backward(self, dy, saved: AttentionSaved, n_heads: int, n_kv_heads: int):
+        """bf16/fp16 q, k, v (saved) are widened to float32 for this layer's backward: the softmax is
+        recomputed and dk, dv accumulate over query blocks in float32; dqkv returns in dy's dtype."""
+        if saved.q.dtype == torch.float32:
+            return super().attention_backward(dy, saved, n_heads, n_kv_heads)
+        wide = AttentionSaved(saved.q.float(), saved.k.float(), saved.v.float(), None, saved.cos, saved.sin,
+                              saved.block)
+        return super().attention_backward(dy.float(), wide, n_heads, n_kv_heads).to(dy.dtype)
 
     @torch.no_grad()
     def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:

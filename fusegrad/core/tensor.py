@@ -27,6 +27,11 @@ from fusegrad.core.trace import span
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
+
+def is_floating(dtype) -> bool:
+    """A float dtype as Tensor.dtype names it: numpy's, or a backend's own that numpy lacks (torch.bfloat16)."""
+    return dtype in FLOAT_DTYPES or getattr(dtype, "is_floating_point", False) is True
+
 _state = threading.local()
 
 
@@ -89,7 +94,7 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self.node = node
         self.name = name
-        if self.requires_grad and self.dtype not in FLOAT_DTYPES:
+        if self.requires_grad and not is_floating(self.dtype):
             raise ShapeError(f"tensor: only floating tensors can require grad, got dtype {self.dtype}")
 
     # -- array-like facts ----------------------------------------------------------------------
@@ -99,7 +104,8 @@ class Tensor:
 
     @property
     def dtype(self) -> np.dtype:
-        """Always a numpy dtype, whatever the backend's arrays call theirs (torch.float32 -> float32)."""
+        """A numpy dtype, whatever the backend's arrays call theirs (torch.float32 -> float32); a dtype numpy
+        lacks keeps the backend's name (torch.bfloat16)."""
         dt = self.data.dtype
         return dt if isinstance(dt, np.dtype) else self.backend.numpy_dtype(dt)
 
@@ -147,7 +153,7 @@ class Tensor:
     def requires_grad_(self, flag: bool = True) -> "Tensor":
         if not self.is_leaf:
             raise ShapeError("requires_grad_: only leaf tensors can change requires_grad; use .detach() first")
-        if flag and self.dtype not in FLOAT_DTYPES:
+        if flag and not is_floating(self.dtype):
             raise ShapeError(f"requires_grad_: only floating tensors can require grad, got dtype {self.dtype}")
         self.requires_grad = bool(flag)
         return self
@@ -281,6 +287,8 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
                 if tuple(pg.shape) != parent.shape:
                     raise ShapeError(f"{node.op} backward: gradient has shape {tuple(pg.shape)}, "
                                      f"input has shape {parent.shape} (a bug in the op)")
+                if pg.dtype != parent.data.dtype:  # a grad has its tensor's dtype, as in torch: bf16 GEMM dW -> fp32
+                    pg = parent.backend.xp.astype(pg, parent.data.dtype)
                 prev = pending.get(id(parent))
                 if prev is not None:
                     pending[id(parent)] = _add_grads(prev, pg)

@@ -52,7 +52,7 @@ def masked_classifier_cross_entropy(h: Tensor, weight: Tensor, targets, mask, de
             dh = be.xp.zeros_like(h.data)
             dh[rows_d] = dh_sel * scale
         return dh, (dw * scale if dw is not None else None)
-    return result(be.asarray(mean * frac, h.dtype), "masked_classifier_cross_entropy", (h, weight), backward)
+    return result(be.asarray(mean * frac, weight.dtype), "masked_classifier_cross_entropy", (h, weight), backward)
 
 
 def lm_loss(model, tokens, mask, denominator: int) -> Tensor:

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, default_dtype_for, is_grad_enabled
+from fusegrad.core.tensor import Node, Tensor, default_dtype_for, is_floating, is_grad_enabled
 
 
 def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
@@ -30,13 +30,15 @@ def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
 
 
 def check_float(op: str, *named):
-    """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError."""
+    """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError. Inside a backend's
+    mixed-precision block (`Backend.precision`), float32 parameters meet activations of its compute dtype."""
     dtypes = []
     for name, t in named:
-        if t.dtype not in FLOAT_DTYPES:
+        if not is_floating(t.dtype):
             raise ShapeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
         dtypes.append((name, t.dtype))
-    if len({d for _, d in dtypes}) > 1:
+    kinds = {d for _, d in dtypes}
+    if len(kinds) > 1 and kinds != {np.dtype(np.float32), named[0][1].backend.compute_dtype()}:
         listed = ", ".join(f"{n} is {d}" for n, d in dtypes)
         raise ShapeError(f"{op}: dtypes differ: {listed}")
 

@@ -38,7 +38,7 @@ def embedding(weight: Tensor, ids) -> Tensor:
     V, C = weight.shape
     be = weight.backend
     ids = be.asarray(_int_ids("embedding", ids, V))  # on the weight's device (numpy: the same array)
-    out = weight.data[ids]
+    out = be.embedding_forward(weight.data, ids)
 
     def backward(g):
         with span("embedding_backward", "elementwise"):
@@ -173,10 +173,11 @@ def classifier_cross_entropy(h: Tensor, weight: Tensor, targets, chunk: int | No
         # scale the arrays the forward made in place (no (V, C) temporary, no host read of g), unless the
         # graph is retained: the receiver may change them before this node runs again
         scale = g.reshape(())
-        if is_graph_retained() or g.dtype != h.dtype:
+        if is_graph_retained() or g.dtype != weight.dtype:
             return tuple(None if a is None else a * scale for a in (dh, dw))
         for a in (dh, dw):
             if a is not None:
                 a *= scale
         return dh, dw
-    return result(be.asarray(loss, h.dtype), "classifier_cross_entropy", (h, weight), backward)
+    # the loss in the weight's dtype: float32 when h holds bf16 activations (mixed precision)
+    return result(be.asarray(loss, weight.dtype), "classifier_cross_entropy", (h, weight), backward)
