@@ -3,7 +3,8 @@ same batches as fusegrad's side (fusegrad.cli.bench.FusegradSide: the product's 
 
 - TorchSide (`--vs torch`): the same Llama in PyTorch eager (benchmarks/torch_llama.py), the full step as
   fusegrad's: loss forward + backward + global-norm clip (1.0) + AdamW (lr 3e-4, betas (0.9, 0.95), eps 1e-8,
-  weight decay 0.1 on matrices only).
+  weight decay 0.1 on matrices only). On fusegrad's device, in its dtype: bf16/fp16 under torch.autocast
+  (fp32 weights, GEMMs in the low precision), fp16 with a GradScaler.
 - PeftSide (`--vs peft`, with --lora): transformers' LlamaForCausalLM + peft on the same base; with qlora its
   projections are bitsandbytes NF4 (double-quantized, blocksize 64) like fusegrad's. The LoRA step as
   fusegrad's: forward + backward (adapters only) + clip (1.0) + AdamW (lr 1e-3, betas (0.9, 0.95), eps 1e-8,
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.torch_llama import TorchLlama
+from fusegrad.backends.torch_backend import resolve_device
 from fusegrad.cli.bench import FULL_STEP, LORA_STEP, base_model
 
 BETAS, EPS, CLIP = (0.9, 0.95), 1e-8, 1.0
@@ -31,18 +33,32 @@ class TorchSide:
     name = "torch"
 
     def __init__(self, spec: dict):
-        self.info = {"kernels": KERNELS}
-        self.model = TorchLlama.from_fusegrad(base_model(spec))
+        backend, self.dtype = spec["backend"], spec.get("dtype", "fp32")
+        # fusegrad's device: torch:<device>, bare torch the best present, any other backend the CPU
+        device = resolve_device(backend.partition(":")[2] or None if backend.startswith("torch") else "cpu")
+        self.info = {"kernels": KERNELS if device.type == "cpu" else f"torch {torch.__version__} on "
+                     f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type}"}
+        if self.dtype != "fp32":
+            self.info["kernels"] += f", autocast {self.dtype}"
+        if device.type != "cpu":
+            self.info["peak_on"] = [str(device), self.dtype]
+        self.model = TorchLlama.from_fusegrad(base_model(spec), device)
+        self.autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.dtype), enabled=self.dtype != "fp32")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == "fp16")
         params = list(self.model.p.values())
         self.opt = torch.optim.AdamW([{"params": [t for t in params if t.ndim >= 2], "weight_decay": FULL_STEP["weight_decay"]},
                                       {"params": [t for t in params if t.ndim < 2], "weight_decay": 0.0}],
                                      lr=FULL_STEP["lr"], betas=BETAS, eps=EPS)
 
     def step(self, tokens) -> float:
-        loss = self.model.loss(tokens)
-        loss.backward()
+        with self.autocast:
+            loss = self.model.loss(tokens)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(list(self.model.p.values()), CLIP)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return loss.item()
 

@@ -1,7 +1,7 @@
 """An independent Llama in PyTorch, written from llama2.c's conventions (Linear weights (out, in), RoPE that
 rotates interleaved pairs (x[2i], x[2i+1]) by t * theta^(-2i/D), RMSNorm, SwiGLU, grouped-query attention):
 the reference the model tests check fusegrad against (float64, tests/models/test_llama.py) and the peer of
-`fusegrad bench --vs torch` (float32 eager, SDPA). It holds its weights under fusegrad's names, with Q/K/V
+`fusegrad bench --vs torch` (float32 eager, SDPA; on fusegrad's device, under torch.autocast for bf16/fp16). It holds its weights under fusegrad's names, with Q/K/V
 and W1/W3 fused as fusegrad fuses them, and writes them as llama2.c `.bin` files and Hugging Face
 directories (from docs/FORMATS.md, byte by byte) for the format tests.
 """
@@ -31,16 +31,18 @@ class TorchLlama:
         D = dim // n_heads
         angle = torch.outer(torch.arange(seq_len, dtype=torch.float64),
                             theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D))  # (T, D/2)
-        dtype = self.p["tok_embeddings"].dtype
-        self.cos, self.sin = torch.cos(angle).to(dtype)[:, None, :], torch.sin(angle).to(dtype)[:, None, :]
+        dtype, self.device = self.p["tok_embeddings"].dtype, self.p["tok_embeddings"].device
+        self.cos, self.sin = (f(angle).to(self.device, dtype)[:, None, :] for f in (torch.cos, torch.sin))
 
     @classmethod
-    def from_fusegrad(cls, model) -> "TorchLlama":
-        """The same weights as a fusegrad Llama (shared with its numpy arrays, not copied)."""
+    def from_fusegrad(cls, model, device: str = "cpu") -> "TorchLlama":
+        """The same weights as a fusegrad Llama: on the CPU shared with its numpy arrays, else copied to `device`."""
         c = model.config
+        weights = {n: t.numpy() for n, t in model.params.items()}
+        if torch.device(device).type != "cpu":
+            weights = {n: torch.from_numpy(w).to(device) for n, w in weights.items()}
         return cls(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len,
-                   c.tie_embeddings, eps=c.norm_eps, theta=c.rope_theta,
-                   weights={n: t.numpy() for n, t in model.params.items()})
+                   c.tie_embeddings, eps=c.norm_eps, theta=c.rope_theta, weights=weights)
 
     def _random(self, seed) -> dict:
         g = torch.Generator().manual_seed(seed)
@@ -94,7 +96,7 @@ class TorchLlama:
     def loss(self, tokens):
         """Mean next-token cross-entropy of tokens (B, T+1)."""
         p, H, Hkv = self.p, self.H, self.Hkv
-        tokens = torch.as_tensor(tokens)
+        tokens = torch.as_tensor(tokens).to(self.device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         B, T = inputs.shape
         D = self.dim // H

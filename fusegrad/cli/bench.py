@@ -4,6 +4,7 @@ peak (MFU), peak RSS, GEMM dispatches per step.
     fusegrad bench --preset stories15M --batch 8 --seq 256 --steps 5 --json
     fusegrad bench --preset stories15M --lora --targets q,k,v,o --rank 8 [--qlora]
     fusegrad bench --preset stories260K --backend torch:cpu       # fusegrad on its torch backend
+    fusegrad bench --preset stories110M --backend torch --device cuda --dtype bf16 --vs torch
     fusegrad bench --preset tiny --batch 2 --seq 16 --steps 2 --trace out.json
     fusegrad bench --model out/model.bin --batch 4 --seq 128    # any checkpoint: HF dir, llama2.c .bin, run dir
 
@@ -28,6 +29,13 @@ checkout (benchmarks/compare.py; `python -m benchmarks.compare` takes the same o
     fusegrad bench --preset stories260K --ranks 2
 
 Model FLOPs per step come from the model (`Llama.flops_per_token`, nanoGPT / PaLM accounting).
+
+`--device` and `--dtype` are `fusegrad train`'s run settings (RunConfig): with `--backend torch`, the step runs
+on that device in that precision (bf16/fp16 GEMMs and activations, fp32 master weights; fp16 with loss
+scaling), and `--vs torch` runs the PyTorch eager peer on the same device under torch.autocast in the same
+dtype (fp16 with a GradScaler). On a GPU the peak beside each step is a torch matmul there in that dtype (of
+side max(--gemm-size, 8192): a smaller one does not reach it), and the step time includes the loss read that
+ends the step (a host sync).
 """
 from __future__ import annotations
 
@@ -52,7 +60,8 @@ from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig, preset
 from fusegrad.parallel.mpi import DataParallel
 from fusegrad.parallel.workers import peak_rss_mb
-from fusegrad.train.loop import Run, RunConfig, start_workers, use_backend
+from fusegrad.core.settings import field_spec
+from fusegrad.train.loop import FP16_LOSS_SCALE, Run, RunConfig, run_context, start_workers
 from fusegrad.train.optim import AdamW
 from fusegrad.train.trainer import load_model
 
@@ -74,6 +83,9 @@ def add_parser(subparsers):
                    help="also time the PyTorch eager step (torch) or, with --lora, transformers + peft (peft)")
     p.add_argument("--ranks", type=int, default=0, help="run fusegrad under mpirun -n RANKS (1 thread each)")
     p.add_argument("--backend", default="numpy", help="fusegrad's backend: numpy, torch:cpu, torch:cuda, ...")
+    p.add_argument("--device", default="", help=field_spec(RunConfig, "device")[0])
+    p.add_argument("--dtype", default="fp32", choices=field_spec(RunConfig, "dtype")[1].split("|"),
+                   help=field_spec(RunConfig, "dtype")[0])
     p.add_argument("--workers", type=int, default=0,
                    help="processes splitting each batch, one core each (0 = one per core, as `fusegrad train`)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -104,6 +116,10 @@ def check_args(args) -> None:
         raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
     if args.ranks and args.lora:
         raise ConfigError("bench: --ranks times the full training step; it does not combine with --lora")
+    if args.device and (args.backend.split(":")[0] != "torch" or ":" in args.backend):
+        raise ConfigError(f"bench: --device {args.device} needs --backend torch (got --backend {args.backend})")
+    if args.dtype != "fp32" and not args.backend.startswith("torch"):
+        raise ConfigError(f"bench: --dtype {args.dtype} needs --backend torch (backend {args.backend} computes in fp32)")
     rows = args.batch // max(args.ranks, 1)
     if args.workers < 0 or args.workers > rows or args.lora and args.workers > 1:
         raise ConfigError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)"
@@ -121,11 +137,12 @@ class BenchRun(Run):
     `self.tokens` (B, T+1), at a constant lr."""
 
     def __init__(self, model, batch: int, backend: str = "numpy", lora: dict | None = None, workers: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, dtype: str = "fp32"):
         settings = LORA_STEP if lora else FULL_STEP
         super().__init__(RunConfig(batch_size=batch, max_steps=1, warmup_steps=0, min_lr=settings["lr"], seed=seed,
-                                   **settings))
+                                   dtype=dtype, **settings))
         self.model, self.backend, self.tokens, self.lora = model, backend, None, None
+        self.loss_scale = [FP16_LOSS_SCALE, 0] if dtype == "fp16" else None  # as `fusegrad train` scales fp16
         self.dp = DataParallel.from_env()  # None unless mpirun started several ranks
         self.info = {}
         named = model.named_parameters()
@@ -159,21 +176,25 @@ def base_model(spec: dict) -> Llama:
 
 class FusegradSide:
     """fusegrad's side of a benchmark: a BenchRun on the model of `spec` (config, seed, batch, seq, backend,
-    lora, workers), on `spec["backend"]` for the steps only."""
+    dtype, lora, workers), on `spec["backend"]` in `spec["dtype"]` for the steps only."""
     name = "fusegrad"
 
     def __init__(self, spec: dict):
         get_backend("numpy").prewarm_kernels()  # JIT kernels load from the disk cache before the first step
-        self.backend = spec["backend"]
-        with use_backend(self.backend):
+        self.backend, self.dtype = spec["backend"], spec.get("dtype", "fp32")
+        with run_context(self.backend):
             model = base_model(spec)
-        self.run = BenchRun(model, spec["batch"], self.backend, spec.get("lora"), spec.get("workers", 0), spec["seed"])
+        self.run = BenchRun(model, spec["batch"], self.backend, spec.get("lora"), spec.get("workers", 0), spec["seed"],
+                            self.dtype)
         self.dp, self.info = self.run.dp, self.run.info
         self.info["flops_per_step"] = model.flops_per_token(spec["seq"]) * spec["batch"] * spec["seq"]
+        device = getattr(model.backend, "device", None)
+        if getattr(device, "type", "cpu") != "cpu":  # a GPU: the peak beside each step is measured there
+            self.info["peak_on"] = [str(device), self.dtype]
 
     def step(self, tokens) -> float:
         self.run.tokens = tokens
-        with use_backend(self.backend):
+        with run_context(self.backend, dtype=self.dtype):
             return self.run.train_step()
 
     def helpers_peak_rss_mb(self) -> float:
@@ -262,9 +283,28 @@ def sgemm_peak(n: int, repeats: int = 3) -> float:
     return 2.0 * n ** 3 / best
 
 
+def device_peak(n: int, device: str, dtype: str, repeats: int = 3) -> float:
+    """Best FLOP/s of an (n, n) x (n, n) torch matmul on `device` in `dtype` (fp32 | bf16 | fp16)."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.randn((n, n), device=device).to(dt)
+    out = torch.matmul(a, a)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(device) if a.is_cuda else torch.mps.synchronize() if a.device.type == "mps" else None
+        t0 = time.perf_counter()
+        torch.matmul(a, a, out=out)
+        torch.cuda.synchronize(device) if a.is_cuda else torch.mps.synchronize() if a.device.type == "mps" else None
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n ** 3 / best
+
+
 def timed_step(timer, gemm_size: int) -> dict:
-    """One step of a side (a Timer, or a side's process), with the sgemm peak measured just before it."""
-    peak = sgemm_peak(gemm_size)
+    """One step of a side (a Timer, or a side's process), with the sgemm peak measured just before it (on a GPU,
+    `info["peak_on"]` = [device, dtype]: a matmul there)."""
+    on = timer.info.get("peak_on")
+    peak = device_peak(max(gemm_size, 8192), *on) if on else sgemm_peak(gemm_size)
     return dict(timer.step(), sgemm_peak_flops_per_s=peak)
 
 
@@ -312,8 +352,10 @@ def spec_of(args) -> dict:
             raise ConfigError(f"bench: --seq {args.seq} exceeds {args.model}'s max_seq_len {config.max_seq_len}")
     else:
         config = preset(args.preset, max_seq_len=max(args.seq, 1))
+    backend = f"{args.backend}:{args.device}" if args.device else args.backend  # as RunConfig combines them
     return {"config": config.to_dict(), "model": os.path.abspath(args.model) if args.model else "",
-            "batch": args.batch, "seq": args.seq, "seed": args.seed, "backend": args.backend, "lora": lora,
+            "batch": args.batch, "seq": args.seq, "seed": args.seed, "backend": backend, "dtype": args.dtype,
+            "lora": lora,
             "trace": os.path.abspath(args.trace) if args.trace else "", "workers": args.workers}
 
 
@@ -323,7 +365,7 @@ def report(args, spec: dict, info: dict, results: list, first: dict, end: dict, 
     out = {"preset": None if args.model else args.preset, "model": spec["model"] or None, "config": spec["config"],
            "batch": args.batch, "seq": args.seq, "steps": args.steps, "tokens_per_step": tokens,
            "model_flops_per_step": info["flops_per_step"], "sgemm_size": args.gemm_size,
-           "jit": os.environ.get("FUSEGRAD_JIT", "1") != "0", "backend": args.backend,
+           "jit": os.environ.get("FUSEGRAD_JIT", "1") != "0", "backend": spec["backend"], "dtype": args.dtype,
            "ranks": end["ranks"], "workers": info.get("workers", 1), "cpu": cpu_info(), **blas_info(),
            "load_average": [load_before, os.getloadavg()[0]]}
     if args.lora:
@@ -393,7 +435,7 @@ def format_report(out: dict, vs: str | None = None) -> str:
     """The report as text; `vs` names a peer whose row out[vs] holds (benchmarks/compare.py)."""
     lo, hi = out["spread"]["sgemm_peak_flops_per_s"]
     lines = [f"{out['model'] or out['preset']} batch {out['batch']} x seq {out['seq']}, {out['steps']} timed steps, "
-             f"backend {out['backend']}, {out['ranks']} rank(s) x {out['workers']} worker process(es)",
+             f"backend {out['backend']} {out['dtype']}, {out['ranks']} rank(s) x {out['workers']} worker process(es)",
              f"{out['cpu']['model']} ({', '.join(out['cpu']['isa']) or 'no AVX2/AVX-512/AMX/NEON'}), load average "
              f"{out['load_average'][0]:.2f} -> {out['load_average'][1]:.2f}; sgemm peak {out['sgemm_peak_flops_per_s'] / 1e9:.1f} "
              f"GFLOP/s ({lo / 1e9:.1f}-{hi / 1e9:.1f}) on OpenBLAS's {out['blas_core']} kernels"

@@ -166,6 +166,34 @@ def test_bench_torch_backend(capsys):
     assert out["loss_step0"] == pytest.approx(base_loss(cfg, 2, 8), rel=1e-5)
 
 
+def test_bench_torch_device_and_dtype_vs_torch_autocast(capsys):
+    """--backend torch --device cpu --dtype bf16: fusegrad's bf16 step and the eager peer under autocast bf16,
+    on the same device, from the same weights: their step-0 losses agree to bf16's precision."""
+    pytest.importorskip("torch")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
+                         "--backend", "torch", "--device", "cpu", "--dtype", "bf16", "--vs", "torch",
+                         "--gemm-size", "64"))
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["backend"] == "torch:cpu" and out["dtype"] == "bf16"
+    assert out["dispatches_per_step"] == {"torch:cpu": 3 * 4 * cfg.n_layers}
+    assert out["torch"]["kernels"].endswith("autocast bf16")
+    check_side(out, out["model_flops_per_step"], 16)
+    check_side(out["torch"], out["model_flops_per_step"], 16)
+    fp32 = base_loss(cfg, 2, 8)
+    for loss in (out["loss_step0"], out["torch"]["loss_step0"]):
+        assert loss != fp32 and loss == pytest.approx(fp32, rel=1e-2)
+
+
+def test_bench_fp16_scales_the_loss(capsys):
+    pytest.importorskip("torch")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "2", "--json",
+                         "--backend", "torch:cpu", "--dtype", "fp16", "--gemm-size", "64"))
+    assert out["dtype"] == "fp16" and out["loss_step0"] == pytest.approx(base_loss(preset("tiny", max_seq_len=8), 2, 8),
+                                                                          rel=1e-2)
+    step = bench.BenchRun(Llama(preset("tiny")), 2, "torch:cpu", workers=1, dtype="fp16")
+    assert step.loss_scale == [2.0 ** 16, 0] and step.cfg.dtype == "fp16"  # as `fusegrad train` starts fp16
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun on PATH (pip install mpich)")
 def test_bench_two_ranks_split_the_global_batch(capsys):
     pytest.importorskip("mpi4py")
@@ -184,7 +212,10 @@ def test_bench_two_ranks_split_the_global_batch(capsys):
                                          (["--batch", "3", "--ranks", "2"], "--batch 3 must split evenly"),
                                          (["--lora", "--ranks", "2"], "does not combine with --lora"),
                                          (["--workers", "3"], "--workers 3 must be 0 .auto. or 1..2"),
-                                         (["--lora", "--workers", "2"], "and 1 with --lora")])
+                                         (["--lora", "--workers", "2"], "and 1 with --lora"),
+                                         (["--device", "cpu"], "--device cpu needs --backend torch"),
+                                         (["--backend", "torch:cpu", "--device", "cuda"], "needs --backend torch "),
+                                         (["--dtype", "bf16"], "--dtype bf16 needs --backend torch")])
 def test_bad_combinations_raise(capsys, argv, match):
     with pytest.raises(FusegradError, match=match):
         run(capsys, "--preset", "tiny", "--batch", "2", *argv)
