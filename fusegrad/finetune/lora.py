@@ -220,7 +220,8 @@ class Lora:
         return self
 
     def state_dict(self) -> dict:
-        return {n: t.data for n, t in self.named_parameters()}
+        """{name: host array} (a device's arrays are copied to the host, for checkpoints)."""
+        return {n: t.numpy() for n, t in self.named_parameters()}
 
     def load_state_dict(self, state: dict, where: str = "lora") -> None:
         for n, t in self.named_parameters():

@@ -52,15 +52,15 @@ def _row_permutation(config, target: str):
 
 def adapter_tensors(lora, head=None) -> dict:
     """{PEFT key: float32 array} for every adapter (and the classifier head, if given)."""
-    c, out = lora.model.config, {}
+    c, out, host = lora.model.config, {}, lora.model.backend.to_numpy  # a device's arrays come to the host
     for name, proj in lora.projections.items():
         i = int(name.split(".")[1])
         for t in proj.targets:
             to_hf, _ = _row_permutation(c, t)
-            out[_key(i, t, "A")] = np.ascontiguousarray(proj.A_part(t), dtype=np.float32)
-            out[_key(i, t, "B")] = np.ascontiguousarray(to_hf(proj.B[t].data), dtype=np.float32)
+            out[_key(i, t, "A")] = np.ascontiguousarray(host(proj.A_part(t)), dtype=np.float32)
+            out[_key(i, t, "B")] = np.ascontiguousarray(to_hf(host(proj.B[t].data)), dtype=np.float32)
     if head is not None:
-        out[HEAD_KEY] = np.ascontiguousarray(head.data, dtype=np.float32)
+        out[HEAD_KEY] = np.ascontiguousarray(head.numpy(), dtype=np.float32)
     return out
 
 

@@ -204,7 +204,7 @@ class Finetuner(Run):
     def state(self) -> dict:
         return {"format": "fusegrad-finetune", "version": 1, "step": self.step,
                 "config": {k: getattr(self.cfg, k) for k in FinetuneConfig.IDENTITY},
-                "lora": self.lora.state_dict(), "head": {} if self.head is None else {"score": self.head.data},
+                "lora": self.lora.state_dict(), "head": {} if self.head is None else {"score": self.head.numpy()},
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state(),
                 "dropout_rng": rng_state(self.lora.rng), "history": self.history}
 
