@@ -31,8 +31,8 @@ class TorchLlama:
         D = dim // n_heads
         angle = torch.outer(torch.arange(seq_len, dtype=torch.float64),
                             theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D))  # (T, D/2)
-        dtype, self.device = self.p["tok_embeddings"].dtype, self.p["tok_embeddings"].device
-        self.cos, self.sin = (f(angle).to(self.device, dtype)[:, None, :] for f in (torch.cos, torch.sin))
+        emb = self.p["tok_embeddings"]
+        self.cos, self.sin = (f(angle).to(emb.device, emb.dtype)[:, None, :] for f in (torch.cos, torch.sin))
 
     @classmethod
     def from_fusegrad(cls, model, device: str = "cpu") -> "TorchLlama":
@@ -96,7 +96,7 @@ class TorchLlama:
     def loss(self, tokens):
         """Mean next-token cross-entropy of tokens (B, T+1)."""
         p, H, Hkv = self.p, self.H, self.Hkv
-        tokens = torch.as_tensor(tokens).to(self.device)
+        tokens = torch.as_tensor(tokens).to(p["tok_embeddings"].device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         B, T = inputs.shape
         D = self.dim // H

@@ -11,12 +11,17 @@ docs/gpu_mpi.md:
     python scripts/gpu_verify.py                      # cuda
     python scripts/gpu_verify.py --device cpu --tiny   # tiny sizes, torch:cpu: what CI runs
 
-Exit status 1 when parity fails.
+The numpy side is the plain NumpyBackend (FUSEGRAD_JIT=0: no numba compile on a fresh machine). bf16 is
+fusegrad's `--dtype bf16` (bf16 GEMMs and activations, fp32 master weights) against torch.autocast bf16. Each
+torch.compile warm-up (one per dtype) is cut off after --compile-cap seconds (the row then says so), so the
+whole run stays under five minutes. On CUDA each row also gives the device's peak memory. Exit status 1 when
+parity fails.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+os.environ.setdefault("FUSEGRAD_JIT", "0")  # the reference: plain numpy, nothing to compile
 
 import fusegrad as fg  # noqa: E402
 from benchmarks.torch_llama import TorchLlama  # noqa: E402
@@ -58,10 +64,24 @@ def parity(cfg: LlamaConfig, be, batch: int, seq: int) -> bool:
     return ok
 
 
-def timed(step, sync, steps: int) -> float:
-    """Median seconds of `steps` calls after one warm-up."""
-    step()
-    sync()
+class CompileTimeout(BaseException):  # not an Exception: torch.compile's own handlers must not swallow it
+    pass
+
+
+def _cut_off(signum, frame):
+    raise CompileTimeout
+
+
+def timed(step, sync, steps: int, cap_s: int = 0) -> float:
+    """Median seconds of `steps` calls after one warm-up (cut off by CompileTimeout after cap_s, if given)."""
+    if cap_s:
+        signal.signal(signal.SIGALRM, _cut_off)
+        signal.alarm(cap_s)
+    try:
+        step()
+        sync()
+    finally:
+        signal.alarm(0)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -71,7 +91,17 @@ def timed(step, sync, steps: int) -> float:
     return float(np.median(times))
 
 
-def full_steps(cfg, be, device, batch, seq, steps, compile_peer):
+def peak_memory(device, reset: bool = False) -> str:
+    """', peak N MB' of the device since the last reset (CUDA only)."""
+    if device.type != "cuda":
+        return ""
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+        return ""
+    return f" ({torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB peak)"
+
+
+def full_steps(cfg, be, device, batch, seq, steps, compile_cap):
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq + 1))
     host = Llama(cfg, seed=0)
     for dtype in ("fp32", "bf16"):
@@ -84,8 +114,11 @@ def full_steps(cfg, be, device, batch, seq, steps, compile_peer):
             clip_grad_norm(opt.params, 1.0)
             opt.step()
             opt.zero_grad()
+        peak_memory(device, reset=True)
         row = {"fusegrad": timed(ours, be.synchronize, steps)}
-        ref = TorchLlama.from_fusegrad(host)
+        memory = {"fusegrad": peak_memory(device)}
+        del model, opt
+        ref = TorchLlama.from_fusegrad(host)  # its own copy on the device (on the CPU it would share host's arrays)
         ref.p = {n: torch.nn.Parameter(p.detach().to(device).clone()) for n, p in ref.p.items()}
         ref.cos, ref.sin = ref.cos.to(device), ref.sin.to(device)
         t_tokens = torch.from_numpy(tokens).to(device)
@@ -100,14 +133,21 @@ def full_steps(cfg, be, device, batch, seq, steps, compile_peer):
                 topt.step()
                 topt.zero_grad(set_to_none=True)
             return step
+        peak_memory(device, reset=True)
         row["torch eager"] = timed(peer(ref.loss), be.synchronize, steps)
-        if compile_peer:
+        memory["torch eager"] = peak_memory(device)
+        if compile_cap:
+            t0 = time.perf_counter()
             try:
-                row["torch.compile"] = timed(peer(torch.compile(ref.loss)), be.synchronize, steps)
+                row["torch.compile"] = timed(peer(torch.compile(ref.loss)), be.synchronize, steps, compile_cap)
+                memory["torch.compile"] = f" (warm-up {time.perf_counter() - t0:.0f} s)"
+            except CompileTimeout:
+                print(f"  torch.compile: warm-up cut off after {compile_cap} s (--compile-cap)")
             except Exception as exc:  # no compiler toolchain: say so, keep going
                 print(f"  torch.compile unavailable: {type(exc).__name__}: {str(exc)[:120]}")
         print(f"training step {dtype} ({cfg.dim}d x {cfg.n_layers} layers, {batch}x{seq}): "
-              + ", ".join(f"{k} {batch * seq / s:,.0f} tok/s" for k, s in row.items()))
+              + ", ".join(f"{k} {batch * seq / s:,.0f} tok/s{memory.get(k, '')}" for k, s in row.items())
+              + f" ({row['torch eager'] / row['fusegrad']:.2f}x eager)")
 
 
 def lora_step(cfg, be, device, batch, seq, steps):
@@ -147,8 +187,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda | mps | cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a check that the script runs, not figures)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peer")
+    p.add_argument("--compile-cap", type=int, default=75,
+                   help="seconds a torch.compile warm-up may take before it is cut off (0: no torch.compile peer)")
+    p.add_argument("--no-compile", dest="compile_cap", action="store_const", const=0, help="skip the torch.compile peer")
     args = p.parse_args(argv)
+    start = time.perf_counter()
     be = get_backend(f"torch:{args.device}")
     device = be.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -160,8 +203,9 @@ def main(argv=None) -> int:
         small, big = preset("stories15M"), preset("stories110M")
         sizes = dict(batch=8, seq=256)
     ok = parity(small, be, 2 if args.tiny else 4, sizes["seq"])
-    full_steps(big, be, device, sizes["batch"], sizes["seq"], args.steps, args.compile)
+    full_steps(big, be, device, sizes["batch"], sizes["seq"], args.steps, args.compile_cap)
     lora_step(big, be, device, sizes["batch"], sizes["seq"], args.steps)
+    print(f"done in {time.perf_counter() - start:.0f} s; parity {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
