@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import Tensor
 from fusegrad.core.trace import span
@@ -85,8 +87,10 @@ def log_softmax(a: Tensor, axis: int = -1) -> Tensor:
     check_float("log_softmax", ("a", a))
     ax = _one_axis("log_softmax", axis, a.ndim)
     xp = a.backend.xp
+    # bf16/fp16 logits (torch --dtype) are widened: the softmax and the loss after it are float32 (as autocast)
+    x = a.backend.asarray(a.data, np.float32) if a.dtype.itemsize < 4 else a.data
     with span("log_softmax", "elementwise"):
-        shifted = a.data - xp.max(a.data, axis=ax, keepdims=True)
+        shifted = x - xp.max(x, axis=ax, keepdims=True)
         out = shifted - xp.log(xp.sum(xp.exp(shifted), axis=ax, keepdims=True))
 
     def backward(g):  # dx = g - softmax * sum(g)

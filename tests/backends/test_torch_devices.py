@@ -206,6 +206,26 @@ def test_under_bf16_every_activation_is_bf16_and_weights_grads_and_loss_are_fp32
     assert {t.data.device.type for t in opt.params} == {device}
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_under_bf16_a_classification_heads_softmax_and_loss_are_fp32(device):
+    """The head's logits come out of a bf16 GEMM; log_softmax widens them, so the loss and its softmax are
+    fp32 (as under autocast) and the head's grad is fp32 like the head."""
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    model, adapters = on(f"torch:{device}", host, None, KINDS["lora"])
+    be = model.backend
+    head = fg.tensor(np.random.default_rng(0).normal(0, 0.02, (3, host.config.dim)), dtype=np.float32,
+                     requires_grad=True, backend=be)
+    with be.precision("bf16"):
+        logits = ops.matmul_nt(pool(model.hidden(TOKENS[:, :-1]), "last"), head)  # (B, 3)
+        loss = fg.cross_entropy(logits, np.array([0, 2]))
+        assert logits.data.dtype == torch.bfloat16
+        assert loss.data.dtype == torch.float32 and loss.node.inputs[0].data.dtype == torch.float32
+        loss.backward()
+    assert head.grad.dtype == torch.float32 and head.grad.device.type == device
+    if device == "cpu":
+        assert np.isfinite(loss.item())
+
+
 def test_generation_and_export_of_a_torch_model_match_numpy(tmp_path):
     host = Llama.from_preset("tiny", vocab_size=V, seed=0)
     dev, _ = on("torch:cpu", host)
