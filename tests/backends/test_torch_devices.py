@@ -184,9 +184,10 @@ def graph_tensors(root):
 @pytest.mark.parametrize("kind", ["pretrain", "lora", "qlora"])
 def test_under_bf16_every_activation_is_bf16_and_weights_grads_and_loss_are_fp32(kind, device):
     """The mixed-precision policy: every tensor a step makes between the parameters and the loss (the
-    residual stream, norm outputs, q/k/v, attention and FFN outputs: what the backward keeps) is bf16;
-    the loss, every parameter, every grad and AdamW's moments are fp32. On meta: no host sync either."""
-    host = Llama.from_preset("tiny", vocab_size=V, seed=0)
+    residual stream, norm outputs, q/k/v with their Qwen2-style bias, attention and FFN outputs: what the
+    backward keeps) is bf16; the loss, every parameter, every grad and AdamW's moments are fp32. On meta:
+    no host sync either."""
+    host = Llama.from_preset("tiny", vocab_size=V, seed=0, qkv_bias=kind == "pretrain")
     quantized = quantize_projections(host)[0] if kind == "qlora" else None
     model, adapters = on(f"torch:{device}", host, quantized, KINDS[kind])
     be = model.backend
