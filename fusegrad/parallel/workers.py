@@ -144,7 +144,8 @@ class ProcessDataParallel:
             _check_module_level(setup[0], "setup")
         tensors = {**model.params, **extras}
         if len(tensors) != len(model.params) + len(extras):
-            raise ConfigError(f"ProcessDataParallel: extras reuse parameter names: {sorted(set(model.params) & set(extras))}")
+            raise ConfigError(f"ProcessDataParallel: extras reuse parameter names: "
+                              f"{sorted(set(model.params) & set(extras))}")
         bad = [n for n, p in tensors.items() if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
         if bad:
             raise ShapeError(f"ProcessDataParallel needs float32 numpy parameters; not so: {', '.join(bad[:4])}")
