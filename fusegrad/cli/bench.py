@@ -10,8 +10,8 @@ peak (MFU), peak RSS, GEMM dispatches per step.
 The step is the one `fusegrad train` runs (train/loop.py: loss, backward, global-norm clip 1.0, AdamW with
 betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4 here); with --lora, the step
 `fusegrad finetune` runs (adapters only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay).
-Either is split over one worker process per core, as `fusegrad train` and `fusegrad finetune` do by default. Each step gets the next batch of
-one seeded stream; the first --warmup steps are not timed.
+Either is split over one worker process per core, as `fusegrad train` and `fusegrad finetune` do by default.
+Each step gets the next batch of one seeded stream; the first --warmup steps are not timed.
 
 Before each timed step (of each side) the sgemm peak is measured again, and that step's MFU is its model FLOP/s
 over the peak measured beside it, so load from other processes weighs on both alike. The report gives medians
