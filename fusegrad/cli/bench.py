@@ -9,10 +9,10 @@ peak (MFU), peak RSS, GEMM dispatches per step.
     fusegrad bench --model out/model.bin --batch 4 --seq 128    # any checkpoint: HF dir, llama2.c .bin, run dir
 
 The step is the one `fusegrad train` runs (train/loop.py: loss, backward, global-norm clip 1.0, AdamW with
-betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4 here), split over one worker
-process per core as `fusegrad train` does by default; with --lora, the step `fusegrad finetune` runs (adapters
-only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay). Each step gets the next batch of
-one seeded stream; the first --warmup steps are not timed.
+betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4 here); with --lora, the step
+`fusegrad finetune` runs (adapters only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay).
+Either is split over one worker process per core, as `fusegrad train` and `fusegrad finetune` do by default.
+Each step gets the next batch of one seeded stream; the first --warmup steps are not timed.
 
 Before each timed step (of each side) the sgemm peak is measured again, and that step's MFU is its model FLOP/s
 over the peak measured beside it, so load from other processes weighs on both alike. The report gives medians
@@ -40,6 +40,7 @@ ends the step (a host sync).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -53,14 +54,14 @@ import numpy as np
 from fusegrad.backends import get_backend
 from fusegrad.backends.openblas import blas_info
 from fusegrad.core.errors import BackendError, ConfigError
+from fusegrad.core.settings import field_spec
 from fusegrad.core.trace import TRACER, mark_step, trace
 from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora
-from fusegrad.finetune.losses import lm_loss
 from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.finetune.trainer import slice_losses, worker_adapters
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig, preset
 from fusegrad.parallel.mpi import DataParallel
-from fusegrad.parallel.workers import peak_rss_mb
-from fusegrad.core.settings import field_spec
+from fusegrad.parallel.workers import peak_rss_mb, run_slice
 from fusegrad.train.loop import FP16_LOSS_SCALE, Run, RunConfig, run_context, start_workers
 from fusegrad.train.optim import AdamW
 from fusegrad.train.trainer import load_model
@@ -121,9 +122,8 @@ def check_args(args) -> None:
     if args.dtype != "fp32" and not args.backend.startswith("torch"):
         raise ConfigError(f"bench: --dtype {args.dtype} needs --backend torch (backend {args.backend} computes in fp32)")
     rows = args.batch // max(args.ranks, 1)
-    if args.workers < 0 or args.workers > rows or args.lora and args.workers > 1:
-        raise ConfigError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)"
-                          + (", and 1 with --lora" if args.lora else ""))
+    if args.workers < 0 or args.workers > rows:
+        raise ConfigError(f"bench: --workers {args.workers} must be 0 (auto) or 1..{rows} (rows per rank)")
 
 
 # -- the step --------------------------------------------------------------------------------------------
@@ -145,26 +145,30 @@ class BenchRun(Run):
         self.loss_scale = [FP16_LOSS_SCALE, 0] if dtype == "fp16" else None  # as `fusegrad train` scales fp16
         self.dp = DataParallel.from_env()  # None unless mpirun started several ranks
         self.info = {}
-        named = model.named_parameters()
+        named, extras, setup = model.named_parameters(), (), None
         if lora:  # adapters as fine-tuning attaches them (no dropout)
             cfg = LoraConfig(targets=lora["targets"], r=lora["rank"], alpha=lora["alpha"], seed=seed)
             self.lora, memory = attach_qlora(model, cfg) if lora["qlora"] else (attach_lora(model, cfg), None)
-            named = self.lora.named_parameters()
+            named = extras = self.lora.named_parameters()
+            setup = (worker_adapters, {"lora": dataclasses.asdict(cfg), "num_classes": 0})
             self.info = {"trainable_params": sum(t.numel() for _, t in named), "memory": memory,
                          "peft_target_modules": [HF_MODULES[t].split(".")[1] for t in cfg.targets]}
         self.optimizer = AdamW(named, **settings)
         rows = batch // (self.dp.size if self.dp is not None else 1)
-        self.workers = None if lora else start_workers(model, workers, rows, backend == "numpy" and self.dp is None)
+        self.workers = start_workers(model, workers, rows, backend == "numpy" and self.dp is None, extras, setup)
         self.info["workers"] = self.workers.workers if self.workers is not None else 1
 
     def micro_batch(self, grad_scale: float) -> tuple[float, int]:
         if self.lora is None:
             return self.model_loss_backward(self.tokens, grad_scale)
         tokens = self.tokens  # fine-tuning's loss of one length group; every target counts (no prompt)
-        n = tokens.shape[0] * (tokens.shape[1] - 1)
-        loss = lm_loss(self.model, tokens, np.ones((tokens.shape[0], tokens.shape[1] - 1), bool), n)
-        (loss * grad_scale if grad_scale != 1.0 else loss).backward()
-        return loss.item(), n
+        rows, n = tokens.shape[0], tokens.shape[0] * (tokens.shape[1] - 1)
+        mask = np.ones((rows, tokens.shape[1] - 1), bool)
+        if self.workers is None:
+            return run_slice(slice_losses, self.model, {}, ([(tokens, mask, None)], n), grad_scale), n
+        bounds = [rows * k // self.workers.workers for k in range(self.workers.workers + 1)]
+        slices = [([(tokens[lo:hi], mask[lo:hi], None)], n) for lo, hi in zip(bounds, bounds[1:])]
+        return self.workers.backward_slices(slice_losses, slices, grad_scale), n
 
 
 def base_model(spec: dict) -> Llama:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fusegrad import ops
 from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor, is_grad_enabled
 from fusegrad.core.trace import span
@@ -60,6 +61,16 @@ def lm_loss(model, tokens, mask, denominator: int) -> Tensor:
     h = model.hidden(tokens[:, :-1])  # (B, T, C)
     return masked_classifier_cross_entropy(h.reshape(-1, model.config.dim), model.classifier,
                                            tokens[:, 1:].reshape(-1), mask.reshape(-1), denominator)
+
+
+def group_loss(model, head, tokens, mask, denominator, labels=None, pooling: str = "last") -> tuple:
+    """One equal-length group -> (its share of the step's mean loss, the class logits (B, K) or None): the
+    masked next-token loss of tokens (B, T+1), or with a classifier head (K, C) the cross-entropy of the
+    pooled hidden states of tokens (B, T) against labels (B,)."""
+    if head is None:
+        return lm_loss(model, tokens, mask, denominator), None
+    logits = ops.matmul_nt(pool(model.hidden(tokens), pooling), head)  # (B, K)
+    return ops.cross_entropy(logits, labels) * (len(labels) / denominator), logits
 
 
 def pool(h: Tensor, how: str = "last") -> Tensor:

@@ -3,9 +3,13 @@
 A run reads a base model (llama2.c `.bin` or HF dir) and JSONL/CSV data, trains only the adapters (and
 a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
 and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
-from which `resume=True` continues bit for bit. Under `mpirun -n N` or `torchrun` every rank draws the same batch,
-runs its 1/N of the examples and the gradients are averaged (the loss curve of one process; with dropout > 0 the
-masks differ); rank 0 alone evaluates and writes.
+from which `resume=True` continues bit for bit. On the numpy backend each micro-batch's examples are split over
+`workers` processes, one core each (0 = one per core; fusegrad.parallel.workers): the frozen base in shared
+memory, the adapters' grads summed, the loss curve of one process. With LoRA dropout each worker draws its
+slice's masks from its own stream, seeded from the run's dropout RNG per micro-batch: a run is deterministic
+(and resumes exactly) for a given worker count, and its masks differ from another count's. Under `mpirun -n N`
+or `torchrun` every rank draws the same batch, runs its 1/N of the examples in one process and the gradients are
+averaged (the loss curve of one process; with dropout > 0 the masks differ); rank 0 alone evaluates and writes.
 
 >>> import json, os, tempfile
 >>> from fusegrad.models import Llama
@@ -20,12 +24,12 @@ masks differ); rank 0 alone evaluates and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
 import numpy as np
 
-from fusegrad import ops
 from fusegrad.backends import get_backend
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.tensor import no_grad, tensor
@@ -33,16 +37,17 @@ from fusegrad.data.shards import rng_from_state, rng_state
 from fusegrad.data.tokenizer import tokenizer_beside, tokenizer_for_model
 from fusegrad.finetune import data as ftdata
 from fusegrad.finetune.lora import LoraConfig, attach_lora
-from fusegrad.finetune.losses import lm_loss, pool
+from fusegrad.finetune.losses import group_loss
 from fusegrad.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
 from fusegrad.finetune.qlora import attach_qlora
 from fusegrad.models.llama import Llama
 from fusegrad.parallel.mpi import DataParallel
 from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
-from fusegrad.train.loop import Run, RunConfig, TrainingError
+from fusegrad.train.loop import Run, RunConfig, TrainingError, start_workers
 from fusegrad.train.optim import AdamW
 
 STATE_FILE = "finetune_state.safetensors"
+HEAD = "score.weight"  # the classifier head's name among the trainable tensors (PEFT's)
 
 
 class FinetuneError(TrainingError):
@@ -67,6 +72,7 @@ class FinetuneConfig(RunConfig):
     rslora: bool = False
     qlora: bool = False
     max_len: int = 256
+    workers: int = 0  # processes that each run a slice of every micro-batch on one core: 0 = one per core, 1 = off
     # the shared run settings, with fine-tuning's defaults
     batch_size: int = 8
     max_steps: int = 100
@@ -130,7 +136,8 @@ class Finetuner(Run):
             rng = np.random.default_rng(cfg.seed)
             self.head = tensor(rng.normal(0, 0.02, (cfg.num_classes, self.model.config.dim)),
                                dtype=self.model.dtype, requires_grad=True, backend=self.model.backend)
-            named.append(("score.weight", self.head))
+            named.append((HEAD, self.head))
+        self.extras = {} if self.head is None else {HEAD: self.head}  # what the losses use beside the model
         self.dp = DataParallel.from_env()  # None unless mpirun/torchrun started several ranks
         if self.dp is not None:
             self.dp.shard(np.zeros(cfg.batch_size))  # a batch that does not split over the ranks says so now
@@ -140,15 +147,16 @@ class Finetuner(Run):
         self.history["val_accuracy"] = []
         if cfg.resume and os.path.exists(self.state_path):
             self.load()
+        classes = cfg.num_classes if self.head is not None else 0
+        setup = (worker_adapters, {"lora": dataclasses.asdict(lcfg), "num_classes": classes})
+        self.workers = start_workers(self.model, cfg.workers, cfg.batch_size,  # last: the weights go to shared memory
+                                     self.backend == "numpy" and cfg.dtype == "fp32" and self.dp is None, named, setup)
 
     # -- the task ----------------------------------------------------------------------------------
     def group_loss(self, tokens, mask, labels, denominator):
         """One equal-length group -> its share of the step's mean loss (and #correct for classify)."""
-        if self.cfg.task == "lm":
-            return lm_loss(self.model, tokens, mask, denominator), 0
-        logits = ops.matmul_nt(pool(self.model.hidden(tokens), self.cfg.pooling), self.head)  # (B, K)
-        correct = int((logits.numpy().argmax(-1) == labels).sum())
-        return ops.cross_entropy(logits, labels) * (len(labels) / denominator), correct
+        loss, logits = group_loss(self.model, self.head, tokens, mask, denominator, labels, self.cfg.pooling)
+        return loss, 0 if logits is None else int((logits.numpy().argmax(-1) == labels).sum())
 
     @staticmethod
     def denominator(examples, task) -> int:
@@ -162,11 +170,29 @@ class Finetuner(Run):
             mine = [self.train_set[i] for i in self.dp.shard(np.array(indices))]
             denom = denom / self.dp.size
         self.lora.train(True)
+        tokens = sum(len(e.tokens) for e in batch)
+        if self.workers is not None:  # a slice of the examples per core, grads summed
+            return self.workers.backward_slices(slice_losses, self.slices(mine, denom), grad_scale), tokens
         total = 0.0
-        for tokens, mask, labels in ftdata.group_by_length(mine):  # no padding: every token is computed
-            loss, _ = self.group_loss(tokens, mask, labels, denom)
-            total = total + self.backward_loss(loss, grad_scale)  # on a device: no host read
-        return total, sum(len(e.tokens) for e in batch)
+        groups = ftdata.group_by_length(mine)  # no padding: every token is computed
+        with contextlib.closing(slice_losses(self.model, self.extras, groups, denom, self.cfg.pooling)) as losses:
+            for loss in losses:
+                total = total + self.backward_loss(loss, grad_scale)  # on a device: no host read
+        return total, tokens
+
+    def slices(self, examples: list, denominator) -> list:
+        """The examples over the worker processes, longest first to the least loaded (in tokens) -> one
+        slice_losses args tuple per process. With dropout, slice k's masks come from the stream (seed, k),
+        seed drawn from the run's dropout RNG."""
+        n = self.workers.workers
+        parts, load = [[] for _ in range(n)], [0] * n
+        for e in sorted(examples, key=lambda e: -len(e.tokens)):
+            k = load.index(min(load))
+            parts[k].append(e)
+            load[k] += len(e.tokens)
+        seed = int(self.lora.rng.integers(2 ** 63)) if self.cfg.dropout > 0 else None
+        return [(ftdata.group_by_length(part), denominator, self.cfg.pooling, None if seed is None else (seed, k))
+                for k, part in enumerate(parts)]
 
     def evaluate(self, examples=None) -> dict:
         """-> {"loss": mean over loss tokens (lm) or examples (classify), "accuracy": classify only}."""
@@ -187,9 +213,10 @@ class Finetuner(Run):
     def describe(self) -> str:
         cfg = self.cfg
         n_lora = sum(t.numel() for t in self.optimizer.params)
+        procs = f"{self.workers.workers} worker processes" if self.workers is not None else "1 process"
         text = (f"fusegrad finetune: {cfg.task} on {len(self.train_set)} train / {len(self.val_set)} val examples, "
                 f"{'QLoRA' if cfg.qlora else 'LoRA'} r={cfg.rank} on {self.lora.config.targets}, "
-                f"{n_lora:,} trainable params")
+                f"{n_lora:,} trainable params ({procs})")
         if self.memory:
             text += f"\nNF4 base projections: {self.memory['nf4_bytes']:,} bytes = {self.memory['ratio']:.3f}x fp32"
         return text
@@ -237,6 +264,30 @@ class Finetuner(Run):
             self.head.data = self.head.backend.asarray(np.array(head, dtype=self.head.dtype))
         self.sampler.load({"epoch": epoch, "pos": pos})
         self.lora.rng = rng
+
+
+def worker_adapters(model, lora: dict, num_classes: int) -> list:
+    """In a worker process: the run's adapters (LoraConfig fields `lora`) and classifier head, attached to its
+    model as the run attaches them -> [(name, Tensor)]; their values then come from shared memory."""
+    named = attach_lora(model, LoraConfig(**lora), quantized=model.quantized).named_parameters()
+    if num_classes:
+        named.append((HEAD, tensor(np.zeros((num_classes, model.config.dim)), dtype=model.dtype, requires_grad=True)))
+    return named
+
+
+def slice_losses(model, extras: dict, groups: list, denominator, pooling: str = "last", dropout_seed=None):
+    """Yield each length group's share of the step's mean loss: fine-tuning's slice of a micro-batch, in one
+    process or a worker (ProcessDataParallel). dropout_seed: the slice's own LoRA dropout stream; None: the
+    run's (Lora.rng)."""
+    lora = next(iter(model.adapters.values())).state
+    run_rng = lora.rng
+    if dropout_seed is not None:
+        lora.rng = np.random.default_rng(dropout_seed)
+    try:
+        for tokens, mask, labels in groups:
+            yield group_loss(model, extras.get(HEAD), tokens, mask, denominator, labels, pooling)[0]
+    finally:
+        lora.rng = run_rng
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

@@ -1,11 +1,16 @@
 """Data parallel over worker processes on one machine, through shared memory: no MPI needed.
 
-The model's weights move into one shared-memory block. Each helper process (started with `spawn`) builds the
-same model over that block, so it always computes with the weights the optimizer last wrote, and it owns a
-shared grad block. Per micro-batch the rows are split: the main process runs the first slice and helper k the
-(k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are then added
-into the model's. Why: on a small CPU, splitting every GEMM and kernel of a step over all cores loses time to
-the split, and whole slices per core do not (measured in docs/performance.md).
+The model's weights (frozen ones too) and any extra tensors of the run (LoRA adapters, a classifier head) move
+into one shared-memory block. Each helper process (a fresh interpreter) builds the same model over that block,
+with the same adapters attached by a `setup` function and any NF4 bases (`model.quantized`, sent once), so it
+always computes with the weights the optimizer last wrote; it owns a shared grad block of the trainable tensors
+only (for LoRA: tiny). Per micro-batch the work is split into slices: the main process runs the first and
+helper k the (k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are
+then added into the run's. A slice is the arguments of a module-level generator function `fn(model, extras,
+*args)` that yields scalar loss Tensors (each one's backward runs before the next is built), so pretraining's
+mean loss and fine-tuning's masked / classification losses travel the same way. Why: on a small CPU, splitting
+every GEMM and kernel of a step over all cores loses time to the split, and whole slices per core do not
+(measured in docs/performance.md).
 
 >>> import numpy as np
 >>> from fusegrad.models import Llama
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import multiprocessing
 import os
 import resource
@@ -122,34 +128,46 @@ class ProcessDataParallel:
     memory from here on: code that replaces a parameter's array (instead of writing into it) must not run
     while this lives. Use as a context manager, or call `close()`."""
 
-    def __init__(self, model, workers: int):
+    def __init__(self, model, workers: int, extras=(), setup=None):
+        """extras: [(name, Tensor)] the losses use beside model.params (adapters, a head); setup: (function,
+        kwargs) with function(model, **kwargs) -> those named tensors, made in each helper on its model (it
+        attaches the adapters; their values then come from shared memory). Models with adapters need both."""
         if workers < 2:
             raise ConfigError(f"ProcessDataParallel: workers must be >= 2, got {workers}")
         if os.name != "posix":  # the helpers inherit their pipe as a file descriptor
             raise WorkerError("worker processes need a POSIX system (Linux, macOS); use workers=1")
-        if getattr(model, "adapters", None):
-            raise ConfigError("ProcessDataParallel: models with adapters (LoRA) are not supported; use 1 worker")
-        bad = [n for n, p in model.params.items()
-               if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
+        extras = dict(extras)
+        if (getattr(model, "adapters", None) or extras) and not (extras and setup):
+            raise ConfigError("ProcessDataParallel: a model with adapters needs extras= (the adapters' named "
+                              "tensors) and setup= (the function attaching them in each helper)")
+        if setup is not None:
+            _check_module_level(setup[0], "setup")
+        tensors = {**model.params, **extras}
+        if len(tensors) != len(model.params) + len(extras):
+            raise ConfigError(f"ProcessDataParallel: extras reuse parameter names: "
+                              f"{sorted(set(model.params) & set(extras))}")
+        bad = [n for n, p in tensors.items() if not (isinstance(p.data, np.ndarray) and p.data.dtype == np.float32)]
         if bad:
             raise ShapeError(f"ProcessDataParallel needs float32 numpy parameters; not so: {', '.join(bad[:4])}")
-        self.model, self.workers = model, workers
-        self.offsets, size = layout((n, p.shape) for n, p in model.params.items())
-        check_shared_memory(size * workers)  # the weights and a grad block per helper
+        self.model, self.workers, self.extras, self.tensors = model, workers, extras, tensors
+        self.trainable = {n: p for n, p in tensors.items() if p.requires_grad}
+        self.offsets, size = layout((n, p.shape) for n, p in tensors.items())
+        self.grad_offsets, grad_size = layout((n, p.shape) for n, p in self.trainable.items())
+        check_shared_memory(size + grad_size * (workers - 1))  # the weights and a grad block per helper
         self.blocks, self.helpers = [], []
         # stop the helpers and free the blocks even if nobody calls close() (at garbage collection or exit)
         self._finalizer = weakref.finalize(self, _release, self.blocks, self.helpers)
         try:
             self.weights = self._block(size)
             for name, view in views(self.weights, self.offsets).items():  # the model now lives in shared memory
-                view[...] = model.params[name].data
-                model.params[name].data = view
-            self.grad_blocks = [self._block(size) for _ in range(workers - 1)]
-            self.helper_grads = [views(block, self.offsets) for block in self.grad_blocks]  # name -> array
+                view[...] = tensors[name].data
+                tensors[name].data = view
+            self.grad_blocks = [self._block(grad_size) for _ in range(workers - 1)]
+            self.helper_grads = [views(block, self.grad_offsets) for block in self.grad_blocks]  # name -> array
             spec = {"model": _qualified(type(model)), "config_class": _qualified(type(model.config)),
-                    "config": model.config.to_dict(), "offsets": self.offsets,
-                    "requires_grad": {n: p.requires_grad for n, p in model.params.items()},
-                    "weights": self.weights.name}
+                    "config": model.config.to_dict(), "offsets": self.offsets, "grad_offsets": self.grad_offsets,
+                    "params": list(model.params), "requires_grad": {n: p.requires_grad for n, p in tensors.items()},
+                    "weights": self.weights.name, "quantized": getattr(model, "quantized", {}), "setup": setup}
             for k in range(workers - 1):
                 self.helpers.append(_start_helper(dict(spec, grads=self.grad_blocks[k].name)))
         except BaseException:
@@ -204,19 +222,27 @@ class ProcessDataParallel:
             raise ShapeError(f"ProcessDataParallel: a batch of {rows} rows does not split over {self.workers} "
                              f"worker processes (tokens shape {tokens.shape})")
         bounds = [rows * k // self.workers for k in range(self.workers + 1)]
-        weights = [(hi - lo) / rows for lo, hi in zip(bounds, bounds[1:])]  # each slice's share of the mean
+        return self.backward_slices(mean_loss_share, [(tokens[lo:hi], (hi - lo) / rows)  # each slice's share
+                                                      for lo, hi in zip(bounds, bounds[1:])], grad_scale)
+
+    def backward_slices(self, fn, slices: list, grad_scale: float = 1.0) -> float:
+        """The sum of every loss that fn(model, extras, *args) yields over the `slices` (one args tuple per
+        process: this one runs the first); adds the grads of grad_scale * that sum to the trainable tensors'
+        `.grad`, as running every slice here would (up to float summation order). fn: a module-level
+        generator function, found by name in the helpers."""
+        _check_module_level(fn, "fn")
+        if len(slices) != self.workers:
+            raise ShapeError(f"ProcessDataParallel: {len(slices)} slices for {self.workers} worker processes")
         for k, (conn, _) in enumerate(self.helpers, start=1):
-            self._send(conn, ("step", tokens[bounds[k]:bounds[k + 1]], grad_scale * weights[k]))
+            self._send(conn, ("step", fn, tuple(slices[k]), grad_scale))
         try:
             with one_core(), span("dp_worker", "parallel", worker=0):
-                loss = self.model.loss(tokens[:bounds[1]])
-                (loss * (grad_scale * weights[0])).backward()
+                loss = run_slice(fn, self.model, self.extras, slices[0], grad_scale)
         finally:  # every helper's answer is read, also when this slice or a helper failed: the pipes stay in step
             answers = self._gather()
-        losses = [loss.item()] + answers
         with span("dp_reduce", "parallel"):
             self._add_helper_grads()
-        return float(sum(w * v for w, v in zip(weights, losses)))
+        return float(loss + sum(answers))
 
     def _gather(self) -> list:
         """One answer per helper (after its "ready" at the first step); the first failure raised after all."""
@@ -236,9 +262,7 @@ class ProcessDataParallel:
     def _add_helper_grads(self) -> None:
         for grads in self.helper_grads:
             for name, g in grads.items():
-                p = self.model.params[name]
-                if not p.requires_grad:
-                    continue
+                p = self.trainable[name]
                 if p.grad is None:
                     p.grad = g.copy()
                 else:
@@ -256,11 +280,36 @@ class ProcessDataParallel:
         return total - sum(block.size for block in self.blocks) / 2 ** 20
 
     def close(self) -> None:
-        """Stop the helpers; the model's parameters leave shared memory with their current values."""
-        for p in self.model.params.values():
+        """Stop the helpers; the model's parameters and the extras leave shared memory with their current values."""
+        for p in self.tensors.values():
             if isinstance(p.data, np.ndarray) and p.data.base is not None:
                 p.data = p.data.copy()
         self._finalizer()
+
+
+def mean_loss_share(model, extras, tokens, share: float):
+    """A slice of pretraining's batch: model.loss(tokens) * share, its part of the batch's mean loss."""
+    yield model.loss(tokens) * share
+
+
+def run_slice(fn, model, extras: dict, args, grad_scale: float) -> float:
+    """Backward of grad_scale * each loss fn(model, extras, *args) yields, in turn -> the sum of the losses."""
+    total = 0.0
+    with contextlib.closing(fn(model, extras, *args)) as losses:
+        for loss in losses:
+            total += loss.item()
+            (loss * grad_scale).backward()
+    return total
+
+
+def _check_module_level(fn, what: str) -> None:
+    """ConfigError unless fn is a module-level function a helper can import by name (a generator for fn)."""
+    qualname, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
+    if not callable(fn) or not qualname.isidentifier() or module in (None, "__main__"):
+        raise ConfigError(f"ProcessDataParallel: {what} must be a function defined at the top level of an importable "
+                          f"module (helpers import it by name), not {fn!r}")
+    if what == "fn" and not inspect.isgeneratorfunction(fn):
+        raise ConfigError(f"ProcessDataParallel: fn {qualname} must be a generator function yielding scalar losses")
 
 
 def _stopped(pid: int) -> bool:
@@ -322,18 +371,39 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return block
 
 
+def _helper_model(spec: dict, weights: shared_memory.SharedMemory):
+    """The main process's model over the shared weights, its NF4 bases and (by spec["setup"]) its adapters
+    -> (model, extras {name: Tensor}, trainable {name: Tensor})."""
+    model_cls, config_cls = _fusegrad_class(spec["model"]), _fusegrad_class(spec["config_class"])
+    shared, trainable = views(weights, spec["offsets"]), spec["requires_grad"]
+    params = {n: Tensor(shared[n], requires_grad=trainable[n]) for n in spec["params"]}
+    model = model_cls(config_cls.from_dict(spec["config"]), params=params)
+    model.quantized = spec["quantized"]
+    extras = {}
+    if spec["setup"] is not None:
+        fn, kwargs = spec["setup"]
+        extras = dict(fn(model, **kwargs))
+        want = set(shared) - set(params)
+        if set(extras) != want:
+            raise WorkerError(f"setup {fn.__qualname__} made tensors {sorted(set(extras) ^ want)[:4]} that differ "
+                              f"from the main process's")
+        for name, t in extras.items():
+            if t.shape != shared[name].shape:
+                raise WorkerError(f"setup {fn.__qualname__} made {name} of shape {t.shape}, the main process "
+                                  f"{shared[name].shape}")
+            t.data, t.requires_grad = shared[name], trainable[name]
+    return model, extras, {n: t for n, t in {**params, **extras}.items() if trainable[n]}
+
+
 def _helper_main(conn) -> None:
-    """A helper's loop: step (loss and backward of a slice, grads into the shared block) | rss | None = stop."""
+    """A helper's loop: step (a slice's losses and backward, grads into the shared block) | rss | None = stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle: it stops us
     try:
         spec = conn.recv()
         get_backend("numpy").prewarm_kernels()
-        model_cls, config_cls = _fusegrad_class(spec["model"]), _fusegrad_class(spec["config_class"])
         weights, grads = _attach(spec["weights"]), _attach(spec["grads"])
-        params = {n: Tensor(a, requires_grad=spec["requires_grad"][n])
-                  for n, a in views(weights, spec["offsets"]).items()}
-        model = model_cls(config_cls.from_dict(spec["config"]), params=params)
-        grad_views = views(grads, spec["offsets"])
+        model, extras, trainable = _helper_model(spec, weights)
+        grad_views = views(grads, spec["grad_offsets"])
     except Exception as e:  # noqa: BLE001  (reported to the main process, which raises it)
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -344,17 +414,15 @@ def _helper_main(conn) -> None:
                 if msg[0] == "rss":
                     conn.send(("ok", peak_rss_mb()))
                     continue
-                _, tokens, scale = msg
-                for name, p in model.params.items():  # backward accumulates into the shared block, in place
+                _, fn, args, scale = msg
+                for name, p in trainable.items():  # backward accumulates into the shared block, in place
                     grad_views[name][...] = 0.0
-                    p.grad = grad_views[name] if p.requires_grad else None
-                loss = model.loss(tokens)
-                (loss * scale).backward()
-                answer = ("ok", loss.item())
+                    p.grad = grad_views[name]
+                answer = ("ok", run_slice(fn, model, extras, args, scale))
             except Exception as e:  # noqa: BLE001
                 answer = ("error", f"{type(e).__name__}: {e}")
             conn.send(answer)
-    del model, params, grad_views
+    del model, extras, trainable, grad_views
     weights.close()
     grads.close()
 

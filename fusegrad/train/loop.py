@@ -92,15 +92,16 @@ def run_context(backend: str = "numpy", offload_gemm: str = "", tracing: bool = 
         yield stack.enter_context(trace()) if tracing else None
 
 
-def start_workers(model, requested: int, rows: int, eligible: bool):
+def start_workers(model, requested: int, rows: int, eligible: bool, extras=(), setup=None):
     """ProcessDataParallel for `requested` worker processes (0 = auto: one per core when `eligible`), or None
-    for one process whose kernels use every core. Auto falls back to one process, with a warning, when
-    workers cannot start; asked for by number, the reason is raised."""
+    for one process whose kernels use every core; extras and setup: a run's adapters (ProcessDataParallel).
+    Auto falls back to one process, with a warning, when workers cannot start; asked for by number, the
+    reason is raised."""
     n = choose_workers(requested, rows, eligible)
     if n == 1:
         return None
     try:
-        return ProcessDataParallel(model, n)
+        return ProcessDataParallel(model, n, extras, setup)
     except WorkerError as e:
         if requested:
             raise

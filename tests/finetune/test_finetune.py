@@ -90,8 +90,9 @@ def test_prompt_is_masked_by_default():
     assert ftdata.lm_examples(recs, ByteTokenizer(), max_len=32, mask_prompt=False)[0].loss_mask.all()
 
 
-def test_lm_finetune_learns_and_resumes_exactly(base, tmp_path):
-    settings = dict(max_steps=4, dropout=0.1, lr=2e-2, eval_interval=4, batch_size=4)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lm_finetune_learns_and_resumes_exactly(base, tmp_path, workers):
+    settings = dict(max_steps=4, dropout=0.1, lr=2e-2, eval_interval=4, batch_size=4, workers=workers)
     before = Finetuner(cfg(base, tmp_path / "fresh", **settings)).evaluate()["loss"]
     once = finetune(cfg(base, tmp_path / "once", **settings))
     assert once["val_loss"] < before
@@ -104,6 +105,72 @@ def test_lm_finetune_learns_and_resumes_exactly(base, tmp_path):
     from safetensors.numpy import load_file
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("once", "twice"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("settings", [dict(grad_accum=2), dict(qlora=True, lora_targets="all"),
+                                      dict(data="cls.csv", task="classify", num_classes=3, pooling="mean")])
+def test_two_worker_processes_follow_one_process(base, tmp_path, settings):
+    if "data" in settings:
+        settings = dict(settings, data=str(base / settings["data"]))
+    runs = {}
+    for workers in (1, 2):
+        run = Finetuner(cfg(base, tmp_path / str(workers), workers=workers, lr=2e-2, **settings))
+        assert (run.workers is not None) == (workers == 2)
+        run.run()
+        runs[workers] = run
+    one, two = runs[1], runs[2]
+    assert two.workers is None  # stopped at the end of the run
+    for key in ("loss", "val_loss") + (("val_accuracy",) if "task" in settings else ()):
+        np.testing.assert_allclose(two.history[key], one.history[key], rtol=1e-5, err_msg=key)
+    assert one.history["loss"][-1] < one.history["loss"][0]
+    for name, a, b in zip(one.optimizer.names, two.optimizer.params, one.optimizer.params):  # the adapters
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_run_with_workers_leaves_no_process_or_shared_memory_behind(base, tmp_path):
+    from multiprocessing import shared_memory
+
+    def start(out):
+        run = Finetuner(cfg(base, tmp_path / out, workers=2))
+        return run, [b.name for b in run.workers.blocks], [proc for _, proc in run.workers.helpers]
+
+    def gone(names, procs):
+        assert all(proc.poll() is not None for proc in procs)
+        for name in names:
+            with pytest.raises(FileNotFoundError):
+                shared_memory.SharedMemory(name=name)
+
+    run, names, procs = start("ok")
+    run.run()
+    gone(names, procs)
+    run, names, procs = start("nan")
+    run.lora.parameters()[0].data[...] = np.nan
+    with pytest.raises(fg.core.errors.FusegradError, match="step 1: loss is nan"):
+        run.run()
+    gone(names, procs)
+
+
+def test_ctrl_c_with_worker_processes_saves_and_exits_cleanly(base, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from fusegrad.train.checkpoint import load_checkpoint
+
+    args = ["finetune", "--model", str(base / "base"), "--data", str(base / "qa.jsonl"), "--tokenizer", "byte",
+            "--out", str(tmp_path), "--max_steps", "100000", "--batch_size", "4", "--eval_interval", "0",
+            "--ckpt_interval", "100000", "--progress", "false", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "fusegrad.cli.main"] + args, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):  # a few steps done
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err and "Error" not in err, err
+    assert "2 worker processes" in err
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert load_checkpoint(tmp_path / "finetune_state.safetensors")["step"] == last >= 3
 
 
 def test_qlora_finetune_reports_memory(base, tmp_path):

@@ -1,4 +1,5 @@
 """Data parallel over worker processes: the same grads and trajectory as one process, clear errors, clean exit."""
+import dataclasses
 import os
 import signal
 
@@ -195,3 +196,82 @@ def test_helpers_build_only_fusegrad_model_classes():
     for name in ("os.system", "numpy.random.default_rng", "fusegrad.core.fileio.os"):
         with pytest.raises(WorkerError, match="fusegrad.models classes only"):
             _fusegrad_class(name)
+
+
+# -- fine-tuning: adapters (LoRA, QLoRA's NF4 bases), masked and classification losses -------------------------------
+def adapted_twins(qlora=False, num_classes=0):
+    """Two tiny models with equal LoRA adapters on every projection (B != 0, so every adapter grad is) and an
+    equal classifier head if num_classes -> [(model, named trainable tensors, worker_adapters kwargs)] x 2."""
+    from fusegrad.finetune.lora import LoraConfig, attach_lora
+    from fusegrad.finetune.qlora import attach_qlora
+    from fusegrad.finetune.trainer import HEAD
+
+    out = []
+    for _ in range(2):
+        model = Llama.from_preset("tiny", seed=1)
+        cfg = LoraConfig(targets="all", r=2, alpha=4, seed=3)
+        lora = attach_qlora(model, cfg)[0] if qlora else attach_lora(model, cfg)
+        named = lora.named_parameters()
+        if num_classes:
+            named.append((HEAD, Tensor(np.zeros((num_classes, model.config.dim), np.float32), requires_grad=True)))
+        rng = np.random.default_rng(4)
+        for _, t in named:
+            t.data[...] = rng.normal(0, 0.2, t.shape)
+        out.append((model, named, {"lora": dataclasses.asdict(cfg), "num_classes": num_classes}))
+    return out
+
+
+def groups(num_classes=0):
+    """Three length groups (tokens, loss mask, labels) as fine-tuning makes them, and the step's denominator."""
+    rng = np.random.default_rng(5)
+    out = []
+    for rows, length in ((2, 9), (3, 12), (1, 17)):
+        tokens = rng.integers(0, 64, (rows, length + (0 if num_classes else 1)))
+        mask = None if num_classes else rng.random((rows, length)) < 0.6
+        if mask is not None:
+            mask[:, -1] = True
+        out.append((tokens, mask, rng.integers(0, max(num_classes, 1), rows)))
+    return out, (6 if num_classes else sum(int(g[1].sum()) for g in out))
+
+
+@pytest.mark.parametrize("qlora, num_classes, workers", [(False, 0, 2), (True, 0, 3), (False, 3, 2)])
+def test_adapter_grads_and_loss_match_one_process(qlora, num_classes, workers):
+    from fusegrad.finetune.losses import group_loss
+    from fusegrad.finetune.trainer import HEAD, slice_losses, worker_adapters
+
+    (model, named, setup), (oracle, oracle_named, _) = adapted_twins(qlora, num_classes)
+    gs, denominator = groups(num_classes)
+    head = dict(oracle_named).get(HEAD)
+    want = 0.0
+    for tokens, mask, labels in gs:  # the oracle: every group in this process, the losses as fine-tuning sums them
+        loss = group_loss(oracle, head, tokens, mask, denominator, labels)[0]
+        (loss * 0.5).backward()
+        want += loss.item()
+    # each slice: some groups whole, one split between processes
+    split = [gs[0], (gs[1][0][:1], None if num_classes else gs[1][1][:1], gs[1][2][:1])]
+    rest = [(gs[1][0][1:], None if num_classes else gs[1][1][1:], gs[1][2][1:]), gs[2]]
+    slices = [(split, denominator), (rest, denominator)] + [([], denominator)] * (workers - 2)
+    with ProcessDataParallel(model, workers, named, (worker_adapters, setup)) as dp:
+        got = dp.backward_slices(slice_losses, slices, grad_scale=0.5)
+        assert all(p.grad is None for p in model.params.values())  # the base stays frozen
+    assert got == pytest.approx(want, rel=1e-5)
+    assert model.quantized.keys() == oracle.quantized.keys() and bool(model.quantized) == qlora
+    for (name, p), (_, q) in zip(named, oracle_named):
+        assert np.abs(q.grad).max() > 0, name
+        np.testing.assert_allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6 * np.abs(q.grad).max(), err_msg=name)
+        assert p.data.base is None  # out of shared memory after close
+
+
+def test_adapters_need_their_setup_and_a_module_level_generator():
+    from fusegrad.finetune.trainer import slice_losses, worker_adapters
+
+    (model, named, setup), _ = adapted_twins()
+    with pytest.raises(ConfigError, match="adapters needs extras= .* and setup="):
+        ProcessDataParallel(model, 2)
+    with pytest.raises(ConfigError, match="setup must be a function defined at the top level"):
+        ProcessDataParallel(model, 2, named, (lambda m: [], {}))
+    with ProcessDataParallel(model, 2, named, (worker_adapters, setup)) as dp:
+        with pytest.raises(ConfigError, match="generator function yielding scalar losses"):
+            dp.backward_slices(worker_adapters, [(), ()])
+        with pytest.raises(ShapeError, match="3 slices for 2 worker processes"):
+            dp.backward_slices(slice_losses, [([], 1)] * 3)
