@@ -219,7 +219,7 @@ class TorchBackend(Backend):
         dt = _COMPUTE.get() or q.dtype  # mixed precision: bf16/fp16 operands, float32 out
         y = F.scaled_dot_product_attention(q.flatten(1, 2).to(dt), k.to(dt), v.to(dt), is_causal=True,
                                            enable_gqa=n_heads != n_kv_heads).to(q.dtype)
-        return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
+        return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, None, cos, sin, block)
 
     @torch.no_grad()
     def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
