@@ -85,7 +85,7 @@ def add_parser(subparsers):
     p.add_argument("--qlora", action="store_true", help="with --lora: the base projections in NF4")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square sgemm measuring the peak")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint_activations", action="store_true",
+    p.add_argument("--checkpoint_activations", "--checkpoint-activations", action="store_true",
                    help="fusegrad recomputes each block's forward in the backward (the peer does not)")
     p.set_defaults(func=run_bench)
     return p
