@@ -27,6 +27,10 @@ from fusegrad.core.errors import BackendError, ShapeError
 from fusegrad.core.trace import count, span
 
 ATTENTION_BLOCK = 128  # query rows per attention block: keys past the block's last row are never touched
+# bytes of probabilities an attention forward keeps for its backward; past this it keeps only each score row's
+# logsumexp, and the backward recomputes the probabilities block by block (memory linear in T; the recompute
+# costs ~10-30% of attention's time: docs/performance.md, "Longer contexts")
+ATTENTION_PROBS_BUDGET = 64 << 20
 
 
 def gemm_dims(a_shape, b_shape, trans_a: bool, trans_b: bool):
@@ -56,14 +60,27 @@ def blocks(T: int, block: int) -> list:
     return [(lo, min(lo + block, T)) for lo in range(0, T, block)]
 
 
+def keeps_probs(B: int, n_heads: int, T: int, block: int, itemsize: int = 4) -> bool:
+    """Whether an attention forward on (B, T) keeps its blocks' probabilities (B, H, bq, hi): within
+    ATTENTION_PROBS_BUDGET.
+
+    >>> keeps_probs(8, 12, 256, 128), keeps_probs(4, 12, 1024, 128)
+    (True, False)
+    """
+    return B * n_heads * sum((hi - lo) * hi for lo, hi in blocks(T, block)) * itemsize <= ATTENTION_PROBS_BUDGET
+
+
 @dataclasses.dataclass
 class AttentionSaved:
     """What the reference attention forward keeps: q (B, Hkv, G, T, D), k, v (B, Hkv, T, D) with rope
-    applied, the probabilities of each query block (None: the backward recomputes them), the tables."""
+    applied, each query block's probabilities (B, Hkv, G bq, hi) while they fit ATTENTION_PROBS_BUDGET
+    (else None: memory linear in T), the logsumexp of its score rows (B, Hkv, G bq, 1) from which the
+    backward recomputes them (None too: it takes the max and sum again), the tables."""
     q: object
     k: object
     v: object
     probs: list | None
+    lse: list | None
     cos: object
     sin: object
     block: int
@@ -203,10 +220,11 @@ class Backend:
         B, Hkv, G, T, D = out.shape
         return self.xp.permute_dims(out, (0, 3, 1, 2, 4)).reshape(B, T, Hkv * G * D)
 
-    def causal_probs(self, qb, k, lo: int):
+    def causal_probs(self, qb, k, lo: int, lse=None):
         """Softmax of the scores of query block qb (B, Hkv, G, bq, D), at positions lo..lo+bq-1, against
-        keys k[:, :, :lo+bq] (B, Hkv, >= lo+bq, D) -> (B, Hkv, G bq, lo+bq); keys after a query's own
-        position get probability 0. The G query heads of a kv head are rows of one GEMM."""
+        keys k[:, :, :lo+bq] (B, Hkv, >= lo+bq, D) -> p (B, Hkv, G bq, lo+bq) and the rows' logsumexp
+        (B, Hkv, G bq, 1); keys after a query's own position get probability 0. Given the rows' lse (the
+        backward), p = exp(scores - lse): no max, no sum. The G query heads of a kv head are rows of one GEMM."""
         xp = self.xp
         B, Hkv, G, bq, D = qb.shape
         hi = lo + bq
@@ -215,10 +233,15 @@ class Backend:
         positions = xp.arange(lo, hi, device=self.device)
         query_pos = xp.reshape(xp.broadcast_to(positions[None, :], (G, bq)), (G * bq,))
         s[..., query_pos[:, None] < xp.arange(hi, device=self.device)[None, :]] = -math.inf
-        s -= xp.max(s, axis=-1, keepdims=True)
+        if lse is not None:
+            s -= lse
+            return xp.exp(s), lse
+        m = xp.max(s, axis=-1, keepdims=True)
+        s -= m
         p = xp.exp(s)
-        p /= xp.sum(p, axis=-1, keepdims=True)
-        return p
+        z = xp.sum(p, axis=-1, keepdims=True)
+        p /= z
+        return p, m + xp.log(z)
 
     def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
         """qkv (B, T, (H + 2 Hkv) D), cos, sin (>= T, D/2) -> y (B, T, H D) and what the backward needs.
@@ -230,12 +253,15 @@ class Backend:
         cos, sin = self.constant(cos), self.constant(sin)
         q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[:T], sin[:T])
         out = xp.empty_like(q)  # (B, Hkv, G, T, D)
-        probs = []
+        probs = [] if keeps_probs(qkv.shape[0], n_heads, T, block) else None
+        lse = []
         for lo, hi in blocks(T, block):
-            p = self.causal_probs(q[:, :, :, lo:hi], k, lo)
+            p, block_lse = self.causal_probs(q[:, :, :, lo:hi], k, lo)
             out[:, :, :, lo:hi] = self.mm(p, v[:, :, :hi]).reshape(out[:, :, :, lo:hi].shape)
-            probs.append(p)
-        return self.merge_heads(out), AttentionSaved(q, k, v, probs, cos, sin, block)
+            lse.append(block_lse)
+            if probs is not None:
+                probs.append(p)
+        return self.merge_heads(out), AttentionSaved(q, k, v, probs, lse, cos, sin, block)
 
     def attention_backward(self, dy, saved: AttentionSaved, n_heads: int, n_kv_heads: int):
         """dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D), packed (the fused QKV backward takes it whole);
@@ -249,7 +275,10 @@ class Backend:
         dk, dv = xp.zeros_like(k), xp.zeros_like(v)
         for i, (lo, hi) in enumerate(blocks(T, saved.block)):
             bq = hi - lo
-            p = saved.probs[i] if saved.probs is not None else self.causal_probs(q[:, :, :, lo:hi], k, lo)
+            if saved.probs is not None:
+                p = saved.probs[i]
+            else:
+                p, _ = self.causal_probs(q[:, :, :, lo:hi], k, lo, None if saved.lse is None else saved.lse[i])
             do_b = do[:, :, :, lo:hi].reshape(B, Hkv, G * bq, D)
             dv[:, :, :hi] += self.mm(xp.matrix_transpose(p), do_b)  # (B, Hkv, hi, D)
             dp = self.mm(do_b, xp.matrix_transpose(v[:, :, :hi]))  # (B, Hkv, G bq, hi)
@@ -274,7 +303,7 @@ class Backend:
         q, k, v = self.split_heads(qkv, n_heads, n_kv_heads, cos[start:start + T], sin[start:start + T])
         k_cache[:, :, start:start + T] = k
         v_cache[:, :, start:start + T] = v
-        p = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
+        p, _ = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
         return self.merge_heads(self.mm(p, v_cache[:, :, :start + T]).reshape(q.shape))
 
     # -- NF4 weights (QLoRA) ---------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 `JitBackend.attention_forward/backward` for float32 (the contract of `Backend.attention_forward`); the
 score and value GEMMs stay in numpy BLAS.
+The forward keeps q, k, v, each score row's logsumexp and, while they fit ATTENTION_PROBS_BUDGET, the
+probabilities; past it the backward recomputes a block's probabilities, exp(scores - lse), one block at a
+time (memory linear in T).
 Layout: the G query heads sharing a kv head are interleaved by position, q (B, Hkv, T G, D) with row
 t G + g, so the rows of query block [lo, hi) are ONE contiguous slice [lo G, hi G) — no per-block copy —
 and its score GEMM is (hi G - lo G, D) x (D, hi). Keys past the block's last row are never touched; within
@@ -22,13 +25,14 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks
+from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks, keeps_probs
 from fusegrad.backends.jit_common import fast_exp, jit, row_max
 
 
 class JitAttentionSaved(AttentionSaved):
     """The fields of AttentionSaved in this file's layout: q (B, Hkv, T G, D) (query head kv * G + g of
-    position t at row t G + g), probabilities (B, Hkv, bq G, hi) per block, tables cut to (T, D/2)."""
+    position t at row t G + g), per block its probabilities (B, Hkv, bq G, hi) (or None) and its score rows'
+    logsumexp (B, Hkv, bq G), tables cut to (T, D/2)."""
 
 
 @jit
@@ -56,9 +60,10 @@ def _split_heads_rope(qkv, cos, sin, n_heads, q, k, v):
 
 
 @jit
-def _causal_softmax(s, lo, bq, G, scale):
+def _causal_softmax(s, lo, bq, G, scale, lse):
     # s (R, n) scores of block rows, bq G rows per (b, kv head); row r is at position lo + (r % (bq G)) // G.
-    # scale is float32 and each row a 1-D view, so the loops stay in float32 and vectorise
+    # -> probabilities in place, lse (R,) the rows' logsumexp of the scaled scores. scale is float32 and each
+    # row a 1-D view, so the loops stay in float32 and vectorise
     R, n = s.shape
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1  # keys 0..pos
@@ -72,6 +77,21 @@ def _causal_softmax(s, lo, bq, G, scale):
         inv = np.float32(1.0) / z
         for j in range(valid):
             row[j] *= inv
+        for j in range(valid, n):
+            row[j] = 0.0
+        lse[r] = mx * scale + np.log(z)
+
+
+@jit
+def _causal_probs_from_lse(s, lo, bq, G, scale, lse):
+    # the backward's recompute: s (R, n) scores -> exp(s scale - lse) in place (no max, no sum); zeros past
+    # each row's position
+    R, n = s.shape
+    for r in prange(R):
+        valid = lo + (r % (bq * G)) // G + 1
+        row, m = s[r], lse[r]
+        for j in range(valid):
+            row[j] = fast_exp(row[j] * scale - m)
         for j in range(valid, n):
             row[j] = 0.0
 
@@ -142,18 +162,21 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     _split_heads_rope(np.ascontiguousarray(qkv), cos, sin, n_heads, q, k, v)
     scale = np.float32(1.0 / math.sqrt(D))
     y = np.empty((B, T, n_heads * D), np.float32)
-    probs = []
+    probs = [] if keeps_probs(B, n_heads, T, block) else None
+    lse = []
     for lo, hi in blocks(T, block):
         s = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
-        _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale)
+        lse.append(np.empty(s.shape[:-1], np.float32))
+        _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale, lse[-1].reshape(-1))
         _block_rows(np.matmul(s, v[:, :, :hi]), y, lo, G, True)
-        probs.append(s)
-    return y, JitAttentionSaved(q, k, v, probs, cos, sin, block)
+        if probs is not None:
+            probs.append(s)
+    return y, JitAttentionSaved(q, k, v, probs, lse, cos, sin, block)
 
 
 def attention_backward(dy, saved: JitAttentionSaved, n_heads: int, n_kv_heads: int):
-    """dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D) float32."""
-    q, k, v, probs, cos, sin, block = saved.q, saved.k, saved.v, saved.probs, saved.cos, saved.sin, saved.block
+    """dy (B, T, H D) -> dqkv (B, T, (H + 2 Hkv) D) float32; probabilities not kept are recomputed from lse."""
+    q, k, v, cos, sin, block = saved.q, saved.k, saved.v, saved.cos, saved.sin, saved.block
     B, Hkv, T, D = k.shape
     G = q.shape[2] // T
     scale = np.float32(1.0 / math.sqrt(D))
@@ -161,8 +184,13 @@ def attention_backward(dy, saved: JitAttentionSaved, n_heads: int, n_kv_heads: i
     dq = np.empty_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
-    for (lo, hi), p in zip(blocks(T, block), probs):
+    for i, (lo, hi) in enumerate(blocks(T, block)):
         bq = hi - lo
+        if saved.probs is not None:
+            p = saved.probs[i]
+        else:
+            p = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi) scores
+            _causal_probs_from_lse(p.reshape(-1, hi), lo, bq, G, scale, saved.lse[i].reshape(-1))
         do = np.empty((B, Hkv, bq * G, D), np.float32)
         _block_rows(do, dy, lo, G, False)
         dv[:, :, :hi] += np.matmul(p.swapaxes(-1, -2), do)  # (B, Hkv, hi, D)

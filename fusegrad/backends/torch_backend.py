@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import math
 import os
@@ -250,15 +251,14 @@ class TorchBackend(Backend):
         dt = _COMPUTE.get() or q.dtype  # mixed precision: bf16/fp16 operands, float32 out
         y = F.scaled_dot_product_attention(q.flatten(1, 2).to(dt), k.to(dt), v.to(dt), is_causal=True,
                                            enable_gqa=n_heads != n_kv_heads).to(q.dtype)
-        return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, cos, sin, block)
+        return y.transpose(1, 2).reshape(B, T, -1), AttentionSaved(q, k, v, None, None, cos, sin, block)
 
     def attention_backward(self, dy, saved: AttentionSaved, n_heads: int, n_kv_heads: int):
         """bf16/fp16 q, k, v (saved) are widened to float32 for this layer's backward: the softmax is
         recomputed and dk, dv accumulate over query blocks in float32; dqkv returns in dy's dtype."""
         if saved.q.dtype == torch.float32:
             return super().attention_backward(dy, saved, n_heads, n_kv_heads)
-        wide = AttentionSaved(saved.q.float(), saved.k.float(), saved.v.float(), None, saved.cos, saved.sin,
-                              saved.block)
+        wide = dataclasses.replace(saved, q=saved.q.float(), k=saved.k.float(), v=saved.v.float())
         return super().attention_backward(dy.float(), wide, n_heads, n_kv_heads).to(dy.dtype)
 
     @torch.no_grad()

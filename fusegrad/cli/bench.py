@@ -98,6 +98,8 @@ def add_parser(subparsers):
     p.add_argument("--qlora", action="store_true", help="with --lora: the base projections in NF4")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square sgemm measuring the peak")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint_activations", "--checkpoint-activations", action="store_true",
+                   help="fusegrad recomputes each block's forward in the backward (the peer does not)")
     p.set_defaults(func=run_bench)
     return p
 
@@ -173,9 +175,10 @@ class BenchRun(Run):
 
 def base_model(spec: dict) -> Llama:
     """The weights every side starts from: the checkpoint spec["model"], or a fresh model seeded spec["seed"]."""
-    if spec.get("model"):
-        return load_model(spec["model"])[0]
-    return Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
+    model = load_model(spec["model"])[0] if spec.get("model") else Llama(LlamaConfig.from_dict(spec["config"]),
+                                                                         seed=spec["seed"])
+    model.config.checkpoint_activations = spec["config"].get("checkpoint_activations", False)  # also a --model's
+    return model
 
 
 class FusegradSide:
@@ -356,6 +359,7 @@ def spec_of(args) -> dict:
             raise ConfigError(f"bench: --seq {args.seq} exceeds {args.model}'s max_seq_len {config.max_seq_len}")
     else:
         config = preset(args.preset, max_seq_len=max(args.seq, 1))
+    config.checkpoint_activations = args.checkpoint_activations
     backend = f"{args.backend}:{args.device}" if args.device else args.backend  # as RunConfig combines them
     return {"config": config.to_dict(), "model": os.path.abspath(args.model) if args.model else "",
             "batch": args.batch, "seq": args.seq, "seed": args.seed, "backend": backend, "dtype": args.dtype,

@@ -55,8 +55,21 @@ def no_grad():
     >>> y.requires_grad
     False
     """
+    with _grad_mode(False):
+        yield
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Ops inside build a graph again, also within no_grad (activation checkpointing's recompute)."""
+    with _grad_mode(True):
+        yield
+
+
+@contextlib.contextmanager
+def _grad_mode(enabled: bool):
     prev = is_grad_enabled()
-    _state.grad_enabled = False
+    _state.grad_enabled = enabled
     try:
         yield
     finally:

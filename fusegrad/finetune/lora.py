@@ -172,6 +172,11 @@ class LoraProjection:
     def parameters(self) -> list:
         return [] if self.A is None else [self.A] + [self.B[t] for t in self.targets]
 
+    @property
+    def rng(self):
+        """The Generator this projection's dropout draws from (None without dropout): checkpointing rewinds it."""
+        return self.state.rng if self.state.config.dropout > 0 and self.targets else None
+
     def gemm_shapes(self, tokens: int) -> set:
         """(m, k, n) of the LoRA GEMMs of a step on `tokens` rows: u = x A^T, y_p += u_p B_p^T; backward
         dB_p = g_p^T u_p, du_p = g_p B_p, dA = du^T x, dx += du A (the base's are the model's)."""

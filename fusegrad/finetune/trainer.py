@@ -112,6 +112,7 @@ class Finetuner(Run):
                               f"--force to overwrite")
         self.model = Llama.from_pretrained(cfg.model, backend=get_backend(self.backend),  # NF4 as it is read
                                            quantize="nf4" if cfg.qlora else None)
+        self.model.config.checkpoint_activations = cfg.checkpoint_activations
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
         records = ftdata.read_records(cfg.data)

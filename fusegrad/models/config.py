@@ -39,6 +39,9 @@ class LlamaConfig:
     multiple_of: int = 32
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases (one fused bias (C + 2 KV,))
     rope_scaling: dict | None = None  # Llama 3.1/3.2 "llama3": factor, low/high_freq_factor, original_max_len
+    # how to train, not what the model is (so not compared): recompute each block's forward in the backward,
+    # keeping only its input. Here so that every copy built from the config (worker processes) does it too
+    checkpoint_activations: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

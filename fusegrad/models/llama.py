@@ -17,6 +17,7 @@ earlier positions from it (and no graph is built).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from fusegrad import ops
 from fusegrad.backends import get_backend
 from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor, no_grad, tensor
+from fusegrad.ops.checkpoint import checkpoint
 from fusegrad.models.config import PRESETS, LlamaConfig, preset
 from fusegrad.models.hf_names import from_hf, quantize_parts, to_hf
 from fusegrad.quant.nf4 import FusedNF4
@@ -57,7 +59,8 @@ class Llama:
         self.backend = get_backend(backend) if not params else next(iter(params.values())).backend
         self.params = params if params is not None else self._init_params(seed)
         # projection name -> adapter replacing its linear (LoRA, fusegrad.finetune): adapter(x) -> y, and
-        # adapter.parameters(), adapter.gemm_shapes(tokens) for FLOP counts and pre-warming
+        # adapter.parameters(), adapter.gemm_shapes(tokens) for FLOP counts and pre-warming, adapter.rng
+        # (optional) the numpy Generator its dropout draws from, which activation checkpointing rewinds
         self.adapters = {}
         self.quantized = {}  # projection name -> frozen 4-bit base (from_pretrained(quantize="nf4"), QLoRA)
         self.rope_cos, self.rope_sin = config.rope_tables(self.dtype)
@@ -150,27 +153,50 @@ class Llama:
 
     def hidden(self, tokens, cache: KVCache | None = None) -> Tensor:
         """tokens (B, T) -> final-normed hidden states (B, T, C). With a cache, the tokens sit at positions
-        cache.length.. after those it holds, their keys and values go in, and no graph is built."""
+        cache.length.. after those it holds, their keys and values go in, and no graph is built.
+        config.checkpoint_activations: each block keeps only its input; the backward recomputes the rest."""
         c, p = self.config, self.params
         start = 0 if cache is None else cache.length
         tokens = self.check_tokens(tokens, start=start, room=None if cache is None else cache.max_len)
         with contextlib.nullcontext() if cache is None else no_grad():
             x = ops.embedding(p["tok_embeddings"], tokens)  # (B, T, C)
             for i in range(c.n_layers):
-                h = ops.rms_norm(x, p[f"layers.{i}.attention_norm"], c.norm_eps)
-                qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, C + 2 KV): one GEMM
-                if cache is None:
-                    a = ops.causal_attention(qkv, c.n_heads, c.n_kv_heads, self.rope_cos, self.rope_sin)
+                if c.checkpoint_activations and cache is None:
+                    x = checkpoint(functools.partial(self.block, i), x, self.block_parameters(i),
+                                   self.block_rngs(i))
                 else:
-                    a = ops.cached_attention(qkv, cache.k[i], cache.v[i], start, c.n_heads, c.n_kv_heads,
-                                             self.rope_cos, self.rope_sin)
-                x = x + self.project(f"layers.{i}.wo", a)  # (B, T, C)
-                h = ops.rms_norm(x, p[f"layers.{i}.ffn_norm"], c.norm_eps)
-                h13 = self.project(f"layers.{i}.w13", h)  # (B, T, 2 Hd): one GEMM
-                x = x + self.project(f"layers.{i}.w2", ops.swiglu(h13))
+                    x = self.block(i, x, cache)
             if cache is not None:
                 cache.length = start + tokens.shape[1]
             return ops.rms_norm(x, p["norm"], c.norm_eps)
+
+    def block(self, i: int, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Decoder layer i: x (B, T, C) -> x + attention(norm(x)), then + SwiGLU FFN(norm(x)). With a cache,
+        attention reads and extends layer i's keys and values from position cache.length."""
+        c, p = self.config, self.params
+        h = ops.rms_norm(x, p[f"layers.{i}.attention_norm"], c.norm_eps)
+        qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, C + 2 KV): one GEMM
+        if cache is None:
+            a = ops.causal_attention(qkv, c.n_heads, c.n_kv_heads, self.rope_cos, self.rope_sin)
+        else:
+            a = ops.cached_attention(qkv, cache.k[i], cache.v[i], cache.length, c.n_heads, c.n_kv_heads,
+                                     self.rope_cos, self.rope_sin)
+        x = x + self.project(f"layers.{i}.wo", a)  # (B, T, C)
+        h = ops.rms_norm(x, p[f"layers.{i}.ffn_norm"], c.norm_eps)
+        h13 = self.project(f"layers.{i}.w13", h)  # (B, T, 2 Hd): one GEMM
+        return x + self.project(f"layers.{i}.w2", ops.swiglu(h13))
+
+    def block_parameters(self, i: int) -> list:
+        """The tensors layer i reads: its weights and its projections' adapter parameters."""
+        prefix = f"layers.{i}."
+        own = [t for n, t in self.params.items() if n.startswith(prefix)]
+        return own + [t for n, a in self.adapters.items() if n.startswith(prefix) for t in a.parameters()]
+
+    def block_rngs(self, i: int) -> list:
+        """The random generators layer i draws from: its adapters' dropout (`adapter.rng`, None when off)."""
+        prefix = f"layers.{i}."
+        rngs = (getattr(a, "rng", None) for n, a in self.adapters.items() if n.startswith(prefix))
+        return [r for r in rngs if r is not None]
 
     def loss(self, tokens, chunk: int | None = None) -> Tensor:
         """tokens (B, T+1) int -> mean next-token cross-entropy (a scalar Tensor)."""

@@ -80,7 +80,7 @@ class TrainConfig(RunConfig):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
         fields["max_seq_len"] = max(self.seq_len, fields.get("max_seq_len", 0))
-        return LlamaConfig(**fields)
+        return LlamaConfig(**fields, checkpoint_activations=self.checkpoint_activations)
 
 
 def _prepare_data(cfg: TrainConfig, tokenizer) -> str:
@@ -138,7 +138,9 @@ class Trainer(Run):
             scale = getattr(get_backend(cfg.offload_gemm), "loss_scale", None)
         self.loss_scale = None if scale is None else [float(scale), 0]
         with use_backend(self.backend):
-            self.model = Llama(pretrained.config if pretrained else cfg.model_config(meta["vocab_size"]), seed=cfg.seed)
+            config = (dataclasses.replace(pretrained.config, checkpoint_activations=cfg.checkpoint_activations)
+                      if pretrained else cfg.model_config(meta["vocab_size"]))
+            self.model = Llama(config, seed=cfg.seed)
             if pretrained is not None:
                 self.model.load_state_dict(pretrained.state_dict())
         self.dp = DataParallel.from_env()  # None unless mpirun started several ranks

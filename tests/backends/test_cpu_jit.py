@@ -133,14 +133,23 @@ def test_attention_matches_reference(rng, B, T, H, Hkv, D, block):
                                reference.attention_backward(dy, saved_ref, H, Hkv), rtol=1e-4, atol=1e-5)
 
 
-def test_attention_probs_are_causal_and_normalised(rng):
-    qkv = f32(rng, 1, 10, 3 * 4)
+def test_attention_probs_are_causal_and_normalised(rng, monkeypatch):
+    """Kept, and recomputed from the rows' logsumexp past the budget: the same causal, normalised rows."""
+    qkv, dy = f32(rng, 1, 10, 3 * 4), f32(rng, 1, 10, 4)
     cos, sin = base.rope_tables(10, 4, 10000.0)
     _, saved = cpu_jit_attention.attention_forward(qkv, 1, 1, cos, sin, block=4)
-    for (lo, hi), p in zip(base.blocks(10, 4), saved.probs):
+    for (lo, hi), p, lse in zip(base.blocks(10, 4), saved.probs, saved.lse):
         p = p.reshape(hi - lo, hi)
         np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-6)
         assert not np.triu(p, k=lo + 1).any()  # no weight on keys after the query's own position
+        q, k = saved.q.reshape(10, 4), saved.k.reshape(10, 4)
+        # log p_0 = scaled score against key 0 - lse: lse is the row's logsumexp (scale 1/sqrt(4))
+        np.testing.assert_allclose(np.log(p[:, 0]) + lse.reshape(-1), (q[lo:hi] @ k[0]) * 0.5, rtol=1e-4, atol=1e-4)
+    dqkv = cpu_jit_attention.attention_backward(dy, saved, 1, 1)
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", 0)
+    _, recomputed = cpu_jit_attention.attention_forward(qkv, 1, 1, cos, sin, block=4)
+    assert recomputed.probs is None
+    np.testing.assert_allclose(cpu_jit_attention.attention_backward(dy, recomputed, 1, 1), dqkv, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_large_scores_and_nan_match_reference(rng):

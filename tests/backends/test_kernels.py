@@ -74,12 +74,18 @@ def test_rope(be, rng, inverse):
           REF.rope_apply(x, cos, sin, inverse))
 
 
+@pytest.mark.parametrize("probs_budget", [base.ATTENTION_PROBS_BUDGET, 0], ids=["probs-kept", "recomputed"])
 @pytest.mark.parametrize("B, T, H, Hkv, D, block", [(2, 7, 4, 2, 6, 3), (1, 9, 6, 1, 4, 128), (1, 5, 2, 2, 8, 2)])
-def test_attention_forward_backward(be, rng, B, T, H, Hkv, D, block):
+def test_attention_forward_backward(be, rng, B, T, H, Hkv, D, block, probs_budget, monkeypatch):
+    """Against the reference that keeps its probabilities; budget 0: the backend keeps only q, k, v and the
+    rows' logsumexp, and its backward recomputes them."""
     qkv, dy = f32(rng, B, T, (H + 2 * Hkv) * D), f32(rng, B, T, H * D)
     cos, sin = base.rope_tables(T + 3, D, 10000.0)
-    y, saved = be.attention_forward(be.asarray(qkv), H, Hkv, cos, sin, block)
     y_ref, saved_ref = REF.attention_forward(qkv, H, Hkv, cos, sin, block)
+    assert saved_ref.probs is not None
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", probs_budget)
+    y, saved = be.attention_forward(be.asarray(qkv), H, Hkv, cos, sin, block)
+    assert getattr(saved, "probs", None) is None or probs_budget
     close(be, y, y_ref, 1e-4)
     close(be, be.attention_backward(be.asarray(dy), saved, H, Hkv), REF.attention_backward(dy, saved_ref, H, Hkv), 1e-4)
 

@@ -51,12 +51,30 @@ def test_attention_independent_of_block_size(T, block, seed):
 
 
 def test_attention_skips_the_masked_triangle(rng):
-    """Query block [lo, hi) keeps probabilities against keys [0, hi) only."""
+    """Query block [lo, hi) keeps probabilities against keys [0, hi) only, and its rows' logsumexp."""
     qkv, cos, sin = qkv_case(rng, 1, 300, 2, 1, 4)
-    probs = ref.attention_forward(qkv, 2, 1, cos, sin)[1].probs
+    saved = ref.attention_forward(qkv, 2, 1, cos, sin)[1]
     his = [min(lo + base.ATTENTION_BLOCK, 300) for lo in range(0, 300, base.ATTENTION_BLOCK)]
-    assert [p.shape[-1] for p in probs] == his == [128, 256, 300]
-    np.testing.assert_allclose(np.concatenate([p.sum(-1) for p in probs], -1), 1.0, rtol=1e-12)
+    assert [p.shape[-1] for p in saved.probs] == his == [128, 256, 300]
+    np.testing.assert_allclose(np.concatenate([p.sum(-1) for p in saved.probs], -1), 1.0, rtol=1e-12)
+    assert [lse.shape for lse in saved.lse] == [(1, 1, 2 * 128, 1), (1, 1, 2 * 128, 1), (1, 1, 2 * 44, 1)]
+
+
+def test_attention_past_the_budget_keeps_no_probabilities(rng, monkeypatch):
+    """Past ATTENTION_PROBS_BUDGET only q, k, v and the rows' logsumexp stay; the backward recomputes the
+    probabilities from them and gets the same gradient."""
+    qkv, cos, sin = qkv_case(rng, 2, 40, 4, 2, 4)
+    dy = rng.normal(size=(2, 40, 16))
+    y_kept, saved_kept = ref.attention_forward(qkv, 4, 2, cos, sin, block=16)
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", 0)
+    y, saved = ref.attention_forward(qkv, 4, 2, cos, sin, block=16)
+    assert saved.probs is None and saved_kept.probs is not None
+    np.testing.assert_array_equal(y, y_kept)
+    np.testing.assert_allclose(ref.attention_backward(dy, saved, 4, 2), ref.attention_backward(dy, saved_kept, 4, 2),
+                               rtol=1e-12, atol=1e-13)
+    saved.lse = None  # nothing kept at all (torch's fused forward): the backward takes max and sum again
+    np.testing.assert_allclose(ref.attention_backward(dy, saved, 4, 2), ref.attention_backward(dy, saved_kept, 4, 2),
+                               rtol=1e-12, atol=1e-13)
 
 
 @given(G=st.sampled_from([1, 2, 4]), Hkv=st.integers(1, 2), T=st.integers(1, 20), seed=st.integers(0, 2 ** 16))

@@ -303,3 +303,14 @@ def test_peers_need_a_checkout(capsys, monkeypatch):
     monkeypatch.setattr(bench, "CHECKOUT", "/nonexistent")  # an installed fusegrad: no benchmarks/ beside it
     with pytest.raises(FusegradError, match="comparison harness of a fusegrad checkout"):
         run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--vs", "torch")
+
+
+def test_bench_checkpoint_activations_recomputes_each_block(capsys):
+    """Each block's forward runs again in the backward: 4 more GEMMs per layer (wqkv, wo, w13, w2); the peer
+    (plain PyTorch eager) starts from the same loss."""
+    pytest.importorskip("torch")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
+                         "--vs", "torch", "--gemm-size", "64", "--checkpoint_activations"))
+    cfg = preset("tiny", max_seq_len=8)
+    assert out["config"]["checkpoint_activations"] and out["losses_agree"]
+    assert out["dispatches_per_step"] == {"numpy": (3 + 1) * 4 * cfg.n_layers}

@@ -157,3 +157,63 @@ def test_gemm_shapes_follow_the_model_and_its_adapters():
     extra = set(model.gemm_shapes(batch=2, seq=5)) - set(shapes)
     assert extra == {(10, c.dim, 3), (3, 10, c.dim), (10, 3, c.dim), (10, 3, c.kv_dim), (c.kv_dim, 10, 3),
                      (10, c.kv_dim, 3)}
+
+
+# -- activation checkpointing -------------------------------------------------------------------------
+def test_checkpointed_activations_match_torch_llama(torch_model, tokens, tmp_path):
+    """Each block recomputed in the backward: the oracle's loss and every gradient, in float32 and float64."""
+    ref_loss, ref_grads = torch_model.loss_and_hf_grads(tokens)
+    torch_model.write_hf_dir(tmp_path / "hf")
+    for dtype, tol in [(np.float32, 1e-4), (np.float64, 1e-9)]:
+        model = Llama.from_pretrained(tmp_path / "hf", dtype=dtype)
+        model.config.checkpoint_activations = True
+        check_model(model, ref_loss, ref_grads, tokens, tol)
+
+
+def grads_of(model, tokens, make_lora=None):
+    lora = make_lora(model) if make_lora else None
+    model.loss(tokens).backward()
+    params = lora.named_parameters() if lora else model.named_parameters()
+    return {n: t.grad.copy() for n, t in params}, lora
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora-dropout"])
+def test_checkpointed_grads_equal_the_stored_ones(lora, monkeypatch):
+    """At a length past the attention's probability budget as well; LoRA dropout draws the same masks in the
+    recompute (its generator ends where the forward left it)."""
+    from fusegrad.backends import base
+    from fusegrad.finetune.lora import LoraConfig, attach_lora
+
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", 0)
+    def make_lora(model):
+        adapters = attach_lora(model, LoraConfig(targets="all", r=2, dropout=0.3, seed=5))
+        for n, t in adapters.named_parameters():  # B starts at zero (PEFT): nonzero, so A gets a gradient
+            t.data = t.data + np.random.default_rng(len(n)).normal(0, 0.1, t.shape).astype(t.dtype)
+        return adapters
+    tokens = np.random.default_rng(0).integers(0, 64, (2, 31))
+    make = make_lora if lora else None
+    want, want_lora = grads_of(Llama.from_preset("tiny", seed=1), tokens, make)
+    got, got_lora = grads_of(Llama.from_preset("tiny", seed=1, checkpoint_activations=True), tokens, make)
+    assert sorted(got) == sorted(want) and len(got) > 0
+    for name in want:
+        assert_rel(got[name], want[name], 1e-6, name)
+    if lora:
+        assert got_lora.rng.bit_generator.state == want_lora.rng.bit_generator.state
+
+
+def test_checkpointing_travels_with_the_config_to_worker_processes():
+    """Helpers build their model from config.to_dict(): the setting goes along; the grads equal one process's.
+    It says how to train, not what the model is: configs that differ only in it are equal (resume)."""
+    from fusegrad.models.config import LlamaConfig
+    from fusegrad.parallel.workers import ProcessDataParallel
+
+    model = Llama.from_preset("tiny", seed=1, checkpoint_activations=True)
+    assert LlamaConfig.from_dict(model.config.to_dict()).checkpoint_activations
+    assert model.config == Llama.from_preset("tiny").config
+    oracle = Llama.from_preset("tiny", seed=1)
+    tokens = np.random.default_rng(0).integers(0, 64, (4, 17))
+    oracle.loss(tokens).backward()
+    with ProcessDataParallel(model, 2) as dp:
+        dp.loss_backward(tokens)
+    for name, p in model.params.items():
+        assert_rel(p.grad, oracle.params[name].grad, 1e-5, name)

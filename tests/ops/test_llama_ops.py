@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusegrad as fg
+from fusegrad.backends import base
 from fusegrad.backends.base import rope_tables
 from fusegrad.core.trace import TRACER
 
@@ -133,15 +134,23 @@ ATTN_CASES = [  # (B, T, H, Hkv, D): GQA, MQA, MHA; T below, at and past the 128
     (2, 5, 4, 2, 4), (1, 7, 4, 1, 2), (2, 6, 2, 2, 4), (1, 130, 4, 2, 4), (1, 257, 2, 1, 2)]
 
 
+# budget 0: the forward keeps no probabilities, the backward recomputes them from each row's logsumexp
+BUDGETS = pytest.mark.parametrize("probs_budget", [base.ATTENTION_PROBS_BUDGET, 0], ids=["probs-kept", "recomputed"])
+
+
+@BUDGETS
 @pytest.mark.parametrize("B,T,H,Hkv,D", ATTN_CASES)
-def test_causal_attention_matches_torch_sdpa(B, T, H, Hkv, D, rng):
+def test_causal_attention_matches_torch_sdpa(B, T, H, Hkv, D, rng, probs_budget, monkeypatch):
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", probs_budget)
     qkv = rng.normal(size=(B, T, (H + 2 * Hkv) * D))
     against_torch(fg_attention(H, Hkv, D, t_max=T + 3), lambda q: torch_attention(q, H, Hkv), [qkv], rng,
                   rtol=1e-9, atol=1e-11)
 
 
+@BUDGETS
 @pytest.mark.parametrize("B,T,H,Hkv,D", [(2, 5, 4, 2, 4), (1, 6, 2, 2, 2), (1, 131, 2, 1, 2)])
-def test_causal_attention_grad_check(B, T, H, Hkv, D, rng):
+def test_causal_attention_grad_check(B, T, H, Hkv, D, rng, probs_budget, monkeypatch):
+    monkeypatch.setattr(base, "ATTENTION_PROBS_BUDGET", probs_budget)
     qkv = rng.normal(size=(B, T, (H + 2 * Hkv) * D))
     check_grads(fg_attention(H, Hkv, D), [qkv], rng, n_check=None if T < 20 else 80)
 

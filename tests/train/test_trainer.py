@@ -284,3 +284,17 @@ def test_tensorboard_reads_the_runs_scalars(tmp_path):
     assert [e.step for e in loss] == trainer.history["step"]
     np.testing.assert_allclose([float(make_ndarray(e.tensor_proto)) for e in loss], trainer.history["loss"], rtol=1e-6)
     assert [e.step for e in events.Tensors("val_loss")] == trainer.history["val_step"]
+
+
+def test_checkpointed_activations_train_the_same_trajectory(tmp_path):
+    """--checkpoint_activations true changes memory, not the run: the same losses (float32 sum order aside),
+    in one process and with worker processes, and a checkpointed run resumes one that was not."""
+    plain = Trainer(tiny(tmp_path / "a", max_steps=4, workers=1))
+    plain.run()
+    for workers in (1, 2):
+        run = Trainer(tiny(tmp_path / f"c{workers}", max_steps=4, workers=workers, checkpoint_activations=True))
+        assert run.model.config.checkpoint_activations
+        run.run()
+        np.testing.assert_allclose(run.history["loss"], plain.history["loss"], rtol=1e-5)
+    resumed = Trainer(tiny(tmp_path / "a", resume=True, max_steps=5, checkpoint_activations=True))
+    assert resumed.step == 4 and resumed.model.config.checkpoint_activations
