@@ -21,24 +21,36 @@ import time
 import numpy as np
 from numba import prange
 
-from fusegrad.backends import cpu_jit_attention, openblas
+from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
-from fusegrad.backends.jit_common import fast_exp, is_f32, jit, row_chunks, row_max
+from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, inline, is_f32, jit, row_chunks, row_max, serial
 from fusegrad.backends.numpy_backend import NumpyBackend
+from fusegrad.core.trace import count, span
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------------
+@inline
+def _rmsnorm_row(x, w, eps, y, rstd, i):  # x, y (N, C); w (C,); rstd (N, 1)
+    C = x.shape[1]
+    ss = 0.0
+    for j in range(C):
+        ss += x[i, j] * x[i, j]
+    r = np.float32(1.0 / math.sqrt(ss / C + eps))
+    rstd[i, 0] = r
+    for j in range(C):
+        y[i, j] = x[i, j] * r * w[j]
+
+
 @jit
-def _rmsnorm_forward(x, w, eps, y, rstd):  # x, y (N, C); w (C,); rstd (N, 1)
-    N, C = x.shape
-    for i in prange(N):
-        ss = 0.0
-        for j in range(C):
-            ss += x[i, j] * x[i, j]
-        r = np.float32(1.0 / math.sqrt(ss / C + eps))
-        rstd[i, 0] = r
-        for j in range(C):
-            y[i, j] = x[i, j] * r * w[j]
+def _rmsnorm_forward(x, w, eps, y, rstd):
+    for i in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, y, rstd, i)
+
+
+@serial
+def _rmsnorm_forward_serial(x, w, eps, y, rstd):
+    for i in range(x.shape[0]):
+        _rmsnorm_row(x, w, eps, y, rstd, i)
 
 
 @jit
@@ -62,13 +74,24 @@ def _rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, need_dx, need_dw):
 
 
 # -- SwiGLU on the packed [h1 | h3] -------------------------------------------------------------------
+@inline
+def _swiglu_row(h13, out, i):  # h13 (N, 2 Hd) -> out (N, Hd)
+    Hd = out.shape[1]
+    for j in range(Hd):
+        a = h13[i, j]
+        out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
+
+
 @jit
-def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
-    N, Hd = out.shape
-    for i in prange(N):
-        for j in range(Hd):
-            a = h13[i, j]
-            out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
+def _swiglu_forward(h13, out):
+    for i in prange(out.shape[0]):
+        _swiglu_row(h13, out, i)
+
+
+@serial
+def _swiglu_forward_serial(h13, out):
+    for i in range(out.shape[0]):
+        _swiglu_row(h13, out, i)
 
 
 @jit
@@ -187,7 +210,7 @@ class JitBackend(NumpyBackend):
         x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
         y = np.empty_like(x)
         rstd = np.empty((x.shape[0], 1), np.float32)
-        _rmsnorm_forward(x, weight, float(eps), y, rstd)
+        (_rmsnorm_forward_serial if x.size < SERIAL_MAX_WORK else _rmsnorm_forward)(x, weight, float(eps), y, rstd)
         return y, rstd
 
     def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
@@ -210,12 +233,26 @@ class JitBackend(NumpyBackend):
             return super().attention_backward(dy, saved, n_heads, n_kv_heads)
         return cpu_jit_attention.attention_backward(dy, saved, n_heads, n_kv_heads)
 
+    def attention_cached(self, qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, cos, sin):
+        if not (is_f32(qkv, k_cache, v_cache, cos, sin) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+            return super().attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
+        return cpu_jit_decode.attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
+
+    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
+        """NumpyBackend's, except a linear layer's forward on a few rows (generation) with no accelerator in
+        the chain: a GEMV on every core."""
+        if self.chain.offloads or not cpu_jit_decode.takes_gemv(a, b, trans_a, trans_b):
+            return super().gemm(a, b, trans_a, trans_b)
+        count("dispatch:numpy")
+        with span("gemm", "matmul", m=a.shape[0], k=a.shape[1], n=b.shape[0], batch=1, backend="numpy"):
+            return cpu_jit_decode.gemv_nt(a, b)
+
     def swiglu_forward(self, h13):
         if not is_f32(h13):
             return super().swiglu_forward(h13)
         h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
         out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
-        _swiglu_forward(h2, out)
+        (_swiglu_forward_serial if out.size < SERIAL_MAX_WORK else _swiglu_forward)(h2, out)
         return out.reshape(h13.shape[:-1] + (out.shape[1],))
 
     def swiglu_backward(self, g, h13):
@@ -305,6 +342,9 @@ class JitBackend(NumpyBackend):
         cos, sin = rope_tables(4, 4, 10000.0)
         out, saved = self.attention_forward(qkv, 2, 2, cos, sin, block=2)
         self.attention_backward(out, saved, 2, 2)
+        k_cache = np.zeros((1, 2, 4, 4), np.float32)
+        self.attention_cached(qkv[:, :2], k_cache, np.zeros_like(k_cache), 0, 2, 2, cos, sin)
+        cpu_jit_decode.gemv_nt(x[:1], np.ones((cpu_jit_decode.GEMV_MIN_WEIGHT // 8, 8), np.float32))
         p = x.copy()
         self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         self.accumulate(p, x)

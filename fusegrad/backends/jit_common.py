@@ -26,6 +26,12 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # NaNs still propagate exactly as in the reference.
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 jit = njit(parallel=True, cache=True, fastmath=FAST)
+# The same kernel on the calling thread alone, for work too small to wake the others for (5-10 us on a quiet
+# machine, far more on a busy one): a kernel's loop body is an `inline` function with a `jit` driver that
+# prange-s over it and a `serial` driver that loops.
+serial = njit(cache=True, fastmath=FAST)
+inline = njit(inline="always", cache=True, fastmath=FAST)
+SERIAL_MAX_WORK = 1 << 16  # multiply-adds (or elements) under which the serial driver runs
 
 
 @intrinsic

@@ -31,6 +31,9 @@ def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
 
 def check_float(op: str, *named):
     """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError."""
+    first = named[0][1].dtype
+    if first in FLOAT_DTYPES and all(t.dtype == first for _, t in named):  # the common case, cheaply
+        return
     dtypes = []
     for name, t in named:
         if t.dtype not in FLOAT_DTYPES:
@@ -42,6 +45,8 @@ def check_float(op: str, *named):
 
 
 def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:
+    if a.shape == b.shape:
+        return a.shape
     try:
         return tuple(np.broadcast_shapes(a.shape, b.shape))
     except ValueError:

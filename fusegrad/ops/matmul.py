@@ -35,6 +35,8 @@ def _check(op: str, a: Tensor, b: Tensor, trans_b: bool):
     k_b = b.shape[-1] if trans_b else b.shape[-2]
     if a.shape[-1] != k_b:
         raise ShapeError(f"{op}: inner dimensions differ: a is {a.shape}, b is {b.shape}")
+    if a.ndim == b.ndim == 2:
+        return
     try:
         np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except ValueError:
@@ -84,9 +86,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ShapeError(f"linear: x has {x.shape[-1] if x.ndim else 0} features (shape {x.shape}), "
                          f"weight expects {weight.shape[1]} (shape {weight.shape})")
-    lead = x.shape[:-1]
-    y = matmul_nt(reshape(x, (-1, x.shape[-1])), weight)  # (N, in) x (out, in)^T -> (N, out)
-    y = reshape(y, lead + (weight.shape[0],))
+    y = matmul_nt(x if x.ndim == 2 else reshape(x, (-1, x.shape[-1])), weight)  # (N, in) x (out, in)^T -> (N, out)
+    if x.ndim != 2:
+        y = reshape(y, x.shape[:-1] + (weight.shape[0],))
     if bias is not None:
         bias = as_tensor(bias, like=weight, op="linear")
         if bias.shape != (weight.shape[0],):
