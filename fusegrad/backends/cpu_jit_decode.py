@@ -25,19 +25,37 @@ GEMV_MAX_ROWS = 4  # up to this many rows of x the weight is read once for all o
 GEMV_MIN_WEIGHT = 1 << 18  # weights of fewer elements (1 MiB) stay in BLAS: waking a second core costs more
 
 
-@jit
-def _gemv_nt(x, w, y, parts):  # x (M, K), w (N, K) -> y (M, N) = x w^T; rows of w split into `parts` ranges
+@inline
+def _gemv_rows(x, w, y, lo, hi):
+    # y[:, lo:hi] = x w[lo:hi]^T for x (M, K), w (N, K): four weight rows per pass over x (four memory
+    # streams at once: as fast as OpenBLAS's sgemv on one core, one row at a time is 25% slower)
     M, K = x.shape
+    i = lo
+    while i + 4 <= hi:
+        r0, r1, r2, r3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+        for m in range(M):  # the four rows stay in L1 for every row of x
+            xm = x[m]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for k in range(K):
+                s0 += xm[k] * r0[k]
+                s1 += xm[k] * r1[k]
+                s2 += xm[k] * r2[k]
+                s3 += xm[k] * r3[k]
+            y[m, i], y[m, i + 1], y[m, i + 2], y[m, i + 3] = s0, s1, s2, s3
+        i += 4
+    for j in range(i, hi):
+        for m in range(M):
+            s = np.float32(0.0)
+            for k in range(K):
+                s += x[m, k] * w[j, k]
+            y[m, j] = s
+
+
+@jit
+def _gemv_nt(x, w, y, parts):  # x (M, K), w (N, K) -> y (M, N) = x w^T; w's rows split into `parts` ranges
     N = w.shape[0]
     for p in prange(parts):
-        for i in range(p * N // parts, (p + 1) * N // parts):
-            row = w[i]
-            for m in range(M):
-                xm = x[m]
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += xm[k] * row[k]
-                y[m, i] = s
+        _gemv_rows(x, w, y, p * N // parts, (p + 1) * N // parts)
 
 
 def takes_gemv(a, b, trans_a: bool, trans_b: bool) -> bool:

@@ -32,8 +32,12 @@ def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
 def check_float(op: str, *named):
     """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError."""
     first = named[0][1].dtype
-    if first in FLOAT_DTYPES and all(t.dtype == first for _, t in named):  # the common case, cheaply
-        return
+    if first in FLOAT_DTYPES:  # the common case (all the same float dtype), checked cheaply
+        for _, t in named:
+            if t.dtype != first:
+                break
+        else:
+            return
     dtypes = []
     for name, t in named:
         if t.dtype not in FLOAT_DTYPES:
