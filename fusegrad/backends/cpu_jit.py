@@ -23,34 +23,26 @@ from numba import prange
 
 from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, inline, is_f32, jit, row_chunks, row_max, serial
+from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
 from fusegrad.backends.numpy_backend import NumpyBackend
 from fusegrad.core.trace import count, span
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------------
-@inline
-def _rmsnorm_row(x, w, eps, y, rstd, i):  # x, y (N, C); w (C,); rstd (N, 1)
-    C = x.shape[1]
-    ss = 0.0
-    for j in range(C):
-        ss += x[i, j] * x[i, j]
-    r = np.float32(1.0 / math.sqrt(ss / C + eps))
-    rstd[i, 0] = r
-    for j in range(C):
-        y[i, j] = x[i, j] * r * w[j]
-
-
 @jit
-def _rmsnorm_forward(x, w, eps, y, rstd):
-    for i in prange(x.shape[0]):
-        _rmsnorm_row(x, w, eps, y, rstd, i)
+def _rmsnorm_forward(x, w, eps, y, rstd):  # x, y (N, C); w (C,); rstd (N, 1)
+    N, C = x.shape
+    for i in prange(N):
+        ss = 0.0
+        for j in range(C):
+            ss += x[i, j] * x[i, j]
+        r = np.float32(1.0 / math.sqrt(ss / C + eps))
+        rstd[i, 0] = r
+        for j in range(C):
+            y[i, j] = x[i, j] * r * w[j]
 
 
-@serial
-def _rmsnorm_forward_serial(x, w, eps, y, rstd):
-    for i in range(x.shape[0]):
-        _rmsnorm_row(x, w, eps, y, rstd, i)
+_rmsnorm_forward_serial = serial(_rmsnorm_forward)
 
 
 @jit
@@ -74,24 +66,16 @@ def _rmsnorm_backward(dy, x, w, rstd, dx, dw_parts, need_dx, need_dw):
 
 
 # -- SwiGLU on the packed [h1 | h3] -------------------------------------------------------------------
-@inline
-def _swiglu_row(h13, out, i):  # h13 (N, 2 Hd) -> out (N, Hd)
-    Hd = out.shape[1]
-    for j in range(Hd):
-        a = h13[i, j]
-        out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
-
-
 @jit
-def _swiglu_forward(h13, out):
-    for i in prange(out.shape[0]):
-        _swiglu_row(h13, out, i)
+def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
+    N, Hd = out.shape
+    for i in prange(N):
+        for j in range(Hd):
+            a = h13[i, j]
+            out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
 
 
-@serial
-def _swiglu_forward_serial(h13, out):
-    for i in range(out.shape[0]):
-        _swiglu_row(h13, out, i)
+_swiglu_forward_serial = serial(_swiglu_forward)
 
 
 @jit
@@ -342,6 +326,9 @@ class JitBackend(NumpyBackend):
         cos, sin = rope_tables(4, 4, 10000.0)
         out, saved = self.attention_forward(qkv, 2, 2, cos, sin, block=2)
         self.attention_backward(out, saved, 2, 2)
+        big = np.ones((SERIAL_MAX_WORK // 8, 16), np.float32)  # large enough for the parallel twins
+        self.rmsnorm_forward(big, big[0], 1e-5)
+        self.swiglu_forward(big)
         k_cache = np.zeros((1, 2, 4, 4), np.float32)
         self.attention_cached(qkv[:, :2], k_cache, np.zeros_like(k_cache), 0, 2, 2, cos, sin)
         cpu_jit_decode.gemv_nt(x[:1], np.ones((cpu_jit_decode.GEMV_MIN_WEIGHT // 8, 8), np.float32))

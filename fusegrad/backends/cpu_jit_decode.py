@@ -19,43 +19,40 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, inline, is_f32, jit, row_chunks, serial
+from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, serial
 
 GEMV_MAX_ROWS = 4  # up to this many rows of x the weight is read once for all of them, row by row
 GEMV_MIN_WEIGHT = 1 << 18  # weights of fewer elements (1 MiB) stay in BLAS: waking a second core costs more
 
 
-@inline
-def _gemv_rows(x, w, y, lo, hi):
-    # y[:, lo:hi] = x w[lo:hi]^T for x (M, K), w (N, K): four weight rows per pass over x (four memory
-    # streams at once: as fast as OpenBLAS's sgemv on one core, one row at a time is 25% slower)
-    M, K = x.shape
-    i = lo
-    while i + 4 <= hi:
-        r0, r1, r2, r3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-        for m in range(M):  # the four rows stay in L1 for every row of x
-            xm = x[m]
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            for k in range(K):
-                s0 += xm[k] * r0[k]
-                s1 += xm[k] * r1[k]
-                s2 += xm[k] * r2[k]
-                s3 += xm[k] * r3[k]
-            y[m, i], y[m, i + 1], y[m, i + 2], y[m, i + 3] = s0, s1, s2, s3
-        i += 4
-    for j in range(i, hi):
-        for m in range(M):
-            s = np.float32(0.0)
-            for k in range(K):
-                s += x[m, k] * w[j, k]
-            y[m, j] = s
-
-
 @jit
-def _gemv_nt(x, w, y, parts):  # x (M, K), w (N, K) -> y (M, N) = x w^T; w's rows split into `parts` ranges
+def _gemv_nt(x, w, y, parts):
+    # x (M, K), w (N, K) -> y (M, N) = x w^T, w's rows split into `parts` ranges. Four weight rows per pass
+    # over x: four memory streams at once (as fast as OpenBLAS's sgemv on one core; one row at a time is 25%
+    # slower), and the four rows stay in L1 for every row of x
+    M, K = x.shape
     N = w.shape[0]
     for p in prange(parts):
-        _gemv_rows(x, w, y, p * N // parts, (p + 1) * N // parts)
+        lo, hi = p * N // parts, (p + 1) * N // parts
+        i = lo
+        while i + 4 <= hi:
+            r0, r1, r2, r3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+            for m in range(M):
+                xm = x[m]
+                s0 = s1 = s2 = s3 = np.float32(0.0)
+                for k in range(K):
+                    s0 += xm[k] * r0[k]
+                    s1 += xm[k] * r1[k]
+                    s2 += xm[k] * r2[k]
+                    s3 += xm[k] * r3[k]
+                y[m, i], y[m, i + 1], y[m, i + 2], y[m, i + 3] = s0, s1, s2, s3
+            i += 4
+        for j in range(i, hi):
+            for m in range(M):
+                s = np.float32(0.0)
+                for k in range(K):
+                    s += x[m, k] * w[j, k]
+                y[m, j] = s
 
 
 def takes_gemv(a, b, trans_a: bool, trans_b: bool) -> bool:
@@ -72,68 +69,53 @@ def gemv_nt(a, b):
     return y
 
 
-@inline
-def _cache_new_keys(qkv, k_cache, v_cache, start, cos, sin, n_heads):
-    # qkv (B, T, (H + 2 Hkv) D) at positions start..start+T-1 -> rotated keys and values into the caches
+@jit
+def _attention_cached(qkv, k_cache, v_cache, start, cos, sin, n_heads, y):
+    # qkv (B, T, (H + 2 Hkv) D) at positions start..start+T-1; caches (B, Hkv, S, D); y (B, T, H D).
+    # The new keys (rotated) and values go into the caches first; then each query (b, head h, t) is one
+    # job: rotate q, score it against positions 0..start+t, softmax, weighted sum of the values
     B, T, _ = qkv.shape
     Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    G, half = n_heads // Hkv, D // 2
+    scale = np.float32(1.0 / math.sqrt(D))
     for b in range(B):
         for t in range(T):
             src, c, s = qkv[b, t], cos[start + t], sin[start + t]
             for h in range(Hkv):
                 x, dst = src[(n_heads + h) * D:(n_heads + h + 1) * D], k_cache[b, h, start + t]
-                for i in range(D // 2):
+                for i in range(half):
                     dst[2 * i] = x[2 * i] * c[i] - x[2 * i + 1] * s[i]
                     dst[2 * i + 1] = x[2 * i] * s[i] + x[2 * i + 1] * c[i]
                 v_cache[b, h, start + t, :] = src[(n_heads + Hkv + h) * D:(n_heads + Hkv + h + 1) * D]
+    for job in prange(B * n_heads * T):
+        b, h, t = job // (n_heads * T), (job // T) % n_heads, job % T
+        x, c, s = qkv[b, t, h * D:(h + 1) * D], cos[start + t], sin[start + t]
+        q = np.empty(D, np.float32)
+        for i in range(half):
+            q[2 * i] = (x[2 * i] * c[i] - x[2 * i + 1] * s[i]) * scale
+            q[2 * i + 1] = (x[2 * i] * s[i] + x[2 * i + 1] * c[i]) * scale
+        keys, values, n = k_cache[b, h // G], v_cache[b, h // G], start + t + 1
+        p = np.empty(n, np.float32)
+        mx = np.float32(-np.inf)
+        for j in range(n):
+            dot = np.float32(0.0)
+            for d in range(D):
+                dot += q[d] * keys[j, d]
+            p[j] = dot
+            mx = max(mx, dot)
+        z = np.float32(0.0)
+        for j in range(n):
+            p[j] = fast_exp(p[j] - mx)
+            z += p[j]
+        out = y[b, t, h * D:(h + 1) * D]
+        out[:] = 0.0
+        for j in range(n):
+            pj = p[j] / z
+            for d in range(D):
+                out[d] += pj * values[j, d]
 
 
-@inline
-def _attend(qkv, k_cache, v_cache, start, cos, sin, n_heads, y, job):
-    # one query, job = (b H + h) T + t: rotate q, score it against positions 0..start+t, softmax, weighted
-    # sum of the values -> y[b, t, h D:(h + 1) D]
-    T = qkv.shape[1]
-    Hkv, D = k_cache.shape[1], k_cache.shape[3]
-    b, h, t = job // (n_heads * T), (job // T) % n_heads, job % T
-    x, c, s = qkv[b, t, h * D:(h + 1) * D], cos[start + t], sin[start + t]
-    scale = np.float32(1.0 / math.sqrt(D))
-    q = np.empty(D, np.float32)
-    for i in range(D // 2):
-        q[2 * i] = (x[2 * i] * c[i] - x[2 * i + 1] * s[i]) * scale
-        q[2 * i + 1] = (x[2 * i] * s[i] + x[2 * i + 1] * c[i]) * scale
-    keys, values, n = k_cache[b, h // (n_heads // Hkv)], v_cache[b, h // (n_heads // Hkv)], start + t + 1
-    p = np.empty(n, np.float32)
-    mx = np.float32(-np.inf)
-    for j in range(n):
-        dot = np.float32(0.0)
-        for d in range(D):
-            dot += q[d] * keys[j, d]
-        p[j] = dot
-        mx = max(mx, dot)
-    z = np.float32(0.0)
-    for j in range(n):
-        p[j] = fast_exp(p[j] - mx)
-        z += p[j]
-    out = y[b, t, h * D:(h + 1) * D]
-    out[:] = 0.0
-    for j in range(n):
-        pj = p[j] / z
-        for d in range(D):
-            out[d] += pj * values[j, d]
-
-
-@jit
-def _attention_cached(qkv, k_cache, v_cache, start, cos, sin, n_heads, y):  # y (B, T, H D)
-    _cache_new_keys(qkv, k_cache, v_cache, start, cos, sin, n_heads)
-    for job in prange(y.shape[0] * n_heads * y.shape[1]):
-        _attend(qkv, k_cache, v_cache, start, cos, sin, n_heads, y, job)
-
-
-@serial
-def _attention_cached_serial(qkv, k_cache, v_cache, start, cos, sin, n_heads, y):
-    _cache_new_keys(qkv, k_cache, v_cache, start, cos, sin, n_heads)
-    for job in range(y.shape[0] * n_heads * y.shape[1]):
-        _attend(qkv, k_cache, v_cache, start, cos, sin, n_heads, y, job)
+_attention_cached_serial = serial(_attention_cached)
 
 
 def attention_cached(qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, cos, sin):

@@ -9,6 +9,7 @@ gate. Kernels in other files inline `fast_exp` and `row_max`: after changing the
 from __future__ import annotations
 
 import os
+from types import FunctionType
 
 import numba
 import numpy as np
@@ -26,12 +27,17 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 # NaNs still propagate exactly as in the reference.
 FAST = {"reassoc", "contract", "arcp", "nsz"}
 jit = njit(parallel=True, cache=True, fastmath=FAST)
-# The same kernel on the calling thread alone, for work too small to wake the others for (5-10 us on a quiet
-# machine, far more on a busy one): a kernel's loop body is an `inline` function with a `jit` driver that
-# prange-s over it and a `serial` driver that loops.
-serial = njit(cache=True, fastmath=FAST)
-inline = njit(inline="always", cache=True, fastmath=FAST)
-SERIAL_MAX_WORK = 1 << 16  # multiply-adds (or elements) under which the serial driver runs
+SERIAL_MAX_WORK = 1 << 16  # multiply-adds (or elements) under which a kernel's `serial` twin runs
+
+
+def serial(kernel):
+    """The `jit` kernel compiled again for the calling thread alone (its prange loops run as range), for work
+    too small to wake the other threads for (5-10 us on a quiet machine, far more on a busy one). Cached on
+    disk under its own name: numba keys its cache by function name and bytecode, not by `parallel`."""
+    f = kernel.py_func
+    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    return njit(cache=True, fastmath=FAST)(twin)
 
 
 @intrinsic
