@@ -40,7 +40,8 @@ def rate(fn, new: int) -> tuple:
 
 
 def summary(rates: list) -> str:
-    return f"{statistics.median(rates):6.1f} tokens/s (median; {min(rates):.1f}-{max(rates):.1f} over {len(rates)} runs)"
+    lo, hi = min(rates), max(rates)
+    return f"{statistics.median(rates):6.1f} tokens/s (median; {lo:.1f}-{hi:.1f} over {len(rates)} runs)"
 
 
 def main():
