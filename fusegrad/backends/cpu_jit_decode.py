@@ -1,12 +1,12 @@
 """Generation's kernels for `JitBackend`: one-row GEMMs on every core and attention over the KV cache.
 
 After the prompt, each new token multiplies ONE row by every weight: a GEMV, bound by how fast the weight
-streams from memory, so both cores read half of it each, with no BLAS thread start-up (OpenBLAS's GEMV on
-two threads starts them on every call). Attention reads the cache in place: rope, the cache write, the
-scores, the softmax and the weighted sum of the values are one pass per query head, no copies.
+streams from memory, so both cores read half of it each (OpenBLAS's GEMV on two threads was slower than on
+one: docs/performance.md). Attention reads the cache in place: rope, the cache write, the scores, the softmax
+and the weighted sum of the values are one pass per query head, no copies. Work too small to wake a thread
+for runs on the `serial` twin of a kernel.
 Shapes: M rows of x (tokens), K inputs, N outputs, B batch, T new tokens, S cache positions.
 
->>> from fusegrad.backends.numpy_backend import NumpyBackend
 >>> rng = np.random.default_rng(0)
 >>> x, w = rng.standard_normal((1, 64)).astype(np.float32), rng.standard_normal((4096, 64)).astype(np.float32)
 >>> takes_gemv(x, w, False, True), bool(np.allclose(gemv_nt(x, w), x @ w.T, atol=1e-4))
