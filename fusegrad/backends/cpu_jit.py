@@ -25,7 +25,6 @@ from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
 from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
 from fusegrad.backends.numpy_backend import NumpyBackend
-from fusegrad.core.trace import count, span
 
 
 # -- RMSNorm ------------------------------------------------------------------------------------------
@@ -222,15 +221,6 @@ class JitBackend(NumpyBackend):
             return super().attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
         return cpu_jit_decode.attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
 
-    def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
-        """NumpyBackend's, except a linear layer's forward on a few rows (generation) with no accelerator in
-        the chain: a GEMV on every core."""
-        if self.chain.offloads or not cpu_jit_decode.takes_gemv(a, b, trans_a, trans_b):
-            return super().gemm(a, b, trans_a, trans_b)
-        count("dispatch:numpy")
-        with span("gemm", "matmul", m=a.shape[0], k=a.shape[1], n=b.shape[0], batch=1, backend="numpy"):
-            return cpu_jit_decode.gemv_nt(a, b)
-
     def swiglu_forward(self, h13):
         if not is_f32(h13):
             return super().swiglu_forward(h13)
@@ -331,7 +321,6 @@ class JitBackend(NumpyBackend):
         self.swiglu_forward(big)
         k_cache = np.zeros((1, 2, 4, 4), np.float32)
         self.attention_cached(qkv[:, :2], k_cache, np.zeros_like(k_cache), 0, 2, 2, cos, sin)
-        cpu_jit_decode.gemv_nt(x[:1], np.ones((cpu_jit_decode.GEMV_MIN_WEIGHT // 8, 8), np.float32))
         p = x.copy()
         self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         self.accumulate(p, x)

@@ -1,16 +1,18 @@
-"""Generation's kernels for `JitBackend`: one-row GEMMs on every core and attention over the KV cache.
+"""Generation's attention for `JitBackend`: the new tokens' queries against the KV cache, read in place.
 
-After the prompt, each new token multiplies ONE row by every weight: a GEMV, bound by how fast the weight
-streams from memory, so both cores read half of it each (OpenBLAS's GEMV on two threads was slower than on
-one: docs/performance.md). Attention reads the cache in place: rope, the cache write, the scores, the softmax
-and the weighted sum of the values are one pass per query head, no copies. Work too small to wake a thread
-for runs on the `serial` twin of a kernel.
-Shapes: M rows of x (tokens), K inputs, N outputs, B batch, T new tokens, S cache positions.
+Rope, the cache write, the scores, the softmax and the weighted sum of the values are one pass per query
+head, with no copies; a decode step's few heads (work under SERIAL_MAX_WORK) run on the kernel's `serial`
+twin, which does not wake the other threads (tens of microseconds per call in a VM, 30 layers per token).
+Shapes: B batch, T new tokens, H query heads, Hkv kv heads, D head size, S cache positions.
 
->>> rng = np.random.default_rng(0)
->>> x, w = rng.standard_normal((1, 64)).astype(np.float32), rng.standard_normal((4096, 64)).astype(np.float32)
->>> takes_gemv(x, w, False, True), bool(np.allclose(gemv_nt(x, w), x @ w.T, atol=1e-4))
-(True, True)
+>>> from fusegrad.backends.base import rope_tables
+>>> from fusegrad.backends.numpy_backend import NumpyBackend
+>>> qkv = np.random.default_rng(0).standard_normal((1, 1, 4 * 8)).astype(np.float32)  # 2 heads, 1 kv head
+>>> cos, sin = rope_tables(4, 8, 10000.0)
+>>> k, v = np.zeros((2, 1, 1, 4, 8), np.float32), np.zeros((2, 1, 1, 4, 8), np.float32)
+>>> y = attention_cached(qkv, k[0], v[0], 0, 2, 1, cos, sin)
+>>> bool(np.allclose(y, NumpyBackend().attention_cached(qkv, k[1], v[1], 0, 2, 1, cos, sin), atol=1e-6))
+True
 """
 from __future__ import annotations
 
@@ -19,54 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, serial
-
-GEMV_MAX_ROWS = 4  # up to this many rows of x the weight is read once for all of them, row by row
-GEMV_MIN_WEIGHT = 1 << 18  # weights of fewer elements (1 MiB) stay in BLAS: waking a second core costs more
-
-
-@jit
-def _gemv_nt(x, w, y, parts):
-    # x (M, K), w (N, K) -> y (M, N) = x w^T, w's rows split into `parts` ranges. Four weight rows per pass
-    # over x: four memory streams at once (as fast as OpenBLAS's sgemv on one core; one row at a time is 25%
-    # slower), and the four rows stay in L1 for every row of x
-    M, K = x.shape
-    N = w.shape[0]
-    for p in prange(parts):
-        lo, hi = p * N // parts, (p + 1) * N // parts
-        i = lo
-        while i + 4 <= hi:
-            r0, r1, r2, r3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-            for m in range(M):
-                xm = x[m]
-                s0 = s1 = s2 = s3 = np.float32(0.0)
-                for k in range(K):
-                    s0 += xm[k] * r0[k]
-                    s1 += xm[k] * r1[k]
-                    s2 += xm[k] * r2[k]
-                    s3 += xm[k] * r3[k]
-                y[m, i], y[m, i + 1], y[m, i + 2], y[m, i + 3] = s0, s1, s2, s3
-            i += 4
-        for j in range(i, hi):
-            for m in range(M):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += x[m, k] * w[j, k]
-                y[m, j] = s
-
-
-def takes_gemv(a, b, trans_a: bool, trans_b: bool) -> bool:
-    """True for a @ b^T with a (M <= GEMV_MAX_ROWS, K), b (N, K) a large C-ordered float32 weight: a linear
-    layer's forward in generation."""
-    return (trans_b and not trans_a and is_f32(a, b) and a.ndim == 2 and b.ndim == 2
-            and a.shape[0] <= GEMV_MAX_ROWS and b.size >= GEMV_MIN_WEIGHT and b.flags.c_contiguous)
-
-
-def gemv_nt(a, b):
-    """a (M, K) @ b (N, K)^T -> (M, N) for the arrays `takes_gemv` accepts."""
-    y = np.empty((a.shape[0], b.shape[0]), np.float32)
-    _gemv_nt(np.ascontiguousarray(a), b, y, row_chunks(b.shape[0]))
-    return y
+from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, jit, serial
 
 
 @jit
