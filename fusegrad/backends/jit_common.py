@@ -35,8 +35,8 @@ SERIAL_MAX_WORK = 1 << 16  # multiply-adds (or elements) under which a kernel's 
 
 def serial(kernel):
     """The `jit` kernel compiled again for the calling thread alone (its prange loops run as range), for work
-    too small to wake the other threads for (5-10 us on a quiet machine, far more on a busy one). Cached on
-    disk under its own name: numba keys its cache by function name and bytecode, not by `parallel`."""
+    too small to wake the other threads for (tens of microseconds a call in a VM, more on a busy machine).
+    Cached on disk under its own name: numba keys its cache by function name and bytecode, not `parallel`."""
     f = kernel.py_func
     twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
     twin.__qualname__ = f.__qualname__ + "_serial"

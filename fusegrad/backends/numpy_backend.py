@@ -84,7 +84,7 @@ class NumpyBackend(Backend):
         m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
         count("dispatch:numpy")
         with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
-            if 1 < m < FEW_ROWS and trans_b and not trans_a and batch == 1 and a.ndim == b.ndim == 2:
+            if 1 < m < FEW_ROWS and trans_b and not trans_a and a.ndim == b.ndim == 2:
                 # a few rows times a weight (a prompt in generation): OpenBLAS's sgemm packs b for so few
                 # rows and runs 35% slower than the same product as b a^T (docs/performance.md, Generation)
                 return np.ascontiguousarray(np.matmul(b, a.T).T)
