@@ -41,6 +41,8 @@ def gemm_dims(a_shape, b_shape, trans_a: bool, trans_b: bool):
     k2, n = (b_shape[-1], b_shape[-2]) if trans_b else (b_shape[-2], b_shape[-1])
     if k != k2:
         raise ShapeError(f"gemm: inner dimensions differ: op(a) is {m}x{k}, op(b) is {k2}x{n}")
+    if len(a_shape) == len(b_shape) == 2:
+        return m, k, n, 1
     try:  # leading axes broadcast like numpy.matmul: (3, 1, M, K) x (2, K, N) is 6 GEMMs
         batch = math.prod(np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2])))
     except ValueError:

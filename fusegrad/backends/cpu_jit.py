@@ -21,9 +21,9 @@ import time
 import numpy as np
 from numba import prange
 
-from fusegrad.backends import cpu_jit_attention, openblas
+from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
-from fusegrad.backends.jit_common import fast_exp, is_f32, jit, row_chunks, row_max
+from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 
@@ -39,6 +39,9 @@ def _rmsnorm_forward(x, w, eps, y, rstd):  # x, y (N, C); w (C,); rstd (N, 1)
         rstd[i, 0] = r
         for j in range(C):
             y[i, j] = x[i, j] * r * w[j]
+
+
+_rmsnorm_forward_serial = serial(_rmsnorm_forward)
 
 
 @jit
@@ -69,6 +72,9 @@ def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
         for j in range(Hd):
             a = h13[i, j]
             out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
+
+
+_swiglu_forward_serial = serial(_swiglu_forward)
 
 
 @jit
@@ -187,7 +193,7 @@ class JitBackend(NumpyBackend):
         x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
         y = np.empty_like(x)
         rstd = np.empty((x.shape[0], 1), np.float32)
-        _rmsnorm_forward(x, weight, float(eps), y, rstd)
+        (_rmsnorm_forward_serial if x.size < SERIAL_MAX_WORK else _rmsnorm_forward)(x, weight, float(eps), y, rstd)
         return y, rstd
 
     def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
@@ -210,12 +216,17 @@ class JitBackend(NumpyBackend):
             return super().attention_backward(dy, saved, n_heads, n_kv_heads)
         return cpu_jit_attention.attention_backward(dy, saved, n_heads, n_kv_heads)
 
+    def attention_cached(self, qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, cos, sin):
+        if not (is_f32(qkv, k_cache, v_cache, cos, sin) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+            return super().attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
+        return cpu_jit_decode.attention_cached(qkv, k_cache, v_cache, start, n_heads, n_kv_heads, cos, sin)
+
     def swiglu_forward(self, h13):
         if not is_f32(h13):
             return super().swiglu_forward(h13)
         h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
         out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
-        _swiglu_forward(h2, out)
+        (_swiglu_forward_serial if out.size < SERIAL_MAX_WORK else _swiglu_forward)(h2, out)
         return out.reshape(h13.shape[:-1] + (out.shape[1],))
 
     def swiglu_backward(self, g, h13):
@@ -305,6 +316,11 @@ class JitBackend(NumpyBackend):
         cos, sin = rope_tables(4, 4, 10000.0)
         out, saved = self.attention_forward(qkv, 2, 2, cos, sin, block=2)
         self.attention_backward(out, saved, 2, 2)
+        big = np.ones((SERIAL_MAX_WORK // 8, 16), np.float32)  # large enough for the parallel twins
+        self.rmsnorm_forward(big, big[0], 1e-5)
+        self.swiglu_forward(big)
+        k_cache = np.zeros((1, 2, 4, 4), np.float32)
+        self.attention_cached(qkv[:, :2], k_cache, np.zeros_like(k_cache), 0, 2, 2, cos, sin)
         p = x.copy()
         self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         self.accumulate(p, x)

@@ -15,6 +15,7 @@ array([2., 2.], dtype=float32)
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import threading
 import weakref
@@ -127,7 +128,7 @@ class Tensor:
         return len(self.data.shape)
 
     def numel(self) -> int:
-        return int(np.prod(self.data.shape, dtype=np.int64))
+        return math.prod(self.data.shape)
 
     @property
     def size(self) -> tuple:

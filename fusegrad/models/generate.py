@@ -8,12 +8,9 @@
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from fusegrad import ops
-from fusegrad.backends import openblas
 from fusegrad.core.errors import ShapeError
 from fusegrad.core.tensor import no_grad
 from fusegrad.core.trace import span
@@ -52,7 +49,9 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
     rng = np.random.default_rng(seed)
     cache = model.new_cache(1, min(len(prompt_ids) + max(max_new_tokens, 0), limit))
     out, new = list(prompt_ids), prompt_ids
-    with span("generate", "generate", new=max_new_tokens), no_grad(), contextlib.ExitStack() as stack:
+    # after the prompt each GEMM has one row: memory-bound, and on all of OpenBLAS's threads (they spin between
+    # calls, so they start at once; one thread was slower: docs/performance.md, Generation)
+    with span("generate", "generate", new=max_new_tokens), no_grad():
         while len(out) - len(prompt_ids) < max_new_tokens and len(out) < limit:
             h = model.hidden(np.array([new]), cache=cache)  # (1, T, C): the new tokens after the cached ones
             logits = ops.matmul_nt(h[:, -1], model.classifier)  # (1, V): the last position's only
@@ -60,9 +59,5 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
             out.append(nxt)
             if nxt in stops:
                 break
-            if new is prompt_ids and openblas.THREAD_COUNT is not None:
-                # after the prompt every GEMM has one row: memory-bound, where OpenBLAS's threads only add
-                # start-up and spin time (benchmarks/bench_generate.py)
-                stack.enter_context(openblas.threads(1))
             new = [nxt]
     return out

@@ -6,7 +6,7 @@ import numbers
 import numpy as np
 
 from fusegrad.core.errors import ShapeError
-from fusegrad.core.tensor import Node, Tensor, default_dtype_for, is_floating, is_grad_enabled
+from fusegrad.core.tensor import FLOAT_DTYPES, Node, Tensor, default_dtype_for, is_floating, is_grad_enabled
 
 
 def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
@@ -32,6 +32,13 @@ def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
 def check_float(op: str, *named):
     """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError. Inside a backend's
     mixed-precision block (`Backend.precision`), float32 parameters meet activations of its compute dtype."""
+    first = named[0][1].dtype
+    if first in FLOAT_DTYPES:  # the common case (all the same float dtype), checked cheaply
+        for _, t in named:
+            if t.dtype != first:
+                break
+        else:
+            return
     dtypes = []
     for name, t in named:
         if not is_floating(t.dtype):
@@ -44,6 +51,8 @@ def check_float(op: str, *named):
 
 
 def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:
+    if a.shape == b.shape:
+        return a.shape
     try:
         return tuple(np.broadcast_shapes(a.shape, b.shape))
     except ValueError:

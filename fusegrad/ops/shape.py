@@ -12,6 +12,7 @@ transposed, as LoRA's A is, receives its gradient in its own layout.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -24,9 +25,9 @@ from fusegrad.ops._util import normalize_axis, result
 def reshape(a: Tensor, *shape) -> Tensor:
     """A view when the layout allows (numpy semantics); `-1` infers one dimension."""
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-    if not all(isinstance(d, numbers.Integral) and d >= -1 for d in shape) or shape.count(-1) > 1:
+    if not all(isinstance(d, (int, np.integer)) and d >= -1 for d in shape) or shape.count(-1) > 1:
         raise ShapeError(f"reshape: shape must be integers with at most one -1, got {shape}")
-    known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+    known = math.prod(d for d in shape if d != -1)
     if (-1 in shape and (known == 0 or a.numel() % known)) or (-1 not in shape and known != a.numel()):
         raise ShapeError(f"reshape: cannot reshape a tensor of shape {a.shape} ({a.numel()} elements) into {shape}")
     out = a.data.reshape(shape)

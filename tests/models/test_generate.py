@@ -124,3 +124,23 @@ def test_generation_stops_at_any_stop_id(model):
     assert generate(model, [1, 5], max_new_tokens=10, temperature=0.0, stop_ids=stops) == cut(stops)
     assert generate(model, [1, 5], max_new_tokens=10, temperature=0.0, stop_id=free[-1]) == cut([free[-1]])
     assert len(cut(stops)) < len(free)
+
+
+def test_generation_on_the_decode_kernels_equals_the_reference_backend():
+    """The JitBackend's cached attention (its serial twin at a decode step, the parallel kernel for the prompt)
+    in a whole model: the same logits and tokens as the reference kernels of the plain NumpyBackend."""
+    pytest.importorskip("numba")
+    from fusegrad.backends.numpy_backend import NumpyBackend
+
+    config = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=512, max_seq_len=200)
+    ours = Llama.from_preset("tiny", seed=4, **config)
+    reference = Llama.from_preset("tiny", seed=4, backend=NumpyBackend(), **config)
+    assert type(ours.backend).__name__ == "JitBackend"
+    prompt = [int(t) for t in np.random.default_rng(4).integers(0, 512, 150)]  # 4 x 150 x 150 x 32 > 2^16
+    out = generate(ours, prompt, max_new_tokens=12, temperature=0.0)
+    assert out == generate(reference, prompt, max_new_tokens=12, temperature=0.0)
+    cache, ref_cache = ours.new_cache(1, 160), reference.new_cache(1, 160)
+    for lo, hi in [(0, 150), (150, 151), (151, 152)]:
+        tokens = np.array([out[lo:hi]])
+        np.testing.assert_allclose(ours.logits(tokens, cache).numpy(), reference.logits(tokens, ref_cache).numpy(),
+                                   rtol=1e-4, atol=1e-5)
