@@ -65,7 +65,7 @@ def _dequantize_rows(packed, scales, absmax, absmax_code, nested_absmax, offset,
             j = end
 
 
-def _dequantize_part(q, code, src_rows, out) -> None:
+def dequantize_part(q, code, src_rows, out) -> None:
     """One NF4Tensor (rows, C) into out (rows, C), out's row r from q's row src_rows[r]."""
     if q.double_quant:  # one compiled signature for both kinds: the unused arrays are placeholders
         scales, absmax, absmax_code, nested, offset = _NO_FLOAT, q.absmax, q.scale_code, q.nested_absmax, q.offset
@@ -96,7 +96,7 @@ def dequantize_nf4(q, code, out) -> np.ndarray:
     for part, unpermute in parts:
         rows = part.size // out2.shape[1]
         src = np.arange(rows, dtype=np.int64) if unpermute is None else row_map(unpermute, rows)
-        _dequantize_part(part, code, src, out2[lo:lo + rows])
+        dequantize_part(part, code, src, out2[lo:lo + rows])
         lo += rows
     return out
 
