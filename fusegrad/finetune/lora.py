@@ -105,7 +105,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
     base: Tensor (out, in) (frozen or not) or NF4 (FusedNF4); A (P r, in) stacked per part; Bs[p] (out_p, r).
     dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only (as PEFT).
     weight_buffer: a float32 (out, in) array of x's backend that an NF4 base is dequantized into right
-    before each of its two GEMMs (forward, dx), so neither allocates; shared by every base of its shape.
+    before each of its two GEMMs (forward, dx), so neither allocates; its contents are not kept.
     """
     out_f, in_f = base.shape
     if x.ndim < 1 or x.shape[-1] != in_f:
@@ -205,16 +205,17 @@ class Lora:
         self.training = True
         self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
         self.head = None  # a classifier head read with the adapter (peft_io.load_adapter)
-        self.weight_buffers = {}  # (backend, shape) -> float32 array every NF4 base of that shape dequantizes into
+        self.weight_buffers = {}  # backend -> flat float32 array, the size of the largest NF4 base seen
 
     def weight_buffer(self, base, be):
-        """The buffer NF4 `base` is dequantized into on backend `be` (None for a Tensor base)."""
+        """The (out, in) view of this Lora's one buffer on backend `be` that NF4 `base` is dequantized into
+        for each GEMM (None for a Tensor base): every NF4 GEMM shares it, as only one runs at a time."""
         if isinstance(base, Tensor):
             return None
-        key = (be.name, be.device, tuple(base.shape))
-        if key not in self.weight_buffers:
-            self.weight_buffers[key] = be.asarray(np.empty(base.shape, np.float32))
-        return self.weight_buffers[key]
+        n, key = math.prod(base.shape), (be.name, str(be.device))
+        if key not in self.weight_buffers or self.weight_buffers[key].shape[0] < n:
+            self.weight_buffers[key] = be.asarray(np.empty(n, np.float32))
+        return self.weight_buffers[key][:n].reshape(base.shape)
 
     def named_parameters(self) -> list:
         out = []
