@@ -1,15 +1,18 @@
 """QLoRA step vs LoRA step on one model, in one process, steps alternating (A B C ... then B C ... A), so load
 from other processes weighs on every side alike. Each side is the step `fusegrad bench --lora [--qlora]`
-times (BenchRun: loss, backward, clip, AdamW on the adapters) on the same seeded batches.
+times (BenchRun: loss, backward, clip, AdamW on the adapters) on the same seeded batches. Per side: median,
+min and max wall seconds per step, median CPU seconds per step (all threads: steadier on a loaded machine),
+median seconds in the nf4_dequantize spans, and the median over rounds of its step time over LoRA's.
 
 Sides (--sides, comma-separated):
     lora        the fp32 base, frozen
-    qlora       NF4 base as fusegrad runs it: the numba kernel dequantizes into one reused buffer per weight
-                shape, right before each GEMM (forward and dx)
+    qlora       NF4 base as fusegrad runs it: the numba kernel dequantizes into the one reused buffer, right
+                before each GEMM (forward and dx)
     qlora-host  NF4 base dequantized as before the kernel: numpy on the host, a new array per GEMM
     qlora-keep  the kernel into a new array in the forward, that array kept for the dx GEMM (one dequantize
                 per weight per step; every projection's fp32 weight alive between forward and backward)
 
+--dequantize times one pass over every NF4 weight (kernel on all cores, on one, the host reference).
 --gemm also times one weight's two GEMMs (y = x W^T, dx = g W) with W dequantized whole into the buffer
 against W dequantized a panel of rows at a time into a small buffer, each panel's GEMM right after it
 (blockwise inside the GEMM).
@@ -17,6 +20,7 @@ against W dequantized a panel of rows at a time into a small buffer, each panel'
     python -m benchmarks.bench_qlora --model /root/.cache/fusegrad-tests/smollm2-135m-instruct --batch 4 --seq 256
     python -m benchmarks.bench_qlora --preset stories15M --batch 8 --seq 256 --sides lora,qlora,qlora-host
     python -m benchmarks.bench_qlora --gemm --model <dir>
+    python -m benchmarks.bench_qlora --dequantize --model <dir>
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from fusegrad.backends.base import Backend
 from fusegrad.backends.cpu_jit import JitBackend
 from fusegrad.backends.openblas import CBLAS_SGEMM, NO_TRANS, ROW_MAJOR, TRANS, blas_info
 from fusegrad.cli.bench import BenchRun, batch_tokens, cpu_info
+from fusegrad.finetune.qlora import quantize_projections
 from fusegrad.core.registry import use_backend
 from fusegrad.core.trace import trace
 from fusegrad.models import Llama
@@ -78,22 +83,22 @@ def make_side(name: str, args):
 def bench_steps(args) -> dict:
     sides = args.sides.split(",")
     made = {s: make_side(s, args) for s in sides}
-    times = {s: [] for s in sides}
-    dequant = {s: [] for s in sides}
+    times, cpu, dequant = ({s: [] for s in sides} for _ in range(3))
     for i in range(args.warmup + args.steps):
         order = sides[i % len(sides):] + sides[:i % len(sides)]
         for s in order:
             be, run, vocab = made[s]
             run.tokens = batch_tokens(0, i, args.batch, args.seq, vocab)
             with use_backend(be), trace() as t:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 run.train_step()
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i >= args.warmup:
                 times[s].append(dt)
+                cpu[s].append(dc)
                 dequant[s].append(t.totals().get("nf4_dequantize", {}).get("total_s", 0.0))
     out = {s: {"step_s": statistics.median(times[s]), "min_s": min(times[s]), "max_s": max(times[s]),
-               "dequantize_s": statistics.median(dequant[s])} for s in sides}
+               "cpu_s": statistics.median(cpu[s]), "dequantize_s": statistics.median(dequant[s])} for s in sides}
     if "lora" in sides:  # per round: a side's step over the LoRA step of the same round, then the median
         for s in sides:
             out[s]["vs_lora"] = statistics.median(a / b for a, b in zip(times[s], times["lora"]))
@@ -171,6 +176,40 @@ def bench_gemm(args) -> dict:
     return out
 
 
+def bench_dequantize(args) -> dict:
+    """One pass over every NF4 projection of the model (what each of a step's two passes costs): the kernel
+    into one reused buffer, on every core and on one, against the host reference's new array per weight;
+    median and min (the figure least touched by load) over alternating reps, in ms."""
+    import numba
+
+    be = JitBackend()
+    model = (Llama.from_pretrained(args.model, backend=be, quantize="nf4") if args.model
+             else Llama.from_preset(args.preset, seed=0, backend=be))
+    if not model.quantized:
+        quantize_projections(model)
+    qs = list(model.quantized.values())
+    buffer = np.empty(max(q.size for q in qs), np.float32)
+    threads = numba.get_num_threads()
+
+    def kernel(n):
+        numba.set_num_threads(n)
+        for q in qs:
+            be.dequantize_nf4(q, NF4_CODE, buffer[:q.size].reshape(q.shape))
+        numba.set_num_threads(threads)
+
+    cases = {f"kernel x{threads}": lambda: kernel(threads), "kernel x1": lambda: kernel(1),
+             "host": lambda: [Backend.dequantize_nf4(be, q, NF4_CODE) for q in qs]}
+    times = {c: [] for c in cases}
+    for _ in range(args.reps):
+        for c, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append(time.perf_counter() - t0)
+    elements = sum(q.size for q in qs)
+    return {c: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
+                "ns_per_weight": min(ts) / elements * 1e9} for c, ts in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a checkpoint (HF dir, llama2.c .bin)")
@@ -184,12 +223,13 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--sides", default="lora,qlora,qlora-host,qlora-keep")
     p.add_argument("--gemm", action="store_true", help="time whole vs panel dequantization around the GEMMs")
+    p.add_argument("--dequantize", action="store_true", help="time one dequantization pass over the model")
     p.add_argument("--panels", type=lambda s: [int(v) for v in s.split(",")], default=[64, 256])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     head = {"cpu": cpu_info().get("model"), "blas": blas_info(), "load_before": os.getloadavg()[0]}
-    result = bench_gemm(args) if args.gemm else bench_steps(args)
+    result = bench_gemm(args) if args.gemm else bench_dequantize(args) if args.dequantize else bench_steps(args)
     head["load_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps({**head, "result": result}))
