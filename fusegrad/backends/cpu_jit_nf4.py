@@ -28,11 +28,11 @@ _NO_FLOAT = np.zeros(1, np.float32)
 
 @njit(parallel=True, cache=True)  # no fastmath: the products must round exactly as numpy's
 def _dequantize_rows(packed, scales, absmax, absmax_code, nested_absmax, offset, nested_blocksize,
-                     double_quant, code, blocksize, src_rows, out):
+                     double_quant, code, blocksize, src_rows, out, by_words):
     # out (R, C): row r = the dequantized row src_rows[r] of the (n / C, C) source. Element f of the
     # source is nibble f & 1 (0: high) of packed[f >> 1], scaled by block f // blocksize: scales[b], or
     # (double quant) from the uint8 absmax[b]. Each row is written in two passes while it sits in L1:
-    # codes, then scales block segment by block segment
+    # codes, then scales block segment by block segment. by_words: C is even and out 8-byte aligned
     R, C = out.shape
     pairs = np.empty(512, np.float32)  # byte -> its two code values, read as one 8-byte word (no gathers)
     for i in range(256):
@@ -42,7 +42,7 @@ def _dequantize_rows(packed, scales, absmax, absmax_code, nested_absmax, offset,
     for r in prange(R):
         f0 = src_rows[r] * C
         dst = out[r]
-        if C % 2 == 0:  # every row starts on a byte and on 8 bytes of out: one word per byte
+        if by_words:  # every row starts on a byte and on 8 bytes of out: one word per byte
             src, dst64 = packed[f0 >> 1:(f0 + C) >> 1], dst.view(np.uint64)
             for k in range(C // 2):
                 dst64[k] = pairs64[src[k]]
@@ -66,13 +66,14 @@ def _dequantize_rows(packed, scales, absmax, absmax_code, nested_absmax, offset,
 
 
 def dequantize_part(q, code, src_rows, out) -> None:
-    """One NF4Tensor (rows, C) into out (rows, C), out's row r from q's row src_rows[r]."""
+    """One NF4Tensor (rows, C) into C-contiguous out (rows, C), out's row r from q's row src_rows[r]."""
     if q.double_quant:  # one compiled signature for both kinds: the unused arrays are placeholders
         scales, absmax, absmax_code, nested, offset = _NO_FLOAT, q.absmax, q.scale_code, q.nested_absmax, q.offset
     else:
         scales, absmax, absmax_code, nested, offset = q.absmax, _NO_INDEX, _NO_FLOAT, _NO_FLOAT, 0.0
     _dequantize_rows(q.packed, scales, absmax, absmax_code, nested, np.float32(offset), q.nested_blocksize,
-                     q.double_quant, code, q.blocksize, src_rows, out)
+                     q.double_quant, code, q.blocksize, src_rows, out,
+                     out.shape[1] % 2 == 0 and out.ctypes.data % 8 == 0)
 
 
 def row_map(unpermute, rows: int) -> np.ndarray:
@@ -102,8 +103,7 @@ def dequantize_nf4(q, code, out) -> np.ndarray:
 
 
 def prewarm() -> None:
-    """Compile (or load from numba's disk cache) the kernel, for both kinds of scales."""
-    code = np.zeros(16, np.float32)
-    for double_quant in (True, False):
-        _dequantize_rows(np.zeros(4, np.uint8), _NO_FLOAT, _NO_INDEX, np.zeros(256, np.float32), _NO_FLOAT,
-                         np.float32(0), 256, double_quant, code, 64, np.zeros(1, np.int64), np.empty((1, 8), np.float32))
+    """Compile (or load from numba's disk cache) the kernel: one signature serves both kinds of scales."""
+    _dequantize_rows(np.zeros(4, np.uint8), _NO_FLOAT, _NO_INDEX, np.zeros(256, np.float32), _NO_FLOAT,
+                     np.float32(0), 256, True, np.zeros(16, np.float32), 64, np.zeros(1, np.int64),
+                     np.empty((1, 8), np.float32), True)

@@ -102,6 +102,13 @@ def test_dequantize_nf4_writes_into_out_or_returns_a_new_array(quantized, backen
     np.testing.assert_array_equal(bits(strided), bits(expect))
 
 
+def test_a_buffer_off_8_byte_alignment(quantized):
+    q = quantized["layers.0.wqkv"]
+    out = np.full(q.size + 1, np.nan, np.float32)[1:].reshape(q.shape)  # rows 4 bytes off the words
+    assert out.ctypes.data % 8 == 4
+    np.testing.assert_array_equal(bits(cpu_jit_nf4.dequantize_nf4(q, NF4_CODE, out)), bits(q.dequantize()))
+
+
 def test_kernel_rejects_a_bad_buffer(quantized):
     q = quantized["layers.0.wo"]
     for bad in (np.empty((3, 3), np.float32), np.empty(q.shape, np.float64), np.empty(q.shape[::-1], np.float32).T):
