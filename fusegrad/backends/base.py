@@ -309,10 +309,16 @@ class Backend:
         return self.merge_heads(self.mm(p, v_cache[:, :, :start + T]).reshape(q.shape))
 
     # -- NF4 weights (QLoRA) ---------------------------------------------------------------------------------
-    def dequantize_nf4(self, q, code):
-        """An NF4Tensor (fusegrad.quant.nf4: host codes and scales) -> its float32 weight as this backend's
-        array; code: the 16 NF4 values. The reference dequantizes on the host and copies the result over."""
-        return self.asarray(q.dequantize())
+    def dequantize_nf4(self, q, code, out=None):
+        """An NF4Tensor or FusedNF4 (fusegrad.quant.nf4: host codes and scales) -> its float32 weight as this
+        backend's array, written into `out` (a float32 array of q.shape, e.g. a buffer reused by every GEMM)
+        when given, and returned; code: the 16 NF4 values. The reference dequantizes on the host and copies
+        the result over."""
+        w = self.asarray(q.dequantize())
+        if out is None:
+            return w
+        out[...] = w
+        return out
 
     # -- SwiGLU on the packed W1/W3 output ----------------------------------------------------------------
     def sigmoid(self, x):

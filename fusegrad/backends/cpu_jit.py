@@ -4,7 +4,8 @@ and cached on disk. "numpy" names it when numba imports (FUSEGRAD_JIT=0: the pla
 Each override takes the compiled path only for float32 arrays it was built for and hands anything else
 (float64 gradient checks, odd layouts) to the reference in `Backend`, so no other dtype triggers a
 compile. GEMMs stay in numpy BLAS; these kernels do what sits between them, each in one or two passes
-over memory, writing in place where the caller allows. Attention lives in `cpu_jit_attention`.
+over memory, writing in place where the caller allows. Attention lives in `cpu_jit_attention`, NF4
+dequantization in `cpu_jit_nf4`.
 Shapes: N rows (tokens), C channels, Hd FFN hidden, V vocabulary.
 
 >>> from fusegrad.backends.numpy_backend import NumpyBackend
@@ -21,7 +22,7 @@ import time
 import numpy as np
 from numba import prange
 
-from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, openblas
+from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_nf4, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
 from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
 from fusegrad.backends.numpy_backend import NumpyBackend
@@ -282,6 +283,14 @@ class JitBackend(NumpyBackend):
             _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
         return total / N, dh, dw
 
+    def dequantize_nf4(self, q, code, out=None):
+        """Straight from the packed codes into `out` (a new array when None), q/k rows permuted on the way."""
+        if out is None:
+            out = np.empty(q.shape, np.float32)
+        elif not (is_f32(out) and out.flags.c_contiguous):
+            return super().dequantize_nf4(q, code, out)
+        return cpu_jit_nf4.dequantize_nf4(q, code, out)
+
     def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
         """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
         if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
@@ -324,4 +333,5 @@ class JitBackend(NumpyBackend):
         p = x.copy()
         self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         self.accumulate(p, x)
+        cpu_jit_nf4.prewarm()
         return time.perf_counter() - t0

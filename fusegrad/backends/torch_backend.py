@@ -228,18 +228,22 @@ class TorchBackend(Backend):
         return torch.special.erf(x)
 
     @torch.no_grad()
-    def dequantize_nf4(self, q, code):
+    def dequantize_nf4(self, q, code, out=None):
         """On the device: the packed codes and block scales go over once per NF4Tensor, each call is a
-        table lookup and a scale (no host work, no host copy of the fp32 weight)."""
+        table lookup and a scale (no host work, no host copy of the fp32 weight), into `out` if given."""
         if hasattr(q, "parts"):  # a FusedNF4: each HF module quantized on its own (fusegrad.quant.nf4)
-            return q.dequantize_with(lambda part: self.dequantize_nf4(part, code), torch.cat)
+            cat = torch.cat if out is None else lambda ws: torch.cat(ws, out=out)
+            return q.dequantize_with(lambda part: self.dequantize_nf4(part, code), cat)
         hit = self._constants.get(id(q))
         if hit is None or hit[0] is not q:
             hit = self._constants[id(q)] = (q, self.asarray(q.packed), self.asarray(q.block_scales()))
         packed, scales, n = hit[1], hit[2], q.size
         idx = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[:n].long()  # first element high
         w = self.constant(code)[idx]  # (n,)
-        return (w * scales.repeat_interleave(q.blocksize)[:n]).reshape(q.shape)
+        if out is None:
+            return (w * scales.repeat_interleave(q.blocksize)[:n]).reshape(q.shape)
+        torch.mul(w, scales.repeat_interleave(q.blocksize)[:n], out=out.view(-1))
+        return out
 
     @torch.no_grad()
     def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):

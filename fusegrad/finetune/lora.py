@@ -89,21 +89,23 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _base_weight(base, be):
-    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4Tensor dequantized for this GEMM
-    where backend `be` keeps its arrays."""
+def _base_weight(base, be, out=None):
+    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4 base dequantized for this GEMM
+    where backend `be` keeps its arrays (into `out` when given)."""
     if isinstance(base, Tensor):
         return base.data
     with span("nf4_dequantize", "quant", shape=base.shape):
-        return be.dequantize_nf4(base, NF4_CODE)
+        return be.dequantize_nf4(base, NF4_CODE, out)
 
 
 def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scaling: float,
-                dropout_mask=None) -> Tensor:
+                dropout_mask=None, weight_buffer=None) -> Tensor:
     """x (..., in) -> (..., out) = x W^T + scaling * per-part (x A_p^T) B_p^T in rows `slices`.
 
-    base: Tensor (out, in) (frozen or not) or NF4Tensor; A (P r, in) stacked per part; Bs[p] (out_p, r).
+    base: Tensor (out, in) (frozen or not) or NF4 (FusedNF4); A (P r, in) stacked per part; Bs[p] (out_p, r).
     dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only (as PEFT).
+    weight_buffer: a float32 (out, in) array of x's backend that an NF4 base is dequantized into right
+    before each of its two GEMMs (forward, dx), so neither allocates; its contents are not kept.
     """
     out_f, in_f = base.shape
     if x.ndim < 1 or x.shape[-1] != in_f:
@@ -114,7 +116,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
     r = A.shape[0] // P if P else 0
     be = x.backend
     x2 = x.data.reshape(-1, in_f)  # (N, in)
-    y = be.gemm(x2, _base_weight(base, be), trans_b=True)  # (N, out)
+    y = be.gemm(x2, _base_weight(base, be, weight_buffer), trans_b=True)  # (N, out)
     xa = x2 if dropout_mask is None else x2 * dropout_mask
     us = None
     if P:
@@ -140,7 +142,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
                 dA = be.gemm(du, xa, trans_a=True) if A.requires_grad else None  # (P r, in)
         dx = None
         if x.requires_grad:
-            dx = be.gemm(g2, _base_weight(base, be))  # (N, in): the only GEMM the frozen base costs
+            dx = be.gemm(g2, _base_weight(base, be, weight_buffer))  # (N, in): the only GEMM the frozen base costs
             if P:
                 dxa = be.gemm(du, A.data)
                 dx += dxa if dropout_mask is None else dxa * dropout_mask
@@ -167,7 +169,7 @@ class LoraProjection:
             keep = s.rng.random(x.shape[:-1] + (x.shape[-1],)) >= s.config.dropout
             mask = x.backend.asarray((keep / (1.0 - s.config.dropout)).reshape(-1, x.shape[-1]), x.dtype)  # h2d
         return lora_linear(x, self.base, self.A, [self.B[t] for t in self.targets], self.slices,
-                           s.config.scaling, mask)
+                           s.config.scaling, mask, s.weight_buffer(self.base, x.backend))
 
     def parameters(self) -> list:
         return [] if self.A is None else [self.A] + [self.B[t] for t in self.targets]
@@ -208,6 +210,17 @@ class Lora:
         self.training = True
         self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
         self.head = None  # a classifier head read with the adapter (peft_io.load_adapter)
+        self.weight_buffers = {}  # backend -> flat float32 array, the size of the largest NF4 base seen
+
+    def weight_buffer(self, base, be):
+        """The (out, in) view of this Lora's one buffer on backend `be` that NF4 `base` is dequantized into
+        for each GEMM (None for a Tensor base): every NF4 GEMM shares it, as only one runs at a time."""
+        if isinstance(base, Tensor):
+            return None
+        n, key = math.prod(base.shape), (be.name, str(be.device))
+        if key not in self.weight_buffers or self.weight_buffers[key].shape[0] < n:
+            self.weight_buffers[key] = be.asarray(np.empty(n, np.float32))
+        return self.weight_buffers[key][:n].reshape(base.shape)
 
     def named_parameters(self) -> list:
         out = []

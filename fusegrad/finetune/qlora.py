@@ -1,6 +1,7 @@
 """QLoRA: every projection of the frozen base stored in NF4 as bitsandbytes stores each Hugging Face module
 (q, k, v, o, gate, up, down quantized each on its own, double-quantized scales; fusegrad.quant.nf4),
-dequantized on the fly for each GEMM (span "nf4_dequantize"), LoRA on top.
+dequantized on the fly for each GEMM (span "nf4_dequantize") into one float32 buffer the Lora keeps (the
+size of the largest projection), LoRA on top.
 
 Embeddings, norms and the classifier stay fp32 (as in QLoRA, where only Linear layers are 4-bit). Load
 with `Llama.from_pretrained(path, quantize="nf4")` and the fp32 projections never exist: each module is

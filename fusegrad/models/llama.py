@@ -29,7 +29,7 @@ from fusegrad.core.tensor import Tensor, no_grad, tensor
 from fusegrad.ops.checkpoint import checkpoint
 from fusegrad.models.config import PRESETS, LlamaConfig, preset
 from fusegrad.models.hf_names import from_hf, quantize_parts, to_hf
-from fusegrad.quant.nf4 import FusedNF4
+from fusegrad.quant.nf4 import NF4_CODE, FusedNF4
 from fusegrad.models.hf import save_hf
 from fusegrad.models.io import load_pretrained, save_llama2c
 
@@ -120,7 +120,8 @@ class Llama:
         adapter = self.adapters.get(name)
         bias = self.params.get(name.replace("wqkv", "bqkv")) if name.endswith("wqkv") else None
         if adapter is None and name in self.quantized:  # a 4-bit base without adapters: dequantize for this GEMM
-            return ops.linear(x, tensor(self.quantized[name].dequantize(), backend=x.backend), bias)
+            w = x.backend.dequantize_nf4(self.quantized[name], NF4_CODE)  # a new array: linear's backward keeps it
+            return ops.linear(x, Tensor(w, backend=x.backend), bias)
         if adapter is None:
             return ops.linear(x, self.params[name], bias)
         return adapter(x) if bias is None else adapter(x) + bias

@@ -130,6 +130,8 @@ class NF4Tensor:
     nested_absmax: float32 (ceil(n_blocks / 256),)   scales of the quantized absmax (double quant only)
     offset: float32 scalar            mean subtracted from absmax before quantizing it (double quant only)
     """
+    scale_code = DYNAMIC_CODE  # what the uint8 absmax of a double-quantized tensor indexes
+    nested_blocksize = NESTED_BLOCKSIZE
 
     def __init__(self, packed, absmax, shape, blocksize=64, nested_absmax=None, offset=None):
         self.packed, self.absmax = packed, absmax

@@ -1,12 +1,17 @@
 """LoRA and QLoRA on the fused projections: float64 finite differences, frozen base (GEMM shapes in the
 tracer), NF4 base equal to LoRA over the dequantized weights, merge, bad input."""
+import math
+
 import numpy as np
 import pytest
 
 import fusegrad as fg
+from fusegrad.backends.base import Backend
+from fusegrad.backends.cpu_jit import JitBackend
+from fusegrad.backends.numpy_backend import NumpyBackend
 from fusegrad.core.errors import ConfigError
 from fusegrad.finetune.lora import LoraConfig, attach_lora, lora_linear, parse_targets
-from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.finetune.qlora import attach_qlora, quantize_projections
 from fusegrad.models import Llama
 from fusegrad.models.llama import LlamaConfig
 
@@ -132,6 +137,76 @@ def test_qlora_equals_lora_over_dequantized_weights_and_traces_dequantize(tokens
     L = model.config.n_layers
     assert t.totals()["nf4_dequantize"]["count"] == 4 * L + (4 * L - 1)  # forward + dx (not layer 0's wqkv)
     assert not any(k.startswith("layers.") and k.endswith(("wqkv", "wo", "w13", "w2")) for k in model.params)
+
+
+class HostDequant(JitBackend):
+    """The NF4 path before the numba kernel: the reference body (numpy on the host), a new array per GEMM."""
+
+    def dequantize_nf4(self, q, code, out=None):
+        return Backend.dequantize_nf4(self, q, code)
+
+
+class RecordsBuffers(JitBackend):
+    """The JIT backend, noting the `out` of every dequantize_nf4 call."""
+
+    def __init__(self):
+        super().__init__()
+        self.outs = []
+
+    def dequantize_nf4(self, q, code, out=None):
+        self.outs.append(out)
+        return super().dequantize_nf4(q, code, out)
+
+
+def qlora_loss_and_grads(backend, tokens):
+    model = Llama(LlamaConfig(**CFG), seed=0, backend=backend)
+    lora, _ = attach_qlora(model, LoraConfig(targets="all", r=2))
+    randomize_b(lora, np.random.default_rng(1))
+    with fg.use_backend(backend):
+        loss = model.loss(tokens)
+        loss.backward()
+    return loss.item(), {n: backend.to_numpy(p.grad) for n, p in lora.named_parameters()}, lora
+
+
+def test_qlora_loss_and_grads_unchanged_by_the_kernel_and_buffers(tokens):
+    loss, grads, _ = qlora_loss_and_grads(JitBackend(), tokens)
+    host_loss, host_grads, _ = qlora_loss_and_grads(HostDequant(), tokens)  # as before: same kernels otherwise
+    assert loss == host_loss
+    for n, g in grads.items():
+        np.testing.assert_array_equal(g, host_grads[n], err_msg=n)
+    ref_loss, ref_grads, _ = qlora_loss_and_grads(NumpyBackend(), tokens)  # every kernel the reference
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for n, g in grads.items():
+        np.testing.assert_allclose(g, ref_grads[n], rtol=1e-5, atol=1e-7, err_msg=n)
+
+
+def test_qlora_dequantizes_every_weight_into_one_buffer(tokens):
+    be = RecordsBuffers()
+    _, _, lora = qlora_loss_and_grads(be, tokens)
+    largest = max(math.prod(p.base.shape) for p in lora.projections.values())
+    (buffer,) = lora.weight_buffers.values()
+    assert buffer.shape == (largest,)  # grown to the largest weight (w13 here), not one per shape
+    be.outs.clear()
+    lora.model.loss(tokens).backward()  # a second step: no buffer grows any more
+    L = CFG["n_layers"]
+    assert len(be.outs) == 4 * L + (4 * L - 1)  # forward + dx (not layer 0's wqkv)
+    assert all(out is not None and out.base is buffer for out in be.outs)  # no GEMM allocated a weight
+    assert lora.weight_buffers[("numpy", "cpu")] is buffer
+
+
+def test_a_quantized_base_without_adapters_trains_the_rest(tokens):
+    model, ref = make(), make()
+    quantize_projections(model)  # no LoRA: Llama.project dequantizes each base for its GEMM
+    for name, q in model.quantized.items():
+        ref.params[name].data = q.dequantize()
+        ref.params[name].requires_grad = False
+    loss, ref_loss = model.loss(tokens), ref.loss(tokens)
+    loss.backward()
+    ref_loss.backward()
+    assert loss.item() == ref_loss.item()
+    assert set(n for n, _ in model.named_parameters()) == set(n for n, _ in ref.named_parameters())
+    for n, p in model.named_parameters():
+        np.testing.assert_array_equal(p.grad, ref.params[n].grad, err_msg=n)
 
 
 def test_merge_folds_adapters_into_the_base(tokens, rng):
