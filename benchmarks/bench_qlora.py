@@ -69,6 +69,17 @@ class KeepForBackward(JitBackend):
 BACKENDS = {"lora": JitBackend, "qlora": JitBackend, "qlora-host": HostDequant, "qlora-keep": KeepForBackward}
 
 
+
+def alternate(cases: dict, reps: int) -> dict:
+    """{name: fn} -> {name: [seconds per call]}, the cases run in turn, reps rounds."""
+    times = {c: [] for c in cases}
+    for _ in range(reps):
+        for c, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[c].append(time.perf_counter() - t0)
+    return times
+
 def make_side(name: str, args):
     be = BACKENDS[name]()
     quantize = "nf4" if name != "lora" and args.model else None
@@ -166,12 +177,7 @@ def bench_gemm(args) -> dict:
                 gemm_into(g[:, lo:lo + w.shape[0]], w, dx, False, 0.0 if lo == 0 else 1.0)
 
         cases = {"whole": run_whole, **{f"panel{p}": (lambda p=p: run_panels(p)) for p in args.panels}}
-        times = {c: [] for c in cases}
-        for _ in range(args.reps):
-            for c, fn in cases.items():
-                t0 = time.perf_counter()
-                fn()
-                times[c].append(time.perf_counter() - t0)
+        times = alternate(cases, args.reps)
         out[f"{kind} {rows}x{cols}"] = {c: statistics.median(ts) * 1e3 for c, ts in times.items()}
     return out
 
@@ -199,12 +205,7 @@ def bench_dequantize(args) -> dict:
 
     cases = {f"kernel x{threads}": lambda: kernel(threads), "kernel x1": lambda: kernel(1),
              "host": lambda: [Backend.dequantize_nf4(be, q, NF4_CODE) for q in qs]}
-    times = {c: [] for c in cases}
-    for _ in range(args.reps):
-        for c, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[c].append(time.perf_counter() - t0)
+    times = alternate(cases, args.reps)
     elements = sum(q.size for q in qs)
     return {c: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
                 "ns_per_weight": min(ts) / elements * 1e9} for c, ts in times.items()}
