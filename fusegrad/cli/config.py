@@ -50,7 +50,6 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "beta2": ("AdamW second-moment decay", "[0, 1)"),
     "eval_batches": ("validation batches per evaluation", POS),
     "out_dir": ("run directory: checkpoint, tokenizer, metrics, loss curve", ""),
-    "workers": ("processes splitting each batch, one core each (0 = one per core with numpy, 1 = one process)", INT),
     "offload_gemm": ("send large GEMMs of the numpy model to torch:cuda|mps|cpu, ane or ane-sim", ""),
     "sample_tokens": ("tokens of text sampled at the end (0 = none)", INT),
     "sample_prompt": ("prompt of that sample", ""),

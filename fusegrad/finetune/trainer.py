@@ -72,7 +72,6 @@ class FinetuneConfig(RunConfig):
     rslora: bool = False
     qlora: bool = False
     max_len: int = 256
-    workers: int = 0  # processes that each run a slice of every micro-batch on one core: 0 = one per core, 1 = off
     # the shared run settings, with fine-tuning's defaults
     batch_size: int = 8
     max_steps: int = 100

@@ -71,6 +71,8 @@ class RunConfig:
                                     "registered backend (`fusegrad info` lists those usable here)")
     device: str = setting("", "with backend torch: cuda, mps, cpu or meta (empty: the best present)")
     dtype: str = setting("fp32", "GEMM precision; bf16/fp16 keep fp32 master weights (torch backend)", "fp32|bf16|fp16")
+    workers: int = setting(0, "processes splitting each batch, one core each (0 = one per core with numpy, 1 = one "
+                                  "process)", "[0, inf)")
     log_interval: int = setting(1, "steps between loss reads (on a device the only host sync of a step)", "[1, inf)")
     checkpoint_activations: bool = setting(False, "keep only each block's input; recompute the block in the backward "
                                                   "(less memory for longer contexts, ~1/3 more compute)")

@@ -64,7 +64,6 @@ class TrainConfig(RunConfig):
     beta2: float = 0.95
     eval_batches: int = 8
     out_dir: str = "runs/default"
-    workers: int = 0  # processes that each run a slice of every batch on one core: 0 = one per core, 1 = off
     offload_gemm: str = ""  # torch:cuda|mps|cpu, ane, ane-sim: large GEMMs of the numpy model go there, per call
     sample_tokens: int = 200
     sample_prompt: str = ""
