@@ -254,6 +254,9 @@ def test_adapter_grads_and_loss_match_one_process(qlora, num_classes, workers):
     with ProcessDataParallel(model, workers, named, (worker_adapters, setup)) as dp:
         got = dp.backward_slices(slice_losses, slices, grad_scale=0.5)
         assert all(p.grad is None for p in model.params.values())  # the base stays frozen
+        # the frozen base lives once, in the shared weight block; the helpers' grad blocks hold the adapters only
+        assert all(np.shares_memory(p.data, np.frombuffer(dp.weights.buf, np.uint8)) for p in model.params.values())
+        assert all(block.size <= sum(4 * t.numel() for _, t in named) + 64 * len(named) for block in dp.grad_blocks)
     assert got == pytest.approx(want, rel=1e-5)
     assert model.quantized.keys() == oracle.quantized.keys() and bool(model.quantized) == qlora
     for (name, p), (_, q) in zip(named, oracle_named):
