@@ -97,7 +97,10 @@ def row_max(row, n):
 
 def is_f32(*arrays) -> bool:
     """True when every array is a float32 ndarray: the only dtype the compiled kernels are built for."""
-    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in arrays)
+    for a in arrays:  # a loop, not all(<generator>): called a few hundred times a generated token
+        if not (isinstance(a, np.ndarray) and a.dtype == np.float32):
+            return False
+    return True
 
 
 def row_chunks(n: int) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 
 from fusegrad.backends.base import Backend, gemm_dims
 from fusegrad.backends.dispatch import GemmChain
-from fusegrad.core.trace import count, span
+from fusegrad.core.trace import count, span, tracing
 
 # glibc malloc keeps freed memory (no mmap threshold, no trimming), so the large arrays a training step
 # frees are not page-faulted in again next step (docs/performance.md); the same policy for another process
@@ -46,6 +46,14 @@ def _op(x, trans: bool):
     return x.swapaxes(-1, -2) if trans else x  # a strided view: BLAS reads it with its transpose flag
 
 
+def _blas_gemm(a, b, trans_a: bool, trans_b: bool):
+    if trans_b and not trans_a and 1 < a.shape[0] < FEW_ROWS and a.ndim == b.ndim == 2:
+        # a few rows times a weight (a prompt in generation): OpenBLAS's sgemm packs b for so few
+        # rows and runs 35% slower than the same product as b a^T (docs/performance.md, Generation)
+        return np.ascontiguousarray(np.matmul(b, a.T).T)
+    return np.matmul(_op(a, trans_a), _op(b, trans_b))
+
+
 class NumpyBackend(Backend):
     """numpy arrays on the CPU. `chain` holds the accelerators its GEMMs are offered to first
     (`fusegrad.backends.gemm_offload`)."""
@@ -77,18 +85,25 @@ class NumpyBackend(Backend):
         np.add.at(target, key, values)
 
     def gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
-        return self.chain.run(a, b, trans_a, trans_b, self.cpu_gemm)
+        if self.chain.offloads:
+            return self.chain.run(a, b, trans_a, trans_b, self.cpu_gemm)
+        return self.cpu_gemm(a, b, trans_a, trans_b)
 
     def cpu_gemm(self, a, b, trans_a: bool = False, trans_b: bool = False):
         """The GEMM on the CPU's BLAS, never offloaded."""
-        m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
         count("dispatch:numpy")
-        with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
-            if 1 < m < FEW_ROWS and trans_b and not trans_a and a.ndim == b.ndim == 2:
-                # a few rows times a weight (a prompt in generation): OpenBLAS's sgemm packs b for so few
-                # rows and runs 35% slower than the same product as b a^T (docs/performance.md, Generation)
-                return np.ascontiguousarray(np.matmul(b, a.T).T)
-            return np.matmul(_op(a, trans_a), _op(b, trans_b))
+        if tracing():
+            m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
+            with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
+                return _blas_gemm(a, b, trans_a, trans_b)
+        # untraced (a generated token runs 121 GEMVs): shapes are checked only when numpy refuses them
+        try:
+            if a.ndim < 2 or b.ndim < 2:
+                raise ValueError("a vector")
+            return _blas_gemm(a, b, trans_a, trans_b)
+        except ValueError:
+            gemm_dims(a.shape, b.shape, trans_a, trans_b)  # raises the ShapeError naming the mismatch
+            raise
 
     def prewarm_gemm(self, m, k, n, dtype) -> None:
         np.matmul(np.zeros((m, k), dtype), np.zeros((k, n), dtype))

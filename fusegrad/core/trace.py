@@ -163,6 +163,11 @@ def _recording() -> list:
     return ([TRACER] if TRACER.enabled else []) + _ACTIVE
 
 
+def tracing() -> bool:
+    """Whether any trace records spans now (the process tracer or an open `trace()` block)."""
+    return TRACER.enabled or bool(_ACTIVE)
+
+
 def span(name: str, cat: str = "op", **args):
     """Time a block as a span of `cat` ("matmul", "elementwise", "transfer", "optimizer", "io", ...), in every
     open trace (an outer trace keeps the spans of the traces nested in it)."""

@@ -24,18 +24,21 @@ def as_tensor(x, like: Tensor | None = None, op: str = "op") -> Tensor:
 
 def result(data, op: str, inputs: tuple, backward, backend=None) -> Tensor:
     """The op's output; attaches the backward node only if grad is on and some input needs it."""
-    needs = is_grad_enabled() and any(t.requires_grad for t in inputs)
-    node = Node(op, inputs, backward) if needs else None
-    return Tensor(data, requires_grad=needs, node=node, backend=backend or inputs[0].backend)
+    if is_grad_enabled():
+        for t in inputs:
+            if t.requires_grad:
+                return Tensor(data, requires_grad=True, node=Node(op, inputs, backward),
+                              backend=backend or inputs[0].backend)
+    return Tensor(data, backend=backend or inputs[0].backend)
 
 
 def check_float(op: str, *named):
     """named: ("a", tensor), ... — all floating and of one dtype, else ShapeError. Inside a backend's
     mixed-precision block (`Backend.precision`), float32 parameters meet activations of its compute dtype."""
-    first = named[0][1].dtype
-    if first in FLOAT_DTYPES:  # the common case (all the same float dtype), checked cheaply
+    first = named[0][1].data.dtype
+    if first in FLOAT_DTYPES:  # the common case (all the same numpy float dtype), checked cheaply
         for _, t in named:
-            if t.dtype != first:
+            if t.data.dtype != first:
                 break
         else:
             return
@@ -51,10 +54,11 @@ def check_float(op: str, *named):
 
 
 def broadcast_shape(op: str, a: Tensor, b: Tensor) -> tuple:
-    if a.shape == b.shape:
-        return a.shape
+    a_shape, b_shape = tuple(a.data.shape), tuple(b.data.shape)
+    if a_shape == b_shape:
+        return a_shape
     try:
-        return tuple(np.broadcast_shapes(a.shape, b.shape))
+        return tuple(np.broadcast_shapes(a_shape, b_shape))
     except ValueError:
         raise ShapeError(f"{op}: shapes do not broadcast: a is {a.shape}, b is {b.shape}") from None
 

@@ -31,7 +31,7 @@ def add(a, b) -> Tensor:
     a, b = _binary_inputs("add", a, b)
     with span("add", "elementwise"):
         out = a.data + b.data
-    if a.dtype != b.dtype:  # a float32 bias on a bf16/fp16 activation (torch --dtype): the sum stays an activation
+    if a.data.dtype != b.data.dtype:  # a float32 bias on a bf16/fp16 activation (torch --dtype): stays an activation
         out = a.backend.asarray(out, min(a.dtype, b.dtype, key=lambda d: d.itemsize))
 
     def backward(g):  # d(a+b) = g for both, summed over broadcast axes

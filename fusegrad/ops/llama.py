@@ -49,10 +49,11 @@ def embedding(weight: Tensor, ids) -> Tensor:
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """x (..., C) * rsqrt(mean(x^2) + eps) * weight (C,)."""
     check_float("rms_norm", ("x", x), ("weight", weight))
-    if weight.ndim != 1 or x.ndim < 1 or x.shape[-1] != weight.shape[0]:
-        raise ShapeError(f"rms_norm: weight must be ({x.shape[-1] if x.ndim else '?'},) to match x {x.shape}, "
-                         f"got {weight.shape}")
-    be, C = x.backend, x.shape[-1]
+    x_shape, w_shape = x.data.shape, weight.data.shape  # read once: 61 of these a generated token
+    if len(w_shape) != 1 or not x_shape or x_shape[-1] != w_shape[0]:
+        raise ShapeError(f"rms_norm: weight must be ({x_shape[-1] if x_shape else '?'},) to match x "
+                         f"{tuple(x_shape)}, got {tuple(w_shape)}")
+    be, C = x.backend, x_shape[-1]
     x2 = x.data.reshape(-1, C)
     with span("rms_norm", "elementwise"):
         y, rstd = be.rmsnorm_forward(x2, weight.data, eps)
@@ -61,8 +62,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
         with span("rms_norm_backward", "elementwise"):
             dx, dw = be.rmsnorm_backward(g.reshape(-1, C), x2, weight.data, rstd, x.requires_grad,
                                          weight.requires_grad)
-        return (dx.reshape(x.shape) if dx is not None else None, dw)
-    return result(y.reshape(x.shape), "rms_norm", (x, weight), backward)
+        return (dx.reshape(x_shape) if dx is not None else None, dw)
+    return result(y.reshape(x_shape), "rms_norm", (x, weight), backward)
 
 
 def _check_attention(op: str, qkv: Tensor, n_heads: int, n_kv_heads: int, rope_cos, positions: int):
@@ -122,7 +123,7 @@ def swiglu(h13: Tensor) -> Tensor:
     The backward returns concat(dh1, dh3), so the fused projection's dx is ONE GEMM: [dh1, dh3] @ [W1; W3].
     """
     check_float("swiglu", ("h13", h13))
-    if h13.ndim < 1 or h13.shape[-1] % 2:
+    if not h13.data.shape or h13.data.shape[-1] % 2:
         raise ShapeError(f"swiglu: last dim must be even (h1 and h3 packed), got shape {h13.shape}")
     be = h13.backend
     with span("swiglu", "elementwise"):
