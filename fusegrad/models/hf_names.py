@@ -90,6 +90,12 @@ def hf_shapes(config) -> dict:
     return shapes
 
 
+def param_shapes(config) -> dict:
+    """{fusegrad name: shape} of every parameter: a fused weight stacks its modules' rows."""
+    hf = hf_shapes(config)
+    return {name: (sum(hf[n][0] for n in parts),) + hf[parts[0]][1:] for name, parts in param_names(config).items()}
+
+
 def check_hf_state(shapes: dict, config, where: str = "state dict") -> None:
     """FormatError naming `where` and the tensor when one is missing or its shape disagrees with config.
     shapes: {HF name: shape}."""
@@ -120,10 +126,11 @@ def to_hf(arrays: dict, config, partial: bool = False) -> dict:
     return out
 
 
-def from_hf(state, config, quantize=None) -> dict:
+def from_hf(state, config, quantize=None, place=None) -> dict:
     """{HF name: array} (or an HFCheckpoint, read tensor by tensor) -> {fusegrad name: array}, fusing
     q/k/v and gate/up. quantize(config, kind, [HF-layout arrays]) -> a quantized base replaces each fused
-    projection weight (QLoRA quantizes every HF module on its own, as bitsandbytes does)."""
+    projection weight (QLoRA quantizes every HF module on its own, as bitsandbytes does). place(name, array)
+    -> where the array is kept (a slot of a weight block), called as each array is made."""
     if isinstance(state, dict):
         check_hf_state({k: np.shape(v) for k, v in state.items()}, config)
     get = state.__getitem__
@@ -137,6 +144,8 @@ def from_hf(state, config, quantize=None) -> dict:
             p[name] = quantize(config, fused, parts) if quantized else fuse_from_hf(config, fused, parts)
         else:
             p[name] = np.asarray(get(hf[0]))
+        if place is not None and not isinstance(p[name], FusedNF4):
+            p[name] = place(name, p[name])
     return p
 
 

@@ -129,6 +129,36 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 0) -> No
             f.write(np.ascontiguousarray(arrays[key], dtype="<f4").tobytes())
 
 
+class WeightBlock:
+    """One allocation for many weights, each a view at a 64-byte-aligned offset. numpy asks the kernel to back
+    an array this large with 2 MiB pages; weights under 4 MiB allocated on their own get 4 KiB pages, and a
+    generated token, which streams every weight once, then spends ~5% of its GEMV time on TLB misses
+    (docs/performance.md, "Generation, round 7").
+
+    >>> block = WeightBlock({"a": (2, 3), "b": (5,)}, np.float32)
+    >>> block.place("a", np.ones((2, 3))).base is block.array
+    True
+    """
+
+    ALIGN = 64  # bytes
+
+    def __init__(self, shapes: dict, dtype):
+        self.dtype, self.offsets, end = np.dtype(dtype), {}, 0
+        step = self.ALIGN // self.dtype.itemsize
+        for name, shape in shapes.items():
+            self.offsets[name] = end
+            end += -(-int(np.prod(shape)) // step) * step
+        self.array = np.empty(end + step, self.dtype)
+        self.start = (-self.array.ctypes.data % self.ALIGN) // self.dtype.itemsize
+
+    def place(self, name: str, array) -> np.ndarray:
+        """Copy `array` into the slot of `name` (converting to the block's dtype) and return the slot."""
+        lo = self.start + self.offsets[name]
+        slot = self.array[lo:lo + array.size].reshape(array.shape)
+        slot[...] = array
+        return slot
+
+
 def load_pretrained(path) -> tuple:
     """A llama2.c `.bin` file or a Hugging Face directory -> (LlamaConfig, HF state dict or HFCheckpoint)."""
     path = os.fspath(path)

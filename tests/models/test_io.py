@@ -53,6 +53,24 @@ def test_hf_round_trip_keeps_config(tmp_path):
     assert float(model.loss(tokens).numpy()) == float(loaded.loss(tokens).numpy())
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_loaded_weights_share_one_aligned_block(model, quantize, tmp_path):
+    # one allocation of 2 MiB pages for generation's weight stream; QLoRA's 4-bit bases stay outside it
+    model.save_pretrained(tmp_path / "hf")
+    loaded = Llama.from_pretrained(tmp_path / "hf", quantize=quantize)
+    arrays = [t.data for t in loaded.params.values()]
+    block = arrays[0].base
+    assert block is not None and all(a.base is block for a in arrays)
+    assert block.size < sum(a.size for a in arrays) + 16 * (len(arrays) + 1)  # only alignment padding
+    assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous for a in arrays)
+    assert (set(loaded.quantized) == {n for n in model.params if n.rsplit(".", 1)[-1] in ("wqkv", "wo", "w13", "w2")}
+            if quantize else loaded.quantized == {})
+    if not quantize:
+        assert_same_model(model, loaded)
+    ends = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(ends, ends[1:]))  # no two weights overlap
+
+
 def test_state_dict_load_state_dict_round_trip(model):
     other = Llama.from_preset("tiny", seed=7, tie_embeddings=model.config.tie_embeddings)
     other.load_state_dict(model.state_dict())
