@@ -1,8 +1,10 @@
 """Generation's attention for `JitBackend`: the new tokens' queries against the KV cache, read in place.
 
 Rope, the cache write, the scores, the softmax and the weighted sum of the values are one pass per query
-head, with no copies; a decode step's few heads (work under SERIAL_MAX_WORK) run on the kernel's `serial`
-twin, which does not wake the other threads (tens of microseconds per call in a VM, 30 layers per token).
+head, with no copies. Attention work under SERIAL_MAX_WORK multiply-adds (a decode step's one row against up
+to ~7000 cached positions of SmolLM2) runs on the kernel's `serial` twin: the parallel kernel wakes numba's
+threads (~150 us a call in this VM) while OpenBLAS's, kept spinning by the one-row GEMVs, hold the other
+core; past 113 cached positions that cost 10-13 ms a token (docs/performance.md, "Generation, round 7").
 Shapes: B batch, T new tokens, H query heads, Hkv kv heads, D head size, S cache positions.
 
 >>> from fusegrad.backends.base import rope_tables
@@ -21,7 +23,9 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, jit, serial
+from fusegrad.backends.jit_common import fast_exp, jit, serial
+
+SERIAL_MAX_WORK = 1 << 22  # where the parallel kernel starts to win, measured alone: ~4000 positions x 9 heads
 
 
 @jit

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("numba")
 
-from fusegrad.backends import cpu_jit_decode, jit_common  # noqa: E402
+from fusegrad.backends import cpu_jit_decode  # noqa: E402
 from fusegrad.backends.base import rope_tables  # noqa: E402
 from fusegrad.backends.cpu_jit import JitBackend  # noqa: E402
 from fusegrad.backends.numpy_backend import NumpyBackend  # noqa: E402
@@ -22,13 +22,14 @@ def f32(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-@pytest.mark.parametrize("B, H, Hkv, D, start, T", [
-    (1, 4, 2, 8, 0, 1),     # the first token
-    (2, 6, 2, 8, 7, 1),     # one new token after seven: the decode step, serial
-    (1, 9, 3, 64, 120, 1),  # SmolLM2's heads deep into the cache: parallel
-    (2, 4, 4, 16, 3, 40),   # a prompt after a prefix: parallel, causal within the block
+@pytest.mark.parametrize("B, H, Hkv, D, start, T, parallel", [
+    (1, 4, 2, 8, 0, 1, False),      # the first token
+    (2, 6, 2, 8, 7, 1, False),      # one new token after seven: the decode step
+    (1, 9, 3, 64, 2000, 1, False),  # SmolLM2's heads deep into the cache: still one core
+    (2, 4, 4, 16, 3, 40, False),    # a short prompt after a prefix, causal within the block
+    (1, 9, 3, 64, 100, 90, True),   # a long prompt: both cores
 ])
-def test_attention_cached_equals_the_reference(rng, monkeypatch, B, H, Hkv, D, start, T):
+def test_attention_cached_equals_the_reference(rng, monkeypatch, B, H, Hkv, D, start, T, parallel):
     ran = []
     for name in ("_attention_cached", "_attention_cached_serial"):
         kernel = getattr(cpu_jit_decode, name)
@@ -40,9 +41,7 @@ def test_attention_cached_equals_the_reference(rng, monkeypatch, B, H, Hkv, D, s
     k_ref, v_ref = k.copy(), v.copy()
     y_ref = reference.attention_cached(qkv, k_ref, v_ref, start, H, Hkv, cos, sin)
     y = jit.attention_cached(qkv, k, v, start, H, Hkv, cos, sin)
-    serial = B * H * T * (start + T) * D < jit_common.SERIAL_MAX_WORK
-    assert ran == ["_attention_cached_serial" if serial else "_attention_cached"]
-    assert serial == (T == 1 and D == 8)  # both kernels are covered
+    assert ran == ["_attention_cached" if parallel else "_attention_cached_serial"]
     assert y.dtype == np.float32 and y.shape == (B, T, H * D)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-6)
     np.testing.assert_allclose(k, k_ref, rtol=1e-6, atol=1e-6)  # this block's keys written, rotated
