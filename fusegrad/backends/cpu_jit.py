@@ -24,7 +24,8 @@ from numba import prange
 
 from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_nf4, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
+from fusegrad.backends.jit_common import (SERIAL_MAX_WORK, exp_shifted, fast_exp, is_f32, jit, row_chunks, row_max,
+                                          serial)
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 
@@ -119,10 +120,16 @@ def _exp_rows(logits, targets, losses, inv_sum):
         mx = row_max(row, V)
         picked = row[targets[i]] - mx
         z = np.float32(0.0)
-        for j in range(V):
-            e = fast_exp(row[j] - mx)
-            row[j] = e
-            z += e
+        if math.isfinite(mx):  # every row[j] - mx <= 0 and not NaN
+            for j in range(V):
+                e = exp_shifted(row[j] - mx)
+                row[j] = e
+                z += e
+        else:
+            for j in range(V):
+                e = fast_exp(row[j] - mx)
+                row[j] = e
+                z += e
         losses[i] = math.log(z) - picked
         inv_sum[i] = np.float32(1.0) / z
 

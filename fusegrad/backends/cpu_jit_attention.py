@@ -26,7 +26,7 @@ import numpy as np
 from numba import prange
 
 from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks, keeps_probs
-from fusegrad.backends.jit_common import fast_exp, jit, row_max
+from fusegrad.backends.jit_common import exp_shifted, fast_exp, jit, row_max
 
 
 class JitAttentionSaved(AttentionSaved):
@@ -70,10 +70,16 @@ def _causal_softmax(s, lo, bq, G, scale, lse):
         row = s[r]
         mx = row_max(row, valid)
         z = np.float32(0.0)
-        for j in range(valid):
-            e = fast_exp((row[j] - mx) * scale)
-            row[j] = e
-            z += e
+        if math.isfinite(mx):  # no NaN, every exponent <= 0
+            for j in range(valid):
+                e = exp_shifted((row[j] - mx) * scale)
+                row[j] = e
+                z += e
+        else:
+            for j in range(valid):
+                e = fast_exp((row[j] - mx) * scale)
+                row[j] = e
+                z += e
         inv = np.float32(1.0) / z
         for j in range(valid):
             row[j] *= inv
@@ -90,8 +96,12 @@ def _causal_probs_from_lse(s, lo, bq, G, scale, lse):
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1
         row, m = s[r], lse[r]
-        for j in range(valid):
-            row[j] = fast_exp(row[j] * scale - m)
+        if math.isfinite(m):  # the forward's scores had no NaN: exponents <= 0 up to rounding
+            for j in range(valid):
+                row[j] = exp_shifted(row[j] * scale - m)
+        else:
+            for j in range(valid):
+                row[j] = fast_exp(row[j] * scale - m)
         for j in range(valid, n):
             row[j] = 0.0
 

@@ -38,6 +38,36 @@ def test_fast_exp_accuracy_and_edges():
     assert edges[4] == 0.0 and np.isnan(edges[5]) and edges[6] == 1.0
 
 
+def test_exp_shifted_is_fast_exp_bit_for_bit_where_it_applies():
+    from numba import njit
+
+    @njit
+    def both(x):
+        a, b = np.empty_like(x), np.empty_like(x)
+        for i in range(x.size):
+            a[i], b[i] = jit_common.fast_exp(x[i]), jit_common.exp_shifted(x[i])
+        return a, b
+
+    x = np.concatenate([np.linspace(-100.0, 88.0, 200_003), [-np.inf, -87.33, -87.0, 0.0, 88.0]]).astype(np.float32)
+    fast, shifted = both(x)
+    assert np.array_equal(fast.view(np.int32), shifted.view(np.int32))
+
+
+def test_softmaxes_of_rows_with_a_non_finite_max_keep_fast_exps_edges(rng):
+    # the classifier's and attention's softmaxes take exp_shifted only for rows whose max is finite
+    h, w = f32(rng, 3, 8), f32(rng, 10, 8)
+    w[4] = np.inf  # +inf logits in every row
+    loss, dh, _ = jit.classifier_cross_entropy(h, w, np.arange(3))
+    want = reference.classifier_cross_entropy(h, w, np.arange(3))
+    assert np.isnan(loss) == np.isnan(want[0])
+    qkv = f32(rng, 1, 4, 3 * 8)
+    qkv[0, 2, 0] = np.inf
+    cos, sin = base.rope_tables(4, 4, 10000.0)
+    got = jit.attention_forward(qkv, 2, 2, cos, sin)[0]
+    ref = reference.attention_forward(qkv, 2, 2, cos, sin)[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 33, 256])
 def test_row_max_matches_numpy_on_signed_and_infinite_values(rng, n):
     row = (rng.standard_normal(n) * 1e3).astype(np.float32)
