@@ -13,6 +13,7 @@ from types import FunctionType
 
 import numba
 import numpy as np
+import llvmlite.binding as ll
 from llvmlite import ir
 from numba import njit
 from numba.core import types
@@ -22,6 +23,21 @@ from numba.extending import intrinsic
 # threads (docs/performance.md). Set NUMBA_THREADING_LAYER to choose another.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+def _full_width_vectors() -> None:
+    """On an AVX-512 CPU, let LLVM vectorise with 512-bit registers: for Intel server cores it prefers 256
+    (its `prefer-256-bit` tuning), and the exps of the softmaxes then run 1.3-1.5x slower (docs/performance.md,
+    round 7). Set at import, before numba builds its target machine; NUMBA_CPU_NAME or NUMBA_CPU_FEATURES in
+    the environment keep the choice to the user. numba keys its disk cache by these features."""
+    if numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
+        return
+    features = ll.get_host_cpu_features()
+    if features.get("avx512f"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+
+
+_full_width_vectors()
 
 # Reassociation (vectorised reductions) and FMA contraction only: no 'nnan'/'ninf', so -inf masks and
 # NaNs still propagate exactly as in the reference.

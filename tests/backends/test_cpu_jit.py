@@ -328,3 +328,26 @@ def test_accumulate_adds_in_place_and_falls_back_off_the_fast_path(rng):
     np.testing.assert_allclose(strided, want, rtol=1e-6)
     with pytest.raises(ShapeError, match="accumulate"):
         jit.accumulate(out, x[:3])
+
+
+def test_full_width_vectors_on_avx512_only_and_never_over_the_users_choice():
+    import os
+    import subprocess
+    import sys
+
+    import llvmlite.binding as ll
+
+    code = "import numba, fusegrad.backends.jit_common; print(numba.config.CPU_FEATURES)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+
+    def features(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip()
+
+    if ll.get_host_cpu_features().get("avx512f"):
+        assert features().endswith(",-prefer-256-bit") and "+avx512f" in features()
+    else:
+        assert features() == "None"
+    assert "prefer-256-bit" not in features(NUMBA_CPU_NAME="haswell")
+    assert features(NUMBA_CPU_FEATURES="+avx2,+fma") == "+avx2,+fma"
