@@ -19,6 +19,9 @@ from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from fusegrad.backends.base import gemm_dims
+from fusegrad.core.trace import span
+
 # numba's own workqueue threads, not OpenMP's: GNU OpenMP's idle threads spin against OpenBLAS's GEMM
 # threads (docs/performance.md). Set NUMBA_THREADING_LAYER to choose another.
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -125,6 +128,14 @@ def row_max(row, n):
         b = _bits_of_float32(row[j])
         m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
     return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+def traced_matmul(a, b, out=None):
+    """np.matmul(a, b, out=out) as a "gemm" span of a trace, like the backend's own GEMMs: a trace then counts
+    the GEMMs inside fused ops (the classifier's, attention's) as GEMM time, not as the op's overhead."""
+    m, k, n, batch = gemm_dims(a.shape, b.shape, False, False)
+    with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
+        return np.matmul(a, b, out=out)
 
 
 def is_f32(*arrays) -> bool:

@@ -351,3 +351,21 @@ def test_full_width_vectors_on_avx512_only_and_never_over_the_users_choice():
         assert features() == "None"
     assert "prefer-256-bit" not in features(NUMBA_CPU_NAME="haswell")
     assert features(NUMBA_CPU_FEATURES="+avx2,+fma") == "+avx2,+fma"
+
+
+def test_a_trace_counts_the_gemms_inside_the_classifier_and_attention_as_gemm_time(rng):
+    from fusegrad.core.trace import trace
+
+    h, w = f32(rng, 6, 8), f32(rng, 10, 8)
+    qkv = f32(rng, 1, 4, 3 * 8)
+    cos, sin = base.rope_tables(4, 4, 10000.0)
+    with trace() as t:
+        jit.classifier_cross_entropy(h, w, np.arange(6), chunk=4)
+        y, saved = jit.attention_forward(qkv, 2, 2, cos, sin)
+        jit.attention_backward(y, saved, 2, 2)
+    gemms = [(a["m"], a["k"], a["n"], a["batch"]) for _, cat, _, _, _, _, a in t.events if cat == "matmul"]
+    # per chunk of 4 then 2 rows: logits h W^T, dh = E W, dW = E^T (s h)
+    assert gemms[:6] == [(4, 8, 10, 1), (4, 10, 8, 1), (10, 4, 8, 1), (2, 8, 10, 1), (2, 10, 8, 1), (10, 2, 8, 1)]
+    # attention, one block of 4 rows, 2 heads of 4: scores and P V, then dV, dP, dQ, dK
+    assert gemms[6:] == [(4, 4, 4, 2)] * 6
+    assert t.totals()["classifier_softmax"]["count"] == 2
