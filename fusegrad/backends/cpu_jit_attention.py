@@ -175,10 +175,10 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     probs = [] if keeps_probs(B, n_heads, T, block) else None
     lse = []
     for lo, hi in blocks(T, block):
-        s = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        s = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
         lse.append(np.empty(s.shape[:-1], np.float32))
         _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale, lse[-1].reshape(-1))
-        _block_rows(traced_matmul(s, v[:, :, :hi]), y, lo, G, True)
+        _block_rows(traced_matmul(s, v[:, :, :hi], "attention"), y, lo, G, True)
         if probs is not None:
             probs.append(s)
     return y, JitAttentionSaved(q, k, v, probs, lse, cos, sin, block)
@@ -199,15 +199,15 @@ def attention_backward(dy, saved: JitAttentionSaved, n_heads: int, n_kv_heads: i
         if saved.probs is not None:
             p = saved.probs[i]
         else:
-            p = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi) scores
+            p = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
             _causal_probs_from_lse(p.reshape(-1, hi), lo, bq, G, scale, saved.lse[i].reshape(-1))
         do = np.empty((B, Hkv, bq * G, D), np.float32)
         _block_rows(do, dy, lo, G, False)
-        dv[:, :, :hi] += traced_matmul(p.swapaxes(-1, -2), do)  # (B, Hkv, hi, D)
-        dp = traced_matmul(do, v[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        dv[:, :, :hi] += traced_matmul(p.swapaxes(-1, -2), do, "attention")  # (B, Hkv, hi, D)
+        dp = traced_matmul(do, v[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
         _causal_softmax_backward(p.reshape(-1, hi), dp.reshape(-1, hi), lo, bq, G, scale)
-        traced_matmul(dp, k[:, :, :hi], out=dq[:, :, lo * G:hi * G])
-        dk[:, :, :hi] += traced_matmul(dp.swapaxes(-1, -2), q[:, :, lo * G:hi * G])
+        traced_matmul(dp, k[:, :, :hi], "attention", out=dq[:, :, lo * G:hi * G])
+        dk[:, :, :hi] += traced_matmul(dp.swapaxes(-1, -2), q[:, :, lo * G:hi * G], "attention")
     dqkv = np.empty((B, T, (n_heads + 2 * Hkv) * D), np.float32)
     _merge_grads_rope(dq, dk, dv, cos, sin, dqkv)
     return dqkv

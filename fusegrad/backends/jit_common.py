@@ -1,6 +1,6 @@
-"""What every numba kernel shares: the jit settings, a float32 exp and row max that vectorise, the dtype
-gate. Kernels in other files inline `fast_exp`, `exp_shifted` and `row_max`: after changing them or OPTIONS, delete numba's
-caches (`find fusegrad -name '*.nb[ic]' -delete`).
+"""What every numba kernel shares: the jit settings, float32 exps and a row max that vectorise, the dtype
+gate, a traced matmul for the fused ops. Kernels in other files inline `fast_exp`, `exp_shifted` and `row_max`:
+after changing them or OPTIONS, delete numba's caches (`find fusegrad -name '*.nb[ic]' -delete`).
 
 >>> from numba import njit
 >>> njit(lambda x: fast_exp(x))(np.float32(0.0))
@@ -130,11 +130,12 @@ def row_max(row, n):
     return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
-def traced_matmul(a, b, out=None):
-    """np.matmul(a, b, out=out) as a "gemm" span of a trace, like the backend's own GEMMs: a trace then counts
-    the GEMMs inside fused ops (the classifier's, attention's) as GEMM time, not as the op's overhead."""
+def traced_matmul(a, b, op: str, out=None):
+    """np.matmul(a, b, out=out) as a "gemm" span of a trace, like the backend's own GEMMs, tagged with the fused
+    op it serves (`op`: "classifier", "attention"): a trace then counts those GEMMs as GEMM time, not as the
+    op's overhead, and can still tell them from the projections'."""
     m, k, n, batch = gemm_dims(a.shape, b.shape, False, False)
-    with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
+    with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy", op=op):
         return np.matmul(a, b, out=out)
 
 

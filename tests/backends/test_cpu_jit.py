@@ -364,6 +364,8 @@ def test_a_trace_counts_the_gemms_inside_the_classifier_and_attention_as_gemm_ti
         y, saved = jit.attention_forward(qkv, 2, 2, cos, sin)
         jit.attention_backward(y, saved, 2, 2)
     gemms = [(a["m"], a["k"], a["n"], a["batch"]) for _, cat, _, _, _, _, a in t.events if cat == "matmul"]
+    ops = [a["op"] for _, cat, _, _, _, _, a in t.events if cat == "matmul"]
+    assert ops == ["classifier"] * 6 + ["attention"] * 6
     # per chunk of 4 then 2 rows: logits h W^T, dh = E W, dW = E^T (s h)
     assert gemms[:6] == [(4, 8, 10, 1), (4, 10, 8, 1), (10, 4, 8, 1), (2, 8, 10, 1), (2, 10, 8, 1), (10, 2, 8, 1)]
     # attention, one block of 4 rows, 2 heads of 4: scores and P V, then dV, dP, dQ, dK
