@@ -24,7 +24,9 @@ from numba import prange
 
 from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_nf4, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
-from fusegrad.backends.jit_common import SERIAL_MAX_WORK, fast_exp, is_f32, jit, row_chunks, row_max, serial
+from fusegrad.backends.jit_common import (SERIAL_MAX_WORK, exp_shifted, fast_exp, is_f32, jit, row_chunks, row_max,
+                                          serial, traced_matmul)
+from fusegrad.core.trace import span
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 
@@ -119,10 +121,16 @@ def _exp_rows(logits, targets, losses, inv_sum):
         mx = row_max(row, V)
         picked = row[targets[i]] - mx
         z = np.float32(0.0)
-        for j in range(V):
-            e = fast_exp(row[j] - mx)
-            row[j] = e
-            z += e
+        if math.isfinite(mx):  # every row[j] - mx <= 0 and not NaN
+            for j in range(V):
+                e = exp_shifted(row[j] - mx)
+                row[j] = e
+                z += e
+        else:
+            for j in range(V):
+                e = fast_exp(row[j] - mx)
+                row[j] = e
+                z += e
         losses[i] = math.log(z) - picked
         inv_sum[i] = np.float32(1.0) / z
 
@@ -154,11 +162,12 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
     """
     (V, C), n = dw.shape, h.shape[0]
     if openblas.CBLAS_SGEMM is not None:
-        openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.TRANS, openblas.NO_TRANS, V, C, n, 1.0,
-                             dlogits.ctypes.data, V, h.ctypes.data, C, 1.0, dw.ctypes.data, C)
+        with span("gemm", "matmul", m=V, k=n, n=C, batch=1, backend="numpy", op="classifier"):
+            openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.TRANS, openblas.NO_TRANS, V, C, n, 1.0,
+                                 dlogits.ctypes.data, V, h.ctypes.data, C, 1.0, dw.ctypes.data, C)
         return scratch
     scratch = np.empty_like(dw) if scratch is None else scratch
-    np.matmul(dlogits.T, h, out=scratch)
+    traced_matmul(dlogits.T, h, "classifier", out=scratch)
     _add_into(dw.reshape(-1), scratch.reshape(-1))
     return scratch
 
@@ -266,17 +275,18 @@ class JitBackend(NumpyBackend):
             hi = min(lo + chunk, N)
             n = hi - lo
             e = buf[:n]
-            np.matmul(h[lo:hi], weight.T, out=e)  # (n, V) logits, then E
-            _exp_rows(e, targets[lo:hi], losses[:n], inv_sum[:n])
+            traced_matmul(h[lo:hi], weight.T, "classifier", out=e)  # (n, V) logits, then E
+            with span("classifier_softmax", "classifier", rows=n, V=V):
+                _exp_rows(e, targets[lo:hi], losses[:n], inv_sum[:n])
             total += float(losses[:n].sum())
             s = inv_sum[:n] * inv_n  # (n,)
             if need_dh:
-                np.matmul(e, weight, out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
+                traced_matmul(e, weight, "classifier", out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
                 _scale_minus_rows(dh[lo:hi], s, weight, targets[lo:hi], inv_n)
             if need_dw:
                 _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
                 if lo == 0:
-                    np.matmul(e.T, hs[:n], out=dw)  # the first chunk writes dW: no zero fill
+                    traced_matmul(e.T, hs[:n], "classifier", out=dw)  # the first chunk writes dW: no zero fill
                 else:
                     scratch = accumulate_dw(dw, e, hs[:n], scratch)
         if need_dw:

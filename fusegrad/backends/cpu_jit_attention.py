@@ -26,7 +26,7 @@ import numpy as np
 from numba import prange
 
 from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks, keeps_probs
-from fusegrad.backends.jit_common import fast_exp, jit, row_max
+from fusegrad.backends.jit_common import exp_shifted, fast_exp, jit, row_max, traced_matmul
 
 
 class JitAttentionSaved(AttentionSaved):
@@ -70,10 +70,16 @@ def _causal_softmax(s, lo, bq, G, scale, lse):
         row = s[r]
         mx = row_max(row, valid)
         z = np.float32(0.0)
-        for j in range(valid):
-            e = fast_exp((row[j] - mx) * scale)
-            row[j] = e
-            z += e
+        if math.isfinite(mx):  # no NaN, every exponent <= 0
+            for j in range(valid):
+                e = exp_shifted((row[j] - mx) * scale)
+                row[j] = e
+                z += e
+        else:
+            for j in range(valid):
+                e = fast_exp((row[j] - mx) * scale)
+                row[j] = e
+                z += e
         inv = np.float32(1.0) / z
         for j in range(valid):
             row[j] *= inv
@@ -90,8 +96,12 @@ def _causal_probs_from_lse(s, lo, bq, G, scale, lse):
     for r in prange(R):
         valid = lo + (r % (bq * G)) // G + 1
         row, m = s[r], lse[r]
-        for j in range(valid):
-            row[j] = fast_exp(row[j] * scale - m)
+        if math.isfinite(m):  # the forward's scores had no NaN: exponents <= 0 up to rounding
+            for j in range(valid):
+                row[j] = exp_shifted(row[j] * scale - m)
+        else:
+            for j in range(valid):
+                row[j] = fast_exp(row[j] * scale - m)
         for j in range(valid, n):
             row[j] = 0.0
 
@@ -165,10 +175,10 @@ def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int =
     probs = [] if keeps_probs(B, n_heads, T, block) else None
     lse = []
     for lo, hi in blocks(T, block):
-        s = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        s = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
         lse.append(np.empty(s.shape[:-1], np.float32))
         _causal_softmax(s.reshape(-1, hi), lo, hi - lo, G, scale, lse[-1].reshape(-1))
-        _block_rows(np.matmul(s, v[:, :, :hi]), y, lo, G, True)
+        _block_rows(traced_matmul(s, v[:, :, :hi], "attention"), y, lo, G, True)
         if probs is not None:
             probs.append(s)
     return y, JitAttentionSaved(q, k, v, probs, lse, cos, sin, block)
@@ -189,15 +199,15 @@ def attention_backward(dy, saved: JitAttentionSaved, n_heads: int, n_kv_heads: i
         if saved.probs is not None:
             p = saved.probs[i]
         else:
-            p = np.matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi) scores
+            p = traced_matmul(q[:, :, lo * G:hi * G], k[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
             _causal_probs_from_lse(p.reshape(-1, hi), lo, bq, G, scale, saved.lse[i].reshape(-1))
         do = np.empty((B, Hkv, bq * G, D), np.float32)
         _block_rows(do, dy, lo, G, False)
-        dv[:, :, :hi] += np.matmul(p.swapaxes(-1, -2), do)  # (B, Hkv, hi, D)
-        dp = np.matmul(do, v[:, :, :hi].swapaxes(-1, -2))  # (B, Hkv, bq G, hi)
+        dv[:, :, :hi] += traced_matmul(p.swapaxes(-1, -2), do, "attention")  # (B, Hkv, hi, D)
+        dp = traced_matmul(do, v[:, :, :hi].swapaxes(-1, -2), "attention")  # (B, Hkv, bq G, hi)
         _causal_softmax_backward(p.reshape(-1, hi), dp.reshape(-1, hi), lo, bq, G, scale)
-        np.matmul(dp, k[:, :, :hi], out=dq[:, :, lo * G:hi * G])
-        dk[:, :, :hi] += np.matmul(dp.swapaxes(-1, -2), q[:, :, lo * G:hi * G])
+        traced_matmul(dp, k[:, :, :hi], "attention", out=dq[:, :, lo * G:hi * G])
+        dk[:, :, :hi] += traced_matmul(dp.swapaxes(-1, -2), q[:, :, lo * G:hi * G], "attention")
     dqkv = np.empty((B, T, (n_heads + 2 * Hkv) * D), np.float32)
     _merge_grads_rope(dq, dk, dv, cos, sin, dqkv)
     return dqkv

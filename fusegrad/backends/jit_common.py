@@ -1,6 +1,6 @@
-"""What every numba kernel shares: the jit settings, a float32 exp and row max that vectorise, the dtype
-gate. Kernels in other files inline `fast_exp` and `row_max`: after changing them or OPTIONS, delete numba's
-caches (`find fusegrad -name '*.nb[ic]' -delete`).
+"""What every numba kernel shares: the jit settings, float32 exps and a row max that vectorise, the dtype
+gate, a traced matmul for the fused ops. Kernels in other files inline `fast_exp`, `exp_shifted` and `row_max`:
+after changing them or OPTIONS, delete numba's caches (`find fusegrad -name '*.nb[ic]' -delete`).
 
 >>> from numba import njit
 >>> njit(lambda x: fast_exp(x))(np.float32(0.0))
@@ -13,15 +13,34 @@ from types import FunctionType
 
 import numba
 import numpy as np
+import llvmlite.binding as ll
 from llvmlite import ir
 from numba import njit
 from numba.core import types
 from numba.extending import intrinsic
 
+from fusegrad.backends.base import gemm_dims
+from fusegrad.core.trace import span
+
 # numba's own workqueue threads, not OpenMP's: GNU OpenMP's idle threads spin against OpenBLAS's GEMM
 # threads (docs/performance.md). Set NUMBA_THREADING_LAYER to choose another.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
+
+
+def _full_width_vectors() -> None:
+    """On an AVX-512 CPU, let LLVM vectorise with 512-bit registers: for Intel server cores it prefers 256
+    (its `prefer-256-bit` tuning), and the exps of the softmaxes then run 1.3-1.5x slower (docs/performance.md,
+    round 7). Set at import, before numba builds its target machine; NUMBA_CPU_NAME or NUMBA_CPU_FEATURES in
+    the environment keep the choice to the user. numba keys its disk cache by these features."""
+    if numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
+        return
+    features = ll.get_host_cpu_features()
+    if features.get("avx512f"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+
+
+_full_width_vectors()
 
 # Reassociation (vectorised reductions) and FMA contraction only: no 'nnan'/'ninf', so -inf masks and
 # NaNs still propagate exactly as in the reference.
@@ -60,15 +79,8 @@ def _float32_from_bits(typingctx, bits):
 
 
 @njit(inline="always", fastmath=FAST, cache=True)
-def fast_exp(x):
-    """float32 exp that vectorises (numba's scalar expf does not: no SVML here); max relative error
-    ~3e-7 over [-87, 88], exactly 0 below -87.33 and inf above 88.72 like expf, NaN stays NaN.
-
-    exp(x) = 2^k e^r with k = round(x / ln 2), |r| <= ln2 / 2 (ln 2 split in two for exactness), e^r by
-    Cephes' expf polynomial, 2^k built from its exponent bits (a table gather is slower).
-    """
-    xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
-    kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
+def _exp_reduced(xc, kf):
+    """e^r for r = xc - kf ln 2 (ln 2 split in two for exactness), |r| <= ln2 / 2: Cephes' expf polynomial."""
     r = xc - kf * np.float32(0.693359375) + kf * np.float32(2.12194440e-4)
     p = np.float32(1.9875691500e-4)
     p = p * r + np.float32(1.3981999507e-3)
@@ -76,11 +88,34 @@ def fast_exp(x):
     p = p * r + np.float32(4.1665795894e-2)
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
+    return p * r * r + r + np.float32(1.0)
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def fast_exp(x):
+    """float32 exp that vectorises (numba's scalar expf does not: no SVML here); max relative error
+    ~3e-7 over [-87, 88], exactly 0 below -87.33 and inf above 88.72 like expf, NaN stays NaN.
+
+    exp(x) = 2^k e^r with k = round(x / ln 2), 2^k built from its exponent bits (a table gather is slower).
+    """
+    xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
     k = min(max(np.int32(kf), np.int32(-126)), np.int32(127))  # a normal 2^k, also for a NaN's garbage kf
-    p = (p * r * r + r + np.float32(1.0)) * _float32_from_bits((k + np.int32(127)) << np.int32(23))
+    p = _exp_reduced(xc, kf) * _float32_from_bits((k + np.int32(127)) << np.int32(23))
     p = np.float32(0.0) if x < np.float32(-87.33) else p
     p = np.float32(np.inf) if x > np.float32(88.72) else p
     return x if x != x else p  # NaN in, NaN out: a NaN loss must stay visible to the trainer
+
+
+@njit(inline="always", fastmath=FAST, cache=True)
+def exp_shifted(x):
+    """`fast_exp`, bit for bit, of x <= 88 that is not NaN, such as a softmax's x = value - (a finite row max):
+    the upper clamps and the inf and NaN selects go (0.8 against 1.0 ns an element in the classifier's
+    softmax). Callers keep `fast_exp` for a row whose max is not finite. -inf gives 0."""
+    xc = max(x, np.float32(-87.0))
+    kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))  # in [-125, 127]: 2^k is normal
+    p = _exp_reduced(xc, kf) * _float32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
+    return np.float32(0.0) if x < np.float32(-87.33) else p
 
 
 @njit(inline="always", fastmath=FAST, cache=True)
@@ -93,6 +128,15 @@ def row_max(row, n):
         b = _bits_of_float32(row[j])
         m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
     return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+def traced_matmul(a, b, op: str, out=None):
+    """np.matmul(a, b, out=out) as a "gemm" span of a trace, like the backend's own GEMMs, tagged with the fused
+    op it serves (`op`: "classifier", "attention"): a trace then counts those GEMMs as GEMM time, not as the
+    op's overhead, and can still tell them from the projections'."""
+    m, k, n, batch = gemm_dims(a.shape, b.shape, False, False)
+    with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy", op=op):
+        return np.matmul(a, b, out=out)
 
 
 def is_f32(*arrays) -> bool:

@@ -38,6 +38,36 @@ def test_fast_exp_accuracy_and_edges():
     assert edges[4] == 0.0 and np.isnan(edges[5]) and edges[6] == 1.0
 
 
+def test_exp_shifted_is_fast_exp_bit_for_bit_where_it_applies():
+    from numba import njit
+
+    @njit
+    def both(x):
+        a, b = np.empty_like(x), np.empty_like(x)
+        for i in range(x.size):
+            a[i], b[i] = jit_common.fast_exp(x[i]), jit_common.exp_shifted(x[i])
+        return a, b
+
+    x = np.concatenate([np.linspace(-100.0, 88.0, 200_003), [-np.inf, -87.33, -87.0, 0.0, 88.0]]).astype(np.float32)
+    fast, shifted = both(x)
+    assert np.array_equal(fast.view(np.int32), shifted.view(np.int32))
+
+
+def test_softmaxes_of_rows_with_a_non_finite_max_keep_fast_exps_edges(rng):
+    # the classifier's and attention's softmaxes take exp_shifted only for rows whose max is finite
+    h, w = f32(rng, 3, 8), f32(rng, 10, 8)
+    w[4] = np.inf  # +inf logits in every row
+    loss, dh, _ = jit.classifier_cross_entropy(h, w, np.arange(3))
+    want = reference.classifier_cross_entropy(h, w, np.arange(3))
+    assert np.isnan(loss) == np.isnan(want[0])
+    qkv = f32(rng, 1, 4, 3 * 8)
+    qkv[0, 2, 0] = np.inf
+    cos, sin = base.rope_tables(4, 4, 10000.0)
+    got = jit.attention_forward(qkv, 2, 2, cos, sin)[0]
+    ref = reference.attention_forward(qkv, 2, 2, cos, sin)[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 33, 256])
 def test_row_max_matches_numpy_on_signed_and_infinite_values(rng, n):
     row = (rng.standard_normal(n) * 1e3).astype(np.float32)
@@ -298,3 +328,46 @@ def test_accumulate_adds_in_place_and_falls_back_off_the_fast_path(rng):
     np.testing.assert_allclose(strided, want, rtol=1e-6)
     with pytest.raises(ShapeError, match="accumulate"):
         jit.accumulate(out, x[:3])
+
+
+def test_full_width_vectors_on_avx512_only_and_never_over_the_users_choice():
+    import os
+    import subprocess
+    import sys
+
+    import llvmlite.binding as ll
+
+    code = "import numba, fusegrad.backends.jit_common; print(numba.config.CPU_FEATURES)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+
+    def features(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
+                             check=True)
+        return out.stdout.strip()
+
+    if ll.get_host_cpu_features().get("avx512f"):
+        assert features().endswith(",-prefer-256-bit") and "+avx512f" in features()
+    else:
+        assert features() == "None"
+    assert "prefer-256-bit" not in features(NUMBA_CPU_NAME="haswell")
+    assert features(NUMBA_CPU_FEATURES="+avx2,+fma") == "+avx2,+fma"
+
+
+def test_a_trace_counts_the_gemms_inside_the_classifier_and_attention_as_gemm_time(rng):
+    from fusegrad.core.trace import trace
+
+    h, w = f32(rng, 6, 8), f32(rng, 10, 8)
+    qkv = f32(rng, 1, 4, 3 * 8)
+    cos, sin = base.rope_tables(4, 4, 10000.0)
+    with trace() as t:
+        jit.classifier_cross_entropy(h, w, np.arange(6), chunk=4)
+        y, saved = jit.attention_forward(qkv, 2, 2, cos, sin)
+        jit.attention_backward(y, saved, 2, 2)
+    gemms = [(a["m"], a["k"], a["n"], a["batch"]) for _, cat, _, _, _, _, a in t.events if cat == "matmul"]
+    ops = [a["op"] for _, cat, _, _, _, _, a in t.events if cat == "matmul"]
+    assert ops == ["classifier"] * 6 + ["attention"] * 6
+    # per chunk of 4 then 2 rows: logits h W^T, dh = E W, dW = E^T (s h)
+    assert gemms[:6] == [(4, 8, 10, 1), (4, 10, 8, 1), (10, 4, 8, 1), (2, 8, 10, 1), (2, 10, 8, 1), (10, 2, 8, 1)]
+    # attention, one block of 4 rows, 2 heads of 4: scores and P V, then dV, dP, dQ, dK
+    assert gemms[6:] == [(4, 4, 4, 2)] * 6
+    assert t.totals()["classifier_softmax"]["count"] == 2
