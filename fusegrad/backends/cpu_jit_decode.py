@@ -1,8 +1,8 @@
 """Generation's attention for `JitBackend`: the new tokens' queries against the KV cache, read in place.
 
 Rope, the cache write, the scores, the softmax and the weighted sum of the values are one pass per query
-head, with no copies. Attention work under SERIAL_MAX_WORK multiply-adds (a decode step's one row against up
-to ~7000 cached positions of SmolLM2) runs on the kernel's `serial` twin: the parallel kernel wakes numba's
+head, with no copies. Attention work under DECODE_SERIAL_MAX_WORK multiply-adds (a decode step's one row against
+up to ~7000 cached positions of SmolLM2) runs on the kernel's `serial` twin: the parallel kernel wakes numba's
 threads (~150 us a call in this VM) while OpenBLAS's, kept spinning by the one-row GEMVs, hold the other
 core; past 113 cached positions that cost 10-13 ms a token (docs/performance.md, "Generation, round 7").
 Shapes: B batch, T new tokens, H query heads, Hkv kv heads, D head size, S cache positions.
@@ -25,7 +25,7 @@ from numba import prange
 
 from fusegrad.backends.jit_common import fast_exp, jit, serial
 
-SERIAL_MAX_WORK = 1 << 22  # where the parallel kernel starts to win, measured alone: ~4000 positions x 9 heads
+DECODE_SERIAL_MAX_WORK = 1 << 22  # alone the parallel kernel draws level at ~2.4M (4096 positions x 9 heads x 64)
 
 
 @jit
@@ -83,6 +83,6 @@ def attention_cached(qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads
     D = k_cache.shape[3]
     y = np.empty((B, T, n_heads * D), np.float32)
     work = B * n_heads * T * (start + T) * D
-    kernel = _attention_cached_serial if work < SERIAL_MAX_WORK else _attention_cached
+    kernel = _attention_cached_serial if work < DECODE_SERIAL_MAX_WORK else _attention_cached
     kernel(np.ascontiguousarray(qkv), k_cache, v_cache, start, cos, sin, n_heads, y)
     return y

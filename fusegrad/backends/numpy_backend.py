@@ -96,10 +96,10 @@ class NumpyBackend(Backend):
             m, k, n, batch = gemm_dims(a.shape, b.shape, trans_a, trans_b)
             with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend="numpy"):
                 return _blas_gemm(a, b, trans_a, trans_b)
-        # untraced (a generated token runs 121 GEMVs): shapes are checked only when numpy refuses them
+        # untraced (a generated token runs 121 GEMVs): inner dimensions are checked only when numpy refuses them
+        if a.ndim < 2 or b.ndim < 2:
+            gemm_dims(a.shape, b.shape, trans_a, trans_b)  # raises: numpy's matmul would take a vector
         try:
-            if a.ndim < 2 or b.ndim < 2:
-                raise ValueError("a vector")
             return _blas_gemm(a, b, trans_a, trans_b)
         except ValueError:
             gemm_dims(a.shape, b.shape, trans_a, trans_b)  # raises the ShapeError naming the mismatch

@@ -90,10 +90,12 @@ def hf_shapes(config) -> dict:
     return shapes
 
 
-def param_shapes(config) -> dict:
-    """{fusegrad name: shape} of every parameter: a fused weight stacks its modules' rows."""
+def param_shapes(config, quantized: bool = False) -> dict:
+    """{fusegrad name: shape} of every parameter: a fused weight stacks its modules' rows. quantized: without
+    the projection weights from_hf(quantize=...) keeps in 4 bits."""
     hf = hf_shapes(config)
-    return {name: (sum(hf[n][0] for n in parts),) + hf[parts[0]][1:] for name, parts in param_names(config).items()}
+    return {name: (sum(hf[n][0] for n in parts),) + hf[parts[0]][1:] for name, parts in param_names(config).items()
+            if not (quantized and name.rsplit(".", 1)[-1] in FUSED)}
 
 
 def check_hf_state(shapes: dict, config, where: str = "state dict") -> None:

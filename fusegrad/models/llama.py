@@ -28,7 +28,7 @@ from fusegrad.core.errors import ConfigError, ShapeError
 from fusegrad.core.tensor import Tensor, no_grad, tensor
 from fusegrad.ops.checkpoint import checkpoint
 from fusegrad.models.config import PRESETS, LlamaConfig, preset
-from fusegrad.models.hf_names import FUSED, from_hf, param_shapes, quantize_parts, to_hf
+from fusegrad.models.hf_names import from_hf, param_shapes, quantize_parts, to_hf
 from fusegrad.quant.nf4 import NF4_CODE, FusedNF4
 from fusegrad.models.hf import save_hf
 from fusegrad.models.io import WeightBlock, load_pretrained, save_llama2c
@@ -273,10 +273,7 @@ class Llama:
         model = cls(config, params={}, dtype=dtype, backend=backend)
         block = None
         if model.backend.xp is np:  # numpy arrays: all weights in one block of 2 MiB pages (faster generation)
-            shapes = param_shapes(config)
-            if quantize:
-                shapes = {n: s for n, s in shapes.items() if n.rsplit(".", 1)[-1] not in FUSED}
-            block = WeightBlock(shapes, dtype)
+            block = WeightBlock(param_shapes(config, quantized=bool(quantize)), dtype)
         arrays = from_hf(state, config, quantize=quantize_parts if quantize else None,
                          place=block.place if block is not None else None)
         model.quantized = {n: a for n, a in arrays.items() if isinstance(a, FusedNF4)}
