@@ -395,12 +395,14 @@ class Backend:
         return total / N, dh, dw
 
     # -- optimizer and gradient sums ------------------------------------------------------------------------
-    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
-        """One AdamW step in place on p, m, v (torch.optim.AdamW, amsgrad off); `step` is t, from 1.
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None, grad_scale=1.0) -> None:
+        """One AdamW step in place on p, m, v (torch.optim.AdamW, amsgrad off) with the gradient
+        grad_scale * g (a gradient clip's factor, folded in: g is read once and left as it is); `step` is t,
+        from 1.
 
         p -= lr * wd * p; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
         p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps). `tmp`: a scratch array of p's shape
-        that a backend may use (the reference does not).
+        that a backend may use (the reference does not). grad_scale: a float, or a 0-d array where p lives.
 
         >>> from fusegrad.backends import get_backend
         >>> p, g = np.float32([1.0]), np.float32([2.0])
@@ -412,6 +414,7 @@ class Backend:
         for a in (g, m, v):
             if tuple(a.shape) != tuple(p.shape):
                 raise ShapeError(f"adamw_update: arrays must all have p's shape {tuple(p.shape)}, got {tuple(a.shape)}")
+        g = g * grad_scale
         if wd:
             p *= 1.0 - lr * wd
         m *= beta1

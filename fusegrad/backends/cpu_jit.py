@@ -174,13 +174,13 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
 
 # -- AdamW ------------------------------------------------------------------------------------------------
 @jit
-def _adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bias2_sqrt):
-    decay = np.float32(1.0 - lr * wd)
+def _adamw(p, g, m, v, lr, beta1, beta2, eps, wd, step_size, bias2_sqrt, grad_scale):
+    decay, gs = np.float32(1.0 - lr * wd), np.float32(grad_scale)
     b1, b2 = np.float32(beta1), np.float32(beta2)
     c1, c2 = np.float32(1.0 - beta1), np.float32(1.0 - beta2)
     ss, bs, e = np.float32(step_size), np.float32(bias2_sqrt), np.float32(eps)
     for i in prange(p.size):
-        gi = g[i]
+        gi = gs * g[i]
         mi = b1 * m[i] + c1 * gi
         vi = b2 * v[i] + c2 * (gi * gi)
         m[i] = mi
@@ -301,13 +301,13 @@ class JitBackend(NumpyBackend):
             return super().dequantize_nf4(q, code, out)
         return cpu_jit_nf4.dequantize_nf4(q, code, out)
 
-    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None, grad_scale=1.0) -> None:
         """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
         if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
-            return super().adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp)
+            return super().adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp, grad_scale)
         _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
                float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
-               math.sqrt(1.0 - beta2 ** step))
+               math.sqrt(1.0 - beta2 ** step), float(grad_scale))
 
     def accumulate(self, out, x) -> None:
         """out += x on every core for C-contiguous float32 arrays of one shape."""

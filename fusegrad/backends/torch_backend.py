@@ -266,13 +266,16 @@ class TorchBackend(Backend):
         return super().attention_backward(dy.float(), wide, n_heads, n_kv_heads).to(dy.dtype)
 
     @torch.no_grad()
-    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None) -> None:
-        """The reference's math with torch's fused in-place ops: no temporaries on the device."""
+    def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None, grad_scale=1.0) -> None:
+        """The reference's math with torch's fused in-place ops: no temporaries on the device (the scaled
+        grad goes through `tmp`, which then holds the denominator)."""
+        denom = tmp if tmp is not None else torch.empty_like(p)
+        if not (isinstance(grad_scale, float) and grad_scale == 1.0):
+            g = torch.mul(g, grad_scale, out=denom)
         if wd:
             p.mul_(1.0 - lr * wd)
         m.mul_(beta1).add_(g, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        denom = tmp if tmp is not None else torch.empty_like(p)
         torch.sqrt(v, out=denom).div_(math.sqrt(1.0 - beta2 ** step)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / (1.0 - beta1 ** step))
 

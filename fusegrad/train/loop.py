@@ -34,7 +34,7 @@ from fusegrad.core.settings import check_fields, setting
 from fusegrad.core.trace import count, mark_step, span, trace
 from fusegrad.parallel.workers import ProcessDataParallel, WorkerError, choose_workers
 from fusegrad.train.checkpoint import value, weights
-from fusegrad.train.optim import clip_grad_norm
+from fusegrad.train.optim import clip_factor, grad_norm
 from fusegrad.train.schedule import cosine_schedule
 
 METRICS_FILE = "metrics.jsonl"
@@ -231,11 +231,13 @@ class Run:
             self.dp.allreduce_grads(params)
             total = self.dp.average(total)
         if self.loss_scale is None or self._unscale_grads(params, scale):
+            clip = 1.0  # the clip's factor is folded into AdamW's pass over the grads
             if cfg.grad_clip > 0:
-                clip_grad_norm(params, cfg.grad_clip)
+                with span("grad_norm", "optimizer"):
+                    clip = clip_factor(grad_norm(params), cfg.grad_clip, params[0].backend.xp)
             with span("adamw", "optimizer"):
                 self.optimizer.lr = lr
-                self.optimizer.step()
+                self.optimizer.step(grad_scale=clip)
         self.optimizer.zero_grad()
         self.step += 1
         for key, v in (("step", self.step), ("loss", total), ("lr", lr)):

@@ -83,7 +83,9 @@ class AdamW:
         self._scratch = xp.empty((max(t.numel() for t in self.params),), dtype=xp.float32,
                                  device=self.params[0].backend.device)
 
-    def step(self) -> None:
+    def step(self, grad_scale=1.0) -> None:
+        """One update of every parameter with a grad, from the grads times `grad_scale` (a gradient clip's
+        `clip_factor`: a float, or a 0-d array where the parameters live); the grads are left as they are."""
         beta1, beta2 = self.betas
         for i, p in enumerate(self.params):
             if p.grad is None:
@@ -94,7 +96,7 @@ class AdamW:
             tmp = self._scratch[: p.numel()].reshape(p.data.shape)
             update = p.backend.adamw_update  # numpy: the JIT kernel for float32, else the reference
             update(p.data, p.grad, self.exp_avg[i], self.exp_avg_sq[i], self.lr, beta1, beta2,
-                   self.eps, self.decay[i], self.steps[i], tmp=tmp)
+                   self.eps, self.decay[i], self.steps[i], tmp=tmp, grad_scale=grad_scale)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -129,32 +131,18 @@ class AdamW:
             self.steps[i] = int(state["steps"][n])
 
 
-def clip_grad_norm(params, max_norm: float):
-    """Scale all grads in place so their global L2 norm is at most max_norm; return the pre-clip norm.
+def grad_norm(params):
+    """The global L2 norm of the grads (params without grad are skipped): a float, or for grads on a device a
+    0-d device array (no host read).
 
     Each grad's sum of squares is one BLAS dot in its own dtype (float32: ~1e-5 relative error on a 9 M
     element embedding grad, smaller than torch's own float32 norm), summed across grads in float64; a
-    non-finite dot is redone in float64 chunks, so only a real inf/NaN gives a non-finite norm. Params
-    without grad are skipped. Like torch.nn.utils.clip_grad_norm_ the scale is max_norm / (norm + 1e-6). A non-finite
-    norm is returned with the grads untouched: the caller decides to stop. Grads on a device are clipped
-    there without a host read: the norm comes back as a 0-d device array.
-
-    >>> import fusegrad as fg
-    >>> w = fg.tensor([0.0, 0.0], requires_grad=True); w.grad = np.float32([3.0, 4.0])
-    >>> clip_grad_norm([w], 1.0)
-    5.0
-    >>> print(w.grad.round(4))   # scaled by 1 / (5 + 1e-6)
-    [0.6 0.8]
+    non-finite dot is redone in float64 chunks, so only a real inf/NaN gives a non-finite norm.
     """
     named = [t for _, t in _named(params) if t.grad is not None]
     if named and not isinstance(named[0].grad, np.ndarray):
         be = named[0].backend
-        xp = be.xp
-        norm = xp.sqrt(be.sum_of_squares([t.grad for t in named]))  # 0-d, on the device
-        scale = xp.where(xp.isfinite(norm) & (norm > max_norm), max_norm / (norm + 1e-6), xp.ones_like(norm))
-        for t in named:
-            t.grad *= xp.astype(scale, t.grad.dtype)
-        return norm
+        return be.xp.sqrt(be.sum_of_squares([t.grad for t in named]))  # 0-d, on the device
     total = 0.0
     for g in (t.grad for t in named):
         flat = g.reshape(-1)
@@ -164,9 +152,35 @@ def clip_grad_norm(params, max_norm: float):
             square_sum = sum(float(np.dot(c, c)) for c in (flat[i:i + _CLIP_CHUNK].astype(np.float64)
                                                            for i in range(0, flat.size, _CLIP_CHUNK)))
         total += square_sum
-    norm = math.sqrt(total)
-    if math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+    return math.sqrt(total)
+
+
+def clip_factor(norm, max_norm: float, xp=np):
+    """What clipping multiplies the grads by: max_norm / (norm + 1e-6) past max_norm (like
+    torch.nn.utils.clip_grad_norm_), else 1; also 1 for a non-finite norm (the caller decides to stop). A 0-d
+    device norm gives a 0-d device factor (xp: that backend's array namespace, `backend.xp`)."""
+    if isinstance(norm, float):
+        return max_norm / (norm + 1e-6) if math.isfinite(norm) and norm > max_norm else 1.0
+    return xp.where(xp.isfinite(norm) & (norm > max_norm), max_norm / (norm + 1e-6), xp.ones_like(norm))
+
+
+def clip_grad_norm(params, max_norm: float):
+    """Scale all grads in place so their global L2 norm is at most max_norm; return the pre-clip norm
+    (`grad_norm`; scaled by `clip_factor`). A training loop instead passes the factor to `AdamW.step`, which
+    folds it into its one pass over the grads.
+
+    >>> import fusegrad as fg
+    >>> w = fg.tensor([0.0, 0.0], requires_grad=True); w.grad = np.float32([3.0, 4.0])
+    >>> clip_grad_norm([w], 1.0)
+    5.0
+    >>> print(w.grad.round(4))   # scaled by 1 / (5 + 1e-6)
+    [0.6 0.8]
+    """
+    named = [t for _, t in _named(params) if t.grad is not None]
+    norm = grad_norm(named)
+    xp = named[0].backend.xp if named else np
+    scale = clip_factor(norm, max_norm, xp)
+    if not (isinstance(scale, float) and scale == 1.0):
         for t in named:
-            t.grad *= scale
+            t.grad *= scale if isinstance(scale, float) else xp.astype(scale, t.grad.dtype)
     return norm

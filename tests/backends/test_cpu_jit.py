@@ -198,13 +198,15 @@ def test_attention_large_scores_and_nan_match_reference(rng):
 
 
 @pytest.mark.parametrize("shape", [(1,), (7, 3), (288,), (65, 129)])
-@pytest.mark.parametrize("wd, step", [(0.0, 1), (0.1, 7)])
-def test_adamw_matches_reference(rng, shape, wd, step):
+@pytest.mark.parametrize("wd, step, clip", [(0.0, 1, 1.0), (0.1, 7, 1.0), (0.1, 3, 0.25)])
+def test_adamw_matches_reference(rng, shape, wd, step, clip):
     p, g = f32(rng, *shape), f32(rng, *shape)
     m, v = f32(rng, *shape, scale=0.1), np.abs(f32(rng, *shape, scale=0.1))
     ref = [a.copy() for a in (p, m, v)]
-    jit.adamw_update(p, g, m, v, 3e-3, 0.9, 0.95, 1e-8, wd, step)
-    reference_adamw(ref[0], g, ref[1], ref[2], 3e-3, 0.9, 0.95, 1e-8, wd, step)
+    g_before = g.copy()
+    jit.adamw_update(p, g, m, v, 3e-3, 0.9, 0.95, 1e-8, wd, step, grad_scale=clip)
+    reference_adamw(ref[0], g, ref[1], ref[2], 3e-3, 0.9, 0.95, 1e-8, wd, step, grad_scale=clip)
+    assert np.array_equal(g, g_before)  # the clip's factor is applied on the fly, the grad is left as it was
     for got, want in zip((p, m, v), ref):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 

@@ -132,9 +132,9 @@ def test_classifier_cross_entropy(be, rng, chunk):
 def test_adamw_accumulate_sum_of_squares(be, rng):
     p, g, m, v = f32(rng, 4, 5), f32(rng, 4, 5), f32(rng, 4, 5) * 0.1, np.abs(f32(rng, 4, 5))
     arrays = [be.asarray(a.copy()) for a in (p, m, v)]
-    for step in (1, 2):
-        be.adamw_update(arrays[0], be.asarray(g), arrays[1], arrays[2], 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
-        REF.adamw_update(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
+    for step, clip in ((1, 1.0), (2, 0.37)):  # the second step folds in a gradient clip's factor
+        be.adamw_update(arrays[0], be.asarray(g), arrays[1], arrays[2], 1e-2, 0.9, 0.95, 1e-8, 0.1, step, grad_scale=clip)
+        REF.adamw_update(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, step, grad_scale=clip)
     for got, want in zip(arrays, (p, m, v)):
         close(be, got, want)
     be.accumulate(arrays[0], be.asarray(g))

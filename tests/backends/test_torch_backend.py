@@ -108,6 +108,11 @@ def test_adamw_update(be):
         be.adamw_update(tp, be.asarray(g), tm, tv, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
         adamw_update(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, step)
     close(tp, p), close(tm, m), close(tv, v)
+    tg = be.asarray(g)
+    for clip in (0.5, be.asarray(np.float32(0.25)).reshape(())):  # a host factor, a 0-d device one
+        be.adamw_update(tp, tg, tm, tv, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, tmp=be.xp.empty_like(tp), grad_scale=clip)
+        adamw_update(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3, grad_scale=float(clip))
+        close(tp, p), close(tm, m), close(tv, v), close(tg, g)
 
 
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])

@@ -25,8 +25,8 @@ def test_a_nan_weight_stops_the_run_and_the_last_checkpoint_stays_good(tmp_path)
     trainer = Trainer(tiny(tmp_path))
     step = trainer.optimizer.step
 
-    def poisoned_step():
-        step()
+    def poisoned_step(grad_scale=1.0):
+        step(grad_scale)
         if trainer.step == 3:  # the last optimizer step: no loss sees it before the final save
             trainer.model.params["norm"].data[0] = np.nan
 

@@ -9,7 +9,7 @@ import fusegrad as fg
 from fusegrad.backends.numpy_backend import NumpyBackend
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.train import optim
-from fusegrad.train.optim import AdamW, clip_grad_norm, decays_except_embeddings
+from fusegrad.train.optim import AdamW, clip_factor, clip_grad_norm, decays_except_embeddings, grad_norm
 
 torch = pytest.importorskip("torch")
 
@@ -87,13 +87,14 @@ def test_adamw_update_reference_kernel_against_float64_formula(rng):
     p, g = rng.standard_normal(50).astype(np.float32), rng.standard_normal(50).astype(np.float32)
     m, v = rng.standard_normal(50).astype(np.float32), rng.random(50).astype(np.float32)
     p64, m64, v64 = p.astype(np.float64), m.astype(np.float64), v.astype(np.float64)
-    lr, b1, b2, eps, wd, t = 0.01, 0.8, 0.99, 1e-8, 0.05, 7
-    NumpyBackend().adamw_update(p, g, m, v, lr, b1, b2, eps, wd, t)
-    m64 = b1 * m64 + (1 - b1) * g
-    v64 = b2 * v64 + (1 - b2) * g.astype(np.float64) ** 2
+    lr, b1, b2, eps, wd, t, clip = 0.01, 0.8, 0.99, 1e-8, 0.05, 7, 0.3
+    NumpyBackend().adamw_update(p, g, m, v, lr, b1, b2, eps, wd, t, grad_scale=clip)
+    g64 = clip * g.astype(np.float64)
+    m64 = b1 * m64 + (1 - b1) * g64
+    v64 = b2 * v64 + (1 - b2) * g64 ** 2
     p64 = p64 * (1 - lr * wd) - lr * (m64 / (1 - b1 ** t)) / (np.sqrt(v64 / (1 - b2 ** t)) + eps)
-    np.testing.assert_allclose(m, m64, rtol=1e-6)
-    np.testing.assert_allclose(v, v64, rtol=1e-6)
+    np.testing.assert_allclose(m, m64, rtol=1e-6, atol=1e-7)  # float32 rounding of clip * g, then a sum
+    np.testing.assert_allclose(v, v64, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(p, p64, rtol=1e-6, atol=1e-7)
 
 
@@ -184,6 +185,28 @@ def test_clip_grad_norm_matches_torch(rng, max_norm):
     for t, u in zip(ts, tt):
         np.testing.assert_allclose(t.grad, u.grad.numpy(), rtol=1e-6, atol=1e-9)
     assert extra.grad is None
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_a_clip_folded_into_adamw_matches_torchs_clip_then_adamw(rng, max_norm):
+    """What the training loop runs: grad_norm, then AdamW.step(grad_scale=clip_factor(...)); the grads stay."""
+    named = make_params(rng)
+    opt = AdamW(named, lr=3e-3)
+    tparams, topt = torch_adamw(named, {n: opt.decay[i] > 0 for i, n in enumerate(opt.names)}, 3e-3, (0.9, 0.95), 0.1)
+    for step in range(3):
+        for n, t in named:
+            t.grad = (rng.standard_normal(t.shape) * 3).astype(np.float32)
+            tparams[n].grad = torch.from_numpy(t.grad.copy())
+        grads = [t.grad.copy() for _, t in named]
+        norm = grad_norm(named)
+        opt.step(grad_scale=clip_factor(norm, max_norm))
+        tnorm = torch.nn.utils.clip_grad_norm_(list(tparams.values()), max_norm)
+        topt.step()
+        assert norm == pytest.approx(tnorm.item(), rel=1e-6)
+        assert all(np.array_equal(t.grad, g) for (_, t), g in zip(named, grads))
+        for n, t in named:
+            np.testing.assert_allclose(t.data, tparams[n].detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=n)
+    assert clip_factor(float("nan"), 1.0) == 1.0 and clip_factor(0.5, 1.0) == 1.0
 
 
 def test_clip_grad_norm_accuracy_and_nonfinite(rng):
