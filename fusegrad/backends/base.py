@@ -144,6 +144,24 @@ class Backend:
         with span("gemm", "matmul", m=m, k=k, n=n, batch=batch, backend=self.name):
             return xp.matmul(xp.matrix_transpose(a) if trans_a else a, xp.matrix_transpose(b) if trans_b else b)
 
+    def gemm_accumulate(self, c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0) -> None:
+        """c += alpha op(a) op(b) in place, 2-D: (M, K) x (K, N) into c (M, N), which may be a column slice
+        `y[:, rows]` (LoRA's rank-r update into its part of a fused projection) -- no (M, N) temporary where
+        the BLAS takes beta = 1.
+
+        >>> from fusegrad.backends import get_backend
+        >>> c = np.ones((2, 2), np.float32)
+        >>> get_backend("numpy").gemm_accumulate(c, np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32), alpha=2.0)
+        >>> print(c)
+        [[3. 1.]
+         [1. 3.]]
+        """
+        m, _, n, _ = gemm_dims(a.shape, b.shape, trans_a, trans_b)
+        if tuple(c.shape) != (m, n):
+            raise ShapeError(f"gemm_accumulate: c is {tuple(c.shape)}, op(a) op(b) is ({m}, {n})")
+        product = self.gemm(a, b, trans_a, trans_b)
+        c += product if alpha == 1.0 else product * alpha
+
     def mm(self, a, b):
         """a @ b inside a kernel (attention, classifier): no span; a mixed-precision backend multiplies in its
         compute dtype and returns float32, so the softmax that follows runs in float32."""

@@ -161,10 +161,10 @@ def accumulate_dw(dw, dlogits, h, scratch=None):
     (made on first use) added in a second pass.
     """
     (V, C), n = dw.shape, h.shape[0]
-    if openblas.CBLAS_SGEMM is not None:
+    run = openblas.sgemm_accumulate(dw, dlogits, h, trans_a=True)
+    if run is not None:
         with span("gemm", "matmul", m=V, k=n, n=C, batch=1, backend="numpy", op="classifier"):
-            openblas.CBLAS_SGEMM(openblas.ROW_MAJOR, openblas.TRANS, openblas.NO_TRANS, V, C, n, 1.0,
-                                 dlogits.ctypes.data, V, h.ctypes.data, C, 1.0, dw.ctypes.data, C)
+            run()
         return scratch
     scratch = np.empty_like(dw) if scratch is None else scratch
     traced_matmul(dlogits.T, h, "classifier", out=scratch)

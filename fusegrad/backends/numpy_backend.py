@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 
+from fusegrad.backends import openblas
 from fusegrad.backends.base import Backend, gemm_dims
 from fusegrad.backends.dispatch import GemmChain
 from fusegrad.core.trace import count, span, tracing
@@ -104,6 +105,16 @@ class NumpyBackend(Backend):
         except ValueError:
             gemm_dims(a.shape, b.shape, trans_a, trans_b)  # raises the ShapeError naming the mismatch
             raise
+
+    def gemm_accumulate(self, c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0) -> None:
+        """One OpenBLAS sgemm with beta = 1 for float32 operands with a unit stride; else the reference."""
+        run = None if self.chain.offloads else openblas.sgemm_accumulate(c, a, b, trans_a, trans_b, alpha)
+        if run is None:
+            return super().gemm_accumulate(c, a, b, trans_a, trans_b, alpha)
+        count("dispatch:numpy")
+        with span("gemm", "matmul", m=c.shape[0], k=b.shape[1] if trans_b else b.shape[0], n=c.shape[1], batch=1,
+                  backend=self.name):
+            run()
 
     def prewarm_gemm(self, m, k, n, dtype) -> None:
         np.matmul(np.zeros((m, k), dtype), np.zeros((k, n), dtype))

@@ -51,6 +51,37 @@ CBLAS_SGEMM = _cblas_sgemm()
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 
 
+def _as_row_major(x, trans: bool):
+    """(x or x.T, trans flag, leading dimension) with unit column stride, or None when neither layout has it."""
+    s0, s1 = x.strides
+    if s1 == 4 and s0 % 4 == 0 and s0 // 4 >= max(x.shape[1], 1):
+        return x, trans, s0 // 4
+    if s0 == 4 and s1 % 4 == 0 and s1 // 4 >= max(x.shape[0], 1):  # a transposed view: flip the flag
+        return x.T, not trans, s1 // 4
+    return None
+
+
+def sgemm_accumulate(c, a, b, trans_a: bool = False, trans_b: bool = False, alpha: float = 1.0):
+    """A call that does c += alpha op(a) op(b) in place by one cblas_sgemm (beta = 1); None when numpy's
+    OpenBLAS is out of reach or an operand is not a 2-D float32 array with a unit stride (a column slice
+    `y[:, rows]` or a transposed view is fine) or the shapes do not chain."""
+    if CBLAS_SGEMM is None or not all(isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 2
+                                      for x in (a, b, c)):
+        return None
+    ra, rb, rc = _as_row_major(a, trans_a), _as_row_major(b, trans_b), _as_row_major(c, False)
+    if ra is None or rb is None or rc is None or rc[1]:  # c must be row-major itself, not a transposed view
+        return None
+    (a, ta, lda), (b, tb, ldb), (c, _, ldc) = ra, rb, rc
+    m, n = c.shape
+    k = a.shape[0] if ta else a.shape[1]
+    if (a.shape[1] if ta else a.shape[0]) != m or (b.shape[0] if tb else b.shape[1]) != n \
+            or (b.shape[1] if tb else b.shape[0]) != k:
+        return None
+    args = (ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, m, n, k, float(alpha),
+            a.ctypes.data, lda, b.ctypes.data, ldb, 1.0, c.ctypes.data, ldc)
+    return lambda: CBLAS_SGEMM(*args)
+
+
 def corename() -> str | None:
     """The kernel family OpenBLAS chose at load ('Haswell', 'SkylakeX', ...), or None without OpenBLAS."""
     f = getattr(LIB, "scipy_openblas_get_corename64_", None)

@@ -123,8 +123,8 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
         with span("lora_forward", "lora", parts=P, r=r):
             us = be.gemm(xa, A.data, trans_b=True)  # (N, P r)
             us *= scaling
-            for p, (rows, B) in enumerate(zip(slices, Bs)):
-                y[:, rows] += be.gemm(us[:, p * r:(p + 1) * r], B.data, trans_b=True)
+            for p, (rows, B) in enumerate(zip(slices, Bs)):  # y[:, rows] += u_p B_p^T, no temporary
+                be.gemm_accumulate(y[:, rows], us[:, p * r:(p + 1) * r], B.data, trans_b=True)
     base_t = base if isinstance(base, Tensor) else None
     inputs = tuple(tensors) + ((base_t,) if base_t is not None else ())
 
@@ -143,9 +143,10 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
         dx = None
         if x.requires_grad:
             dx = be.gemm(g2, _base_weight(base, be, weight_buffer))  # (N, in): the only GEMM the frozen base costs
-            if P:
-                dxa = be.gemm(du, A.data)
-                dx += dxa if dropout_mask is None else dxa * dropout_mask
+            if P and dropout_mask is None:
+                be.gemm_accumulate(dx, du, A.data)
+            elif P:
+                dx += be.gemm(du, A.data) * dropout_mask
             dx = dx.reshape(x.shape)
         grads = [dx] + ([dA] if A is not None else []) + dBs
         if base_t is not None:

@@ -53,6 +53,34 @@ def test_gemm(be, rng, trans_a, trans_b):
     close(be, be.gemm(be.asarray(a), be.asarray(b), trans_a, trans_b), REF.gemm(a, b, trans_a, trans_b))
 
 
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_accumulate_into_a_column_slice(be, rng, trans_a, trans_b):
+    """LoRA's y[:, rows] += u B^T: c a strided view; operands stored row-major, then as transposed views."""
+    a, b = f32(rng, *((7, 5) if trans_a else (5, 7))), f32(rng, *((3, 7) if trans_b else (7, 3)))
+    product = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b)
+    y = f32(rng, 5, 9)
+    want, y_be = y.astype(np.float64), be.asarray(y.copy())
+    for column_major in (False, True):
+        stored = [be.asarray(np.ascontiguousarray(x.T)).T if column_major else be.asarray(x) for x in (a, b)]
+        be.gemm_accumulate(y_be[:, 2:5], *stored, trans_a, trans_b, alpha=0.5)
+        want[:, 2:5] += 0.5 * product
+        close(be, y_be, want)
+    with pytest.raises(base.ShapeError, match=r"gemm_accumulate: c is \(5, 2\)"):
+        be.gemm_accumulate(y_be[:, 2:4], be.asarray(a), be.asarray(b), trans_a, trans_b)
+
+
+def test_gemm_accumulate_outside_blas_reach_takes_the_reference(rng):
+    """float64 operands, or c a transposed view: the reference's product and add, same result."""
+    be = NumpyBackend()
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((3, 2))
+    c = np.zeros((4, 2))
+    be.gemm_accumulate(c, a, b)
+    np.testing.assert_allclose(c, a @ b)
+    ct = np.zeros((2, 4), np.float32)
+    be.gemm_accumulate(ct.T, a.astype(np.float32), b.astype(np.float32))
+    np.testing.assert_allclose(ct.T, a @ b, rtol=1e-5, atol=1e-6)
+
+
 def test_rmsnorm(be, rng):
     x, w, dy = f32(rng, 6, 16), f32(rng, 16), f32(rng, 6, 16)
     y, rstd = be.rmsnorm_forward(be.asarray(x), be.asarray(w), 1e-5)

@@ -47,6 +47,20 @@ def test_cblas_sgemm_adds_into_c(rng):
     np.testing.assert_allclose(c, 2 * a.astype(np.float64) @ b.T.astype(np.float64) + 1, rtol=1e-5, atol=1e-5)
 
 
+def test_sgemm_accumulate_takes_views_with_a_unit_stride_and_refuses_the_rest(rng):
+    a, b = rng.standard_normal((6, 3)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)
+    y = np.zeros((6, 10), np.float32)
+    run = openblas.sgemm_accumulate(y[:, 3:7], np.ascontiguousarray(a.T).T, b)  # a column slice, a transposed view
+    assert run is not None
+    run()
+    np.testing.assert_allclose(y[:, 3:7], a.astype(np.float64) @ b, rtol=1e-5, atol=1e-6)
+    assert not y[:, :3].any() and not y[:, 7:].any()
+    assert openblas.sgemm_accumulate(y[:, 3:7], a.astype(np.float64), b) is None  # not float32
+    assert openblas.sgemm_accumulate(np.zeros((4, 6), np.float32).T, a, b) is None  # c a transposed view
+    assert openblas.sgemm_accumulate(y[:, 3:7], a[:, ::2], b[:2]) is None  # no unit stride
+    assert openblas.sgemm_accumulate(y[:, 3:6], a, b) is None  # shapes do not chain
+
+
 def test_threads_sets_the_count_inside_and_restores_it_after_an_error():
     if openblas.THREAD_COUNT is None:
         pytest.skip("OpenBLAS's thread count is out of reach")
