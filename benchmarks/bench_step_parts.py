@@ -1,0 +1,85 @@
+"""Two parts of a step, done the earlier way and the current way, alternating in one process (medians):
+
+1. the optimizer tail of a stories15M step: `clip_grad_norm` (norm, then a pass scaling every grad) + AdamW,
+   against `grad_norm` + `AdamW.step(grad_scale=clip_factor(...))` (the factor folded into AdamW's pass);
+2. LoRA's rank-r adds at stories15M shapes (1024 rows; fused qkv of 3 parts of 288, r 8): y[:, rows] +=
+   u_p B_p^T and dx += du A through numpy temporaries, against `gemm_accumulate` (one sgemm with beta = 1).
+
+    PYTHONPATH=. python benchmarks/bench_step_parts.py [--rounds 30]
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from fusegrad.backends import get_backend
+from fusegrad.models.llama import Llama
+from fusegrad.train.optim import AdamW, clip_factor, clip_grad_norm, grad_norm
+
+
+def alternate(pairs: dict, rounds: int, before=lambda: None) -> dict:
+    """{name: median seconds} of each callable, the order flipped every round, the first two rounds dropped."""
+    times = {name: [] for name in pairs}
+    for i in range(rounds + 2):
+        for name in (list(pairs) if i % 2 else list(pairs)[::-1]):
+            before()
+            t0 = time.perf_counter()
+            pairs[name]()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def optimizer_tail(rounds: int) -> dict:
+    model = Llama.from_preset("stories15M", seed=0)
+    opt = AdamW(model.named_parameters(), lr=3e-4)
+    rng = np.random.default_rng(0)
+    grads = {n: rng.standard_normal(t.shape).astype(np.float32) for n, t in model.params.items()}
+
+    def fresh_grads():
+        for n, t in model.params.items():
+            t.grad = grads[n].copy()
+
+    def earlier():
+        clip_grad_norm(opt.params, 1.0)
+        opt.step()
+
+    return alternate({"clip_grad_norm + step()": earlier,
+                      "grad_norm + step(grad_scale)": lambda: opt.step(grad_scale=clip_factor(grad_norm(opt.params), 1.0))},
+                     rounds, fresh_grads)
+
+
+def lora_adds(rounds: int) -> dict:
+    be = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    N, C, r, parts = 1024, 288, 8, 3
+    y, us, du, dx, A = f32(N, parts * C), f32(N, parts * r), f32(N, parts * r), f32(N, C), f32(parts * r, C)
+    Bs = [f32(C, r) for _ in range(parts)]
+
+    def earlier():
+        for p in range(parts):
+            y[:, p * C:(p + 1) * C] += be.gemm(us[:, p * r:(p + 1) * r], Bs[p], trans_b=True)
+        dx[:] += be.gemm(du, A)
+
+    def current():
+        for p in range(parts):
+            be.gemm_accumulate(y[:, p * C:(p + 1) * C], us[:, p * r:(p + 1) * r], Bs[p], trans_b=True)
+        be.gemm_accumulate(dx, du, A)
+
+    return alternate({"numpy temporaries": earlier, "gemm_accumulate": current}, rounds * 10)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=30)
+    args = p.parse_args()
+    for title, result in (("optimizer tail, stories15M", optimizer_tail(args.rounds)),
+                          ("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(args.rounds))):
+        (a, ta), (b, tb) = result.items()
+        print(f"{title}: {a} {ta * 1e3:.2f} ms, {b} {tb * 1e3:.2f} ms ({tb / ta:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
