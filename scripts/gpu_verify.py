@@ -37,7 +37,7 @@ from fusegrad.backends import get_backend  # noqa: E402
 from fusegrad.finetune.lora import LoraConfig, attach_lora  # noqa: E402
 from fusegrad.models.hf_names import HF_MODULES  # noqa: E402
 from fusegrad.models.llama import Llama, LlamaConfig, preset  # noqa: E402
-from fusegrad.train.optim import AdamW, clip_grad_norm  # noqa: E402
+from fusegrad.train.optim import AdamW, clip_factor, grad_norm  # noqa: E402
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=256, max_seq_len=64)
 
@@ -123,8 +123,7 @@ def full_steps(cfg, be, device, batch, seq, steps, compile_cap):
         def ours():
             with be.precision(dtype):
                 model.loss(tokens).backward()
-            clip_grad_norm(opt.params, 1.0)
-            opt.step()
+            opt.step(grad_scale=clip_factor(grad_norm(opt.params), 1.0, be.xp))  # as train/loop.py: clip folded in
             opt.zero_grad()
         peak_memory(device, reset=True)
         row = {"fusegrad": timed(ours, be.synchronize, steps)}
@@ -176,8 +175,7 @@ def lora_step(cfg, be, device, batch, seq, steps):
 
     def ours():
         model.loss(tokens).backward()
-        clip_grad_norm(opt.params, 1.0)
-        opt.step()
+        opt.step(grad_scale=clip_factor(grad_norm(opt.params), 1.0, be.xp))
         opt.zero_grad()
     row = {"fusegrad": timed(ours, be.synchronize, steps)}
     spec = {"config": cfg.to_dict(), "seed": 0, "lora": {"qlora": False, "rank": 8, "alpha": 16,
