@@ -3,6 +3,7 @@ with a LoRA adapter folded in, written as a Hugging Face directory, a llama2.c `
 
     fusegrad export runs/default --format gguf --out model.gguf --dtype q8_0
     fusegrad export hf_dir --adapter runs/ft --format llama2c --out merged.bin
+    fusegrad export runs/ft --out merged_hf      # an adapter dir alone: its base_model_name_or_path, merged
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data.tokenizer import tokenizer_for_model
-from fusegrad.finetune.peft_io import load_adapter
+from fusegrad.finetune.peft_io import adapter_base_model, load_adapter
 from fusegrad.models.export import export_model
 from fusegrad.train.trainer import load_model
 
@@ -31,12 +32,22 @@ def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtyp
     target = os.path.join(out, "config.json") if fmt == "hf" else out
     if os.path.exists(target) and not force:
         raise FormatError(f"{target}: already exists; pass --force to overwrite")
-    model, own = load_model(src)
+    model, own, src = load_merged(src, adapter)
     tok = tokenizer_for_model(src, model.config.vocab_size, own, tokenizer) if tokenizer or own else None
-    if adapter:
-        load_adapter(adapter, model).merge()
     export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None)
     return fmt
+
+
+def load_merged(src, adapter: str = ""):
+    """-> (model, its own tokenizer or None, the model's path): the model at `src` with `adapter` folded into
+    its weights; `src` an adapter directory alone loads the base model its adapter_config.json names."""
+    base = None if adapter else adapter_base_model(src)
+    if base is not None:
+        src, adapter = base, src
+    model, own = load_model(src)
+    if adapter:
+        load_adapter(adapter, model).merge()
+    return model, own, src
 
 
 def _cmd_export(args) -> int:
@@ -47,7 +58,7 @@ def _cmd_export(args) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a run, checkpoint or base + adapter as HF, llama2.c or GGUF")
-    p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir or llama2.c .bin")
+    p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir, llama2.c .bin, or a fine-tune's adapter dir")
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
     p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")

@@ -27,7 +27,6 @@ from fusegrad.core.tensor import tensor
 from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
 from fusegrad.data.tokenizer import tokenizer_for_model
-from fusegrad.finetune.peft_io import load_adapter
 from fusegrad.models.generate import generate
 from fusegrad.models.llama import Llama
 from fusegrad.train.trainer import TrainConfig, load_model, train
@@ -44,14 +43,12 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    model, tokenizer = load_model(args.checkpoint)
-    if args.adapter:  # a PEFT LoRA adapter, folded into the weights in memory
-        load_adapter(args.adapter, model).merge()
+    model, tokenizer, path = export.load_merged(args.checkpoint, args.adapter)  # an adapter folded in, in memory
     if args.backend != "numpy" or args.device:  # the weights go to the device once; generation runs there
         be = get_backend(f"{args.backend}:{args.device}" if args.device else args.backend)
         model = Llama(model.config, params={n: tensor(t.numpy(), backend=be) for n, t in model.params.items()},
                       backend=be)
-    tokenizer = tokenizer_for_model(args.checkpoint, model.config.vocab_size, tokenizer, args.tokenizer,
+    tokenizer = tokenizer_for_model(path, model.config.vocab_size, tokenizer, args.tokenizer,
                                     args.force_tokenizer)
     if args.chat:  # the prompt as a one-turn conversation, in the model's own chat template
         text = chat_text(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
@@ -114,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint.safetensors, HF dir or llama2.c .bin")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint.safetensors, HF dir, llama2.c .bin, or a fine-tune's adapter dir")
     p.add_argument("--prompt", default="")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)

@@ -102,7 +102,7 @@ def test_sample_with_an_adapter_equals_sampling_the_merged_model(tmp_path):
     lora = attach_lora(model, LoraConfig(targets="q,v", r=4, alpha=8))
     for p in lora.parameters():  # a non-trivial adapter (B starts at zero)
         p.data[...] = np.random.default_rng(0).normal(0, 0.3, p.shape)
-    save_adapter(tmp_path / "ad", lora)
+    save_adapter(tmp_path / "ad", lora, base_model=str(tmp_path / "base"))  # as `fusegrad finetune` records it
     lora.merge()
     model.save_pretrained(tmp_path / "merged")
     (tmp_path / "merged" / "byte_tokenizer.json").write_text('{"kind": "byte"}')
@@ -110,8 +110,9 @@ def test_sample_with_an_adapter_equals_sampling_the_merged_model(tmp_path):
     with_adapter = run_cli("sample", "--checkpoint", str(tmp_path / "base"), "--adapter", str(tmp_path / "ad"), *args)
     merged = run_cli("sample", "--checkpoint", str(tmp_path / "merged"), *args)
     plain = run_cli("sample", "--checkpoint", str(tmp_path / "base"), *args)
-    assert with_adapter.returncode == 0, with_adapter.stderr
-    assert with_adapter.stdout == merged.stdout != plain.stdout
+    alone = run_cli("sample", "--checkpoint", str(tmp_path / "ad"), *args)  # the adapter dir names its base
+    assert with_adapter.returncode == 0 and alone.returncode == 0, with_adapter.stderr + alone.stderr
+    assert with_adapter.stdout == merged.stdout == alone.stdout != plain.stdout
 
 
 def test_doctor_reports_every_kernel_and_says_the_ane_is_absent(capsys):
@@ -237,6 +238,30 @@ def test_export_hf_with_an_adapter_loads_in_transformers_with_tokenizer_and_temp
     assert (tok.bos_token_id, tok.eos_token_id) == (src.bos_token_id, src.eos_token_id)
     assert main(["merge", "--model", str(hf_model), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "out"),
                  "--force"]) == 0  # merge: the same code
+
+
+def test_export_of_an_adapter_dir_alone_merges_the_base_it_names(hf_model, tmp_path, capsys):
+    """`fusegrad export runs/ft`: a fine-tune's adapter dir, its base taken from base_model_name_or_path."""
+    import json
+
+    from fusegrad.train.trainer import load_model
+
+    merged = lora_adapter(hf_model, tmp_path / "ad")
+    config = tmp_path / "ad" / "adapter_config.json"
+    meta = json.loads(config.read_text())
+    assert meta["base_model_name_or_path"] is None  # saved without a base: nothing to merge into
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "o0")]) == 2
+    assert "base_model_name_or_path is None, not a local model directory" in capsys.readouterr().err
+    config.write_text(json.dumps(dict(meta, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")))  # a Hub id
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "o1")]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json: base_model_name_or_path is 'HuggingFaceTB/SmolLM2-135M'" in err and "--adapter" in err
+    config.write_text(json.dumps(dict(meta, base_model_name_or_path=str(hf_model))))
+    assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "out")]) == 0
+    tokens = np.array([[1, 5, 9, 40, 7]])
+    exported, tokenizer = load_model(tmp_path / "out")
+    np.testing.assert_allclose(exported.logits(tokens).numpy(), merged.logits(tokens).numpy(), rtol=1e-5, atol=1e-6)
+    assert tokenizer is not None  # the base's tokenizer went along
 
 
 def test_export_a_run_to_llama2c(tmp_path):
