@@ -70,11 +70,14 @@ BACKENDS = {"lora": JitBackend, "qlora": JitBackend, "qlora-host": HostDequant, 
 
 
 
-def alternate(cases: dict, reps: int) -> dict:
-    """{name: fn} -> {name: [seconds per call]}, the cases run in turn, reps rounds."""
+def alternate(cases: dict, reps: int, before=None) -> dict:
+    """{name: fn} -> {name: [seconds per call]}, the cases run in turn, reps rounds; `before()`, if given, runs
+    untimed ahead of each call."""
     times = {c: [] for c in cases}
     for _ in range(reps):
         for c, fn in cases.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             times[c].append(time.perf_counter() - t0)

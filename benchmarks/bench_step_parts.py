@@ -9,26 +9,22 @@
 """
 import argparse
 import statistics
-import time
 
 import numpy as np
+
+from benchmarks.bench_qlora import alternate
 
 from fusegrad.backends import get_backend
 from fusegrad.models.llama import Llama
 from fusegrad.train.optim import AdamW, clip_factor, clip_grad_norm, grad_norm
 
 
-def alternate(pairs: dict, rounds: int, before=lambda: None) -> dict:
-    """{name: median seconds} of each callable, the order flipped every round, the first two rounds dropped."""
-    times = {name: [] for name in pairs}
-    for i in range(rounds + 2):
-        for name in (list(pairs) if i % 2 else list(pairs)[::-1]):
-            before()
-            t0 = time.perf_counter()
-            pairs[name]()
-            if i >= 2:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+def medians(cases: dict, rounds: int, before=None) -> dict:
+    """{name: median seconds a call}, each case called once untimed first, then in turn (bench_qlora's alternate)."""
+    for fn in cases.values():
+        (before or (lambda: None))()
+        fn()
+    return {name: statistics.median(t) for name, t in alternate(cases, rounds, before).items()}
 
 
 def optimizer_tail(rounds: int) -> dict:
@@ -45,7 +41,7 @@ def optimizer_tail(rounds: int) -> dict:
         clip_grad_norm(opt.params, 1.0)
         opt.step()
 
-    return alternate({"clip_grad_norm + step()": earlier,
+    return medians({"clip_grad_norm + step()": earlier,
                       "grad_norm + step(grad_scale)": lambda: opt.step(grad_scale=clip_factor(grad_norm(opt.params), 1.0))},
                      rounds, fresh_grads)
 
@@ -68,7 +64,7 @@ def lora_adds(rounds: int) -> dict:
             be.gemm_accumulate(y[:, p * C:(p + 1) * C], us[:, p * r:(p + 1) * r], Bs[p], trans_b=True)
         be.gemm_accumulate(dx, du, A)
 
-    return alternate({"numpy temporaries": earlier, "gemm_accumulate": current}, rounds * 10)
+    return medians({"numpy temporaries": earlier, "gemm_accumulate": current}, rounds * 10)
 
 
 def main() -> None:

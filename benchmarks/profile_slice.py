@@ -14,15 +14,9 @@ import time
 import numpy as np
 
 import fusegrad as fg
+from fusegrad.cli.bench import sgemm_peak
 from fusegrad.finetune.lora import LoraConfig, attach_lora
 from fusegrad.models.llama import Llama
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
-    a, b = np.ones((n, n), np.float32), np.ones((n, n), np.float32)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -59,7 +53,7 @@ def main() -> None:
             row[1] += 1
             row[2] += 2.0 * a["m"] * a["k"] * a["n"] * a["batch"]
     total = sum(r[0] for r in gemms.values())
-    print(f"sgemm 2048^3 on these threads: {sgemm_gflops():.0f} GFLOP/s")
+    print(f"sgemm 2048^3 on these threads: {sgemm_peak(2048) / 1e9:.0f} GFLOP/s")
     print(f"{'op':<11} {'m':>5} {'k':>6} {'n':>6} {'batch':>5}  {'ms/slice':>8}  {'share':>6}  {'GFLOP/s':>7}  calls/slice")
     for (op, m, k, n, batch), (ns, calls, flops) in sorted(gemms.items(), key=lambda kv: -kv[1][0]):
         print(f"{op:<11} {m:>5} {k:>6} {n:>6} {batch:>5}  {ns / args.slices / 1e6:>8.1f}  {ns / total:>6.1%}  "
