@@ -6,11 +6,11 @@ and `fusegrad bench --ranks N` run, with the same options:
     python -m benchmarks.compare --preset stories15M --lora --targets q,k,v,o --rank 8 --alpha 16 --vs peft
     python -m benchmarks.compare --preset stories260K --ranks 2
 
-The parent alternates the sides step by step (fusegrad first on even
-steps, the peer first on odd ones) and measures the sgemm peak itself just before each step of each side, so
-each step's MFU is against a peak measured beside it; `speedup_vs_<peer>` is the median of the per-pair ratios
-peer_step_s / fusegrad_step_s. The first step on each side is a warm-up whose loss is compared (`losses_agree`): both sides
-do the same work from the same state (LoRA's B starts at 0, so step 0 is the base model on both).
+The parent alternates the sides step by step (fusegrad first on even steps, the peer first on odd ones) and
+measures the sgemm peak itself between steps, so each step's MFU is against the mean of the peaks measured just
+before and just after it; `speedup_vs_<peer>` is the median of the per-pair ratios peer_step_s / fusegrad_step_s.
+The first step on each side is a warm-up whose loss is compared (`losses_agree`): both sides do the same work
+from the same state (LoRA's B starts at 0, so step 0 is the base model on both).
 
 `--ranks N` runs fusegrad's side under `mpirun -n N` with one thread per rank; each rank takes B/N rows of the
 global batch, tokens/s counts the global batch, and peak_rss_mb is the sum over ranks.
@@ -110,10 +110,10 @@ def compare(args) -> dict:
     firsts = {side: [w.step() for _ in range(args.warmup)][0] for side, w in workers.items()}
     if args.trace:
         workers["fusegrad"].start_trace()
+    order = [side for i in range(args.steps) for side in (names if i % 2 == 0 else names[::-1])]  # who goes first alternates
     results = {side: [] for side in names}
-    for i in range(args.steps):
-        for side in (names if i % 2 == 0 else names[::-1]):  # alternate who goes first
-            results[side].append(bench.timed_step(workers[side], args.gemm_size))
+    for side, result in zip(order, bench.timed_steps([workers[side] for side in order], args.gemm_size)):
+        results[side].append(result)
     ends = {side: w.finish() for side, w in workers.items()}
     info = workers["fusegrad"].info
     out = bench.report(args, spec, info, results["fusegrad"], firsts["fusegrad"], ends["fusegrad"], load_before)

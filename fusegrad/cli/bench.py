@@ -14,8 +14,8 @@ betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4
 Either is split over one worker process per core, as `fusegrad train` and `fusegrad finetune` do by default.
 Each step gets the next batch of one seeded stream; the first --warmup steps are not timed.
 
-Before each timed step (of each side) the sgemm peak is measured again, and that step's MFU is its model FLOP/s
-over the peak measured beside it, so load from other processes weighs on both alike. The report gives medians
+The sgemm peak is measured between timed steps (of either side), and a step's MFU is its model FLOP/s over the
+mean of the peaks measured just before and just after it, so load from other processes weighs on both alike. The report gives medians
 and their spread (min, max) of tokens/s, step time, peak and MFU, the CPU model and vector ISA, the BLAS
 kernels that ran, and the load average; a run whose MFU exceeds 1 at any step, or whose peak or step times
 vary too much, is flagged `noisy` with the reasons (and a warning on stderr).
@@ -307,28 +307,41 @@ def device_peak(n: int, device: str, dtype: str, repeats: int = 3) -> float:
     return 2.0 * n ** 3 / best
 
 
-def timed_step(timer, gemm_size: int) -> dict:
-    """One step of a side (a Timer, or a side's process), with the sgemm peak measured just before it (on a GPU,
-    `info["peak_on"]` = [device, dtype]: a matmul there)."""
+def measure_peak(timer, gemm_size: int) -> float:
+    """The sgemm peak now (on a GPU, `timer.info["peak_on"]` = [device, dtype]: a matmul there)."""
     on = timer.info.get("peak_on")
-    peak = device_peak(max(gemm_size, 8192), *on) if on else sgemm_peak(gemm_size)
-    return dict(timer.step(), sgemm_peak_flops_per_s=peak)
+    return device_peak(max(gemm_size, 8192), *on) if on else sgemm_peak(gemm_size)
+
+
+def timed_steps(timers: list, gemm_size: int) -> list:
+    """One step of each timer in turn (a Timer, or a side's process), with the peak measured between steps: a
+    step's peak is the mean of the one just before it and the one just after it (`sgemm_peak_bracket`), so a
+    machine whose speed drifts over a step weighs on its peak as on the step."""
+    before, results = measure_peak(timers[0], gemm_size), []
+    for timer in timers:
+        result = timer.step()
+        after = measure_peak(timer, gemm_size)
+        results.append(dict(result, sgemm_peak_flops_per_s=(before + after) / 2, sgemm_peak_bracket=[before, after]))
+        before = after
+    return results
 
 
 def summarize(results: list, flops: float, tokens: int, first: dict, end: dict) -> dict:
     """A side's medians and their spread (min, max) over its timed steps; each step's MFU is its model FLOP/s
-    over the sgemm peak measured beside it."""
+    over the sgemm peak measured around it (the spread: of every peak measured)."""
     times = [r["step_s"] for r in results]
     peaks = [r["sgemm_peak_flops_per_s"] for r in results]
+    measured = [p for r in results for p in r["sgemm_peak_bracket"]]
     mfus = [flops / t / p for t, p in zip(times, peaks)]
     median = statistics.median(times)
     return {"tokens_per_s": tokens / median,
             "step_s": {"median": median, "min": min(times), "max": max(times)},
             "model_flops_per_s": flops / median, "sgemm_peak_flops_per_s": statistics.median(peaks),
             "mfu": statistics.median(mfus),
-            "per_step": [{"step_s": t, "sgemm_peak_flops_per_s": p, "mfu": m} for t, p, m in zip(times, peaks, mfus)],
+            "per_step": [{"step_s": t, "sgemm_peak_flops_per_s": p, "sgemm_peak_bracket": r["sgemm_peak_bracket"],
+                          "mfu": m} for t, p, r, m in zip(times, peaks, results, mfus)],
             "spread": {"tokens_per_s": [tokens / max(times), tokens / min(times)], "mfu": [min(mfus), max(mfus)],
-                       "sgemm_peak_flops_per_s": [min(peaks), max(peaks)]},
+                       "sgemm_peak_flops_per_s": [min(measured), max(measured)]},
             "peak_rss_mb": end["peak_rss_mb"], "loss_step0": first["loss"], "init_s": end["init_s"],
             "first_step_s": first["step_s"], "dispatches_per_step": results[-1]["dispatches"]}
 
@@ -397,7 +410,7 @@ def measure(args) -> dict:
     first = [timer.step() for _ in range(args.warmup)][0]
     if args.trace:
         timer.start_trace()
-    results = [timed_step(timer, args.gemm_size) for _ in range(args.steps)]
+    results = timed_steps([timer] * args.steps, args.gemm_size)
     end = timer.finish()
     timer.side.run.close()
     return flag_noise(report(args, spec, timer.info, results, first, end, load_before))
