@@ -117,6 +117,15 @@ def threads(n: int):
         set_(outer)
 
 
+def stop_idle_threads() -> None:
+    """End OpenBLAS's thread pool now; its next threaded call starts it again. After a threaded GEMM its
+    threads spin for 2^28 cycles (~0.1 s, OPENBLAS_THREAD_TIMEOUT) on cores that another process's work
+    then shares: a benchmark calls this after its own GEMMs. No-op without numpy's OpenBLAS."""
+    shutdown = getattr(LIB, "blas_thread_shutdown_", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def blas_info() -> dict:
     """What runs the float32 GEMMs, for `fusegrad info` and `fusegrad bench --json`."""
     return {"blas_core": corename(), "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE")}

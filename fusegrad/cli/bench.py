@@ -52,7 +52,7 @@ import time
 import numpy as np
 
 from fusegrad.backends import get_backend
-from fusegrad.backends.openblas import blas_info
+from fusegrad.backends.openblas import blas_info, stop_idle_threads
 from fusegrad.core.errors import BackendError, ConfigError
 from fusegrad.core.settings import field_spec
 from fusegrad.core.trace import TRACER, mark_step, trace
@@ -278,7 +278,9 @@ def cpu_info() -> dict:
 
 
 def sgemm_peak(n: int, repeats: int = 3) -> float:
-    """Best FLOP/s of an (n, n) x (n, n) float32 numpy matmul over a few runs."""
+    """Best FLOP/s of an (n, n) x (n, n) float32 numpy matmul over a few runs. OpenBLAS's threads are
+    stopped after: left spinning, they would take a core from the step timed next (7-10 % of a stories15M
+    step, docs/performance.md)."""
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     out = np.empty_like(a)
     np.matmul(a, a, out=out)
@@ -287,6 +289,7 @@ def sgemm_peak(n: int, repeats: int = 3) -> float:
         t0 = time.perf_counter()
         np.matmul(a, a, out=out)
         best = min(best, time.perf_counter() - t0)
+    stop_idle_threads()
     return 2.0 * n ** 3 / best
 
 

@@ -71,3 +71,32 @@ def test_threads_sets_the_count_inside_and_restores_it_after_an_error():
             assert get() == 1
             raise RuntimeError("inside")
     assert get() == before
+
+
+AFTER_A_THREADED_GEMM = """
+import sys, time
+import numpy as np
+from fusegrad.backends import openblas
+a = np.ones((1024, 1024), np.float32)
+assert ((a @ a) == 1024).all()
+if sys.argv[1] == "stop":
+    openblas.stop_idle_threads()
+c0 = time.process_time()
+time.sleep(0.3)
+print(time.process_time() - c0)
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS runs one thread on one core: no pool to spin")
+def test_stop_idle_threads_leaves_no_openblas_thread_spinning():
+    def cpu_seconds_while_asleep(how):
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+        out = subprocess.run([sys.executable, "-c", AFTER_A_THREADED_GEMM, how], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return float(out)
+
+    assert cpu_seconds_while_asleep("spin") > 0.03  # the pool's threads spin on after the GEMM (~0.1 s)...
+    assert cpu_seconds_while_asleep("stop") < 0.02  # ...and not once stopped
+    a = np.random.default_rng(0).standard_normal((512, 512), dtype=np.float32)
+    openblas.stop_idle_threads()
+    np.testing.assert_allclose(a @ a, a.astype(np.float64) @ a, rtol=1e-4, atol=1e-3)  # the pool starts again

@@ -319,3 +319,9 @@ def test_bench_checkpoint_activations_recomputes_each_block(capsys):
     cfg = preset("tiny", max_seq_len=8)
     assert out["config"]["checkpoint_activations"] and out["losses_agree"]
     assert out["dispatches_per_step"] == {"numpy": (3 + 1) * 4 * cfg.n_layers}
+
+
+def test_the_sgemm_peak_stops_openblas_threads_before_the_step_it_brackets(monkeypatch):
+    stopped = []
+    monkeypatch.setattr(bench, "stop_idle_threads", lambda: stopped.append(True))
+    assert bench.sgemm_peak(64) > 0 and stopped == [True]
