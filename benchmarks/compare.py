@@ -110,7 +110,8 @@ def compare(args) -> dict:
     firsts = {side: [w.step() for _ in range(args.warmup)][0] for side, w in workers.items()}
     if args.trace:
         workers["fusegrad"].start_trace()
-    order = [side for i in range(args.steps) for side in (names if i % 2 == 0 else names[::-1])]  # who goes first alternates
+    # who goes first alternates: fusegrad on even steps, the peer on odd ones
+    order = [side for i in range(args.steps) for side in (names if i % 2 == 0 else names[::-1])]
     results = {side: [] for side in names}
     for side, result in zip(order, bench.timed_steps([workers[side] for side in order], args.gemm_size)):
         results[side].append(result)

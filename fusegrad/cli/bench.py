@@ -15,10 +15,10 @@ Either is split over one worker process per core, as `fusegrad train` and `fuseg
 Each step gets the next batch of one seeded stream; the first --warmup steps are not timed.
 
 The sgemm peak is measured between timed steps (of either side), and a step's MFU is its model FLOP/s over the
-mean of the peaks measured just before and just after it, so load from other processes weighs on both alike. The report gives medians
-and their spread (min, max) of tokens/s, step time, peak and MFU, the CPU model and vector ISA, the BLAS
-kernels that ran, and the load average; a run whose MFU exceeds 1 at any step, or whose peak or step times
-vary too much, is flagged `noisy` with the reasons (and a warning on stderr).
+mean of the peaks measured just before and just after it, so load from other processes weighs on both alike.
+The report gives medians and their spread (min, max) of tokens/s, step time, peak and MFU, the CPU model and
+vector ISA, the BLAS kernels that ran, and the load average; a run whose MFU exceeds 1 at any step, or whose
+peak or step times vary too much, is flagged `noisy` with the reasons (and a warning on stderr).
 
 Side by side with a peer (`--vs torch` for the full step, `--vs peft` for --lora) or as MPI ranks (`--ranks
 N`, one thread each), each side runs in its own process, driven by the comparison harness of a fusegrad
