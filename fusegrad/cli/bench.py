@@ -17,8 +17,10 @@ Each step gets the next batch of one seeded stream; the first --warmup steps are
 The sgemm peak is measured between timed steps (of either side), and a step's MFU is its model FLOP/s over the
 mean of the peaks measured just before and just after it, so load from other processes weighs on both alike.
 The report gives medians and their spread (min, max) of tokens/s, step time, peak and MFU, the CPU model and
-vector ISA, the BLAS kernels that ran, and the load average; a run whose MFU exceeds 1 at any step, or whose
-peak or step times vary too much, is flagged `noisy` with the reasons (and a warning on stderr).
+vector ISA, the BLAS kernels that ran, the load average, and with worker processes each one's busy seconds a
+step and the median of the slowest's over the fastest's (`worker_imbalance`: the step waits for the slowest);
+a run whose MFU exceeds 1 at any step, or whose peak, step times or workers vary too much, is flagged `noisy`
+with the reasons (and a warning on stderr).
 
 Side by side with a peer (`--vs torch` for the full step, `--vs peft` for --lora) or as MPI ranks (`--ranks
 N`, one thread each), each side runs in its own process, driven by the comparison harness of a fusegrad
@@ -207,6 +209,10 @@ class FusegradSide:
     def helpers_peak_rss_mb(self) -> float:
         return self.run.workers.helpers_peak_rss_mb() if self.run.workers is not None else 0.0
 
+    def worker_busy_s(self) -> list | None:
+        """Each worker process's seconds on its slices since the last call; None in one process."""
+        return self.run.workers.take_busy_s() if self.run.workers is not None else None
+
 
 def dispatch_counts() -> dict:
     return {k.split(":", 1)[1]: n for k, n in TRACER.counters.items() if k.startswith("dispatch:")}
@@ -230,6 +236,8 @@ class Timer:
     def step(self) -> dict:
         s = self.spec
         tokens = batch_tokens(s["seed"], self.steps, s["batch"], s["seq"], s["config"]["vocab_size"])
+        busy = getattr(self.side, "worker_busy_s", lambda: None)
+        busy()  # what earlier steps left
         before = dispatch_counts()
         t0 = time.perf_counter()
         loss = self.side.step(tokens)
@@ -237,8 +245,12 @@ class Timer:
         self.steps += 1
         mark_step(self.steps)
         after = dispatch_counts()
-        return {"step_s": dt, "loss": loss, "dispatches": {k: n - before.get(k, 0) for k, n in after.items()
-                                                                 if n != before.get(k, 0)}}
+        out = {"step_s": dt, "loss": loss, "dispatches": {k: n - before.get(k, 0) for k, n in after.items()
+                                                          if n != before.get(k, 0)}}
+        workers = busy()
+        if workers:
+            out["worker_busy_s"] = workers
+        return out
 
     def start_trace(self) -> None:
         self.tracer = self.tracing.enter_context(trace())
@@ -256,6 +268,7 @@ class Timer:
 ISA = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
        "neon", "asimd", "sve", "sme", "bf16")  # the vector extensions that decide a GEMM's speed
 PEAK_SPREAD, STEP_SPREAD = 1.25, 1.5  # max / min of a run's sgemm peaks or of a side's step times: too noisy
+WORKER_SPREAD = 1.25  # the slowest worker process's busy time over the fastest's, median over steps: too uneven
 
 
 def cpu_info() -> dict:
@@ -346,7 +359,17 @@ def summarize(results: list, flops: float, tokens: int, first: dict, end: dict) 
             "spread": {"tokens_per_s": [tokens / max(times), tokens / min(times)], "mfu": [min(mfus), max(mfus)],
                        "sgemm_peak_flops_per_s": [min(measured), max(measured)]},
             "peak_rss_mb": end["peak_rss_mb"], "loss_step0": first["loss"], "init_s": end["init_s"],
-            "first_step_s": first["step_s"], "dispatches_per_step": results[-1]["dispatches"]}
+            "first_step_s": first["step_s"], "dispatches_per_step": results[-1]["dispatches"],
+            **worker_balance(results)}
+
+
+def worker_balance(results: list) -> dict:
+    """With worker processes: each step's busy seconds per worker, and the median over steps of the slowest
+    worker's over the fastest's (the step waits for the slowest)."""
+    if not all(r.get("worker_busy_s") for r in results):
+        return {}
+    busy = [r["worker_busy_s"] for r in results]
+    return {"worker_busy_s": busy, "worker_imbalance": statistics.median(max(b) / max(min(b), 1e-9) for b in busy)}
 
 
 def noise(rows: dict) -> list:
@@ -360,6 +383,10 @@ def noise(rows: dict) -> list:
         if worst["mfu"] > 1:
             reasons.append(f"{name}'s MFU reached {worst['mfu']:.2f} > 1 at timed step {row['per_step'].index(worst)}: "
                            f"other load slowed the sgemm peak measured beside it")
+        if row.get("worker_imbalance", 1.0) > WORKER_SPREAD:
+            reasons.append(f"{name}'s worker processes were busy unevenly: the slowest took "
+                           f"{row['worker_imbalance']:.2f}x the fastest's time (median over steps): other load, "
+                           f"or cores of unequal speed")
         s = row["step_s"]
         if s["max"] > STEP_SPREAD * s["min"]:
             reasons.append(f"{name}'s step times varied {s['min']:.3f}-{s['max']:.3f} s")
@@ -477,6 +504,9 @@ def format_report(out: dict, vs: str | None = None) -> str:
                      f"{row['mfu']:.2f} ({m0:.2f}-{m1:.2f})  RSS {row['peak_rss_mb']:.0f} MB  loss0 {row['loss_step0']:.4f}"
                      + (f"  [{row['kernels']}]" if "kernels" in row else ""))
     lines.append(f"dispatches per step: {out['dispatches_per_step']}")
+    if "worker_imbalance" in out:
+        lines.append(f"worker processes: the slowest slice took {out['worker_imbalance']:.2f}x the fastest's "
+                     f"(median over steps)")
     if vs:
         lines.append(f"speedup vs {vs} (median of per-step ratios): {out[f'speedup_vs_{vs}']:.2f}x, "
                      f"RSS ratio {out[f'rss_ratio_vs_{vs}']:.2f}, step-0 losses agree: {out['losses_agree']}")

@@ -31,6 +31,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 import weakref
 from multiprocessing import shared_memory
 
@@ -174,6 +175,7 @@ class ProcessDataParallel:
             self.close()
             raise
         self.ready = False  # the helpers start up while this process goes on; their "ready" comes before step 1's
+        self.busy_s = [0.0] * workers  # seconds each worker spent on its slices since the last take_busy_s()
 
     def _block(self, size: int) -> shared_memory.SharedMemory:
         block = shared_memory.SharedMemory(create=True, size=size)
@@ -235,14 +237,24 @@ class ProcessDataParallel:
             raise ShapeError(f"ProcessDataParallel: {len(slices)} slices for {self.workers} worker processes")
         for k, (conn, _) in enumerate(self.helpers, start=1):
             self._send(conn, ("step", fn, tuple(slices[k]), grad_scale))
+        t0 = time.perf_counter()
         try:
             with one_core(), span("dp_worker", "parallel", worker=0):
                 loss = run_slice(fn, self.model, self.extras, slices[0], grad_scale)
         finally:  # every helper's answer is read, also when this slice or a helper failed: the pipes stay in step
-            answers = self._gather()
+            self.busy_s[0] += time.perf_counter() - t0
+            answers = self._gather()  # [(loss, seconds)] per helper
+        for k, (_, seconds) in enumerate(answers, start=1):
+            self.busy_s[k] += seconds
         with span("dp_reduce", "parallel"):
             self._add_helper_grads()
-        return float(loss + sum(answers))
+        return float(loss + sum(helper_loss for helper_loss, _ in answers))
+
+    def take_busy_s(self) -> list:
+        """Each worker's seconds on its slices (this process first) since the last call. A step lasts as long
+        as the slowest: an uneven list shows a core that other load (or its design) made slower."""
+        busy, self.busy_s = self.busy_s, [0.0] * self.workers
+        return busy
 
     def _gather(self) -> list:
         """One answer per helper (after its "ready" at the first step); the first failure raised after all."""
@@ -415,10 +427,12 @@ def _helper_main(conn) -> None:
                     conn.send(("ok", peak_rss_mb()))
                     continue
                 _, fn, args, scale = msg
+                t0 = time.perf_counter()
                 for name, p in trainable.items():  # backward accumulates into the shared block, in place
                     grad_views[name][...] = 0.0
                     p.grad = grad_views[name]
-                answer = ("ok", run_slice(fn, model, extras, args, scale))
+                loss = run_slice(fn, model, extras, args, scale)
+                answer = ("ok", (loss, time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001
                 answer = ("error", f"{type(e).__name__}: {e}")
             conn.send(answer)

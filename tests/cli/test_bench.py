@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 
 import pytest
@@ -89,6 +90,11 @@ def test_bench_vs_torch_json(capsys, tmp_path):
     # process, which runs its slice of the batch; one worker process per core, a row each here)
     assert out["workers"] == min(2, len(os.sched_getaffinity(0)))
     assert out["dispatches_per_step"] == {"numpy": 3 * 4 * cfg.n_layers}
+    if out["workers"] > 1:  # each worker's busy seconds a step; the step waits for the slowest
+        busy = out["worker_busy_s"]
+        assert len(busy) == 2 and all(len(b) == out["workers"] and min(b) > 0 for b in busy)
+        assert out["worker_imbalance"] == pytest.approx(statistics.median(max(b) / min(b) for b in busy))
+        assert "worker_imbalance" not in out["torch"]
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e["name"] == "attention" for e in events)
 
@@ -325,3 +331,15 @@ def test_the_sgemm_peak_stops_openblas_threads_before_the_step_it_brackets(monke
     stopped = []
     monkeypatch.setattr(bench, "stop_idle_threads", lambda: stopped.append(True))
     assert bench.sgemm_peak(64) > 0 and stopped == [True]
+
+
+def test_uneven_worker_processes_flag_the_run(capsys, monkeypatch):
+    if min(2, len(os.sched_getaffinity(0))) < 2:
+        pytest.skip("one core: one process, no workers to compare")
+    monkeypatch.setattr(bench.FusegradSide, "worker_busy_s", lambda self: [0.2, 0.5])  # a core other load slowed
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "2", "--json"))
+    assert out["worker_busy_s"] == [[0.2, 0.5], [0.2, 0.5]] and out["worker_imbalance"] == pytest.approx(2.5)
+    assert out["noisy"] and any("busy unevenly" in r and "2.50x" in r for r in out["noisy_reasons"])
+    monkeypatch.setattr(bench.FusegradSide, "worker_busy_s", lambda self: None)  # one process: nothing to say
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json"))
+    assert "worker_imbalance" not in out and not any("unevenly" in r for r in out["noisy_reasons"])

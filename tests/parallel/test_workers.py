@@ -37,6 +37,18 @@ def test_grads_and_loss_match_one_process(workers, rows):
         np.testing.assert_allclose(p.grad, oracle.params[name].grad, rtol=1e-4, atol=1e-7, err_msg=name)
 
 
+def test_each_workers_busy_time_is_counted_and_taken():
+    model = Llama.from_preset("tiny", seed=1)
+    with ProcessDataParallel(model, 2) as dp:
+        dp.loss_backward(batch(4))
+        dp.loss_backward(batch(4, seed=1))
+        first = dp.take_busy_s()
+        assert len(first) == 2 and min(first) > 0  # this process's slices, then the helper's
+        assert dp.take_busy_s() == [0.0, 0.0]
+        dp.loss_backward(batch(4))
+        assert 0 < max(dp.take_busy_s()) < sum(first)  # one step's, not the two before
+
+
 def test_grads_add_to_what_is_there():
     model = Llama.from_preset("tiny", seed=1)
     oracle = twin(model)
