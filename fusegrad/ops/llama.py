@@ -135,7 +135,7 @@ def swiglu(h13: Tensor) -> Tensor:
     return result(out, "swiglu", (h13,), backward)
 
 
-LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits per classifier chunk: 512 rows at V = 32000
+LOGITS_CHUNK_BYTES = 128 << 20  # float32 logits per classifier chunk: 1024 rows at V = 32000
 
 
 def logits_chunk_rows(vocab_size: int) -> int:
@@ -143,7 +143,7 @@ def logits_chunk_rows(vocab_size: int) -> int:
     larger chunks re-read W and dW less (docs/performance.md).
 
     >>> logits_chunk_rows(32000), logits_chunk_rows(256), logits_chunk_rows(10 ** 7)
-    (512, 65536, 16)
+    (1024, 131072, 16)
     """
     rows = LOGITS_CHUNK_BYTES // (4 * vocab_size)
     return rows - rows % 64 if rows >= 64 else max(16, rows)  # whole 64-row panels for the GEMMs
