@@ -3,6 +3,7 @@
 
     OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 PYTHONPATH=. python benchmarks/profile_slice.py [--lora] [--slices 3]
     ... profile_slice.py --preset stories110M --batch 2    # a worker's half of `fusegrad bench`'s batch 4
+    ... profile_slice.py --model SmolLM2-135M-DIR --batch 2 --lora    # a checkpoint instead of a preset
 
 Prints the wall time a slice, the tracer's summary, then every GEMM shape (the fused op it serves, m k n batch)
 with its milliseconds a slice, its share of GEMM time and its GFLOP/s, and the 2048^3 sgemm peak of the same
@@ -31,10 +32,11 @@ def main() -> None:
     p.add_argument("--lora", action="store_true")
     p.add_argument("--slices", type=int, default=3)
     p.add_argument("--preset", default="stories15M")
+    p.add_argument("--model", help="a checkpoint (HF dir, llama2.c .bin, run dir) instead of --preset")
     p.add_argument("--batch", type=int, default=4, help="sequences in the slice (a worker's share of a step)")
     p.add_argument("--seq", type=int, default=256)
     args = p.parse_args()
-    model = Llama.from_preset(args.preset, seed=0)
+    model = Llama.from_pretrained(args.model) if args.model else Llama.from_preset(args.preset, seed=0)
     adapters = list(attach_lora(model, LoraConfig(targets="q,k,v,o", r=8, alpha=16)).parameters()) if args.lora else []
     tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seq + 1))
 
