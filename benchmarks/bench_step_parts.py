@@ -1,9 +1,12 @@
-"""Two parts of a step, done the earlier way and the current way, alternating in one process (medians):
+"""Parts of a step, done the earlier way and the current way, alternating in one process (medians):
 
 1. the optimizer tail of a stories15M step: `clip_grad_norm` (norm, then a pass scaling every grad) + AdamW,
    against `grad_norm` + `AdamW.step(grad_scale=clip_factor(...))` (the factor folded into AdamW's pass);
 2. LoRA's rank-r adds at stories15M shapes (1024 rows; fused qkv of 3 parts of 288, r 8): y[:, rows] +=
-   u_p B_p^T and dx += du A through numpy temporaries, against `gemm_accumulate` (one sgemm with beta = 1).
+   u_p B_p^T and dx += du A through numpy temporaries, against `gemm_accumulate` (one sgemm with beta = 1);
+3. a tied embedding's grad (1024 rows) into the classifier's dW, at stories15M's (32000, 288) and
+   SmolLM2-135M's (49152, 576): a dense (V, C) grad added in, against `embedding_backward_into` (autograd's
+   `RowsGrad`).
 
     PYTHONPATH=. python benchmarks/bench_step_parts.py [--rounds 30]
 """
@@ -67,12 +70,27 @@ def lora_adds(rounds: int) -> dict:
     return medians({"numpy temporaries": earlier, "gemm_accumulate": current}, rounds * 10)
 
 
+def tied_embedding_grad(rounds: int, vocab: int, dim: int) -> dict:
+    be = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    dw, g = rng.standard_normal((vocab, dim), np.float32), rng.standard_normal((1024, dim), np.float32)
+    tokens = rng.integers(0, vocab, 1024)
+
+    def earlier():
+        np.add(dw, be.embedding_backward(g, tokens, vocab), out=dw)
+
+    return medians({"dense grad + add": earlier, "embedding_backward_into": lambda: be.embedding_backward_into(
+        dw, g, tokens)}, rounds // 2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=30)
     args = p.parse_args()
     for title, result in (("optimizer tail, stories15M", optimizer_tail(args.rounds)),
-                          ("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(args.rounds))):
+                          ("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(args.rounds)),
+                          ("tied embedding grad, V 32000 C 288", tied_embedding_grad(args.rounds, 32000, 288)),
+                          ("tied embedding grad, V 49152 C 576", tied_embedding_grad(args.rounds, 49152, 576))):
         (a, ta), (b, tb) = result.items()
         print(f"{title}: {a} {ta * 1e3:.2f} ms, {b} {tb * 1e3:.2f} ms ({tb / ta:.2f}x)")
 

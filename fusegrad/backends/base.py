@@ -376,8 +376,12 @@ class Backend:
     def embedding_backward(self, g, tokens, vocab_size: int):
         """g (N, C), tokens (N,) int -> dW (V, C): scatter-add, repeated tokens accumulate."""
         dw = self.xp.zeros((vocab_size, g.shape[-1]), dtype=g.dtype, device=self.device)
-        self.index_add(dw, self.asarray(tokens), g)
+        self.embedding_backward_into(dw, g, tokens)
         return dw
+
+    def embedding_backward_into(self, dw, g, tokens) -> None:
+        """dw (V, C) += the scatter-add of g (N, C) at tokens (N,) int, in place (a tied weight's grad)."""
+        self.index_add(dw, self.asarray(tokens), g)
 
     # -- classifier + cross-entropy, chunked ------------------------------------------------------------------
     def classifier_cross_entropy(self, h, weight, targets, chunk: int = 256, need_dh: bool = True,

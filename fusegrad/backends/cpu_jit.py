@@ -247,13 +247,11 @@ class JitBackend(NumpyBackend):
         _swiglu_backward(np.ascontiguousarray(g).reshape(h2.shape[0], -1), h2, dh13)
         return dh13.reshape(h13.shape)
 
-    def embedding_backward(self, g, tokens, vocab_size: int):
-        if not is_f32(g) or g.ndim != 2:
-            return super().embedding_backward(g, tokens, vocab_size)
-        dw = np.zeros((vocab_size, g.shape[1]), np.float32)
+    def embedding_backward_into(self, dw, g, tokens) -> None:
+        if not (is_f32(g, dw) and g.ndim == 2 and dw.ndim == 2 and dw.flags.c_contiguous):
+            return super().embedding_backward_into(dw, g, tokens)
         tokens = np.ascontiguousarray(tokens, dtype=np.int64)
         _scatter_add_rows(dw, tokens, np.ascontiguousarray(g), np.float32(1.0), row_chunks(g.shape[1]))
-        return dw
 
     def classifier_cross_entropy(self, h, weight, targets, chunk: int = 256, need_dh: bool = True,
                                      need_dw: bool = True):

@@ -86,6 +86,29 @@ class Node:
         self.op, self.inputs, self.backward = op, inputs, backward
 
 
+class RowsGrad:
+    """A gradient that is zero but for some rows: dense (V, C) = values (N, C) scatter-added at rows (N,),
+    an embedding's. An op's backward may return one; autograd adds it in place into another gradient of the
+    same tensor (a tied classifier's dW: no (V, C) zeros and no second (V, C) pass) and makes it dense only
+    where a dense array is needed (a leaf's first `.grad`, an op's backward)."""
+
+    __slots__ = ("backend", "rows", "values", "shape", "dtype")
+
+    def __init__(self, backend, rows, values, shape: tuple):
+        self.backend, self.rows, self.values = backend, rows, values  # rows (N,) int, values (N, C)
+        self.shape, self.dtype = tuple(shape), values.dtype  # (V, C), the dtype of the dense gradient
+
+    def add_to(self, dense):
+        """dense += this, in place; returns dense."""
+        with span("embedding_backward", "elementwise"):
+            self.backend.embedding_backward_into(dense, self.values, self.rows)
+        return dense
+
+    def dense(self):
+        with span("embedding_backward", "elementwise"):
+            return self.backend.embedding_backward(self.values, self.rows, self.shape[0])
+
+
 class Tensor:
     """An N-d array with an optional gradient.
 
@@ -238,8 +261,14 @@ def _add_grads(prev, pg, probe: bool = False):
     refs = _refs(prev)
     if probe:
         return refs
-    if (isinstance(prev, np.ndarray) and isinstance(pg, np.ndarray) and refs <= _SOLE_REFS
-            and prev.flags.owndata and prev.flags.writeable and np.result_type(prev, pg) == prev.dtype):
+    if isinstance(prev, RowsGrad):
+        prev = prev.dense()  # a new array: only the engine sees it
+        refs = _SOLE_REFS
+    in_place = (isinstance(prev, np.ndarray) and isinstance(pg, (np.ndarray, RowsGrad)) and refs <= _SOLE_REFS
+                and prev.flags.owndata and prev.flags.writeable and np.result_type(prev.dtype, pg.dtype) == prev.dtype)
+    if isinstance(pg, RowsGrad):
+        return pg.add_to(prev) if in_place else prev + pg.dense()
+    if in_place:
         np.add(prev, pg, out=prev)
         return prev
     return prev + pg
@@ -251,11 +280,15 @@ _SOLE_REFS = _sole_refs()
 def _accumulate_leaf_grad(grad, g):
     """grad + g, in place into a leaf's numpy `.grad` as torch accumulates (no second array of the weight's
     size per extra backward, and a `.grad` set to a buffer beforehand is filled in place)."""
-    if (isinstance(grad, np.ndarray) and isinstance(g, np.ndarray) and grad.flags.writeable
-            and grad.shape == g.shape and np.result_type(grad, g) == grad.dtype):
-        np.add(grad, g, out=grad)
-        return grad
-    return grad + g
+    if grad is None:
+        return g.dense() if isinstance(g, RowsGrad) else g
+    if not (isinstance(grad, np.ndarray) and isinstance(g, (np.ndarray, RowsGrad)) and grad.flags.writeable
+            and grad.shape == g.shape and np.result_type(grad.dtype, g.dtype) == grad.dtype):
+        return grad + (g.dense() if isinstance(g, RowsGrad) else g)
+    if isinstance(g, RowsGrad):
+        return g.add_to(grad)
+    np.add(grad, g, out=grad)
+    return grad
 
 
 def _weak(array):
@@ -287,8 +320,10 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
             if g is None:
                 continue
             if t.node is None:  # a leaf: accumulate into .grad
-                t.grad = g if t.grad is None else _accumulate_leaf_grad(t.grad, g)
+                t.grad = _accumulate_leaf_grad(t.grad, g)
                 continue
+            if isinstance(g, RowsGrad):  # an op's backward takes a dense array
+                g = g.dense()
             if g is not grad:  # consumed by this op: it may pass it on to one input uncopied (never the caller's)
                 handed_out.pop(id(g), None)
             node = t.node
@@ -302,10 +337,12 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
                     raise ShapeError(f"{node.op} backward: gradient has shape {tuple(pg.shape)}, "
                                      f"input has shape {parent.shape} (a bug in the op)")
                 if pg.dtype != parent.data.dtype:  # a grad has its tensor's dtype, as in torch: bf16 GEMM dW -> fp32
-                    pg = parent.backend.xp.astype(pg, parent.data.dtype)
+                    pg = parent.backend.xp.astype(pg.dense() if isinstance(pg, RowsGrad) else pg, parent.data.dtype)
                 prev = pending.get(id(parent))
                 if prev is not None:
                     pending[id(parent)] = _add_grads(prev, pg)
+                elif isinstance(pg, RowsGrad):  # holds no array a leaf's .grad could alias
+                    pending[id(parent)] = pg
                 else:
                     be = parent.backend
                     seen = handed_out.get(id(pg))

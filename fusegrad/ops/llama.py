@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusegrad.core.errors import GraphError, ShapeError
-from fusegrad.core.tensor import Tensor, is_grad_enabled, is_graph_retained
+from fusegrad.core.tensor import RowsGrad, Tensor, is_grad_enabled, is_graph_retained
 from fusegrad.core.trace import span
 from fusegrad.ops._util import check_float, result
 
@@ -41,8 +41,11 @@ def embedding(weight: Tensor, ids) -> Tensor:
     out = be.embedding_forward(weight.data, ids)
 
     def backward(g):
-        with span("embedding_backward", "elementwise"):
-            return (be.embedding_backward(g.reshape(-1, C), ids.reshape(-1), V),)
+        g = g.reshape(-1, C)  # (N, C)
+        if g.dtype == weight.data.dtype:  # scattered where it lands: into a tied classifier's dW, or made dense
+            return (RowsGrad(be, ids.reshape(-1), g, (V, C)),)
+        with span("embedding_backward", "elementwise"):  # bf16 activation grads into a float32 weight
+            return (be.embedding_backward(g, ids.reshape(-1), V),)
     return result(out, "embedding", (weight,), backward)
 
 

@@ -133,6 +133,18 @@ def test_embedding_backward_matches_reference(rng, n, c, vocab):
                                reference.embedding_backward(g, tokens, vocab), rtol=1e-5, atol=1e-5)
 
 
+def test_embedding_backward_into_adds_to_what_dw_holds(rng):
+    g, tokens = f32(rng, 40, 6), rng.integers(0, 9, 40)
+    dw = f32(rng, 9, 6)
+    expected = dw + reference.embedding_backward(g, tokens, 9)
+    jit.embedding_backward_into(dw, g, tokens)
+    np.testing.assert_allclose(dw, expected, rtol=1e-5, atol=1e-5)
+    wide = f32(rng, 9, 12)  # a column slice is not C-contiguous: the reference scatter, still in place
+    expected = wide[:, ::2] + reference.embedding_backward(g, tokens, 9)
+    jit.embedding_backward_into(wide[:, ::2], g, tokens)
+    np.testing.assert_allclose(wide[:, ::2], expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n, c, vocab, chunk", [(1, 4, 3, 256), (37, 8, 50, 16), (200, 32, 513, 64), (64, 16, 40, 64)])
 def test_classifier_cross_entropy_matches_reference(rng, n, c, vocab, chunk):
     h, w = f32(rng, n, c), f32(rng, vocab, c, scale=0.5)

@@ -142,6 +142,8 @@ def test_embedding_backward_and_index_add(be, rng):
     be.index_add(target, tokens, be.asarray(g))
     REF.index_add(want, tokens, g)
     close(be, target, want)
+    be.embedding_backward_into(target, be.asarray(g), tokens)  # a tied weight's rows, into its other grad
+    close(be, target, want + REF.embedding_backward(g, tokens, 5))
 
 
 @pytest.mark.parametrize("chunk", [3, 256])

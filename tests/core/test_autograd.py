@@ -221,3 +221,46 @@ def test_only_inputs_that_require_grad_get_gemms(frozen):
     assert forward == 1
     assert backward == (1 if frozen != "none" else 2)
     assert (x.grad is None) == (frozen == "x") and (w.grad is None) == (frozen == "w")
+
+
+def _tied_loss(lib, w, ids, targets):
+    """A tied embedding and classifier: the weight's grad is the classifier's dW plus the embedding's rows."""
+    if lib is torch:
+        h = torch.exp(torch.nn.functional.embedding(torch.as_tensor(ids), w))
+        return torch.nn.functional.cross_entropy(h @ w.T, torch.as_tensor(targets))
+    return fg.classifier_cross_entropy(fg.embedding(w, ids).exp(), w, targets)
+
+
+def test_tied_embedding_grad_is_scattered_into_the_classifier_dw(rng, monkeypatch):
+    backend = type(fg.backends.get_backend("numpy"))
+    calls = []
+    real_into = backend.embedding_backward_into
+    monkeypatch.setattr(backend, "embedding_backward", lambda *a: calls.append("dense"))  # no (V, C) zeros
+    monkeypatch.setattr(backend, "embedding_backward_into", lambda *a: calls.append("into") or real_into(*a))
+    w0 = rng.standard_normal((50, 8)).astype(np.float32)
+    ids = np.array([3, 7, 3, 49, 0, 3])  # repeated rows accumulate
+    targets = np.array([1, 7, 7, 0, 49, 2])
+    w = fg.tensor(w0, requires_grad=True)
+    _tied_loss(fg, w, ids, targets).backward()
+    wt = torch.tensor(w0, requires_grad=True)
+    _tied_loss(torch, wt, ids, targets).backward()
+    assert calls == ["into"]
+    np.testing.assert_allclose(w.grad, wt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_rows_grad_accumulates_into_a_leaf_and_goes_dense_into_an_op(rng):
+    w0 = rng.standard_normal((10, 4))
+    ids = np.array([[1, 1, 9], [0, 1, 4]])
+    counts = np.bincount(ids.ravel(), minlength=10)[:, None] * np.ones((1, 4))
+    for dtype in ("float32", "float64"):  # float64 takes the reference scatter
+        w = fg.tensor(w0, dtype=dtype, requires_grad=True)
+        fg.embedding(w, ids).sum().backward()
+        first = w.grad
+        assert first.dtype == dtype and first.shape == (10, 4)
+        np.testing.assert_array_equal(first, counts)
+        fg.embedding(w, ids).sum().backward()  # the rows go into the existing .grad in place
+        assert w.grad is first
+        np.testing.assert_array_equal(first, 2 * counts)
+        v = fg.tensor(w0, dtype=dtype, requires_grad=True)
+        (fg.embedding(v * 3.0, ids) * 2.0).sum().backward()  # the mul's backward gets a dense array
+        np.testing.assert_array_equal(v.grad, 6 * counts)
