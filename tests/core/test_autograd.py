@@ -264,3 +264,6 @@ def test_embedding_rows_grad_accumulates_into_a_leaf_and_goes_dense_into_an_op(r
         v = fg.tensor(w0, dtype=dtype, requires_grad=True)
         (fg.embedding(v * 3.0, ids) * 2.0).sum().backward()  # the mul's backward gets a dense array
         np.testing.assert_array_equal(v.grad, 6 * counts)
+        u = fg.tensor(w0, dtype=dtype, requires_grad=True)
+        (fg.embedding(u, ids) + fg.embedding(u, ids[::-1]) * 2.0).sum().backward()  # two row grads meet
+        np.testing.assert_array_equal(u.grad, 3 * counts)
