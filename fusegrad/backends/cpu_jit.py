@@ -154,22 +154,91 @@ def _scale_rows(h, s, out):  # out (n, C) = s_i h_i
             out[i, j] = h[i, j] * si
 
 
-def accumulate_dw(dw, dlogits, h, scratch=None):
-    """dw (V, C) += dlogits.T @ h for C-contiguous dlogits (n, V), h (n, C); returns the scratch it used.
-
-    In place by sgemm with beta = 1 when numpy's BLAS is reachable; else a (V, C) product in `scratch`
-    (made on first use) added in a second pass.
-    """
-    (V, C), n = dw.shape, h.shape[0]
-    run = openblas.sgemm_accumulate(dw, dlogits, h, trans_a=True)
+def accumulate_gemm(c, a, b, trans_a: bool = False, scratch=None):
+    """c (M, N) += op(a) @ b (M, K) x (K, N) for a C-contiguous c, as a classifier GEMM; returns the scratch it
+    used. In place by sgemm with beta = 1 when numpy's BLAS is reachable; else the product in `scratch` (made on
+    first use) added in a second pass."""
+    run = openblas.sgemm_accumulate(c, a, b, trans_a=trans_a)
     if run is not None:
-        with span("gemm", "matmul", m=V, k=n, n=C, batch=1, backend="numpy", op="classifier"):
+        with span("gemm", "matmul", m=c.shape[0], k=b.shape[0], n=c.shape[1], batch=1, backend="numpy",
+                  op="classifier"):
             run()
         return scratch
-    scratch = np.empty_like(dw) if scratch is None else scratch
-    traced_matmul(dlogits.T, h, "classifier", out=scratch)
-    _add_into(dw.reshape(-1), scratch.reshape(-1))
+    scratch = np.empty_like(c) if scratch is None else scratch
+    traced_matmul(a.T if trans_a else a, b, "classifier", out=scratch)
+    _add_into(c.reshape(-1), scratch.reshape(-1))
     return scratch
+
+
+# -- classifier cross-entropy with a frozen weight (LoRA, evaluation): vocabulary blocks -------------------
+# No dW, so no (n, V) buffer either: the logits come VOCAB_BLOCK columns at a time, are exponentiated while in
+# cache, and their E W is added into dh right away. The shift is each row's max over the first block, moved
+# only when a later logit passes it by 60 (exps stay below e^60, far from float32's range).
+VOCAB_BLOCK = 1024  # logits columns a block (docs/performance.md, "Issue 16, round 10")
+
+
+@jit
+def _exp_block(logits, col0, targets, shift, z, picked, u):
+    # logits (n, Vb) of vocabulary columns [col0, col0 + Vb) -> exp(logits - shift) in place. Per row: shift (n,)
+    # (-inf before the first block), z (n,) += the exps' sum, picked (n,) = the target's logit if in this block,
+    # u (n, C) the E W so far, scaled with z by exp(old - new) when the shift moves
+    n, Vb = logits.shape
+    for i in prange(n):
+        row = logits[i]
+        mx = row_max(row, Vb)
+        t = targets[i] - col0
+        if 0 <= t < Vb:
+            picked[i] = row[t]
+        m = shift[i]
+        if not mx <= m + np.float32(60.0):  # the first finite block, a logit far above the shift, or a NaN
+            if math.isfinite(m):
+                c = fast_exp(m - mx)
+                z[i] *= c
+                for k in range(u.shape[1]):
+                    u[i, k] *= c
+            shift[i] = m = mx
+        s = np.float32(0.0)
+        if math.isfinite(m):  # every exponent <= 60 and none NaN
+            for j in range(Vb):
+                e = exp_shifted(row[j] - m)
+                row[j] = e
+                s += e
+        elif m == -np.inf:  # every logit so far is -inf: nothing to add
+            for j in range(Vb):
+                row[j] = 0.0
+        else:  # a NaN or +inf logit: the row's loss becomes NaN, as in _exp_rows
+            for j in range(Vb):
+                e = fast_exp(row[j] - m)
+                row[j] = e
+                s += e
+        z[i] += s
+
+
+def frozen_classifier_cross_entropy(h, weight, targets, chunk: int, need_dh: bool):
+    """float32 h (N, C), weight (V, C), int64 targets (N,) -> (mean loss, dh (N, C) or None), no dW."""
+    (N, C), V = h.shape, weight.shape[0]
+    buf = np.empty((chunk, min(VOCAB_BLOCK, V)), np.float32)
+    dh = np.zeros_like(h) if need_dh else None
+    no_dh = np.empty((chunk, 0), np.float32)
+    inv_n = np.float32(1.0 / N)
+    total = 0.0
+    for lo in range(0, N, chunk):
+        hi = min(lo + chunk, N)
+        n = hi - lo
+        shift, z, picked = np.full(n, -np.inf, np.float32), np.zeros(n, np.float32), np.empty(n, np.float32)
+        u = dh[lo:hi] if need_dh else no_dh[:n]  # (n, C): E W, unnormalised
+        for v0 in range(0, V, VOCAB_BLOCK):
+            w_block = weight[v0:v0 + VOCAB_BLOCK]
+            e = buf[:n, :w_block.shape[0]]
+            traced_matmul(h[lo:hi], w_block.T, "classifier", out=e)  # (n, Vb) logits, then exp(logits - shift)
+            with span("classifier_softmax", "classifier", rows=n, V=w_block.shape[0]):
+                _exp_block(e, v0, targets[lo:hi], shift, z, picked, u)
+            if need_dh:
+                accumulate_gemm(u, e, w_block)
+        total += float(np.sum(shift.astype(np.float64) + np.log(z.astype(np.float64)) - picked))
+        if need_dh:
+            _scale_minus_rows(u, inv_n / z, weight, targets[lo:hi], inv_n)  # dh = E W / (N z) - W[t] / N
+    return total / N, dh
 
 
 # -- AdamW ------------------------------------------------------------------------------------------------
@@ -262,6 +331,8 @@ class JitBackend(NumpyBackend):
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         (N, C), V = h.shape, weight.shape[0]
         chunk = max(1, min(chunk, N))
+        if not need_dw:
+            return (*frozen_classifier_cross_entropy(h, weight, targets, chunk, need_dh), None)
         buf = np.empty((chunk, V), np.float32)
         losses, inv_sum = np.empty(chunk, np.float64), np.empty(chunk, np.float32)
         hs = np.empty((chunk, C), np.float32) if need_dw else None
@@ -286,7 +357,7 @@ class JitBackend(NumpyBackend):
                 if lo == 0:
                     traced_matmul(e.T, hs[:n], "classifier", out=dw)  # the first chunk writes dW: no zero fill
                 else:
-                    scratch = accumulate_dw(dw, e, hs[:n], scratch)
+                    scratch = accumulate_gemm(dw, e, hs[:n], True, scratch)
         if need_dw:
             _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
         return total / N, dh, dw

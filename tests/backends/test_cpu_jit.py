@@ -162,6 +162,45 @@ def test_classifier_cross_entropy_matches_reference(rng, n, c, vocab, chunk):
     assert loss2 == pytest.approx(loss_ref, rel=1e-5) and dh2 is None and dw2 is None
 
 
+def _ce_float64(h, w, targets):
+    """Mean cross-entropy of h w^T and its dh, in float64 (an oracle for the frozen-weight path)."""
+    logits = h.astype(np.float64) @ w.T.astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    lse = np.log(p.sum(1)) + logits.max(1)
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(targets)), targets] -= 1.0
+    return np.mean(lse - logits[np.arange(len(targets)), targets]), p @ w.astype(np.float64) / len(targets)
+
+
+@pytest.mark.parametrize("n, c, vocab, chunk, block", [(1, 4, 3, 256, 1024), (37, 8, 50, 16, 16),
+                                                       (200, 32, 513, 64, 64), (64, 16, 40, 64, 7)])
+def test_frozen_classifier_in_vocab_blocks_matches_float64(rng, monkeypatch, n, c, vocab, chunk, block):
+    monkeypatch.setattr(cpu_jit, "VOCAB_BLOCK", block)
+    h, w = f32(rng, n, c), f32(rng, vocab, c, scale=0.5)
+    w[vocab // 2:] *= 40.0  # logits of the later blocks pass the first block's max by far more than 60
+    targets = rng.integers(0, vocab, n)
+    loss_want, dh_want = _ce_float64(h, w, targets)
+    loss, dh, dw = jit.classifier_cross_entropy(h, w, targets, chunk, need_dw=False)
+    assert dw is None and loss == pytest.approx(loss_want, rel=1e-5, abs=1e-6)
+    scale = np.abs(dh_want).max()  # logits up to ~100 in float32: the full path's error is ~1e-5 of it too
+    np.testing.assert_allclose(dh, dh_want, rtol=1e-4, atol=3e-5 * scale)
+    np.testing.assert_allclose(dh, jit.classifier_cross_entropy(h, w, targets, chunk)[1], rtol=1e-4, atol=1e-5 * scale)
+    loss2, dh2, _ = jit.classifier_cross_entropy(h, w, targets, chunk, need_dh=False, need_dw=False)
+    assert dh2 is None and loss2 == pytest.approx(loss_want, rel=1e-5, abs=1e-6)
+
+
+def test_frozen_classifier_non_finite_logits(rng, monkeypatch):
+    monkeypatch.setattr(cpu_jit, "VOCAB_BLOCK", 8)
+    h, w = np.abs(f32(rng, 6, 4)) + 0.1, f32(rng, 30, 4)  # h > 0: a row of w at -inf gives -inf logits
+    targets = np.array([9, 12, 29, 8, 20, 15])
+    finite = reference.classifier_cross_entropy(h, w[8:], targets - 8, 4, need_dh=False, need_dw=False)[0]
+    w[:8] = -np.inf  # the whole first block at -inf: adds nothing, as exp(-inf) = 0
+    loss = jit.classifier_cross_entropy(h, w, targets, 4, need_dh=False, need_dw=False)[0]
+    assert loss == pytest.approx(finite, rel=1e-5)
+    w[17, 0] = np.nan  # a NaN logit in a later block stays visible in the loss
+    assert np.isnan(jit.classifier_cross_entropy(h, w, targets, 4, need_dh=False, need_dw=False)[0])
+
+
 @pytest.mark.parametrize("B, T, H, Hkv, D, block", [(1, 1, 1, 1, 2, 128), (2, 7, 4, 2, 6, 3), (1, 33, 6, 6, 8, 16),
                                                     (2, 20, 6, 1, 4, 128), (1, 9, 4, 4, 10, 4)])
 def test_attention_matches_reference(rng, B, T, H, Hkv, D, block):
@@ -279,15 +318,15 @@ def test_numpy_backend_keeps_freed_memory_so_big_arrays_do_not_page_fault_again(
 
 
 @pytest.mark.parametrize("blas", [True, False])
-def test_accumulate_dw_adds_in_place(rng, monkeypatch, blas):
+def test_accumulate_gemm_adds_in_place(rng, monkeypatch, blas):
     if not blas:
         monkeypatch.setattr(openblas, "CBLAS_SGEMM", None)  # the scratch + add path
     elif openblas.CBLAS_SGEMM is None:
         pytest.skip("numpy's OpenBLAS is not reachable")
     dw, dlogits, h = f32(rng, 37, 5), f32(rng, 11, 37), f32(rng, 11, 5)
     want = dw.astype(np.float64) + 2 * dlogits.astype(np.float64).T @ h.astype(np.float64)
-    scratch = cpu_jit.accumulate_dw(dw, dlogits, h)
-    cpu_jit.accumulate_dw(dw, dlogits, h, scratch)
+    scratch = cpu_jit.accumulate_gemm(dw, dlogits, h, True)
+    cpu_jit.accumulate_gemm(dw, dlogits, h, True, scratch)
     np.testing.assert_allclose(dw, want, rtol=1e-5, atol=1e-5)
 
 
