@@ -6,7 +6,13 @@
    u_p B_p^T and dx += du A through numpy temporaries, against `gemm_accumulate` (one sgemm with beta = 1);
 3. a tied embedding's grad (1024 rows) into the classifier's dW, at stories15M's (32000, 288) and
    SmolLM2-135M's (49152, 576): a dense (V, C) grad added in, against `embedding_backward_into` (autograd's
-   `RowsGrad`).
+   `RowsGrad`);
+4. the classifier with a frozen weight (a LoRA step's), at stories15M's 1024 rows x (32000, 288) and SmolLM2-135M's
+   512 rows x (49152, 576): one (n, V) logits buffer (VOCAB_BLOCK = V, as before) against vocabulary blocks of
+   `cpu_jit.VOCAB_BLOCK` columns. Run it as the workers do, too: one thread in each of two processes at once,
+
+    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_step_parts.py --only classifier &
+    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_step_parts.py --only classifier
 
     PYTHONPATH=. python benchmarks/bench_step_parts.py [--rounds 30]
 """
@@ -17,7 +23,7 @@ import numpy as np
 
 from benchmarks.bench_qlora import alternate
 
-from fusegrad.backends import get_backend
+from fusegrad.backends import cpu_jit, get_backend
 from fusegrad.models.llama import Llama
 from fusegrad.train.optim import AdamW, clip_factor, clip_grad_norm, grad_norm
 
@@ -83,14 +89,40 @@ def tied_embedding_grad(rounds: int, vocab: int, dim: int) -> dict:
         dw, g, tokens)}, rounds // 2)
 
 
+def frozen_classifier(rounds: int, n: int, dim: int, vocab: int) -> dict:
+    be = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    h, w = rng.standard_normal((n, dim), np.float32), rng.standard_normal((vocab, dim), np.float32) * 0.05
+    targets = rng.integers(0, vocab, n)
+    blocks = cpu_jit.VOCAB_BLOCK
+
+    def run(block):
+        cpu_jit.VOCAB_BLOCK = block
+        try:
+            be.classifier_cross_entropy(h, w, targets, n, need_dw=False)
+        finally:
+            cpu_jit.VOCAB_BLOCK = blocks
+
+    return medians({"one (n, V) buffer": lambda: run(vocab), f"blocks of {blocks}": lambda: run(blocks)},
+                   max(3, rounds // 3))
+
+
+PARTS = {
+    "optimizer": lambda r: [("optimizer tail, stories15M", optimizer_tail(r))],
+    "lora": lambda r: [("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(r))],
+    "embedding": lambda r: [("tied embedding grad, V 32000 C 288", tied_embedding_grad(r, 32000, 288)),
+                            ("tied embedding grad, V 49152 C 576", tied_embedding_grad(r, 49152, 576))],
+    "classifier": lambda r: [("frozen classifier, 1024 x (32000, 288)", frozen_classifier(r, 1024, 288, 32000)),
+                             ("frozen classifier, 512 x (49152, 576)", frozen_classifier(r, 512, 576, 49152))],
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--only", choices=list(PARTS), help="one part (default: all)")
     args = p.parse_args()
-    for title, result in (("optimizer tail, stories15M", optimizer_tail(args.rounds)),
-                          ("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(args.rounds)),
-                          ("tied embedding grad, V 32000 C 288", tied_embedding_grad(args.rounds, 32000, 288)),
-                          ("tied embedding grad, V 49152 C 576", tied_embedding_grad(args.rounds, 49152, 576))):
+    for title, result in (row for part in ([args.only] if args.only else PARTS) for row in PARTS[part](args.rounds)):
         (a, ta), (b, tb) = result.items()
         print(f"{title}: {a} {ta * 1e3:.2f} ms, {b} {tb * 1e3:.2f} ms ({tb / ta:.2f}x)")
 
