@@ -13,15 +13,16 @@ docs/gpu_mpi.md:
 
 The numpy side is the plain NumpyBackend (FUSEGRAD_JIT=0: no numba compile on a fresh machine). bf16 is
 fusegrad's `--dtype bf16` (bf16 GEMMs and activations, fp32 master weights) against torch.autocast bf16. Each
-torch.compile warm-up (one per dtype) is cut off after --compile-cap seconds (the row then says so), so the
-whole run stays under five minutes. On CUDA each row also gives the device's peak memory. Exit status 1 when
+torch.compile peer (one per dtype) runs in a child process, killed when its warm-up passes --compile-cap seconds
+(the row then says so), so the whole run stays under five minutes and a cut-off never leaves torch's state in
+this process half torn down. On CUDA each row also gives the device's peak memory. Exit status 1 when
 parity fails.
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
-import signal
 import sys
 import time
 
@@ -64,36 +65,10 @@ def parity(cfg: LlamaConfig, be, batch: int, seq: int) -> bool:
     return ok
 
 
-class CompileTimeout(BaseException):  # not an Exception: torch.compile's own handlers must not swallow it
-    pass
-
-
-def _cut_off(signum, frame):
-    raise CompileTimeout
-
-
-def exception_chain(exc: BaseException):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-def timed(step, sync, steps: int, cap_s: int = 0) -> float:
-    """Median seconds of `steps` calls after one warm-up (cut off by CompileTimeout after cap_s, if given).
-
-    The alarm repeats every 0.25 s past the cap: torch.compile may swallow one exception raised inside it
-    (seen on a cold cache), not all of them; a warm-up that still ends past the cap counts as cut off."""
-    t0 = time.perf_counter()
-    if cap_s:
-        signal.signal(signal.SIGALRM, _cut_off)
-        signal.setitimer(signal.ITIMER_REAL, cap_s, 0.25)
-    try:
-        step()
-        sync()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    if cap_s and time.perf_counter() - t0 > cap_s:
-        raise CompileTimeout
+def timed(step, sync, steps: int) -> float:
+    """Median seconds of `steps` calls after one warm-up."""
+    step()
+    sync()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -113,6 +88,72 @@ def peak_memory(device, reset: bool = False) -> str:
     return f" ({torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB peak)"
 
 
+def torch_step(host: Llama, device, tokens, dtype: str, compiled: bool):
+    """The reference Llama's training step on the device (its own copy of host's weights): loss under autocast
+    for bf16, backward, clip 1.0, AdamW; `compiled`: the loss through torch.compile."""
+    ref = TorchLlama.from_fusegrad(host)  # its own copy on the device (on the CPU it would share host's arrays)
+    ref.p = {n: torch.nn.Parameter(p.detach().to(device).clone()) for n, p in ref.p.items()}
+    ref.cos, ref.sin = ref.cos.to(device), ref.sin.to(device)
+    t_tokens = torch.from_numpy(tokens).to(device)
+    topt = torch.optim.AdamW(list(ref.p.values()), lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+    loss_fn = torch.compile(ref.loss) if compiled else ref.loss
+
+    def step():
+        with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
+            loss = loss_fn(t_tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.p.values()), 1.0)
+        topt.step()
+        topt.zero_grad(set_to_none=True)
+    return step
+
+
+def _compiled_steps(conn, cfg: dict, device: str, tokens, dtype: str, steps: int) -> None:
+    """A child process's torch.compile row: sends ("ready",) once set up, ("warm", seconds) after the warm-up,
+    then ("median", seconds) of the timed steps, or ("error", text)."""
+    try:
+        be = get_backend(f"torch:{device}")
+        step = torch_step(Llama(LlamaConfig(**cfg), seed=0), be.device, tokens, dtype, compiled=True)
+        conn.send(("ready",))
+        t0 = time.perf_counter()
+        step()
+        be.synchronize()
+        conn.send(("warm", time.perf_counter() - t0))
+        conn.send(("median", timed(step, be.synchronize, steps)))
+    except Exception as exc:  # no compiler toolchain, an unsupported op, ...
+        conn.send(("error", f"{type(exc).__name__}: {str(exc)[:120]}"))
+
+
+def compiled_row(cfg: LlamaConfig, device, tokens, dtype: str, steps: int, cap_s: int):
+    """(median seconds, warm-up seconds) of torch.compile's step from a child process, or a line saying why
+    there is none: its warm-up passed cap_s (the child is killed), or torch.compile failed."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this process's torch state
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_compiled_steps, args=(child, cfg.to_dict(), str(device), tokens, dtype, steps))
+    proc.start()
+    try:
+        answer, warm = ("error", "the child process died while starting"), None
+        for wait in (600, cap_s, 600):  # set-up (imports, device), the warm-up within the cap, the timed steps
+            if not parent.poll(wait):
+                answer = ("cut",) if answer[0] == "ready" else ("error", f"no answer in {wait} s")
+                break
+            answer = parent.recv()
+            if answer[0] == "warm":
+                warm = answer[1]
+            elif answer[0] != "ready":
+                break
+    except EOFError:
+        answer = ("error", "the child process died")
+    finally:
+        proc.kill()
+        proc.join()
+    if answer[0] == "median":
+        return answer[1], warm
+    if answer[0] == "cut":
+        return f"  torch.compile: warm-up cut off after {cap_s} s (--compile-cap)"
+    return f"  torch.compile unavailable: {answer[1]}"
+
+
 def full_steps(cfg, be, device, batch, seq, steps, compile_cap):
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, seq + 1))
     host = Llama(cfg, seed=0)
@@ -129,36 +170,16 @@ def full_steps(cfg, be, device, batch, seq, steps, compile_cap):
         row = {"fusegrad": timed(ours, be.synchronize, steps)}
         memory = {"fusegrad": peak_memory(device)}
         del model, opt
-        ref = TorchLlama.from_fusegrad(host)  # its own copy on the device (on the CPU it would share host's arrays)
-        ref.p = {n: torch.nn.Parameter(p.detach().to(device).clone()) for n, p in ref.p.items()}
-        ref.cos, ref.sin = ref.cos.to(device), ref.sin.to(device)
-        t_tokens = torch.from_numpy(tokens).to(device)
-        topt = torch.optim.AdamW(list(ref.p.values()), lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
-
-        def peer(loss_fn):
-            def step():
-                with torch.autocast(device.type, torch.bfloat16, enabled=dtype == "bf16"):
-                    loss = loss_fn(t_tokens)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(ref.p.values()), 1.0)
-                topt.step()
-                topt.zero_grad(set_to_none=True)
-            return step
         peak_memory(device, reset=True)
-        row["torch eager"] = timed(peer(ref.loss), be.synchronize, steps)
+        row["torch eager"] = timed(torch_step(host, device, tokens, dtype, compiled=False), be.synchronize, steps)
         memory["torch eager"] = peak_memory(device)
         if compile_cap:
-            t0 = time.perf_counter()
-            try:
-                row["torch.compile"] = timed(peer(torch.compile(ref.loss)), be.synchronize, steps, compile_cap)
-                memory["torch.compile"] = f" (warm-up {time.perf_counter() - t0:.0f} s)"
-            except BaseException as exc:  # the cut-off (maybe wrapped in torch's own error) or no compiler toolchain
-                if any(isinstance(e, CompileTimeout) for e in exception_chain(exc)):
-                    print(f"  torch.compile: warm-up cut off after {compile_cap} s (--compile-cap)")
-                elif isinstance(exc, Exception):
-                    print(f"  torch.compile unavailable: {type(exc).__name__}: {str(exc)[:120]}")
-                else:
-                    raise
+            compiled = compiled_row(cfg, device, tokens, dtype, steps, compile_cap)
+            if isinstance(compiled, str):
+                print(compiled)
+            else:
+                row["torch.compile"] = compiled[0]
+                memory["torch.compile"] = f" (warm-up {compiled[1]:.0f} s)"
         print(f"training step {dtype} ({cfg.dim}d x {cfg.n_layers} layers, {batch}x{seq}): "
               + ", ".join(f"{k} {batch * seq / s:,.0f} tok/s{memory.get(k, '')}" for k, s in row.items())
               + f" ({row['torch eager'] / row['fusegrad']:.2f}x eager)")
