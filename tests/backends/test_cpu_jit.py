@@ -189,6 +189,25 @@ def test_frozen_classifier_in_vocab_blocks_matches_float64(rng, monkeypatch, n, 
     assert dh2 is None and loss2 == pytest.approx(loss_want, rel=1e-5, abs=1e-6)
 
 
+def test_frozen_classifier_holds_no_rows_by_vocab_buffer(rng):
+    import tracemalloc
+    h, w, targets = f32(rng, 512, 16), f32(rng, 8192, 16), rng.integers(0, 8192, 512)
+    jit.classifier_cross_entropy(h, w, targets, 512, need_dw=False)  # compiled before tracing
+    tracemalloc.start()
+    try:
+        jit.classifier_cross_entropy(h, w, targets, 512, need_dw=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 512 * 8192 * 4 / 2, peak  # one (512, VOCAB_BLOCK) block, not the (512, 8192) logits (16 MB)
+    tracemalloc.start()
+    try:  # the full path (with dW) does hold them: the check above can fail
+        jit.classifier_cross_entropy(h, w, targets, 512)
+        assert tracemalloc.get_traced_memory()[1] >= 512 * 8192 * 4
+    finally:
+        tracemalloc.stop()
+
+
 def test_frozen_classifier_non_finite_logits(rng, monkeypatch):
     monkeypatch.setattr(cpu_jit, "VOCAB_BLOCK", 8)
     h, w = np.abs(f32(rng, 6, 4)) + 0.1, f32(rng, 30, 4)  # h > 0: a row of w at -inf gives -inf logits
