@@ -9,12 +9,16 @@
    `RowsGrad`);
 4. the classifier with a frozen weight (a LoRA step's), at stories15M's 1024 rows x (32000, 288) and SmolLM2-135M's
    512 rows x (49152, 576): one (n, V) logits buffer (VOCAB_BLOCK = V, as before) against vocabulary blocks of
-   `cpu_jit.VOCAB_BLOCK` columns. Run it as the workers do, too: one thread in each of two processes at once,
+   `cpu_jit.VOCAB_BLOCK` columns;
+5. one layer's attention, forward + backward, at the workers' slices of stories15M (4 x 256, 6 heads of 48),
+   stories110M (2 x 256, 12 of 64) and SmolLM2-135M (2 x 256, 9 heads of 64 on 3 kv heads): query blocks of
+   ATTENTION_BLOCK rows against the JIT backend's `query_block(T)`.
+Run a part as the workers do, too: one thread in each of two processes at once,
 
     OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 taskset -c 0 python benchmarks/bench_step_parts.py --only classifier &
     OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 taskset -c 1 python benchmarks/bench_step_parts.py --only classifier
 
-    PYTHONPATH=. python benchmarks/bench_step_parts.py [--rounds 30]
+    PYTHONPATH=. python benchmarks/bench_step_parts.py [--rounds 30] [--only attention]
 """
 import argparse
 import statistics
@@ -24,6 +28,8 @@ import numpy as np
 from benchmarks.bench_qlora import alternate
 
 from fusegrad.backends import cpu_jit, get_backend
+from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
+from fusegrad.backends.cpu_jit_attention import query_block
 from fusegrad.models.llama import Llama
 from fusegrad.train.optim import AdamW, clip_factor, clip_grad_norm, grad_norm
 
@@ -107,6 +113,21 @@ def frozen_classifier(rounds: int, n: int, dim: int, vocab: int) -> dict:
                    max(3, rounds // 3))
 
 
+def attention(rounds: int, batch: int, heads: int, kv_heads: int, head_dim: int, seq: int = 256) -> dict:
+    be = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((batch, seq, (heads + 2 * kv_heads) * head_dim), np.float32)
+    dy = rng.standard_normal((batch, seq, heads * head_dim), np.float32)
+    cos, sin = rope_tables(seq, head_dim, 10000.0)
+
+    def run(block):
+        y, saved = be.attention_forward(qkv, heads, kv_heads, cos, sin, block)
+        be.attention_backward(dy, saved, heads, kv_heads)
+
+    return medians({f"blocks of {ATTENTION_BLOCK}": lambda: run(ATTENTION_BLOCK),
+                    f"blocks of {query_block(seq)}": lambda: run(None)}, rounds)
+
+
 PARTS = {
     "optimizer": lambda r: [("optimizer tail, stories15M", optimizer_tail(r))],
     "lora": lambda r: [("LoRA rank-8 adds, one fused qkv (3 parts) + its dx", lora_adds(r))],
@@ -114,6 +135,9 @@ PARTS = {
                             ("tied embedding grad, V 49152 C 576", tied_embedding_grad(r, 49152, 576))],
     "classifier": lambda r: [("frozen classifier, 1024 x (32000, 288)", frozen_classifier(r, 1024, 288, 32000)),
                              ("frozen classifier, 512 x (49152, 576)", frozen_classifier(r, 512, 576, 49152))],
+    "attention": lambda r: [("attention, stories15M slice", attention(r, 4, 6, 6, 48)),
+                            ("attention, stories110M slice", attention(r, 2, 12, 12, 64)),
+                            ("attention, SmolLM2-135M slice", attention(r, 2, 9, 3, 64))],
 }
 
 

@@ -285,9 +285,9 @@ class JitBackend(NumpyBackend):
         _rmsnorm_backward(dy, x, np.ascontiguousarray(weight), rstd, dx, parts, bool(need_dx), bool(need_dw))
         return (dx if need_dx else None), (parts.sum(axis=0).astype(np.float32) if need_dw else None)
 
-    def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
+    def attention_forward(self, qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int | None = None):
         if not is_f32(qkv, cos, sin):
-            return super().attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
+            return super().attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block or ATTENTION_BLOCK)
         return cpu_jit_attention.attention_forward(qkv, n_heads, n_kv_heads, cos, sin, block)
 
     def attention_backward(self, dy, saved, n_heads: int, n_kv_heads: int):

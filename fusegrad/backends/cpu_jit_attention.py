@@ -29,6 +29,17 @@ from fusegrad.backends.base import ATTENTION_BLOCK, AttentionSaved, blocks, keep
 from fusegrad.backends.jit_common import exp_shifted, fast_exp, jit, row_max, traced_matmul
 
 
+def query_block(T: int) -> int:
+    """Query rows per block for T positions: 64 up to T = 512, where the masked part of the diagonal blocks
+    that smaller blocks skip outweighs their smaller GEMMs; ATTENTION_BLOCK past it (docs/performance.md,
+    "Issue 16, round 11").
+
+    >>> query_block(256), query_block(2048)
+    (64, 128)
+    """
+    return 64 if T <= 512 else ATTENTION_BLOCK
+
+
 class JitAttentionSaved(AttentionSaved):
     """The fields of AttentionSaved in this file's layout: q (B, Hkv, T G, D) (query head kv * G + g of
     position t at row t G + g), per block its probabilities (B, Hkv, bq G, hi) (or None) and its score rows'
@@ -160,9 +171,11 @@ def _merge_grads_rope(dq, dk, dv, cos, sin, dqkv):
             out[(H + Hkv + h) * D:(H + Hkv + h + 1) * D] = dv[b, h, t]
 
 
-def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int = ATTENTION_BLOCK):
-    """float32 qkv (B, T, (H + 2 Hkv) D) -> y (B, T, H D), JitAttentionSaved."""
+def attention_forward(qkv, n_heads: int, n_kv_heads: int, cos, sin, block: int | None = None):
+    """float32 qkv (B, T, (H + 2 Hkv) D) -> y (B, T, H D), JitAttentionSaved; block: query rows per block
+    (None: `query_block(T)`)."""
     B, T, width = qkv.shape
+    block = block or query_block(T)
     D = width // (n_heads + 2 * n_kv_heads)
     G = n_heads // n_kv_heads
     cos, sin = np.ascontiguousarray(cos[:T]), np.ascontiguousarray(sin[:T])

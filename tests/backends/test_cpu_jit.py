@@ -233,6 +233,21 @@ def test_attention_matches_reference(rng, B, T, H, Hkv, D, block):
                                reference.attention_backward(dy, saved_ref, H, Hkv), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("T, rows", [(300, 64), (600, 128)])
+def test_attention_default_blocks_follow_the_sequence_length(rng, T, rows):
+    """The backend's own block choice (64 query rows up to T = 512, then 128) gives the reference's result."""
+    qkv = f32(rng, 1, T, 3 * 2 * 8)
+    cos, sin = base.rope_tables(T, 8, 10000.0)
+    y, saved = jit.attention_forward(qkv, 2, 2, cos, sin)
+    assert saved.block == rows
+    assert [lse.shape[-1] for lse in saved.lse] == [hi - lo for lo, hi in base.blocks(T, rows)]
+    y_ref, saved_ref = reference.attention_forward(qkv, 2, 2, cos, sin)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = f32(rng, *y.shape)
+    np.testing.assert_allclose(jit.attention_backward(dy, saved, 2, 2),
+                               reference.attention_backward(dy, saved_ref, 2, 2), rtol=1e-4, atol=1e-5)
+
+
 def test_attention_probs_are_causal_and_normalised(rng, monkeypatch):
     """Kept, and recomputed from the rows' logsumexp past the budget: the same causal, normalised rows."""
     qkv, dy = f32(rng, 1, 10, 3 * 4), f32(rng, 1, 10, 4)
