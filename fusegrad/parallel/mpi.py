@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from fusegrad.parallel.torch_dist import TorchDataParallel, launched_by_torchrun
 
 __all__ = ["BUCKET_BYTES", "CHECK_INTERVAL", "DataParallel", "ParallelError", "buckets", "launched_ranks"]
 
+ABORT_GRACE_S = 0.5  # seconds between a failing rank's message and MPI_Abort
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")  # set by mpirun/mpiexec
 
 
@@ -110,5 +112,8 @@ class DataParallel(Replicas):
         except BaseException as exc:
             print(f"fusegrad: rank {self.rank} of {self.size} failed: {type(exc).__name__}: {exc}; "
                   f"stopping all ranks", file=sys.stderr, flush=True)
+            # a launcher may drop output still in flight when MPI_Abort tears the job down (a CI run lost the
+            # whole stderr of mpich's hydra once): give it time to forward the line
+            time.sleep(ABORT_GRACE_S)
             self.comm.Abort(1)
             raise
