@@ -324,7 +324,8 @@ class JitBackend(NumpyBackend):
 
     def classifier_cross_entropy(self, h, weight, targets, chunk: int = 256, need_dh: bool = True,
                                      need_dw: bool = True):
-        """Like the reference, with one logits buffer (chunk, V) reused by every chunk, dW accumulated in place."""
+        """Like the reference. With dW: one logits buffer (chunk, V) reused by every chunk, dW accumulated in
+        place; without (a frozen weight): `frozen_classifier_cross_entropy`, in vocabulary blocks."""
         if not is_f32(h, weight) or h.ndim != 2:
             return super().classifier_cross_entropy(h, weight, targets, chunk, need_dh, need_dw)
         h, weight = np.ascontiguousarray(h), np.ascontiguousarray(weight)
@@ -335,9 +336,9 @@ class JitBackend(NumpyBackend):
             return (*frozen_classifier_cross_entropy(h, weight, targets, chunk, need_dh), None)
         buf = np.empty((chunk, V), np.float32)
         losses, inv_sum = np.empty(chunk, np.float64), np.empty(chunk, np.float32)
-        hs = np.empty((chunk, C), np.float32) if need_dw else None
+        hs = np.empty((chunk, C), np.float32)
         dh = np.empty_like(h) if need_dh else None
-        dw = np.empty_like(weight) if need_dw else None
+        dw = np.empty_like(weight)
         inv_n = np.float32(1.0 / N)
         scratch, total = None, 0.0
         for lo in range(0, N, chunk):
@@ -352,14 +353,12 @@ class JitBackend(NumpyBackend):
             if need_dh:
                 traced_matmul(e, weight, "classifier", out=dh[lo:hi])  # (n, C) = E W, then diag(s) E W - W[t] / N
                 _scale_minus_rows(dh[lo:hi], s, weight, targets[lo:hi], inv_n)
-            if need_dw:
-                _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
-                if lo == 0:
-                    traced_matmul(e.T, hs[:n], "classifier", out=dw)  # the first chunk writes dW: no zero fill
-                else:
-                    scratch = accumulate_gemm(dw, e, hs[:n], True, scratch)
-        if need_dw:
-            _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
+            _scale_rows(h[lo:hi], s, hs[:n])  # dW += E^T diag(s) h
+            if lo == 0:
+                traced_matmul(e.T, hs[:n], "classifier", out=dw)  # the first chunk writes dW: no zero fill
+            else:
+                scratch = accumulate_gemm(dw, e, hs[:n], True, scratch)
+        _scatter_add_rows(dw, targets, h, -inv_n, row_chunks(C))  # dW -= onehot^T h / N
         return total / N, dh, dw
 
     def dequantize_nf4(self, q, code, out=None):
