@@ -277,14 +277,19 @@ def _add_grads(prev, pg, probe: bool = False):
 _SOLE_REFS = _sole_refs()
 
 
+def _dense(g):
+    """g as an array: a RowsGrad made dense, anything else as it is."""
+    return g.dense() if isinstance(g, RowsGrad) else g
+
+
 def _accumulate_leaf_grad(grad, g):
     """grad + g, in place into a leaf's numpy `.grad` as torch accumulates (no second array of the weight's
     size per extra backward, and a `.grad` set to a buffer beforehand is filled in place)."""
     if grad is None:
-        return g.dense() if isinstance(g, RowsGrad) else g
+        return _dense(g)
     if not (isinstance(grad, np.ndarray) and isinstance(g, (np.ndarray, RowsGrad)) and grad.flags.writeable
             and grad.shape == g.shape and np.result_type(grad.dtype, g.dtype) == grad.dtype):
-        return grad + (g.dense() if isinstance(g, RowsGrad) else g)
+        return grad + _dense(g)
     if isinstance(g, RowsGrad):
         return g.add_to(grad)
     np.add(grad, g, out=grad)
@@ -322,8 +327,7 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
             if t.node is None:  # a leaf: accumulate into .grad
                 t.grad = _accumulate_leaf_grad(t.grad, g)
                 continue
-            if isinstance(g, RowsGrad):  # an op's backward takes a dense array
-                g = g.dense()
+            g = _dense(g)  # an op's backward takes a dense array
             if g is not grad:  # consumed by this op: it may pass it on to one input uncopied (never the caller's)
                 handed_out.pop(id(g), None)
             node = t.node
@@ -337,7 +341,7 @@ def _sweep(order: list, root: Tensor, grad, retain_graph: bool) -> None:
                     raise ShapeError(f"{node.op} backward: gradient has shape {tuple(pg.shape)}, "
                                      f"input has shape {parent.shape} (a bug in the op)")
                 if pg.dtype != parent.data.dtype:  # a grad has its tensor's dtype, as in torch: bf16 GEMM dW -> fp32
-                    pg = parent.backend.xp.astype(pg.dense() if isinstance(pg, RowsGrad) else pg, parent.data.dtype)
+                    pg = parent.backend.xp.astype(_dense(pg), parent.data.dtype)
                 prev = pending.get(id(parent))
                 if prev is not None:
                     pending[id(parent)] = _add_grads(prev, pg)
