@@ -22,13 +22,14 @@ class TorchLlama:
     parameter name -> array, kept in its dtype (a Llama's weights, for the benchmark: `from_fusegrad`)."""
 
     def __init__(self, dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, tied, seed=0,
-                 eps=1e-5, theta=10000.0, weights=None):
+                 eps=1e-5, theta=10000.0, weights=None, head_dim=None):
         self.dim, self.hidden, self.L, self.H, self.Hkv = dim, hidden_dim, n_layers, n_heads, n_kv_heads
+        self.D = head_dim or dim // n_heads
         self.V, self.seq_len, self.tied, self.eps, self.theta = vocab_size, seq_len, tied, eps, theta
         weights = self._fuse(self._random(seed)) if weights is None else weights
         self.p = {n: torch.nn.Parameter(torch.from_numpy(w) if isinstance(w, np.ndarray) else w)
                   for n, w in weights.items()}
-        D = dim // n_heads
+        D = self.D
         angle = torch.outer(torch.arange(seq_len, dtype=torch.float64),
                             theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D))  # (T, D/2)
         emb = self.p["tok_embeddings"]
@@ -42,16 +43,16 @@ class TorchLlama:
         if torch.device(device).type != "cpu":
             weights = {n: torch.from_numpy(w).to(device) for n, w in weights.items()}
         return cls(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.max_seq_len,
-                   c.tie_embeddings, eps=c.norm_eps, theta=c.rope_theta, weights=weights)
+                   c.tie_embeddings, eps=c.norm_eps, theta=c.rope_theta, weights=weights, head_dim=c.head_dim)
 
     def _random(self, seed) -> dict:
         g = torch.Generator().manual_seed(seed)
 
         def rand(*shape, std=0.15, mean=0.0):  # float32 values (what a .bin holds), kept in float64
             return (mean + std * torch.randn(*shape, generator=g)).float().double()
-        L, dim, kv, hidden = self.L, self.dim, self.dim // self.H * self.Hkv, self.hidden
+        L, dim, q, kv, hidden = self.L, self.dim, self.D * self.H, self.D * self.Hkv, self.hidden
         w = {"emb": rand(self.V, dim, std=0.5), "att_norm": rand(L, dim, mean=1.0, std=0.2),
-             "wq": rand(L, dim, dim), "wk": rand(L, kv, dim), "wv": rand(L, kv, dim), "wo": rand(L, dim, dim),
+             "wq": rand(L, q, dim), "wk": rand(L, kv, dim), "wv": rand(L, kv, dim), "wo": rand(L, dim, q),
              "ffn_norm": rand(L, dim, mean=1.0, std=0.2), "w1": rand(L, hidden, dim), "w2": rand(L, dim, hidden),
              "w3": rand(L, hidden, dim), "norm": rand(dim, mean=1.0, std=0.2)}
         if not self.tied:
@@ -72,7 +73,7 @@ class TorchLlama:
 
     def _split(self, p) -> dict:
         """fusegrad's names -> llama2.c layout: the inverse of _fuse (of weights or of their grads)."""
-        D = self.dim // self.H
+        D = self.D
         layers = [[p[f"layers.{i}.{k}"] for i in range(self.L)] for k in ("attention_norm", "wqkv", "wo", "ffn_norm",
                                                                          "w13", "w2")]
         att_norm, wqkv, wo, ffn_norm, w13, w2 = (torch.stack(x) for x in layers)
@@ -99,7 +100,7 @@ class TorchLlama:
         tokens = torch.as_tensor(tokens).to(p["tok_embeddings"].device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         B, T = inputs.shape
-        D = self.dim // H
+        D = self.D
         x = F.embedding(inputs, p["tok_embeddings"])
         for i in range(self.L):
             qkv = F.linear(self.rms(x, p[f"layers.{i}.attention_norm"]), p[f"layers.{i}.wqkv"])
@@ -174,5 +175,6 @@ class TorchLlama:
         (directory / "config.json").write_text(json.dumps({
             "model_type": "llama", "hidden_size": self.dim, "intermediate_size": self.hidden,
             "num_hidden_layers": self.L, "num_attention_heads": self.H, "num_key_value_heads": self.Hkv,
+            "head_dim": self.D,
             "vocab_size": self.V, "max_position_embeddings": self.seq_len, "rms_norm_eps": self.eps,
             "rope_theta": self.theta, "tie_word_embeddings": self.tied}))

@@ -31,7 +31,7 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.tensor import Tensor, is_grad_enabled, tensor
 from fusegrad.core.trace import span
-from fusegrad.models.hf_names import HF_MODULES
+from fusegrad.models.hf_names import HF_MODULES, fused_parts, in_features
 from fusegrad.ops._util import check_float, result
 from fusegrad.quant.nf4 import NF4_CODE
 
@@ -62,10 +62,8 @@ def parse_targets(spec) -> tuple:
 
 def part_rows(config, target: str) -> tuple:
     """-> (fused kind, row slice of the part inside the fused weight, in_features)."""
-    C, KV, Hd = config.dim, config.kv_dim, config.hidden_dim
-    rows = {"q": (0, C), "k": (C, C + KV), "v": (C + KV, C + 2 * KV), "o": (0, C),
-            "gate": (0, Hd), "up": (Hd, 2 * Hd), "down": (0, C)}[target]
-    return TARGETS[target][0], slice(*rows), (Hd if target == "down" else C)
+    kind, index = TARGETS[target]
+    return kind, fused_parts(config, kind)[index][1], in_features(config, target)
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ from fusegrad.core.settings import check_value, field_type
 
 # The ranges every LlamaConfig field is checked against (files are checked before anything is allocated)
 LIMITS = {"dim": "[1, 65536]", "n_layers": "[1, 1024]", "n_heads": "[1, 1024]", "n_kv_heads": "[1, 1024]",
-          "hidden_dim": "[1, 1048576]", "vocab_size": "[1, 4194304]", "max_seq_len": "[1, 1048576]",
-          "rope_theta": "(0, inf)", "norm_eps": "(0, 1)", "multiple_of": "[1, 65536]"}
+          "hidden_dim": "[1, 1048576]", "head_dim": "[2, 65536]", "vocab_size": "[1, 4194304]",
+          "max_seq_len": "[1, 1048576]", "rope_theta": "(0, inf)", "norm_eps": "(0, 1)", "multiple_of": "[1, 65536]"}
 
 
 def check_field(name: str, value, where: str, field: str | None = None, error=ConfigError):
@@ -31,6 +31,7 @@ class LlamaConfig:
     n_heads: int = 6
     n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
     hidden_dim: int | None = None  # None: llama2.c's rule, 2/3 of 4 dim rounded up to multiple_of
+    head_dim: int | None = None  # None: dim / n_heads; pruned checkpoints (Minitron) keep wider heads
     vocab_size: int = 32000
     max_seq_len: int = 256
     rope_theta: float = 10000.0
@@ -52,10 +53,15 @@ class LlamaConfig:
         if self.hidden_dim is None:
             hidden = int(2 * 4 * self.dim / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        if self.max_seq_len * (self.dim // self.n_heads) > 1 << 28:  # the RoPE tables' size
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads "
+                                  f"(or head_dim be given)")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ConfigError(f"LlamaConfig: head_dim {self.head_dim} is not an even size (RoPE rotates pairs)")
+        if self.max_seq_len * self.head_dim > 1 << 28:  # the RoPE tables' size
             raise ConfigError(f"LlamaConfig: max_seq_len {self.max_seq_len} x head_dim is over 2^28")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"LlamaConfig: dim {self.dim} must split into n_heads {self.n_heads} heads of even size")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
 
@@ -76,8 +82,9 @@ class LlamaConfig:
         return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def q_dim(self) -> int:
+        """Width of the attention's queries and output, n_heads x head_dim: dim, except in pruned models."""
+        return self.head_dim * self.n_heads
 
     @property
     def kv_dim(self) -> int:
@@ -95,8 +102,8 @@ class LlamaConfig:
         return cls(**d)
 
     def num_params(self) -> int:
-        C, L, Hd, V, KV = self.dim, self.n_layers, self.hidden_dim, self.vocab_size, self.kv_dim
-        per_layer = C * (C + 2 * KV) + C * C + 3 * C * Hd + 2 * C + (C + 2 * KV if self.qkv_bias else 0)
+        C, L, Hd, V, Q, KV = self.dim, self.n_layers, self.hidden_dim, self.vocab_size, self.q_dim, self.kv_dim
+        per_layer = C * (Q + 2 * KV) + Q * C + 3 * C * Hd + 2 * C + (Q + 2 * KV if self.qkv_bias else 0)
         return V * C * (1 if self.tie_embeddings else 2) + L * per_layer + C
 
 

@@ -161,6 +161,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     w.add_head_count(c.n_heads)
     w.add_head_count_kv(c.n_kv_heads)
     w.add_rope_dimension_count(c.head_dim)
+    if c.q_dim != c.dim:  # llama.cpp's head size defaults to n_embd / n_head
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
     w.add_rope_freq_base(c.rope_theta)
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
@@ -199,12 +202,12 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
 
     p = {n: t.numpy() for n, t in model.params.items()}
     p.update({n: q.dequantize() for n, q in model.quantized.items()})
-    C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim
+    Q, KV, Hd = c.q_dim, c.kv_dim, c.hidden_dim
     add("token_embd.weight", p["tok_embeddings"])
     for i in range(c.n_layers):
         wqkv, w13 = p[f"layers.{i}.wqkv"], p[f"layers.{i}.w13"]
-        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", wqkv[:C]),
-                        ("attn_k", wqkv[C:C + KV]), ("attn_v", wqkv[C + KV:]), ("attn_output", p[f"layers.{i}.wo"]),
+        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", wqkv[:Q]),
+                        ("attn_k", wqkv[Q:Q + KV]), ("attn_v", wqkv[Q + KV:]), ("attn_output", p[f"layers.{i}.wo"]),
                         ("ffn_norm", p[f"layers.{i}.ffn_norm"]), ("ffn_gate", w13[:Hd]), ("ffn_up", w13[Hd:]),
                         ("ffn_down", p[f"layers.{i}.w2"])):
             add(f"blk.{i}.{name}.weight", a)

@@ -75,13 +75,11 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
             not isinstance(window, int) or window < max_len):
         refuse("sliding_window", f"a window shorter than max_position_embeddings {max_len}: "
                                  f"fusegrad attends to the whole context")
-    if d.get("head_dim") not in (None, dim // heads):
-        raise FormatError(f"{path}: head_dim {d['head_dim']!r} is not hidden_size / num_attention_heads "
-                          f"({dim} / {heads}); fusegrad needs it to be")
     theta = get("rope_theta", "rope_theta", rope.get("rope_theta", 10000.0))
     try:
         return LlamaConfig(dim=dim, n_layers=get("num_hidden_layers", "n_layers"), n_heads=heads,
                            n_kv_heads=get("num_key_value_heads", "n_kv_heads", heads),
+                           head_dim=check_field("head_dim", d.get("head_dim"), path, "head_dim", FormatError),
                            hidden_dim=get("intermediate_size", "hidden_dim"), vocab_size=get("vocab_size", "vocab_size"),
                            max_seq_len=max_len, rope_theta=theta, norm_eps=get("rms_norm_eps", "norm_eps", 1e-6),
                            tie_embeddings=get("tie_word_embeddings", "tie_embeddings", False), qkv_bias=qkv_bias,

@@ -34,14 +34,19 @@ def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
 def fused_parts(config, kind: str) -> list:
     """[(part, rows, heads)] of a fused weight: the HF module, its row slice, and the head count its rows
     are permuted with (None: not permuted)."""
-    C, KV, Hd = config.dim, config.kv_dim, config.hidden_dim
-    sizes = {"q": C, "k": KV, "v": KV, "o": C, "gate": Hd, "up": Hd, "down": C}
+    C, Q, KV, Hd = config.dim, config.q_dim, config.kv_dim, config.hidden_dim
+    sizes = {"q": Q, "k": KV, "v": KV, "o": C, "gate": Hd, "up": Hd, "down": C}
     heads = {"q": config.n_heads, "k": config.n_kv_heads}
     out, lo = [], 0
     for t in FUSED[kind]:
         out.append((t, slice(lo, lo + sizes[t]), heads.get(t)))
         lo += sizes[t]
     return out
+
+
+def in_features(config, part: str) -> int:
+    """The input width of a projection part: the attention's output for o, the MLP's for down, else dim."""
+    return {"o": config.q_dim, "down": config.hidden_dim}.get(part, config.dim)
 
 
 def split_to_hf(config, kind: str, w: np.ndarray) -> list:
@@ -61,15 +66,19 @@ def hf_name(i: int, part: str, what: str = "weight") -> str:
 
 
 def param_names(config) -> dict:
-    """{fusegrad name: [HF names it is made of]} of every parameter a model of `config` has."""
+    """{fusegrad name: [HF names it is made of]} of every parameter a model of `config` has, in the order
+    a fresh model draws them (llama2.c's: each block's attention, then its MLP)."""
     names = {"tok_embeddings": ["model.embed_tokens.weight"]}
     for i in range(config.n_layers):
-        for ours, theirs in NORMS.items():
-            names[f"layers.{i}.{ours}"] = [f"model.layers.{i}.{theirs}.weight"]
-        for kind, parts in FUSED.items():
-            names[f"layers.{i}.{kind}"] = [hf_name(i, t) for t in parts]
+        norm = {ours: [f"model.layers.{i}.{theirs}.weight"] for ours, theirs in NORMS.items()}
+        names[f"layers.{i}.attention_norm"] = norm["attention_norm"]
+        names[f"layers.{i}.wqkv"] = [hf_name(i, t) for t in FUSED["wqkv"]]
         if config.qkv_bias:
             names[f"layers.{i}.bqkv"] = [hf_name(i, t, "bias") for t in FUSED["wqkv"]]
+        names[f"layers.{i}.wo"] = [hf_name(i, "o")]
+        names[f"layers.{i}.ffn_norm"] = norm["ffn_norm"]
+        for kind in ("w13", "w2"):
+            names[f"layers.{i}.{kind}"] = [hf_name(i, t) for t in FUSED[kind]]
     names["norm"] = ["model.norm.weight"]
     if not config.tie_embeddings:
         names["output"] = ["lm_head.weight"]
@@ -83,8 +92,7 @@ def hf_shapes(config) -> dict:
         kind = name.rsplit(".", 1)[-1]
         if kind in FUSED or kind == "bqkv":
             for (t, rows, _), n in zip(fused_parts(c, "wqkv" if kind == "bqkv" else kind), hf):
-                in_features = () if kind == "bqkv" else (c.hidden_dim if t == "down" else c.dim,)
-                shapes[n] = (rows.stop - rows.start,) + in_features
+                shapes[n] = (rows.stop - rows.start,) + (() if kind == "bqkv" else (in_features(c, t),))
         else:
             shapes[hf[0]] = (c.vocab_size, c.dim) if kind in ("tok_embeddings", "output") else (c.dim,)
     return shapes

@@ -101,6 +101,10 @@ def save_llama2c(path, config: LlamaConfig, state: dict, version: int = 0) -> No
     if c.qkv_bias or c.rope_scaling:
         raise FormatError(f"save_llama2c {path}: a llama2.c file has no q/k/v biases nor RoPE scaling; "
                           f"use save_pretrained or GGUF instead")
+    if c.q_dim != c.dim:  # run.c takes a head's size as dim / n_heads
+        raise FormatError(f"save_llama2c {path}: a llama2.c file implies head_dim = dim / n_heads "
+                          f"({c.dim} / {c.n_heads}), this model has head_dim {c.head_dim}; use save_pretrained "
+                          f"or GGUF instead")
 
     p = from_hf(state, c)
     C, KV, Hd = c.dim, c.kv_dim, c.hidden_dim

@@ -1,6 +1,6 @@
 """A Llama-family decoder (llama2.c conventions inside, Hugging Face names outside).
 
-Q/K/V live in ONE fused weight `wqkv` (C + 2 KV, C) and W1/W3 in ONE `w13` (2 Hd, C): forward, backward dx
+Q/K/V live in ONE fused weight `wqkv` (H D + 2 KV, C) and W1/W3 in ONE `w13` (2 Hd, C): forward, backward dx
 and backward dW are one GEMM each. The classifier and the loss are one chunked op: the (tokens x vocab)
 logits never exist. One forward serves training and generation: given a KV cache, attention reads the
 earlier positions from it (and no graph is built).
@@ -81,19 +81,11 @@ class Llama:
             return tensor(np.ones(n, self.dtype), requires_grad=True, backend=self.backend)
 
         resid_std = 0.02 / math.sqrt(2 * c.n_layers)
-        p = {"tok_embeddings": normal((c.vocab_size, c.dim))}
-        for i in range(c.n_layers):
-            p[f"layers.{i}.attention_norm"] = ones(c.dim)
-            p[f"layers.{i}.wqkv"] = normal((c.dim + 2 * c.kv_dim, c.dim))
-            if c.qkv_bias:
-                p[f"layers.{i}.bqkv"] = normal((c.dim + 2 * c.kv_dim,))
-            p[f"layers.{i}.wo"] = normal((c.dim, c.dim), resid_std)
-            p[f"layers.{i}.ffn_norm"] = ones(c.dim)
-            p[f"layers.{i}.w13"] = normal((2 * c.hidden_dim, c.dim))
-            p[f"layers.{i}.w2"] = normal((c.dim, c.hidden_dim), resid_std)
-        p["norm"] = ones(c.dim)
-        if not c.tie_embeddings:
-            p["output"] = normal((c.vocab_size, c.dim))
+        p = {}
+        for name, shape in param_shapes(c).items():
+            kind = name.rsplit(".", 1)[-1]
+            p[name] = ones(shape) if kind in ("attention_norm", "ffn_norm", "norm") else \
+                normal(shape, resid_std if kind in ("wo", "w2") else 0.02)
         return p
 
     def parameters(self) -> list:
@@ -176,13 +168,13 @@ class Llama:
         attention reads and extends layer i's keys and values from position cache.length."""
         c, p = self.config, self.params
         h = ops.rms_norm(x, p[f"layers.{i}.attention_norm"], c.norm_eps)
-        qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, C + 2 KV): one GEMM
+        qkv = self.project(f"layers.{i}.wqkv", h)  # (B, T, H D + 2 KV): one GEMM; H D = C but in pruned models
         if cache is None:
             a = ops.causal_attention(qkv, c.n_heads, c.n_kv_heads, self.rope_cos, self.rope_sin)
         else:
             a = ops.cached_attention(qkv, cache.k[i], cache.v[i], cache.length, c.n_heads, c.n_kv_heads,
                                      self.rope_cos, self.rope_sin)
-        x = x + self.project(f"layers.{i}.wo", a)  # (B, T, C)
+        x = x + self.project(f"layers.{i}.wo", a)  # (B, T, H D) -> (B, T, C)
         h = ops.rms_norm(x, p[f"layers.{i}.ffn_norm"], c.norm_eps)
         h13 = self.project(f"layers.{i}.w13", h)  # (B, T, 2 Hd): one GEMM
         return x + self.project(f"layers.{i}.w2", ops.swiglu(h13))
@@ -219,7 +211,7 @@ class Llama:
         M = batch * seq; attached adapters' GEMMs; attention's (T, D) x (D, T) and (T, T) x (T, D);
         a classification head of `num_classes` if asked."""
         c, tokens = self.config, batch * seq
-        weights = [(c.dim + 2 * c.kv_dim, c.dim), (c.dim, c.dim), (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim),
+        weights = [(c.q_dim + 2 * c.kv_dim, c.dim), (c.dim, c.q_dim), (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim),
                    (c.vocab_size, c.dim)] + ([(num_classes, c.dim)] if num_classes else [])
         shapes = {(seq, c.head_dim, seq), (seq, seq, c.head_dim)}
         for d_out, d_in in weights:
@@ -233,7 +225,7 @@ class Llama:
         dW) plus attention; with adapters attached the base is frozen (4 per weight: no dW) and each
         adapter weight costs 6."""
         c = self.config
-        weights = c.n_layers * (c.dim * (c.dim + 2 * c.kv_dim) + c.dim * c.dim + 3 * c.dim * c.hidden_dim)
+        weights = c.n_layers * (c.dim * (2 * c.q_dim + 2 * c.kv_dim) + 3 * c.dim * c.hidden_dim)
         weights += c.vocab_size * c.dim
         attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
         if not self.adapters:

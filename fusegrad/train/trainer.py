@@ -32,6 +32,7 @@ from fusegrad.data.prepare import prepare
 from fusegrad.data.shards import TokenDataset, read_meta, rng_from_state, rng_state
 from fusegrad.data.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_for_model
 from fusegrad.models.generate import generate
+from fusegrad.models.hf_names import param_shapes
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig
 from fusegrad.parallel.mpi import DataParallel
 from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
@@ -247,7 +248,7 @@ def checkpoint_model_config(state: dict, path) -> LlamaConfig:
         raise FormatError(f"{path}: checkpoint field 'model_config' is {type(fields).__name__}, not a mapping")
     for key, v in fields.items():
         bad = (isinstance(v, float) and not math.isfinite(v)) or (
-            key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "max_seq_len",
+            key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "head_dim", "vocab_size", "max_seq_len",
                     "multiple_of") and not (isinstance(v, int) and not isinstance(v, bool) or v is None))
         if bad:
             raise FormatError(f"{path}: checkpoint field 'model_config/{key}' = {v!r} is not valid")
@@ -259,21 +260,6 @@ def checkpoint_model_config(state: dict, path) -> LlamaConfig:
         raise FormatError(f"{path}: checkpoint field 'model_config/max_seq_len' = {config.max_seq_len} is outside "
                           f"[1, {MAX_SEQ_LEN}]")
     return config
-
-
-def param_shapes(c: LlamaConfig) -> dict:
-    """name -> shape of every weight of a Llama of config c (as Llama._init_params makes them)."""
-    shapes = {"tok_embeddings": (c.vocab_size, c.dim)}
-    for i in range(c.n_layers):
-        shapes.update({f"layers.{i}.attention_norm": (c.dim,), f"layers.{i}.wqkv": (c.dim + 2 * c.kv_dim, c.dim)})
-        if c.qkv_bias:
-            shapes[f"layers.{i}.bqkv"] = (c.dim + 2 * c.kv_dim,)
-        shapes.update({f"layers.{i}.wo": (c.dim, c.dim), f"layers.{i}.ffn_norm": (c.dim,),
-                       f"layers.{i}.w13": (2 * c.hidden_dim, c.dim), f"layers.{i}.w2": (c.dim, c.hidden_dim)})
-    shapes["norm"] = (c.dim,)
-    if not c.tie_embeddings:
-        shapes["output"] = (c.vocab_size, c.dim)
-    return shapes
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -25,6 +25,13 @@ def base_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def wide_base_dir(tmp_path_factory):  # heads wider than dim / n_heads (Minitron): q_proj (64, 32), o_proj (32, 64)
+    d = tmp_path_factory.mktemp("wide")
+    Llama(LlamaConfig(**CFG, head_dim=16), seed=3).save_pretrained(d)
+    return d
+
+
 def hf_peft(base_dir, **lora_kwargs):
     from peft import LoraConfig as PeftConfig, get_peft_model
     hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
@@ -46,7 +53,9 @@ def peft_state(tensors):
             for k, v in tensors.items()}
 
 
-def test_lora_logits_and_grads_equal_peft(base_dir, rng):
+@pytest.mark.parametrize("base", ["base_dir", "wide_base_dir"])
+def test_lora_logits_and_grads_equal_peft(base, rng, request):
+    base_dir = request.getfixturevalue(base)
     tokens = rng.integers(0, CFG["vocab_size"], (2, 9))
     model, lora = ours(base_dir, rng, targets="all", r=4, alpha=8, rslora=True)
     pm = hf_peft(base_dir, r=4, lora_alpha=8, use_rslora=True, target_modules=ALL, lora_dropout=0.0)

@@ -60,6 +60,21 @@ def test_gguf_loads_in_transformers_with_the_same_logits(dtype, atol, tied, tmp_
     np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file=path.name), our_logits(model, ids), atol=atol)
 
 
+def test_gguf_of_heads_wider_than_the_embedding_says_their_size(tmp_path):
+    """n_heads x head_dim (64) > dim (32): llama.cpp reads the head size from key_length / value_length,
+    transformers from rope.dimension_count; both are written, and transformers gives the same logits."""
+    model = Llama.from_preset("tiny", seed=5, rope_theta=1e5, head_dim=16)
+    path = tmp_path / "wide.gguf"
+    export_model(model, path, "gguf", None, "f32")
+    fields = gguf.GGUFReader(path).fields
+    sizes = {k: int(fields[f"llama.{k}"].parts[-1][0]) for k in ("attention.key_length", "attention.value_length",
+                                                                  "rope.dimension_count", "embedding_length")}
+    assert sizes == {"attention.key_length": 16, "attention.value_length": 16, "rope.dimension_count": 16,
+                     "embedding_length": 32}
+    ids = list(np.random.default_rng(1).integers(0, 64, 20))
+    np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file=path.name), our_logits(model, ids), atol=1e-5)
+
+
 def test_gguf_tokenizer_metadata_gives_transformers_the_same_tokenizer(model, tokenizer, tmp_path):
     export_model(model, tmp_path / "m.gguf", "gguf", tokenizer, "f32")
     ids = tokenizer.encode(TEXTS[0])

@@ -9,6 +9,7 @@ import pytest
 
 import fusegrad as fg
 from fusegrad.models import Llama
+from fusegrad.models.hf_names import to_hf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,6 +26,8 @@ KINDS = {  # name -> (config class, model class, extra config)
                                                           rope_parameters={"rope_type": "default", "rope_theta": 1e5})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # pruned as Minitron / Nemotron-Nano: heads keep their width, so n_heads x head_dim (64) > hidden_size
+    "wide-heads": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16, rms_norm_eps=1e-5)),
 }
 
 
@@ -139,6 +142,41 @@ def test_saved_bf16_directory_loads_in_transformers(tmp_path):
     with fg.no_grad():
         ours = model.logits(tokens).numpy()  # the source was bf16: its values survive bf16 exactly
     np.testing.assert_allclose(transformers_logits(tmp_path / "out", tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_heads_wider_than_hidden_size_train_save_and_quantize_as_transformers_does(tmp_path):
+    """q_proj (64, 32) and o_proj (32, 64) at hidden_size 32: the loss's grads equal torch autograd's through
+    transformers, the saved directory loads in transformers, NF4 keeps each module's rows in place, and a
+    llama2.c file, which cannot say head_dim, is refused."""
+    path = make_checkpoint(tmp_path / "wide", "wide-heads", dtype=torch.float32)
+    tokens = np.random.default_rng(3).integers(0, 67, (2, 17))
+    model = Llama.from_pretrained(path)
+    assert (model.config.head_dim, model.config.q_dim, model.params["layers.0.wqkv"].shape) == (16, 64, (128, 32))
+    loss = model.loss(tokens)
+    loss.backward()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.as_tensor(tokens)
+    ref = torch.nn.functional.cross_entropy(hf(input_ids=ids[:, :-1]).logits.reshape(-1, 67), ids[:, 1:].reshape(-1))
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    ours = to_hf({n: t.grad for n, t in model.params.items()}, model.config)
+    theirs = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+    assert set(ours) == set(theirs) and ours["model.layers.1.self_attn.o_proj.weight"].shape == (32, 64)
+    for name, g in theirs.items():
+        np.testing.assert_allclose(ours[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+    model.save_pretrained(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["head_dim"] == 16
+    with fg.no_grad():
+        logits = model.logits(tokens).numpy()
+    np.testing.assert_allclose(transformers_logits(tmp_path / "out", tokens), logits, rtol=1e-4, atol=1e-4)
+    nf4 = Llama.from_pretrained(path, quantize="nf4").state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"):
+        w = hf.state_dict()[name].detach().numpy()  # within NF4's rounding of each row block (rows unpermuted)
+        assert nf4[name].shape == w.shape and np.abs(nf4[name] - w).max() < 0.15 * np.abs(w).max()
+    with pytest.raises(fg.FormatError, match=r"m\.bin: a llama2\.c file implies head_dim = dim / n_heads "
+                                             r"\(32 / 4\), this model has head_dim 16"):
+        model.save_llama2c(tmp_path / "m.bin")
 
 
 def test_damaged_headers_and_configs_raise_only_format_errors(tmp_path):

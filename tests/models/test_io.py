@@ -210,9 +210,14 @@ def test_hf_invalid_llama_config(hf_dir):
     (hf_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(fg.FormatError, match=r"config\.json: not a valid Llama config.*n_heads 3"):
         Llama.from_pretrained(hf_dir)
-    cfg.update(num_attention_heads=4, head_dim=16)
+    cfg.update(num_attention_heads=4, head_dim=7)
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(fg.FormatError, match=r"config\.json: head_dim 16 is not hidden_size / num_attention_heads"):
+    with pytest.raises(fg.FormatError, match=r"config\.json: not a valid Llama config.*head_dim 7 is not an even"):
+        Llama.from_pretrained(hf_dir)
+    cfg.update(head_dim=16)  # a valid config (heads wider than hidden_size / heads), but not these tensors
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fg.FormatError, match=r"tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' has shape "
+                                             r"\(32, 32\), the config needs \(64, 32\)"):
         Llama.from_pretrained(hf_dir)
 
 

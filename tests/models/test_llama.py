@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fusegrad as fg
 from benchmarks.torch_llama import TorchLlama
-from fusegrad.models import Llama
+from fusegrad.models import Llama, LlamaConfig
 
 torch.set_num_threads(1)
 
@@ -62,6 +62,19 @@ def test_hf_dirs_match_torch_llama(torch_model, tokens, tmp_path):
     check_model(model, ref_loss, ref_grads, tokens, 1e-4)
     model.save_pretrained(tmp_path / "resaved")
     check_model(Llama.from_pretrained(tmp_path / "resaved"), ref_loss, ref_grads, tokens, 1e-4)
+
+
+def test_heads_apart_from_dim_over_n_heads_match_torch_llama(tokens, tmp_path):
+    """dim 30 does not split into 4 heads; head_dim 8 gives queries 32 wide and keys 16: float64 against the
+    float64 torch oracle, so the fused Q/K/V rows, the o projection's (30, 32) and RoPE's width all count."""
+    with pytest.raises(fg.ConfigError, match=r"dim 30 must split into n_heads 4 heads \(or head_dim be given\)"):
+        LlamaConfig(dim=30, n_heads=4)
+    torch_model = TorchLlama(**{**CFG, "dim": 30}, tied=False, seed=2, head_dim=8)
+    ref_loss, ref_grads = torch_model.loss_and_hf_grads(tokens)
+    torch_model.write_hf_dir(tmp_path / "hf")
+    model = Llama.from_pretrained(tmp_path / "hf", dtype=np.float64)
+    assert (model.config.q_dim, model.config.kv_dim, model.params["layers.1.wo"].shape) == (32, 16, (30, 32))
+    check_model(model, ref_loss, ref_grads, tokens, 1e-9)
 
 
 def test_transformers_llama_loads_save_pretrained_and_agrees(torch_model, tokens, tmp_path):
@@ -132,10 +145,12 @@ def test_tiny_preset_learns_synthetic_sequences():
     assert abs(first - np.log(V)) < 0.2 and last < 0.3, (first, last)
 
 
-def test_flops_per_token_counts_every_gemm_weight_and_adapters():
+@pytest.mark.parametrize("overrides", [{}, {"head_dim": 16}], ids=["stories260K", "wide-heads"])
+def test_flops_per_token_counts_every_gemm_weight_and_adapters(overrides):
     from fusegrad.finetune.lora import LoraConfig, attach_lora
 
-    model = Llama.from_preset("stories260K")
+    model = Llama.from_preset("stories260K", **overrides)  # head_dim 16: queries 128 wide on a 64-wide model
+    assert model.num_params() == model.config.num_params()
     c, seq = model.config, 64
     norms = (2 * c.n_layers + 1) * c.dim  # every parameter but the norms is a GEMM weight (tied classifier)
     attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * seq
@@ -204,7 +219,6 @@ def test_checkpointed_grads_equal_the_stored_ones(lora, monkeypatch):
 def test_checkpointing_travels_with_the_config_to_worker_processes():
     """Helpers build their model from config.to_dict(): the setting goes along; the grads equal one process's.
     It says how to train, not what the model is: configs that differ only in it are equal (resume)."""
-    from fusegrad.models.config import LlamaConfig
     from fusegrad.parallel.workers import ProcessDataParallel
 
     model = Llama.from_preset("tiny", seed=1, checkpoint_activations=True)
