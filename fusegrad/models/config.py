@@ -65,20 +65,24 @@ class LlamaConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
 
-    def rope_tables(self, dtype=np.float32):
-        """cos, sin (max_seq_len, D/2) of RoPE, with Llama 3's frequency scaling when rope_scaling is set:
-        wavelengths beyond original_max_len / low_freq_factor slow down by `factor`, those below
+    def rope_frequencies(self, scaled: bool = True) -> np.ndarray:
+        """RoPE's (D/2,) float64 inverse wavelengths, with Llama 3's frequency scaling when rope_scaling is set
+        (and `scaled`): wavelengths beyond original_max_len / low_freq_factor slow down by `factor`, those below
         original_max_len / high_freq_factor stay, the ones between are blended (as Meta's and HF's code)."""
         D = self.head_dim
         freqs = 1.0 / self.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
-        if self.rope_scaling:
+        if self.rope_scaling and scaled:
             s = self.rope_scaling
             factor, lo, hi, n = (float(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
                                                         "original_max_len"))
             wavelen = 2 * np.pi / freqs
             smooth = np.clip((n / wavelen - lo) / (hi - lo), 0.0, 1.0)
             freqs = (1 - smooth) * freqs / factor + smooth * freqs
-        angles = np.outer(np.arange(self.max_seq_len, dtype=np.float64), freqs)
+        return freqs
+
+    def rope_tables(self, dtype=np.float32):
+        """cos, sin (max_seq_len, D/2) of RoPE at `rope_frequencies()`."""
+        angles = np.outer(np.arange(self.max_seq_len, dtype=np.float64), self.rope_frequencies())
         return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
     @property
