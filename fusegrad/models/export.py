@@ -3,11 +3,13 @@
 
 The tokenizer is duck-typed (fusegrad.data's tokenizers, which live above this layer): `.bos_id`,
 `.eos_ids`, `.kind`, `.save(dir)`, and for GGUF / tokenizer.bin its vocabulary: `.hf` (a `tokenizers`
-Tokenizer: byte-level BPE), `.sp` (a sentencepiece processor) or `.pieces` + `.scores` (llama2.c).
+Tokenizer: byte-level BPE), `.sp` (a sentencepiece processor) or `.pieces` + `.scores` (llama2.c); the byte
+tokenizer (kind "byte") becomes sentencepiece pieces that llama.cpp's byte fallback reads byte for byte.
 
 GGUF facts (FORMATS.md): llama.cpp's llama rotates interleaved pairs like llama2.c, which is fusegrad's own
 q/k row layout, so attn_q / attn_k are fusegrad's rows as they are (Hugging Face's are permuted back).
-Norms stay F32 in every file type, as llama.cpp's converter writes them.
+Norms stay F32 in every file type, as llama.cpp's converter writes them. Llama 3.1's RoPE scaling is the
+`rope_freqs.weight` tensor (each frequency's divisor), as llama.cpp's converter writes it.
 """
 from __future__ import annotations
 
@@ -96,10 +98,36 @@ def write_tokenizer_bin(path, pieces, scores) -> None:
 
 
 # -- GGUF ----------------------------------------------------------------------------------------------
+# tokenizer.json's pre-tokenizer steps -> llama.cpp's name for the same text split (`tokenizer.ggml.pre`)
+GPT2_SPLIT = ("ByteLevel", True)
+LLAMACPP_PRE = {
+    (GPT2_SPLIT,): "gpt-2",
+    (("Digits", True), GPT2_SPLIT): "smollm",  # each digit on its own, then GPT-2's split (StarCoder's too)
+    (("Split", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+"), ("ByteLevel", False)): "llama-bpe",  # Llama 3
+    (("Split", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+"), ("ByteLevel", False)): "qwen2",
+}
+
+
+def llamacpp_pre(spec: dict) -> str:
+    """llama.cpp's name for how tokenizer.json `spec` splits text before its merges; FormatError for a split
+    it has no name for here, which llama.cpp would tokenize differently."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    key = tuple((s.get("type"), s.get("use_regex", True) if s.get("type") == "ByteLevel" else
+                 s.get("individual_digits") if s.get("type") == "Digits" else
+                 (s.get("pattern") or {}).get("Regex")) for s in steps)
+    if key not in LLAMACPP_PRE:
+        raise FormatError(f"export gguf: tokenizer.json's pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp "
+                          f"name here (GPT-2's, SmolLM's, Llama 3's, Qwen2's); llama.cpp would split text otherwise")
+    return LLAMACPP_PRE[key]
+
+
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:
     """GGUF tokenizer metadata: model ("gpt2" byte-level BPE | "llama" sentencepiece), tokens, scores,
     token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), merges, padded to vocab_size."""
-    scores = merges = None
+    scores = merges = pre = None
     if hasattr(tokenizer, "hf"):
         spec = json.loads(tokenizer.hf.to_str())
         if spec["model"]["type"] != "BPE":
@@ -111,6 +139,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
             tokens[added["id"]] = added["content"]
             types[added["id"]] = 3 if added.get("special") else 4
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+        pre = llamacpp_pre(spec)
     elif hasattr(tokenizer, "sp"):
         sp = tokenizer.sp
         n = sp.vocab_size()
@@ -124,6 +153,13 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
         types = {i: 2 if i == 0 else 3 if i in names else 6 if len(p) == 6 and p.startswith(b"<0x") else 1
                  for i, p in enumerate(tokenizer.pieces)}
         scores = list(tokenizer.scores)
+    elif getattr(tokenizer, "kind", "") == "byte":  # sentencepiece pieces llama.cpp's byte fallback reads as bytes
+        specials = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
+        tokens = {b: "\u2581" if b == 0x20 else chr(b) if 0x20 < b < 0x7F else f"<0x{b:02X}>" for b in range(256)}
+        types = {b: 1 if 0x20 <= b < 0x7F else 6 for b in range(256)}
+        tokens.update(specials)
+        types.update({i: 3 for i in specials})
+        scores = [0.0] * len(tokens)
     else:
         raise FormatError(f"export gguf: a {getattr(tokenizer, 'kind', type(tokenizer).__name__)} tokenizer has no "
                           f"vocabulary to write (byte-level BPE, sentencepiece or llama2.c tokenizers only)")
@@ -133,7 +169,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
                           f"the model's vocabulary is {vocab_size}")
     out = {"model": model, "tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
            "types": [types.get(i, 1 if i in tokens else 5) for i in range(vocab_size)], "merges": merges,
-           "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores))}
+           "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores)), "pre": pre}
     return out
 
 
@@ -144,9 +180,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     c = model.config
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    if c.qkv_bias or c.rope_scaling:
-        raise FormatError(f"export gguf {path}: q/k/v biases (Qwen2) and Llama 3 RoPE scaling are not written "
-                          f"to GGUF here; export to a Hugging Face directory instead")
+    if c.qkv_bias:
+        raise FormatError(f"export gguf {path}: q/k/v biases (Qwen2) are not written to GGUF here; export to a "
+                          f"Hugging Face directory instead")
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -168,11 +204,15 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(ftype)
-    if tokenizer is not None:
+    if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone
+        w.add_tokenizer_model("none")
+    else:
         v = gguf_vocab(tokenizer, c.vocab_size)
         w.add_tokenizer_model(v["model"])
+        if getattr(tokenizer, "kind", "") == "byte":  # a space is its own byte, not a word's prefix
+            w.add_add_space_prefix(False)
         if v["model"] == "gpt2":
-            w.add_tokenizer_pre("default")
+            w.add_tokenizer_pre(v["pre"])
             w.add_token_merges(v["merges"])
         else:
             w.add_token_scores(v["scores"])
@@ -212,6 +252,8 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
                         ("ffn_down", p[f"layers.{i}.w2"])):
             add(f"blk.{i}.{name}.weight", a)
     add("output_norm.weight", p["norm"])
+    if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)
+        add("rope_freqs.weight", c.rope_frequencies(scaled=False) / c.rope_frequencies())
     if not c.tie_embeddings:
         add("output.weight", p["output"])
     try:

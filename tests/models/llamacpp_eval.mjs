@@ -1,0 +1,21 @@
+// llama.cpp (node-llama-cpp's prebuilt CPU build) reads a GGUF file: argv = node-llama-cpp's directory, the
+// GGUF path, and a JSON request {"ids": [...], "text": "..."}. Prints JSON: "probs", llama.cpp's next-token
+// distribution after ids as [[id, p], ...]; "tokens", its tokenization of text (no BOS, no special tokens).
+import {pathToFileURL} from "node:url";
+import path from "node:path";
+
+const [moduleDir, ggufPath, requestJson] = process.argv.slice(2);
+const {getLlama} = await import(pathToFileURL(path.join(moduleDir, "dist", "index.js")).href);
+const request = JSON.parse(requestJson);
+const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
+const model = await llama.loadModel({modelPath: ggufPath});
+const out = {tokens: request.text === undefined ? null : Array.from(model.tokenize(request.text, false))};
+if (request.ids) {
+    const context = await model.createContext({contextSize: Math.max(32, request.ids.length + 1)});
+    const last = request.ids.length - 1;
+    const steps = request.ids.map((id, i) => i === last ? [id, {generateNext: {probabilities: true}}] : id);
+    const result = await context.getSequence().controlledEvaluate(steps);
+    out.probs = Array.from(result[last].next.probabilities.entries());
+}
+process.stdout.write(JSON.stringify(out));
+await llama.dispose();

@@ -1,0 +1,114 @@
+"""llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
+next-token probabilities equal fusegrad's for plain, grouped-query, wide-head and Llama 3.1-RoPE models and for
+the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
+import numpy as np
+import pytest
+
+import fusegrad as fg
+from fusegrad.data.chat import chat_text
+from fusegrad.data.tokenizer import ByteTokenizer, load_tokenizer
+from fusegrad.models import Llama
+from fusegrad.models.export import export_model
+from tests.llamacpp import llamacpp
+from tests.real_checkpoint import smollm2_dir
+
+pytest.importorskip("gguf")
+
+LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 16}
+TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
+
+
+def next_token_probs(model, ids) -> np.ndarray:
+    with fg.no_grad():
+        logits = model.logits(np.array([ids])).numpy()[0, -1].astype(np.float64)
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def as_array(probs: dict, vocab_size: int) -> np.ndarray:
+    return np.array([probs.get(i, 0.0) for i in range(vocab_size)])
+
+
+@pytest.mark.parametrize("overrides, dtype, tol", [
+    ({}, "f32", 1e-3), ({}, "f16", 5e-3), ({}, "q8_0", 3e-2),
+    ({"n_kv_heads": 1}, "f32", 1e-3),
+    ({"head_dim": 16}, "f32", 1e-3),  # queries 64 wide on a 32-wide model: key_length / value_length
+    ({"rope_scaling": LLAMA31, "rope_theta": 5e5}, "f32", 1e-3),  # rope_freqs.weight (without it: 0.19 apart)
+], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope"])
+def test_llamacpp_gives_fusegrads_next_token_probabilities(overrides, dtype, tol, tmp_path):
+    model = Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides)
+    for name, t in model.params.items():  # weights large enough that the distribution is far from flat
+        if not name.endswith("norm"):
+            t.data *= 20
+    path = tmp_path / "m.gguf"
+    export_model(model, path, "gguf", ByteTokenizer(), dtype)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 256, 24)]  # past the 16 original positions
+    theirs, ours = as_array(llamacpp(path, ids)["probs"], 258), next_token_probs(model, ids)
+    assert ours.max() > 0.1 and theirs.argmax() == ours.argmax()
+    assert np.abs(theirs - ours).max() < tol
+
+
+def test_llamacpp_tokenizes_bytes_as_fusegrads_byte_tokenizer(tmp_path):
+    """Every fusegrad run's default tokenizer, written as sentencepiece byte pieces: the same ids."""
+    path = tmp_path / "byte.gguf"
+    export_model(Llama.from_preset("tiny", seed=0, vocab_size=258), path, "gguf", ByteTokenizer(), "f32")
+    assert llamacpp(path, text=TEXT)["tokens"] == list(TEXT.encode("utf-8"))
+
+
+def trained_bpe(directory, steps) -> str:
+    """A byte-level BPE trained by `tokenizers` on English, code and numbers with the pre-tokenizer `steps`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True) if kind == "digits" else
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=arg) if kind == "bytes" else
+        pre_tokenizers.Split(Regex(arg), behavior="isolated") for kind, arg in steps])
+    hf.decoder = decoders.ByteLevel()
+    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 # 3.14159"] * 50
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("steps", [
+    None,  # the real SmolLM2 tokenizer as the test checkpoint carries it
+    [("bytes", True)],  # GPT-2
+    [("digits", None), ("bytes", True)],  # SmolLM, StarCoder
+    [("split", LLAMA3_SPLIT), ("bytes", False)],  # Llama 3
+    [("split", LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")), ("bytes", False)],  # Qwen2
+], ids=["smollm2", "gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llamacpp_splits_and_merges_text_as_the_tokenizer_json_does(steps, tmp_path):
+    tokenizer = load_tokenizer(smollm2_dir() if steps is None else trained_bpe(tmp_path, steps))
+    path = tmp_path / "bpe.gguf"
+    export_model(Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size), path, "gguf", tokenizer, "f32")
+    for text in (TEXT, "I'll say it's 12345 o'clock;  they're\n\n here. ÀÉÎ 你好 3.14"):
+        assert llamacpp(path, text=text)["tokens"] == tokenizer.encode(text, bos=False, eos=False), text
+
+
+def test_a_pre_tokenizer_llamacpp_cannot_name_is_refused(tmp_path):
+    tokenizer = load_tokenizer(trained_bpe(tmp_path, [("split", r"\p{L}+|\s+"), ("bytes", False)]))
+    with pytest.raises(fg.FormatError, match=r"pre-tokenizer .*Split.* has no llama\.cpp name here"):
+        export_model(Llama.from_preset("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m.gguf", "gguf",
+                     tokenizer, "f32")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+@pytest.mark.parametrize("dtype, tol", [("f16", 2e-3), ("q8_0", 6e-2)])
+def test_the_real_smollm2_runs_in_llamacpp_as_in_fusegrad(dtype, tol, tmp_path):
+    """SmolLM2-135M-Instruct exported with its tokenizer and chat template: llama.cpp's next token after a chat
+    prompt is fusegrad's, with probabilities within 4e-4 in F16 (as in F32) and 0.03 in Q8_0 (measured)."""
+    model = Llama.from_pretrained(smollm2_dir())
+    tokenizer = load_tokenizer(smollm2_dir())
+    path = tmp_path / "smollm2.gguf"
+    export_model(model, path, "gguf", tokenizer, dtype)
+    ids = tokenizer.encode(chat_text(tokenizer, [{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True))
+    theirs, ours = as_array(llamacpp(path, ids)["probs"], 49152), next_token_probs(model, ids)
+    assert theirs.argmax() == ours.argmax() and ours.max() > 0.1
+    assert np.abs(theirs - ours).max() < tol
