@@ -39,10 +39,9 @@ def node_llama_cpp() -> str:
     return module
 
 
-def llamacpp(gguf_path, ids=None, text=None) -> dict:
-    """llama.cpp's next-token probabilities after `ids` ({id: p}) and its tokens for `text`."""
-    request = {k: v for k, v in (("ids", None if ids is None else [int(i) for i in ids]), ("text", text))
-               if v is not None}
+def llamacpp(gguf_path, ids=None, texts=()) -> dict:
+    """llama.cpp's next-token probabilities after `ids` ({id: p}) and its ids for each of `texts`."""
+    request = {"texts": list(texts)} if ids is None else {"ids": [int(i) for i in ids], "texts": list(texts)}
     run = subprocess.run(["node", SCRIPT, node_llama_cpp(), os.fspath(gguf_path), json.dumps(request)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"llama.cpp could not read {gguf_path}: {run.stderr.strip()[-2000:]}"

@@ -1,6 +1,6 @@
 // llama.cpp (node-llama-cpp's prebuilt CPU build) reads a GGUF file: argv = node-llama-cpp's directory, the
-// GGUF path, and a JSON request {"ids": [...], "text": "..."}. Prints JSON: "probs", llama.cpp's next-token
-// distribution after ids as [[id, p], ...]; "tokens", its tokenization of text (no BOS, no special tokens).
+// GGUF path, and a JSON request {"ids": [...], "texts": ["...", ...]}. Prints JSON: "probs", llama.cpp's
+// next-token distribution after ids as [[id, p], ...]; "tokens", its ids for each text (no BOS, no specials).
 import {pathToFileURL} from "node:url";
 import path from "node:path";
 
@@ -9,7 +9,7 @@ const {getLlama} = await import(pathToFileURL(path.join(moduleDir, "dist", "inde
 const request = JSON.parse(requestJson);
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath: ggufPath});
-const out = {tokens: request.text === undefined ? null : Array.from(model.tokenize(request.text, false))};
+const out = {tokens: (request.texts || []).map((text) => Array.from(model.tokenize(text, false)))};
 if (request.ids) {
     const context = await model.createContext({contextSize: Math.max(32, request.ids.length + 1)});
     const last = request.ids.length - 1;

@@ -1,6 +1,8 @@
 """llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
 next-token probabilities equal fusegrad's for plain, grouped-query, wide-head and Llama 3.1-RoPE models and for
 the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
+import os
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,24 @@ def test_llamacpp_tokenizes_bytes_as_fusegrads_byte_tokenizer(tmp_path):
     """Every fusegrad run's default tokenizer, written as sentencepiece byte pieces: the same ids."""
     path = tmp_path / "byte.gguf"
     export_model(Llama.from_preset("tiny", seed=0, vocab_size=258), path, "gguf", ByteTokenizer(), "f32")
-    assert llamacpp(path, text=TEXT)["tokens"] == list(TEXT.encode("utf-8"))
+    assert llamacpp(path, texts=[TEXT])["tokens"] == [list(TEXT.encode("utf-8"))]
+
+
+def test_llamacpp_tokenizes_as_sentencepiece_and_llama2c_tokenizers(sp_model_proto, sample_texts, tmp_path):
+    """Llama 2's kind of tokenizer.model (sentencepiece BPE, byte fallback) and the llama2.c tokenizer.bin
+    made from it: llama.cpp's ids are fusegrad's (which equal sentencepiece's, tests/data)."""
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(sp_model_proto)
+    sp = load_tokenizer(tmp_path / "sp")
+    export_model(Llama.from_preset("tiny", vocab_size=sp.vocab_size), tmp_path / "sp.bin", "llama2c", sp)
+    (tmp_path / "l2c").mkdir()
+    os.replace(tmp_path / "tokenizer.bin", tmp_path / "l2c" / "tokenizer.bin")
+    for tokenizer in (sp, load_tokenizer(tmp_path / "l2c")):
+        path = tmp_path / f"{tokenizer.kind}.gguf"
+        model = Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size)
+        export_model(model, path, "gguf", tokenizer, "f32")
+        texts = sample_texts[:5]
+        assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
 
 
 def trained_bpe(directory, steps) -> str:
@@ -87,8 +106,8 @@ def test_llamacpp_splits_and_merges_text_as_the_tokenizer_json_does(steps, tmp_p
     tokenizer = load_tokenizer(smollm2_dir() if steps is None else trained_bpe(tmp_path, steps))
     path = tmp_path / "bpe.gguf"
     export_model(Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size), path, "gguf", tokenizer, "f32")
-    for text in (TEXT, "I'll say it's 12345 o'clock;  they're\n\n here. ÀÉÎ 你好 3.14"):
-        assert llamacpp(path, text=text)["tokens"] == tokenizer.encode(text, bos=False, eos=False), text
+    texts = [TEXT, "I'll say it's 12345 o'clock;  they're\n\n here. ÀÉÎ 你好 3.14"]
+    assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
 
 
 def test_a_pre_tokenizer_llamacpp_cannot_name_is_refused(tmp_path):
