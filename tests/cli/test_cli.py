@@ -153,15 +153,11 @@ def test_sample_and_chat_use_the_models_own_tokenizer_and_template(hf_model, cap
 
 
 def test_generation_stops_at_every_eos_id_the_model_declares(tmp_path, monkeypatch):
-    import inspect
-
     import fusegrad.cli.main as cli
     from fusegrad.data.tokenizer import load_tokenizer
     from fusegrad.models.generate import generate
     from tests.data.test_chat import make_hf_model
 
-    if "stop_ids" not in inspect.signature(generate).parameters:
-        pytest.skip("W-models' generate(stop_ids=) is not merged yet; then sample passes stop_ids=tokenizer.eos_ids")
     model = make_hf_model(tmp_path / "m", norm=0.0)  # every logit 0: greedy picks id 0, <|endoftext|>
     made = []
     monkeypatch.setattr(cli, "generate", lambda *a, **kw: made.append(generate(*a, **kw)) or made[-1])
@@ -264,12 +260,12 @@ def test_export_of_an_adapter_dir_alone_merges_the_base_it_names(hf_model, tmp_p
     assert tokenizer is not None  # the base's tokenizer went along
 
 
-def test_export_a_run_to_llama2c(tmp_path):
-    pytest.importorskip("fusegrad.models.export", reason="W-models' fusegrad.models.export is not merged yet")
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+def test_export_a_byte_level_run_to_llama2c_and_gguf(tmp_path):
+    """`fusegrad train`'s default kind of run (byte tokenizer): run.c's .bin, and a GGUF llama.cpp tokenizes
+    byte for byte and runs with fusegrad's next-token probabilities."""
     from fusegrad.models import Llama
     from fusegrad.train.trainer import load_model
+    from tests.llamacpp import llamacpp
 
     run = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--max_steps", "2", "--warmup_steps", "1", "--batch_size", "2",
@@ -281,10 +277,14 @@ def test_export_a_run_to_llama2c(tmp_path):
     assert main(["export", str(run), "--out", str(tmp_path / "m.bin")]) == 0  # format from the name
     np.testing.assert_array_equal(Llama.from_pretrained(tmp_path / "m.bin").logits(tokens).numpy(), want)
     assert (tmp_path / "m.bin").read_bytes()[:4] != b"24ka"  # run.c reads version 0: no "ak42" magic header
+    assert main(["export", str(run), "--out", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    out = llamacpp(tmp_path / "m.gguf", ids=tokens[0], texts=["The list"])
+    assert out["tokens"] == [list(b"The list")]
+    p = np.exp(want[0, -1] - want[0, -1].max())
+    np.testing.assert_allclose([out["probs"][i] for i in range(len(p))], p / p.sum(), atol=1e-4)
 
 
 def test_export_a_hf_model_to_gguf_loads_in_transformers(hf_model, tmp_path):
-    pytest.importorskip("fusegrad.models.export", reason="W-models' fusegrad.models.export is not merged yet")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from fusegrad.models import Llama
