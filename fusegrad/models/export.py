@@ -21,6 +21,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
+from fusegrad.models.hf_names import split_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -174,21 +175,23 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
 
 
 def write_gguf(model, path, tokenizer, dtype: str) -> None:
-    """GGUF v3 for llama.cpp's llama architecture, written with the gguf package's GGUFWriter."""
+    """GGUF v3 for llama.cpp's llama architecture (qwen2 for a model with q/k/v biases), written with the gguf
+    package's GGUFWriter."""
     import gguf
 
     c = model.config
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    if c.qkv_bias:
-        raise FormatError(f"export gguf {path}: q/k/v biases (Qwen2) are not written to GGUF here; export to a "
-                          f"Hugging Face directory instead")
+    arch = "qwen2" if c.qkv_bias else "llama"
+    if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
+        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 has no Llama 3 RoPE scaling nor head_dim apart "
+                          f"from dim / n_heads; export to a Hugging Face directory instead")
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     tmp = f"{path}.tmp{os.getpid()}"
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, arch)
     w.add_name(os.path.splitext(os.path.basename(path))[0])
     w.add_context_length(c.max_seq_len)
     w.add_embedding_length(c.dim)
@@ -246,10 +249,15 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     add("token_embd.weight", p["tok_embeddings"])
     for i in range(c.n_layers):
         wqkv, w13 = p[f"layers.{i}.wqkv"], p[f"layers.{i}.w13"]
-        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", wqkv[:Q]),
-                        ("attn_k", wqkv[Q:Q + KV]), ("attn_v", wqkv[Q + KV:]), ("attn_output", p[f"layers.{i}.wo"]),
-                        ("ffn_norm", p[f"layers.{i}.ffn_norm"]), ("ffn_gate", w13[:Hd]), ("ffn_up", w13[Hd:]),
-                        ("ffn_down", p[f"layers.{i}.w2"])):
+        if arch == "qwen2":  # llama.cpp's qwen2 rotates halves (NEOX) as Hugging Face does: q/k rows in HF order
+            q, k, v = (a for _, a in split_to_hf(c, "wqkv", wqkv))
+            for name, (_, b) in zip(("attn_q", "attn_k", "attn_v"), split_to_hf(c, "wqkv", p[f"layers.{i}.bqkv"])):
+                add(f"blk.{i}.{name}.bias", b)
+        else:
+            q, k, v = wqkv[:Q], wqkv[Q:Q + KV], wqkv[Q + KV:]
+        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", q), ("attn_k", k),
+                        ("attn_v", v), ("attn_output", p[f"layers.{i}.wo"]), ("ffn_norm", p[f"layers.{i}.ffn_norm"]),
+                        ("ffn_gate", w13[:Hd]), ("ffn_up", w13[Hd:]), ("ffn_down", p[f"layers.{i}.w2"])):
             add(f"blk.{i}.{name}.weight", a)
     add("output_norm.weight", p["norm"])
     if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)

@@ -62,6 +62,20 @@ def test_gguf_loads_in_transformers_with_the_same_logits(dtype, atol, tied, tmp_
     np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file=path.name), our_logits(model, ids), atol=atol)
 
 
+def test_gguf_of_a_qwen2_model_is_qwen2_with_its_biases_and_loads_in_transformers(tmp_path):
+    """q/k/v biases make the file llama.cpp's qwen2, whose RoPE rotates halves: q/k rows and biases go in
+    Hugging Face's order, and transformers' qwen2 GGUF loader gives the same logits."""
+    model = Llama.from_preset("tiny", seed=7, qkv_bias=True, rope_theta=1e6)
+    path = tmp_path / "qwen.gguf"
+    export_model(model, path, "gguf", None, "f32")
+    reader = gguf.GGUFReader(path)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "qwen2"
+    assert {t.name for t in reader.tensors} >= {"blk.1.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"}
+    ids = list(np.random.default_rng(2).integers(0, 64, 20))
+    np.testing.assert_allclose(their_logits(tmp_path, ids, gguf_file=path.name), our_logits(model, ids), atol=1e-5)
+
+
 def test_gguf_of_heads_wider_than_the_embedding_says_their_size(tmp_path):
     """n_heads x head_dim (64) > dim (32): llama.cpp reads the head size from key_length / value_length,
     transformers from rope.dimension_count; both are written, and transformers gives the same logits."""
@@ -133,8 +147,8 @@ def test_export_refuses_what_it_cannot_write(model, tmp_path):
         export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_0")
     with pytest.raises(fg.ConfigError, match="llama2.c files hold float32 only"):
         export_model(model, tmp_path / "m.bin", "llama2c", dtype="f16")
-    qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True)
-    with pytest.raises(fg.FormatError, match=r"q\.gguf: q/k/v biases"):
+    qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True, head_dim=16)
+    with pytest.raises(fg.FormatError, match=r"q\.gguf: llama\.cpp's qwen2 has no .*head_dim apart"):
         export_model(qwen, tmp_path / "q.gguf", "gguf")
     adapted = Llama.from_preset("tiny", seed=0)
     attach_lora(adapted, LoraConfig(targets=("q",), r=2))

@@ -1,6 +1,6 @@
 """llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
-next-token probabilities equal fusegrad's for plain, grouped-query, wide-head and Llama 3.1-RoPE models and for
-the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
+next-token probabilities equal fusegrad's for plain, grouped-query, wide-head, Llama 3.1-RoPE and Qwen2 models
+and for the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
 import os
 
 import numpy as np
@@ -36,7 +36,8 @@ def as_array(probs: dict, vocab_size: int) -> np.ndarray:
     ({"n_kv_heads": 1}, "f32", 1e-3),
     ({"head_dim": 16}, "f32", 1e-3),  # queries 64 wide on a 32-wide model: key_length / value_length
     ({"rope_scaling": LLAMA31, "rope_theta": 5e5}, "f32", 1e-3),  # rope_freqs.weight (without it: 0.19 apart)
-], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope"])
+    ({"qkv_bias": True, "rope_theta": 1e6}, "f32", 1e-3),  # llama.cpp's qwen2: biases, rotate-half q/k rows
+], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2"])
 def test_llamacpp_gives_fusegrads_next_token_probabilities(overrides, dtype, tol, tmp_path):
     model = Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides)
     for name, t in model.params.items():  # weights large enough that the distribution is far from flat
