@@ -13,6 +13,7 @@ Norms stay F32 in every file type, as llama.cpp's converter writes them. Llama 3
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,7 +22,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.hf_names import split_to_hf
+from fusegrad.models.hf_names import fused_parts, split_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -174,97 +175,32 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
     return out
 
 
-def write_gguf(model, path, tokenizer, dtype: str) -> None:
-    """GGUF v3 for llama.cpp's llama architecture (qwen2 for a model with q/k/v biases), written with the gguf
-    package's GGUFWriter."""
+GGUF_PARTS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+              "down": "ffn_down"}  # projection part -> llama.cpp's tensor name inside blk.{i}
+
+
+def gguf_arch(config) -> str:
+    """llama.cpp's architecture for a model of `config`: qwen2 when q/k/v carry biases, else llama."""
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def gguf_parts(config, kind: str, a) -> list:
+    """[(part, rows)] of a fused weight (or bias) `kind` for llama.cpp: in fusegrad's row order for its llama,
+    which rotates pairs as llama2.c does; in Hugging Face's for its qwen2, which rotates halves."""
+    if gguf_arch(config) == "qwen2":
+        return split_to_hf(config, "wqkv" if kind == "bqkv" else kind, a)
+    return [(part, a[rows]) for part, rows, _ in fused_parts(config, "wqkv" if kind == "bqkv" else kind)]
+
+
+@contextlib.contextmanager
+def gguf_file(path, arch: str):
+    """A GGUFWriter for `arch` whose file appears at `path` only once written whole (a temporary file, renamed)."""
     import gguf
 
-    c = model.config
-    if dtype not in GGUF_DTYPES:
-        raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
-    arch = "qwen2" if c.qkv_bias else "llama"
-    if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
-        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 has no Llama 3 RoPE scaling nor head_dim apart "
-                          f"from dim / n_heads; export to a Hugging Face directory instead")
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     tmp = f"{path}.tmp{os.getpid()}"
     w = gguf.GGUFWriter(tmp, arch)
-    w.add_name(os.path.splitext(os.path.basename(path))[0])
-    w.add_context_length(c.max_seq_len)
-    w.add_embedding_length(c.dim)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(c.hidden_dim)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_rope_dimension_count(c.head_dim)
-    if c.q_dim != c.dim:  # llama.cpp's head size defaults to n_embd / n_head
-        w.add_key_length(c.head_dim)
-        w.add_value_length(c.head_dim)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_file_type(ftype)
-    if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone
-        w.add_tokenizer_model("none")
-    else:
-        v = gguf_vocab(tokenizer, c.vocab_size)
-        w.add_tokenizer_model(v["model"])
-        if getattr(tokenizer, "kind", "") == "byte":  # a space is its own byte, not a word's prefix
-            w.add_add_space_prefix(False)
-        if v["model"] == "gpt2":
-            w.add_tokenizer_pre(v["pre"])
-            w.add_token_merges(v["merges"])
-        else:
-            w.add_token_scores(v["scores"])
-        w.add_token_list(v["tokens"])
-        w.add_token_types(v["types"])
-        bos, eos, pad = _special_ids(tokenizer)
-        if bos is not None:
-            w.add_bos_token_id(bos)
-        if eos is not None:
-            w.add_eos_token_id(eos if isinstance(eos, int) else eos[0])
-        if pad is not None:
-            w.add_pad_token_id(pad)
-        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos", False)))
-        if getattr(tokenizer, "chat_template", None):
-            w.add_chat_template(tokenizer.chat_template)
-
-    def add(name, a):
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        if not np.isfinite(a).all():
-            raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
-        if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(name, a)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(name, a.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-
-    p = {n: t.numpy() for n, t in model.params.items()}
-    p.update({n: q.dequantize() for n, q in model.quantized.items()})
-    Q, KV, Hd = c.q_dim, c.kv_dim, c.hidden_dim
-    add("token_embd.weight", p["tok_embeddings"])
-    for i in range(c.n_layers):
-        wqkv, w13 = p[f"layers.{i}.wqkv"], p[f"layers.{i}.w13"]
-        if arch == "qwen2":  # llama.cpp's qwen2 rotates halves (NEOX) as Hugging Face does: q/k rows in HF order
-            q, k, v = (a for _, a in split_to_hf(c, "wqkv", wqkv))
-            for name, (_, b) in zip(("attn_q", "attn_k", "attn_v"), split_to_hf(c, "wqkv", p[f"layers.{i}.bqkv"])):
-                add(f"blk.{i}.{name}.bias", b)
-        else:
-            q, k, v = wqkv[:Q], wqkv[Q:Q + KV], wqkv[Q + KV:]
-        for name, a in (("attn_norm", p[f"layers.{i}.attention_norm"]), ("attn_q", q), ("attn_k", k),
-                        ("attn_v", v), ("attn_output", p[f"layers.{i}.wo"]), ("ffn_norm", p[f"layers.{i}.ffn_norm"]),
-                        ("ffn_gate", w13[:Hd]), ("ffn_up", w13[Hd:]), ("ffn_down", p[f"layers.{i}.w2"])):
-            add(f"blk.{i}.{name}.weight", a)
-    add("output_norm.weight", p["norm"])
-    if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)
-        add("rope_freqs.weight", c.rope_frequencies(scaled=False) / c.rope_frequencies())
-    if not c.tie_embeddings:
-        add("output.weight", p["output"])
     try:
+        yield w
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -273,3 +209,87 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_gguf(model, path, tokenizer, dtype: str) -> None:
+    """GGUF v3 for llama.cpp's llama architecture (qwen2 for a model with q/k/v biases), written with the gguf
+    package's GGUFWriter."""
+    import gguf
+
+    c = model.config
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    arch = gguf_arch(c)
+    if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
+        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 has no Llama 3 RoPE scaling nor head_dim apart "
+                          f"from dim / n_heads; export to a Hugging Face directory instead")
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    with gguf_file(path, arch) as w:
+        w.add_name(os.path.splitext(os.path.basename(path))[0])
+        w.add_context_length(c.max_seq_len)
+        w.add_embedding_length(c.dim)
+        w.add_block_count(c.n_layers)
+        w.add_feed_forward_length(c.hidden_dim)
+        w.add_head_count(c.n_heads)
+        w.add_head_count_kv(c.n_kv_heads)
+        w.add_rope_dimension_count(c.head_dim)
+        if c.q_dim != c.dim:  # llama.cpp's head size defaults to n_embd / n_head
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_vocab_size(c.vocab_size)
+        w.add_file_type(ftype)
+        if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone
+            w.add_tokenizer_model("none")
+        else:
+            v = gguf_vocab(tokenizer, c.vocab_size)
+            w.add_tokenizer_model(v["model"])
+            if getattr(tokenizer, "kind", "") == "byte":  # a space is its own byte, not a word's prefix
+                w.add_add_space_prefix(False)
+            if v["model"] == "gpt2":
+                w.add_tokenizer_pre(v["pre"])
+                w.add_token_merges(v["merges"])
+            else:
+                w.add_token_scores(v["scores"])
+            w.add_token_list(v["tokens"])
+            w.add_token_types(v["types"])
+            bos, eos, pad = _special_ids(tokenizer)
+            if bos is not None:
+                w.add_bos_token_id(bos)
+            if eos is not None:
+                w.add_eos_token_id(eos if isinstance(eos, int) else eos[0])
+            if pad is not None:
+                w.add_pad_token_id(pad)
+            w.add_add_bos_token(bool(getattr(tokenizer, "add_bos", False)))
+            if getattr(tokenizer, "chat_template", None):
+                w.add_chat_template(tokenizer.chat_template)
+
+        def add(name, a):
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
+            if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(name, a)
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(name, a.astype(np.float16))
+            else:
+                w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+        p = {n: t.numpy() for n, t in model.params.items()}
+        p.update({n: q.dequantize() for n, q in model.quantized.items()})
+        add("token_embd.weight", p["tok_embeddings"])
+        for i in range(c.n_layers):
+            add(f"blk.{i}.attn_norm.weight", p[f"layers.{i}.attention_norm"])
+            add(f"blk.{i}.ffn_norm.weight", p[f"layers.{i}.ffn_norm"])
+            for kind in ("wqkv", "wo", "w13", "w2") + (("bqkv",) if c.qkv_bias else ()):
+                for part, a in gguf_parts(c, kind, p[f"layers.{i}.{kind}"]):
+                    add(f"blk.{i}.{GGUF_PARTS[part]}.{'bias' if kind == 'bqkv' else 'weight'}", a)
+        add("output_norm.weight", p["norm"])
+        if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)
+            add("rope_freqs.weight", c.rope_frequencies(scaled=False) / c.rope_frequencies())
+        if not c.tie_embeddings:
+            add("output.weight", p["output"])

@@ -150,6 +150,10 @@ def test_export_refuses_what_it_cannot_write(model, tmp_path):
     qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True, head_dim=16)
     with pytest.raises(fg.FormatError, match=r"q\.gguf: llama\.cpp's qwen2 has no .*head_dim apart"):
         export_model(qwen, tmp_path / "q.gguf", "gguf")
+    broken = Llama.from_preset("tiny", seed=0)
+    broken.params["layers.1.w13"].data[3, 5] = np.nan
+    with pytest.raises(fg.FormatError, match=r"b\.gguf: blk\.1\.ffn_gate\.weight holds NaN or inf"):
+        export_model(broken, tmp_path / "b.gguf", "gguf")  # and no file, nor its temporary, is left
     adapted = Llama.from_preset("tiny", seed=0)
     attach_lora(adapted, LoraConfig(targets=("q",), r=2))
     with pytest.raises(fg.ConfigError, match="unmerged adapters"):
