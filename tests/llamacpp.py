@@ -39,9 +39,11 @@ def node_llama_cpp() -> str:
     return module
 
 
-def llamacpp(gguf_path, ids=None, texts=()) -> dict:
-    """llama.cpp's next-token probabilities after `ids` ({id: p}) and its ids for each of `texts`."""
-    request = {"texts": list(texts)} if ids is None else {"ids": [int(i) for i in ids], "texts": list(texts)}
+def llamacpp(gguf_path, ids=None, texts=(), lora=None) -> dict:
+    """llama.cpp's next-token probabilities after `ids` ({id: p}), with the GGUF LoRA adapter `lora` applied if
+    given, and its ids for each of `texts`."""
+    request = {"texts": list(texts), **({} if ids is None else {"ids": [int(i) for i in ids]}),
+               **({} if lora is None else {"lora": os.fspath(lora)})}
     run = subprocess.run(["node", SCRIPT, node_llama_cpp(), os.fspath(gguf_path), json.dumps(request)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"llama.cpp could not read {gguf_path}: {run.stderr.strip()[-2000:]}"

@@ -1,9 +1,11 @@
 """`fusegrad export` (and `fusegrad merge`, the same code with an adapter): a run, a checkpoint, or a base model
-with a LoRA adapter folded in, written as a Hugging Face directory, a llama2.c `.bin` or a GGUF file.
+with a LoRA adapter folded in, written as a Hugging Face directory, a llama2.c `.bin` or a GGUF file; or the
+adapter alone as llama.cpp's GGUF LoRA adapter (gguf-lora).
 
     fusegrad export runs/default --format gguf --out model.gguf --dtype q8_0
     fusegrad export hf_dir --adapter runs/ft --format llama2c --out merged.bin
     fusegrad export runs/ft --out merged_hf      # an adapter dir alone: its base_model_name_or_path, merged
+    fusegrad export runs/ft --format gguf-lora --out ft-lora.gguf   # for llama.cpp's --lora, beside the base GGUF
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import os
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data.tokenizer import tokenizer_for_model
+from fusegrad.finetune.gguf_adapter import write_gguf_adapter
 from fusegrad.finetune.peft_io import adapter_base_model, load_adapter
 from fusegrad.models.export import export_model
 from fusegrad.train.trainer import load_model
 
-FORMATS = ("hf", "llama2c", "gguf")
-DTYPES = ("f32", "f16", "q8_0")  # gguf's tensor types
+FORMATS = ("hf", "llama2c", "gguf", "gguf-lora")
+DTYPES = ("f32", "f16", "q8_0")  # gguf's tensor types (an adapter: f32, f16)
 
 
 def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtype: str = "",
@@ -27,26 +30,39 @@ def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtyp
     fmt = fmt or ("llama2c" if out.endswith(".bin") else "gguf" if out.endswith(".gguf") else "hf")
     if fmt not in FORMATS:
         raise ConfigError(f"export: --format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if dtype and (fmt != "gguf" or dtype not in DTYPES):
+    if dtype and (not fmt.startswith("gguf") or dtype not in DTYPES):
         raise ConfigError(f"export: --dtype is gguf's tensor type ({', '.join(DTYPES)}), got {dtype!r} for {fmt}")
     target = os.path.join(out, "config.json") if fmt == "hf" else out
     if os.path.exists(target) and not force:
         raise FormatError(f"{target}: already exists; pass --force to overwrite")
+    if fmt == "gguf-lora":
+        _, _, _, lora = load_adapted(src, adapter)
+        if lora is None:
+            raise ConfigError(f"export: gguf-lora writes an adapter; {src} is not an adapter directory (or pass "
+                              f"--adapter)")
+        write_gguf_adapter(lora, out, dtype or "f32")
+        return fmt
     model, own, src = load_merged(src, adapter)
     tok = tokenizer_for_model(src, model.config.vocab_size, own, tokenizer) if tokenizer or own else None
     export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None)
     return fmt
 
 
-def load_merged(src, adapter: str = ""):
-    """-> (model, its own tokenizer or None, the model's path): the model at `src` with `adapter` folded into
-    its weights; `src` an adapter directory alone loads the base model its adapter_config.json names."""
+def load_adapted(src, adapter: str = ""):
+    """-> (model, its own tokenizer or None, the model's path, its Lora or None): the model at `src` with
+    `adapter` attached; `src` an adapter directory alone loads the base model its adapter_config.json names."""
     base = None if adapter else adapter_base_model(src)
     if base is not None:
         src, adapter = base, src
     model, own = load_model(src)
-    if adapter:
-        load_adapter(adapter, model).merge()
+    return model, own, src, load_adapter(adapter, model) if adapter else None
+
+
+def load_merged(src, adapter: str = ""):
+    """`load_adapted`, with the adapter folded into the weights -> (model, its own tokenizer or None, its path)."""
+    model, own, src, lora = load_adapted(src, adapter)
+    if lora is not None:
+        lora.merge()
     return model, own, src
 
 
@@ -59,7 +75,8 @@ def _cmd_export(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a run, checkpoint or base + adapter as HF, llama2.c or GGUF")
     p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir, llama2.c .bin, or a fine-tune's adapter dir")
-    p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
+    p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file (gguf, "
+                                                "gguf-lora)")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
     p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir to merge into the weights first")

@@ -22,7 +22,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.hf_names import fused_parts, split_to_hf
+from fusegrad.models.hf_names import fused_parts, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -184,12 +184,11 @@ def gguf_arch(config) -> str:
     return "qwen2" if config.qkv_bias else "llama"
 
 
-def gguf_parts(config, kind: str, a) -> list:
-    """[(part, rows)] of a fused weight (or bias) `kind` for llama.cpp: in fusegrad's row order for its llama,
-    which rotates pairs as llama2.c does; in Hugging Face's for its qwen2, which rotates halves."""
-    if gguf_arch(config) == "qwen2":
-        return split_to_hf(config, "wqkv" if kind == "bqkv" else kind, a)
-    return [(part, a[rows]) for part, rows, _ in fused_parts(config, "wqkv" if kind == "bqkv" else kind)]
+def gguf_rows(config, part: str, a):
+    """A projection part's rows (or bias) in llama.cpp's order: fusegrad's own for its llama, which rotates pairs
+    as llama2.c does; Hugging Face's for its qwen2, which rotates halves."""
+    heads = {"q": config.n_heads, "k": config.n_kv_heads}.get(part)
+    return permute_to_hf(a, heads) if heads and gguf_arch(config) == "qwen2" else a
 
 
 @contextlib.contextmanager
@@ -286,7 +285,8 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             add(f"blk.{i}.attn_norm.weight", p[f"layers.{i}.attention_norm"])
             add(f"blk.{i}.ffn_norm.weight", p[f"layers.{i}.ffn_norm"])
             for kind in ("wqkv", "wo", "w13", "w2") + (("bqkv",) if c.qkv_bias else ()):
-                for part, a in gguf_parts(c, kind, p[f"layers.{i}.{kind}"]):
+                for part, rows, _ in fused_parts(c, "wqkv" if kind == "bqkv" else kind):
+                    a = gguf_rows(c, part, p[f"layers.{i}.{kind}"][rows])
                     add(f"blk.{i}.{GGUF_PARTS[part]}.{'bias' if kind == 'bqkv' else 'weight'}", a)
         add("output_norm.weight", p["norm"])
         if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)

@@ -1,6 +1,7 @@
 // llama.cpp (node-llama-cpp's prebuilt CPU build) reads a GGUF file: argv = node-llama-cpp's directory, the
-// GGUF path, and a JSON request {"ids": [...], "texts": ["...", ...]}. Prints JSON: "probs", llama.cpp's
-// next-token distribution after ids as [[id, p], ...]; "tokens", its ids for each text (no BOS, no specials).
+// GGUF path, and a JSON request {"ids": [...], "texts": ["...", ...], "lora": "adapter.gguf"}. Prints JSON:
+// "probs", llama.cpp's next-token distribution after ids (with the LoRA adapter applied at scale 1, if given) as
+// [[id, p], ...]; "tokens", its ids for each text (no BOS, no specials).
 import {pathToFileURL} from "node:url";
 import path from "node:path";
 
@@ -11,7 +12,8 @@ const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath: ggufPath});
 const out = {tokens: (request.texts || []).map((text) => Array.from(model.tokenize(text, false)))};
 if (request.ids) {
-    const context = await model.createContext({contextSize: Math.max(32, request.ids.length + 1)});
+    const lora = request.lora ? {adapters: [{filePath: request.lora, scale: 1}]} : undefined;
+    const context = await model.createContext({contextSize: Math.max(32, request.ids.length + 1), lora});
     const last = request.ids.length - 1;
     const steps = request.ids.map((id, i) => i === last ? [id, {generateNext: {probabilities: true}}] : id);
     const result = await context.getSequence().controlledEvaluate(steps);
