@@ -15,11 +15,11 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.finetune.gguf_adapter import write_gguf_adapter
 from fusegrad.finetune.peft_io import adapter_base_model, load_adapter
-from fusegrad.models.export import export_model
+from fusegrad.models.export import GGUF_DTYPES, export_model
 from fusegrad.train.trainer import load_model
 
 FORMATS = ("hf", "llama2c", "gguf", "gguf-lora")
-DTYPES = ("f32", "f16", "q8_0")  # gguf's tensor types (an adapter: f32, f16)
+DTYPES = GGUF_DTYPES  # gguf's tensor types (an adapter: f32, f16)
 
 
 def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtype: str = "",

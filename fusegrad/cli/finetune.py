@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help=SETTINGS["model"][0])
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (adapter_config.json + safetensors)")
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file")
-    p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
+    p.add_argument("--format", default="", choices=("",) + tuple(f for f in FORMATS if f != "gguf-lora"),
+                   help="default: from --out's name")
     p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(func=_cmd_merge)

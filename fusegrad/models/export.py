@@ -1,5 +1,6 @@
 """Exports a model (and its tokenizer) for other runtimes: a Hugging Face directory, llama2.c's `.bin`
-(version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16 or Q8_0).
+(version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16, BF16, Q8_0, Q5_0 or Q4_0;
+a tensor whose rows are no whole number of blocks stays F16, as llama.cpp's converter keeps it).
 
 The tokenizer is duck-typed (fusegrad.data's tokenizers, which live above this layer): `.bos_id`,
 `.eos_ids`, `.kind`, `.save(dir)`, and for GGUF / tokenizer.bin its vocabulary: `.hf` (a `tokenizers`
@@ -25,7 +26,7 @@ from fusegrad.core.fileio import atomic_write
 from fusegrad.models.hf_names import fused_parts, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
-GGUF_DTYPES = ("f32", "f16", "q8_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # the types gguf's own quantizers write
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -222,10 +223,8 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
         raise FormatError(f"export gguf {path}: llama.cpp's qwen2 has no Llama 3 RoPE scaling nor head_dim apart "
                           f"from dim / n_heads; export to a Hugging Face directory instead")
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
-    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     with gguf_file(path, arch) as w:
         w.add_name(os.path.splitext(os.path.basename(path))[0])
         w.add_context_length(c.max_seq_len)
@@ -272,11 +271,11 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             if not np.isfinite(a).all():
                 raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
             if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-                w.add_tensor(name, a)
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(name, a.astype(np.float16))
-            else:
+                return w.add_tensor(name, a)
+            try:
                 w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+            except gguf.QuantError:  # rows that are no whole number of blocks: F16, as llama.cpp's converter does
+                w.add_tensor(name, a.astype(np.float16))
 
         p = {n: t.numpy() for n, t in model.params.items()}
         p.update({n: q.dequantize() for n, q in model.quantized.items()})

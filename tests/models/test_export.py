@@ -44,7 +44,8 @@ def their_logits(path, tokens, **kw):
         return hf(input_ids=torch.as_tensor([tokens])).logits.numpy()[0]
 
 
-@pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-3), ("q8_0", 2e-2)])
+@pytest.mark.parametrize("dtype, atol", [("f32", 1e-5), ("f16", 2e-3), ("bf16", 3e-3), ("q8_0", 2e-2), ("q5_0", 5e-2),
+                                         ("q4_0", 1e-1)])
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_loads_in_transformers_with_the_same_logits(dtype, atol, tied, tmp_path):
     model = Llama.from_preset("tiny", seed=4, rope_theta=1e5, tie_embeddings=tied)
@@ -143,8 +144,8 @@ def test_llama2c_export_writes_no_tokenizer_bin_for_byte_level_bpe(model, tokeni
 def test_export_refuses_what_it_cannot_write(model, tmp_path):
     with pytest.raises(fg.ConfigError, match="format must be one of hf, llama2c, gguf, got 'onnx'"):
         export_model(model, tmp_path / "m", "onnx")
-    with pytest.raises(fg.ConfigError, match="GGUF dtype must be one of f32, f16, q8_0, got 'q4_0'"):
-        export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_0")
+    with pytest.raises(fg.ConfigError, match="GGUF dtype must be one of f32, f16, bf16, q8_0, q5_0, q4_0, got 'q4_k'"):
+        export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_k")
     with pytest.raises(fg.ConfigError, match="llama2.c files hold float32 only"):
         export_model(model, tmp_path / "m.bin", "llama2c", dtype="f16")
     qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True, head_dim=16)

@@ -20,6 +20,14 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "orig
 TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
 
 
+def sharpened(model, scale=20.0):
+    """The model with its weights (not its norms) scaled, so that next-token distributions are far from flat."""
+    for name, t in model.params.items():
+        if not name.endswith("norm"):
+            t.data *= scale
+    return model
+
+
 def next_token_probs(model, ids) -> np.ndarray:
     with fg.no_grad():
         logits = model.logits(np.array([ids])).numpy()[0, -1].astype(np.float64)
@@ -39,16 +47,43 @@ def as_array(probs: dict, vocab_size: int) -> np.ndarray:
     ({"qkv_bias": True, "rope_theta": 1e6}, "f32", 1e-3),  # llama.cpp's qwen2: biases, rotate-half q/k rows
 ], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2"])
 def test_llamacpp_gives_fusegrads_next_token_probabilities(overrides, dtype, tol, tmp_path):
-    model = Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides)
-    for name, t in model.params.items():  # weights large enough that the distribution is far from flat
-        if not name.endswith("norm"):
-            t.data *= 20
+    model = sharpened(Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides))
     path = tmp_path / "m.gguf"
     export_model(model, path, "gguf", ByteTokenizer(), dtype)
     ids = [int(i) for i in np.random.default_rng(0).integers(0, 256, 24)]  # past the 16 original positions
     theirs, ours = as_array(llamacpp(path, ids)["probs"], 258), next_token_probs(model, ids)
     assert ours.max() > 0.1 and theirs.argmax() == ours.argmax()
     assert np.abs(theirs - ours).max() < tol
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "q5_0", "q4_0"])
+def test_llamacpp_and_transformers_read_the_same_quantized_weights(dtype, tmp_path):
+    """4- and 5-bit files are far from the float32 model by design: llama.cpp's probabilities are checked against
+    transformers' GGUF loader on the same file (each dequantizes it on its own) instead."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = sharpened(Llama.from_preset("tiny", seed=6, vocab_size=258))
+    export_model(model, tmp_path / "m.gguf", "gguf", ByteTokenizer(), dtype)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 256, 24)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+    p = np.exp(logits - logits.max())
+    theirs = as_array(llamacpp(tmp_path / "m.gguf", ids)["probs"], 258)
+    assert theirs.argmax() == p.argmax() and np.abs(theirs - p / p.sum()).max() < 3e-2
+
+
+def test_rows_that_are_no_whole_number_of_blocks_stay_f16(tmp_path):
+    """stories260K's hidden size 172 is no multiple of Q8_0's 32-value blocks: those tensors are written F16, as
+    llama.cpp's converter falls back, and llama.cpp runs the file."""
+    gguf = pytest.importorskip("gguf")
+    model = sharpened(Llama.from_preset("stories260K", seed=6, vocab_size=258), 10)
+    export_model(model, tmp_path / "m.gguf", "gguf", ByteTokenizer(), "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "F16" and types["blk.0.ffn_up.weight"] == "Q8_0"
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 256, 24)]
+    theirs, ours = as_array(llamacpp(tmp_path / "m.gguf", ids)["probs"], 258), next_token_probs(model, ids)
+    assert theirs.argmax() == ours.argmax() and np.abs(theirs - ours).max() < 3e-2
 
 
 def test_llamacpp_tokenizes_bytes_as_fusegrads_byte_tokenizer(tmp_path):
