@@ -136,6 +136,9 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
         if spec["model"]["type"] != "BPE":
             raise FormatError(f"export gguf: a {spec['model']['type']} tokenizer.json has no GGUF form here "
                               f"(byte-level BPE or sentencepiece only)")
+        if spec["model"].get("byte_fallback"):  # Llama 2's / Mistral's fast tokenizer: pieces, not bytes
+            raise FormatError("export gguf: a sentencepiece-style tokenizer.json (byte fallback) is written to GGUF "
+                              "from its tokenizer.model; pass that file with --tokenizer")
         tokens = {i: t for t, i in spec["model"]["vocab"].items()}
         types = {}
         for added in spec.get("added_tokens", []):

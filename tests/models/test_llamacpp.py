@@ -1,6 +1,7 @@
 """llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
 next-token probabilities equal fusegrad's for plain, grouped-query, wide-head, Llama 3.1-RoPE and Qwen2 models
 and for the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
+import json
 import os
 
 import numpy as np
@@ -146,9 +147,16 @@ def test_llamacpp_splits_and_merges_text_as_the_tokenizer_json_does(steps, tmp_p
     assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
 
 
-def test_a_pre_tokenizer_llamacpp_cannot_name_is_refused(tmp_path):
+def test_a_tokenizer_json_llamacpp_would_split_otherwise_is_refused(tmp_path):
     tokenizer = load_tokenizer(trained_bpe(tmp_path, [("split", r"\p{L}+|\s+"), ("bytes", False)]))
     with pytest.raises(fg.FormatError, match=r"pre-tokenizer .*Split.* has no llama\.cpp name here"):
+        export_model(Llama.from_preset("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m.gguf", "gguf",
+                     tokenizer, "f32")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["model"]["byte_fallback"] = True  # the shape of Llama 2's fast tokenizer
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    tokenizer = load_tokenizer(tmp_path)
+    with pytest.raises(fg.FormatError, match=r"sentencepiece-style tokenizer\.json .* pass that file with --tok"):
         export_model(Llama.from_preset("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m.gguf", "gguf",
                      tokenizer, "f32")
     assert not list(tmp_path.glob("*.gguf*"))
