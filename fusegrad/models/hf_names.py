@@ -70,15 +70,12 @@ def param_names(config) -> dict:
     a fresh model draws them (llama2.c's: each block's attention, then its MLP)."""
     names = {"tok_embeddings": ["model.embed_tokens.weight"]}
     for i in range(config.n_layers):
-        norm = {ours: [f"model.layers.{i}.{theirs}.weight"] for ours, theirs in NORMS.items()}
-        names[f"layers.{i}.attention_norm"] = norm["attention_norm"]
-        names[f"layers.{i}.wqkv"] = [hf_name(i, t) for t in FUSED["wqkv"]]
-        if config.qkv_bias:
-            names[f"layers.{i}.bqkv"] = [hf_name(i, t, "bias") for t in FUSED["wqkv"]]
-        names[f"layers.{i}.wo"] = [hf_name(i, "o")]
-        names[f"layers.{i}.ffn_norm"] = norm["ffn_norm"]
-        for kind in ("w13", "w2"):
-            names[f"layers.{i}.{kind}"] = [hf_name(i, t) for t in FUSED[kind]]
+        for kind in ("attention_norm", "wqkv", "bqkv", "wo", "ffn_norm", "w13", "w2"):
+            if kind in NORMS:
+                names[f"layers.{i}.{kind}"] = [f"model.layers.{i}.{NORMS[kind]}.weight"]
+            elif kind != "bqkv" or config.qkv_bias:
+                names[f"layers.{i}.{kind}"] = [hf_name(i, t, "bias" if kind == "bqkv" else "weight")
+                                                for t in FUSED["wqkv" if kind == "bqkv" else kind]]
     names["norm"] = ["model.norm.weight"]
     if not config.tie_embeddings:
         names["output"] = ["lm_head.weight"]
