@@ -39,7 +39,7 @@ class LlamaConfig:
     tie_embeddings: bool = True
     multiple_of: int = 32
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases (one fused bias (C + 2 KV,))
-    rope_scaling: dict | None = None  # Llama 3.1/3.2 "llama3": factor, low/high_freq_factor, original_max_len
+    rope_scaling: dict | None = None  # {"type": llama3 | linear | yarn, "factor": ...}: `rope_frequencies`
     # how to train, not what the model is (so not compared): recompute each block's forward in the backward,
     # keeping only its input. Here so that every copy built from the config (worker processes) does it too
     checkpoint_activations: bool = dataclasses.field(default=False, compare=False)
@@ -66,24 +66,41 @@ class LlamaConfig:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
 
     def rope_frequencies(self, scaled: bool = True) -> np.ndarray:
-        """RoPE's (D/2,) float64 inverse wavelengths, with Llama 3's frequency scaling when rope_scaling is set
-        (and `scaled`): wavelengths beyond original_max_len / low_freq_factor slow down by `factor`, those below
-        original_max_len / high_freq_factor stay, the ones between are blended (as Meta's and HF's code)."""
+        """RoPE's (D/2,) float64 inverse wavelengths, scaled by rope_scaling (when set and `scaled`) as Hugging
+        Face scales them, by its "type":
+        - "llama3" (Llama 3.1; the default): wavelengths beyond original_max_len / low_freq_factor slow down by
+          `factor`, those below original_max_len / high_freq_factor stay, the ones between are blended;
+        - "linear" (position interpolation): every wavelength slows down by `factor`;
+        - "yarn": a linear ramp over the dimensions that turn between beta_fast and beta_slow times within
+          original_max_len blends the slowed wavelengths (below it) with the kept ones (above it)."""
         D = self.head_dim
         freqs = 1.0 / self.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
-        if self.rope_scaling and scaled:
-            s = self.rope_scaling
-            factor, lo, hi, n = (float(s[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                        "original_max_len"))
-            wavelen = 2 * np.pi / freqs
-            smooth = np.clip((n / wavelen - lo) / (hi - lo), 0.0, 1.0)
-            freqs = (1 - smooth) * freqs / factor + smooth * freqs
-        return freqs
+        s = self.rope_scaling if scaled else None
+        if not s:
+            return freqs
+        kind, factor = s.get("type", "llama3"), float(s["factor"])
+        if kind == "linear":
+            return freqs / factor
+        n = float(s["original_max_len"])
+        if kind == "yarn":
+            def dim(turns):  # the dimension whose wavelength fits `turns` times into n positions
+                return D * np.log(n / (turns * 2 * np.pi)) / (2 * np.log(self.rope_theta))
+            lo, hi = dim(float(s["beta_fast"])), dim(float(s["beta_slow"]))
+            if s.get("truncate", True):
+                lo, hi = np.floor(lo), np.ceil(hi)
+            lo, hi = max(lo, 0.0), min(hi, D - 1.0)
+            ramp = np.clip((np.arange(D // 2) - lo) / (hi - lo if hi != lo else 1e-3), 0.0, 1.0)
+            return ramp * freqs / factor + (1 - ramp) * freqs
+        lo, hi = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        smooth = np.clip((n * freqs / (2 * np.pi) - lo) / (hi - lo), 0.0, 1.0)
+        return (1 - smooth) * freqs / factor + smooth * freqs
 
     def rope_tables(self, dtype=np.float32):
-        """cos, sin (max_seq_len, D/2) of RoPE at `rope_frequencies()`."""
+        """cos, sin (max_seq_len, D/2) of RoPE at `rope_frequencies()`, times YaRN's attention factor (which
+        scales q and k alike, so the scores by its square)."""
         angles = np.outer(np.arange(self.max_seq_len, dtype=np.float64), self.rope_frequencies())
-        return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+        m = float((self.rope_scaling or {}).get("attention_factor", 1.0))
+        return (m * np.cos(angles)).astype(dtype), (m * np.sin(angles)).astype(dtype)
 
     @property
     def q_dim(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 
@@ -224,8 +225,15 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
         raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     arch = gguf_arch(c)
     if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
-        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 has no Llama 3 RoPE scaling nor head_dim apart "
-                          f"from dim / n_heads; export to a Hugging Face directory instead")
+        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 is written here without RoPE scaling and with "
+                          f"head_dim = dim / n_heads only; export to a Hugging Face directory instead")
+    scaling = dict(c.rope_scaling or {})
+    rope = scaling.get("type", "llama3") if scaling else None
+    if rope == "yarn" and (not scaling.get("truncate", True) or not math.isclose(
+            scaling["attention_factor"], 0.1 * math.log(scaling["factor"]) + 1.0, rel_tol=1e-6)):
+        raise FormatError(f"export gguf {path}: llama.cpp's YaRN takes its range truncated and its attention factor "
+                          f"as 0.1 ln(factor) + 1; this model's differ ({scaling}); export to a Hugging Face "
+                          f"directory instead")
     qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     with gguf_file(path, arch) as w:
@@ -241,6 +249,13 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             w.add_key_length(c.head_dim)
             w.add_value_length(c.head_dim)
         w.add_rope_freq_base(c.rope_theta)
+        if rope in ("linear", "yarn"):
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope == "linear" else gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(scaling["factor"])
+        if rope == "yarn":
+            w.add_rope_scaling_orig_ctx_len(scaling["original_max_len"])
+            w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+            w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)
@@ -291,7 +306,7 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
                     a = gguf_rows(c, part, p[f"layers.{i}.{kind}"][rows])
                     add(f"blk.{i}.{GGUF_PARTS[part]}.{'bias' if kind == 'bqkv' else 'weight'}", a)
         add("output_norm.weight", p["norm"])
-        if c.rope_scaling:  # llama.cpp divides each RoPE frequency by its factor (Llama 3.1's scaling)
+        if rope == "llama3":  # llama.cpp divides each RoPE frequency by its factor
             add("rope_freqs.weight", c.rope_frequencies(scaled=False) / c.rope_frequencies())
         if not c.tie_embeddings:
             add("output.weight", p["output"])

@@ -11,6 +11,7 @@ time with plain reads (no mapping: a QLoRA load never has the whole model reside
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -54,15 +55,9 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         refuse(field, "not a JSON object")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    rope_scaling = None
-    if rope_type == "llama3":
-        rope_scaling = {k: check_value(f"{field} of rope_type 'llama3' lacks a valid {src}:", scaling.get(src), kind,
-                                       "(0, inf)", path, error=FormatError)
-                        for k, src, kind in (("factor", "factor", float), ("low_freq_factor",) * 2 + (float,),
-                                             ("high_freq_factor",) * 2 + (float,),
-                                             ("original_max_len", "original_max_position_embeddings", int))}
-    elif rope_type != "default":
-        raise FormatError(f"{path}: {field}.rope_type = {rope_type!r} is not supported (only 'default' and 'llama3')")
+    if rope_type not in ("default", "llama3", "linear", "yarn"):
+        raise FormatError(f"{path}: {field}.rope_type = {rope_type!r} is not supported (only 'default', 'llama3', "
+                          f"'linear' and 'yarn')")
     def get(hf_name, ours, default=None):  # a field of the file, checked as LlamaConfig's field `ours`
         if default is None and hf_name not in d:
             raise FormatError(f"{path}: missing key {hf_name!r} of a Llama config")
@@ -70,6 +65,7 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
 
     dim, heads = get("hidden_size", "dim"), get("num_attention_heads", "n_heads")
     max_len = get("max_position_embeddings", "max_seq_len", 2048)
+    rope_scaling = None if rope_type == "default" else _rope_scaling(rope_type, scaling, max_len, field, path)
     window = d.get("sliding_window")
     if window is not None and d.get("use_sliding_window", model_type == "mistral") and (
             not isinstance(window, int) or window < max_len):
@@ -88,6 +84,32 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
         raise FormatError(f"{path}: not a valid Llama config: {exc}") from None
 
 
+def _rope_scaling(rope_type: str, scaling: dict, max_len: int, field: str, path) -> dict:
+    """config.json's RoPE scaling -> LlamaConfig.rope_scaling, every value checked; YaRN's attention factor is
+    worked out here as transformers does (from mscale / mscale_all_dim, else 0.1 ln(factor) + 1)."""
+    def value(src, kind=float, default=None):
+        given = scaling.get(src)
+        return check_value(f"{field} of rope_type {rope_type!r} lacks a valid {src}:",
+                           default if given is None else given, kind, "(0, inf)", path, error=FormatError)
+
+    if rope_type == "linear":
+        return {"type": "linear", "factor": value("factor")}
+    if rope_type == "llama3":
+        return {"type": "llama3", "factor": value("factor"), "low_freq_factor": value("low_freq_factor"),
+                "high_freq_factor": value("high_freq_factor"),
+                "original_max_len": value("original_max_position_embeddings", int)}
+    n = value("original_max_position_embeddings", int)
+    factor = value("factor", default=max_len / n)  # DeepSeek-style files give only the lengths
+
+    def mscale(m):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    return {"type": "yarn", "factor": factor, "original_max_len": n, "beta_fast": value("beta_fast", default=32.0),
+            "beta_slow": value("beta_slow", default=1.0), "truncate": bool(scaling.get("truncate", True)),
+            "attention_factor": value("attention_factor", default=attention)}
+
+
 def hf_config(c: LlamaConfig, bos_id=1, eos_id=2, dtype: str = "float32") -> dict:
     """config.json for transformers: LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry biases."""
     d = {"architectures": ["Qwen2ForCausalLM" if c.qkv_bias else "LlamaForCausalLM"],
@@ -98,10 +120,9 @@ def hf_config(c: LlamaConfig, bos_id=1, eos_id=2, dtype: str = "float32") -> dic
          "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
          "mlp_bias": False, "torch_dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id}
     if c.rope_scaling:
-        s = c.rope_scaling
-        d["rope_scaling"] = {"rope_type": "llama3", "factor": s["factor"], "low_freq_factor": s["low_freq_factor"],
-                             "high_freq_factor": s["high_freq_factor"],
-                             "original_max_position_embeddings": s["original_max_len"]}
+        s = {("original_max_position_embeddings" if k == "original_max_len" else k): v
+             for k, v in c.rope_scaling.items() if k != "type"}
+        d["rope_scaling"] = {"rope_type": c.rope_scaling.get("type", "llama3"), **s}
     return d
 
 

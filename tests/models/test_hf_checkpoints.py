@@ -28,6 +28,13 @@ KINDS = {  # name -> (config class, model class, extra config)
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     # pruned as Minitron / Nemotron-Nano: heads keep their width, so n_heads x head_dim (64) > hidden_size
     "wide-heads": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16, rms_norm_eps=1e-5)),
+    "linear-rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
+                                                                             "rope_theta": 1e4})),
+    "yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={  # past 16 positions: 4x, ramp, mscale
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1e4})),
+    "yarn-mscale": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16, rope_parameters={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "rope_theta": 5e5,
+        "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.9, "mscale_all_dim": 0.5})),
 }
 
 
@@ -55,10 +62,32 @@ def test_logits_equal_transformers_on_bf16_checkpoints(kind, tmp_path):
     path = make_checkpoint(tmp_path / kind, kind)
     tokens = np.random.default_rng(0).integers(0, 67, (2, 40))  # past llama3's original 16 positions
     model = Llama.from_pretrained(path)
-    assert model.config.qkv_bias == (kind == "qwen2") and bool(model.config.rope_scaling) == (kind == "llama3.2")
+    scaling = {"llama3.2": "llama3", "linear-rope": "linear", "yarn": "yarn", "yarn-mscale": "yarn"}.get(kind)
+    assert model.config.qkv_bias == (kind == "qwen2") and (model.config.rope_scaling or {}).get("type") == scaling
     with fg.no_grad():
         got = model.logits(tokens).numpy()
     np.testing.assert_allclose(got, transformers_logits(path, tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("parameters", [
+    LLAMA3, {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16.0, "beta_slow": 2.0,
+     "mscale": 0.9, "mscale_all_dim": 0.5, "truncate": False},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+], ids=["llama3", "linear", "yarn", "yarn-mscale-untruncated", "yarn-attention-factor"])
+def test_rope_frequencies_and_attention_factor_equal_transformers(parameters, tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(**{**SIZES, "head_dim": 32, "max_position_embeddings": 64},
+                                      rope_parameters={"rope_theta": 5e4, **parameters})
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[parameters["rope_type"]](config, "cpu")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    ours = Llama.from_pretrained(tmp_path).config
+    np.testing.assert_allclose(ours.rope_frequencies(), inv_freq.double().numpy(), rtol=1e-6)
+    cos, _ = ours.rope_tables(np.float64)
+    assert cos[0, 0] == pytest.approx(attention, rel=1e-6)  # cos(0) = 1, times the attention factor
 
 
 def test_sharded_and_fp16_checkpoints_load(tmp_path):
@@ -83,7 +112,7 @@ def test_sharded_and_fp16_checkpoints_load(tmp_path):
     ({"architectures": ["GemmaForCausalLM"]}, r"architectures = \['GemmaForCausalLM'\] is not supported"),
     ({"model_type": "gpt2", "architectures": None}, r"model_type = 'gpt2' is not supported"),
     ({"sliding_window": 16}, r"sliding_window = 16 is not supported.*shorter than max_position_embeddings 64"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_parameters\.rope_type = 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, r"rope_parameters\.rope_type = 'dynamic'"),
     ({"hidden_act": "gelu"}, r"hidden_act = 'gelu' is not supported"),
     ({"attention_bias": True}, r"attention_bias = True is not supported"),
 ])

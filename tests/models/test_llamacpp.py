@@ -18,6 +18,8 @@ from tests.real_checkpoint import smollm2_dir
 pytest.importorskip("gguf")
 
 LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 16}
+YARN = {"type": "yarn", "factor": 4.0, "original_max_len": 8, "beta_fast": 32.0, "beta_slow": 1.0,
+        "attention_factor": 0.1 * np.log(4.0) + 1}
 TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
 
 
@@ -46,7 +48,9 @@ def as_array(probs: dict, vocab_size: int) -> np.ndarray:
     ({"head_dim": 16}, "f32", 1e-3),  # queries 64 wide on a 32-wide model: key_length / value_length
     ({"rope_scaling": LLAMA31, "rope_theta": 5e5}, "f32", 1e-3),  # rope_freqs.weight (without it: 0.19 apart)
     ({"qkv_bias": True, "rope_theta": 1e6}, "f32", 1e-3),  # llama.cpp's qwen2: biases, rotate-half q/k rows
-], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2"])
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "f32", 1e-3),
+    ({"rope_scaling": YARN, "rope_theta": 5e4}, "f32", 1e-3),
+], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2", "linear-rope", "yarn"])
 def test_llamacpp_gives_fusegrads_next_token_probabilities(overrides, dtype, tol, tmp_path):
     model = sharpened(Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides))
     path = tmp_path / "m.gguf"
