@@ -24,6 +24,12 @@ def check_field(name: str, value, where: str, field: str | None = None, error=Co
     return check_value(field or name, value, kind, LIMITS.get(name, ""), where, optional, error)
 
 
+# rope_scaling's types -> the numbers each needs (`LlamaConfig.rope_frequencies` says what they do)
+ROPE_SCALING = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_len"),
+                "linear": ("factor",),
+                "yarn": ("factor", "original_max_len", "beta_fast", "beta_slow", "attention_factor")}
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     dim: int = 288
@@ -64,6 +70,19 @@ class LlamaConfig:
             raise ConfigError(f"LlamaConfig: max_seq_len {self.max_seq_len} x head_dim is over 2^28")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LlamaConfig: n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.rope_scaling is not None:
+            self._check_rope_scaling()
+
+    def _check_rope_scaling(self):
+        s = self.rope_scaling
+        kind = s.get("type", "llama3") if isinstance(s, dict) else None
+        if kind not in ROPE_SCALING:
+            raise ConfigError(f"LlamaConfig: rope_scaling must be a mapping with a type of {', '.join(ROPE_SCALING)}, "
+                              f"got {s!r}"[:300])
+        for key in ROPE_SCALING[kind]:
+            v = s.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ConfigError(f"LlamaConfig: rope_scaling {kind!r} needs a positive finite {key}, got {v!r}")
 
     def rope_frequencies(self, scaled: bool = True) -> np.ndarray:
         """RoPE's (D/2,) float64 inverse wavelengths, scaled by rope_scaling (when set and `scaled`) as Hugging

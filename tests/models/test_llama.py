@@ -77,6 +77,16 @@ def test_heads_apart_from_dim_over_n_heads_match_torch_llama(tokens, tmp_path):
     check_model(model, ref_loss, ref_grads, tokens, 1e-9)
 
 
+@pytest.mark.parametrize("scaling, match", [
+    ({"type": "ntk", "factor": 2.0}, r"rope_scaling must be a mapping with a type of llama3"),
+    ({"type": "yarn", "factor": 2.0}, r"rope_scaling 'yarn' needs a positive finite original_max_len, got None"),
+    ({"factor": float("nan")}, r"'llama3' needs a positive finite factor, got nan"),  # no type: Llama 3.1's
+])
+def test_config_refuses_rope_scaling_it_cannot_compute(scaling, match):
+    with pytest.raises(fg.ConfigError, match=match):
+        LlamaConfig(rope_scaling=scaling)
+
+
 def test_transformers_llama_loads_save_pretrained_and_agrees(torch_model, tokens, tmp_path):
     from transformers import LlamaForCausalLM
 
