@@ -128,25 +128,47 @@ def llamacpp_pre(spec: dict) -> str:
     return LLAMACPP_PRE[key]
 
 
+def _sentencepiece_scores(spec: dict, tokens: dict, merges: list, types: dict) -> tuple:
+    """(scores, types) that make llama.cpp's sentencepiece tokenizer, which joins the neighbours whose union
+    scores highest, merge as a byte-fallback BPE tokenizer.json does: a token scores minus the rank of the merge
+    that makes it; pieces no merge makes score 0; <0xXX> pieces are bytes, the unknown token is unknown."""
+    made = {m.replace(" ", "", 1): -float(rank) for rank, m in reversed(list(enumerate(merges)))}
+    unk = spec["model"].get("unk_token")
+    kinds = {i: 6 if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else 2 if t == unk else 1
+             for i, t in tokens.items()}
+    return [made.get(tokens.get(i), 0.0) for i in range(max(tokens) + 1)], {**kinds, **types}
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether tokenizer.json puts "▁" before the text (a Prepend normalizer, or a Metaspace that prepends)."""
+    steps = []
+    for part in (spec.get("normalizer"), spec.get("pre_tokenizer")):
+        part = part or {}
+        steps += part.get("normalizers") or part.get("pretokenizers") or [part]
+    return any(p.get("type") == "Prepend" or p.get("type") == "Metaspace" and p.get("add_prefix_space", True)
+               and p.get("prepend_scheme", "always") != "never" for p in steps)
+
+
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:
     """GGUF tokenizer metadata: model ("gpt2" byte-level BPE | "llama" sentencepiece), tokens, scores,
     token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte), merges, padded to vocab_size."""
-    scores = merges = pre = None
+    scores = merges = pre = space_prefix = None  # space_prefix None: llama.cpp's default for the model
     if hasattr(tokenizer, "hf"):
         spec = json.loads(tokenizer.hf.to_str())
         if spec["model"]["type"] != "BPE":
             raise FormatError(f"export gguf: a {spec['model']['type']} tokenizer.json has no GGUF form here "
                               f"(byte-level BPE or sentencepiece only)")
-        if spec["model"].get("byte_fallback"):  # Llama 2's / Mistral's fast tokenizer: pieces, not bytes
-            raise FormatError("export gguf: a sentencepiece-style tokenizer.json (byte fallback) is written to GGUF "
-                              "from its tokenizer.model; pass that file with --tokenizer")
         tokens = {i: t for t, i in spec["model"]["vocab"].items()}
         types = {}
         for added in spec.get("added_tokens", []):
             tokens[added["id"]] = added["content"]
             types[added["id"]] = 3 if added.get("special") else 4
         merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-        pre = llamacpp_pre(spec)
+        if spec["model"].get("byte_fallback"):  # Llama 2's / Mistral's fast tokenizer: sentencepiece pieces
+            scores, types = _sentencepiece_scores(spec, tokens, merges, types)
+            merges, space_prefix = None, _prepends_space(spec)
+        else:
+            pre = llamacpp_pre(spec)
     elif hasattr(tokenizer, "sp"):
         sp = tokenizer.sp
         n = sp.vocab_size()
@@ -166,17 +188,18 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
         types = {b: 1 if 0x20 <= b < 0x7F else 6 for b in range(256)}
         tokens.update(specials)
         types.update({i: 3 for i in specials})
-        scores = [0.0] * len(tokens)
+        scores, space_prefix = [0.0] * len(tokens), False  # a space is its own byte, not a word's prefix
     else:
         raise FormatError(f"export gguf: a {getattr(tokenizer, 'kind', type(tokenizer).__name__)} tokenizer has no "
                           f"vocabulary to write (byte-level BPE, sentencepiece or llama2.c tokenizers only)")
-    model = "gpt2" if hasattr(tokenizer, "hf") else "llama"
+    model = "gpt2" if merges is not None else "llama"
     if len(tokens) > vocab_size or max(tokens) >= vocab_size:
         raise FormatError(f"export gguf: the tokenizer's ids reach {max(tokens)}, "
                           f"the model's vocabulary is {vocab_size}")
     out = {"model": model, "tokens": [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)],
            "types": [types.get(i, 1 if i in tokens else 5) for i in range(vocab_size)], "merges": merges,
-           "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores)), "pre": pre}
+           "scores": None if scores is None else scores + [-1e4] * (vocab_size - len(scores)), "pre": pre,
+           "space_prefix": space_prefix}
     return out
 
 
@@ -264,8 +287,8 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
         else:
             v = gguf_vocab(tokenizer, c.vocab_size)
             w.add_tokenizer_model(v["model"])
-            if getattr(tokenizer, "kind", "") == "byte":  # a space is its own byte, not a word's prefix
-                w.add_add_space_prefix(False)
+            if v["space_prefix"] is not None:
+                w.add_add_space_prefix(v["space_prefix"])
             if v["model"] == "gpt2":
                 w.add_tokenizer_pre(v["pre"])
                 w.add_token_merges(v["merges"])

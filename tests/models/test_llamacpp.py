@@ -1,7 +1,6 @@
 """llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
 next-token probabilities equal fusegrad's for plain, grouped-query, wide-head, Llama 3.1-RoPE and Qwen2 models
 and for the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
-import json
 import os
 
 import numpy as np
@@ -151,16 +150,40 @@ def test_llamacpp_splits_and_merges_text_as_the_tokenizer_json_does(steps, tmp_p
     assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
 
 
+def sentencepiece_style_bpe(directory, prepend: bool) -> str:
+    """Llama 2's / Mistral's kind of tokenizer.json, trained by `tokenizers`: BPE over "▁"-for-space pieces with
+    byte fallback to <0xXX> pieces; "▁" put before the text by a Prepend normalizer, or by a Metaspace
+    pre-tokenizer (prepend_scheme "first", as newer files say it; "never" when not `prepend`)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if prepend:
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 the theta"] * 50
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"] + bytes_))
+    hf.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+@pytest.mark.parametrize("prepend", [True, False], ids=["prepend", "metaspace-never"])
+def test_llamacpp_tokenizes_as_a_sentencepiece_style_tokenizer_json(prepend, tmp_path):
+    """No tokenizer.model beside it: the pieces go to GGUF as sentencepiece ones, each scored by the rank of the
+    merge that makes it, so llama.cpp's highest-score joins are the BPE merges; unknown characters fall back
+    to bytes in both."""
+    tokenizer = load_tokenizer(sentencepiece_style_bpe(tmp_path, prepend))
+    path = tmp_path / "spm.gguf"
+    export_model(Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size), path, "gguf", tokenizer, "f32")
+    texts = [TEXT, "I'll say it's 12345 o'clock;  they're\n\n here. ÀÉÎ 你好 3.14", " the theta  thé"]
+    assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
+
+
 def test_a_tokenizer_json_llamacpp_would_split_otherwise_is_refused(tmp_path):
     tokenizer = load_tokenizer(trained_bpe(tmp_path, [("split", r"\p{L}+|\s+"), ("bytes", False)]))
     with pytest.raises(fg.FormatError, match=r"pre-tokenizer .*Split.* has no llama\.cpp name here"):
-        export_model(Llama.from_preset("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m.gguf", "gguf",
-                     tokenizer, "f32")
-    spec = json.loads((tmp_path / "tokenizer.json").read_text())
-    spec["model"]["byte_fallback"] = True  # the shape of Llama 2's fast tokenizer
-    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    tokenizer = load_tokenizer(tmp_path)
-    with pytest.raises(fg.FormatError, match=r"sentencepiece-style tokenizer\.json .* pass that file with --tok"):
         export_model(Llama.from_preset("tiny", vocab_size=tokenizer.vocab_size), tmp_path / "m.gguf", "gguf",
                      tokenizer, "f32")
     assert not list(tmp_path.glob("*.gguf*"))
