@@ -11,8 +11,10 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import fusegrad as fg
 from tests.real_checkpoint import cache_dir
 
 VERSION = "3.22.1"
@@ -49,3 +51,24 @@ def llamacpp(gguf_path, ids=None, texts=(), lora=None) -> dict:
     assert run.returncode == 0, f"llama.cpp could not read {gguf_path}: {run.stderr.strip()[-2000:]}"
     out = json.loads(run.stdout)
     return {"probs": dict(out.get("probs") or []), "tokens": out["tokens"]}
+
+
+def as_array(probs: dict, vocab_size: int) -> np.ndarray:
+    """llama.cpp's {id: p} as a (vocab_size,) array."""
+    return np.array([probs.get(i, 0.0) for i in range(vocab_size)])
+
+
+def next_token_probs(model, ids) -> np.ndarray:
+    """fusegrad's (vocab_size,) float64 next-token distribution after `ids`."""
+    with fg.no_grad():
+        logits = model.logits(np.array([ids])).numpy()[0, -1].astype(np.float64)
+    p = np.exp(logits - logits.max())
+    return p / p.sum()
+
+
+def sharpened(model, scale=20.0):
+    """The model with its weights (not its norms) scaled, so that next-token distributions are far from flat."""
+    for name, t in model.params.items():
+        if not name.endswith("norm"):
+            t.data *= scale
+    return model

@@ -12,7 +12,7 @@ from fusegrad.finetune.lora import LoraConfig, attach_lora
 from fusegrad.finetune.peft_io import save_adapter
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
-from tests.llamacpp import llamacpp
+from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 
 pytest.importorskip("gguf")
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, 20)]
@@ -22,10 +22,7 @@ def adapted(overrides, directory, **lora_kw):
     """A tiny byte-level model with sharp next-token distributions, saved as `directory`/base.gguf and as a
     Hugging Face directory `directory`/base, then given a LoRA on all seven projections whose B is random (a
     fresh B is zero: the adapter would change nothing)."""
-    model = Llama.from_preset("tiny", seed=8, vocab_size=258, **overrides)
-    for name, t in model.params.items():
-        if not name.endswith("norm"):
-            t.data *= 20
+    model = sharpened(Llama.from_preset("tiny", seed=8, vocab_size=258, **overrides))
     export_model(model, directory / "base.gguf", "gguf", ByteTokenizer(), "f32")
     model.save_pretrained(directory / "base")
     ByteTokenizer().save(directory / "base")
@@ -37,17 +34,6 @@ def adapted(overrides, directory, **lora_kw):
     return model, lora
 
 
-def as_array(p: dict) -> np.ndarray:
-    return np.array([p.get(i, 0.0) for i in range(258)])
-
-
-def probs(model):
-    with fg.no_grad():
-        logits = model.logits(np.array([IDS])).numpy()[0, -1].astype(np.float64)
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
-
-
 @pytest.mark.parametrize("overrides, lora_kw", [({}, {"alpha": 8.0}), ({}, {"alpha": 8.0, "rslora": True}),
                                                 ({"qkv_bias": True}, {"alpha": 8.0})],
                          ids=["llama", "llama-rslora", "qwen2"])
@@ -55,10 +41,10 @@ def test_llamacpp_with_the_gguf_adapter_gives_fusegrads_probabilities(overrides,
     model, lora = adapted(overrides, tmp_path, **lora_kw)
     names = write_gguf_adapter(lora, tmp_path / "lora.gguf")
     assert len(names) == 2 * 7 * model.config.n_layers
-    ours = probs(model)
-    theirs = as_array(llamacpp(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")["probs"])
+    ours = next_token_probs(model, IDS)
+    theirs = as_array(llamacpp(tmp_path / "base.gguf", IDS, lora=tmp_path / "lora.gguf")["probs"], 258)
     assert theirs.argmax() == ours.argmax() and np.abs(theirs - ours).max() < 1e-3
-    base = as_array(llamacpp(tmp_path / "base.gguf", IDS)["probs"])
+    base = as_array(llamacpp(tmp_path / "base.gguf", IDS)["probs"], 258)
     assert np.abs(base - ours).max() > 0.05  # the adapter matters: the base alone is far off
 
 
@@ -66,8 +52,8 @@ def test_export_gguf_lora_from_a_finetunes_adapter_dir(tmp_path):
     model, lora = adapted({}, tmp_path, alpha=16.0)
     save_adapter(tmp_path / "ft", lora, base_model=str(tmp_path / "base"))
     assert main(["export", str(tmp_path / "ft"), "--format", "gguf-lora", "--out", str(tmp_path / "ft.gguf")]) == 0
-    theirs = as_array(llamacpp(tmp_path / "base.gguf", IDS, lora=tmp_path / "ft.gguf")["probs"])
-    assert np.abs(theirs - probs(model)).max() < 1e-3
+    theirs = as_array(llamacpp(tmp_path / "base.gguf", IDS, lora=tmp_path / "ft.gguf")["probs"], 258)
+    assert np.abs(theirs - next_token_probs(model, IDS)).max() < 1e-3
 
 
 def test_gguf_adapter_refuses_what_llamacpp_cannot_take(tmp_path, capsys):

@@ -11,7 +11,7 @@ from fusegrad.data.chat import chat_text
 from fusegrad.data.tokenizer import ByteTokenizer, load_tokenizer
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
-from tests.llamacpp import llamacpp
+from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 from tests.real_checkpoint import smollm2_dir
 
 pytest.importorskip("gguf")
@@ -20,25 +20,6 @@ LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "orig
 YARN = {"type": "yarn", "factor": 4.0, "original_max_len": 8, "beta_fast": 32.0, "beta_slow": 1.0,
         "attention_factor": 0.1 * np.log(4.0) + 1}
 TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
-
-
-def sharpened(model, scale=20.0):
-    """The model with its weights (not its norms) scaled, so that next-token distributions are far from flat."""
-    for name, t in model.params.items():
-        if not name.endswith("norm"):
-            t.data *= scale
-    return model
-
-
-def next_token_probs(model, ids) -> np.ndarray:
-    with fg.no_grad():
-        logits = model.logits(np.array([ids])).numpy()[0, -1].astype(np.float64)
-    p = np.exp(logits - logits.max())
-    return p / p.sum()
-
-
-def as_array(probs: dict, vocab_size: int) -> np.ndarray:
-    return np.array([probs.get(i, 0.0) for i in range(vocab_size)])
 
 
 @pytest.mark.parametrize("overrides, dtype, tol", [
