@@ -41,16 +41,16 @@ def node_llama_cpp() -> str:
     return module
 
 
-def llamacpp(gguf_path, ids=None, texts=(), lora=None) -> dict:
+def llamacpp(gguf_path, ids=None, texts=(), lora=None, generate=0) -> dict:
     """llama.cpp's next-token probabilities after `ids` ({id: p}), with the GGUF LoRA adapter `lora` applied if
-    given, and its ids for each of `texts`."""
+    given, or the `generate` tokens it picks greedily after them; and its ids for each of `texts`."""
     request = {"texts": list(texts), **({} if ids is None else {"ids": [int(i) for i in ids]}),
-               **({} if lora is None else {"lora": os.fspath(lora)})}
+               **({} if lora is None else {"lora": os.fspath(lora)}), **({"generate": generate} if generate else {})}
     run = subprocess.run(["node", SCRIPT, node_llama_cpp(), os.fspath(gguf_path), json.dumps(request)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"llama.cpp could not read {gguf_path}: {run.stderr.strip()[-2000:]}"
     out = json.loads(run.stdout)
-    return {"probs": dict(out.get("probs") or []), "tokens": out["tokens"]}
+    return {"probs": dict(out.get("probs") or []), "tokens": out["tokens"], "generated": out.get("generated")}
 
 
 def as_array(probs: dict, vocab_size: int) -> np.ndarray:

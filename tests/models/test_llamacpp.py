@@ -11,6 +11,7 @@ from fusegrad.data.chat import chat_text
 from fusegrad.data.tokenizer import ByteTokenizer, load_tokenizer
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
+from fusegrad.models.generate import generate
 from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 from tests.real_checkpoint import smollm2_dir
 
@@ -173,7 +174,8 @@ def test_a_tokenizer_json_llamacpp_would_split_otherwise_is_refused(tmp_path):
 @pytest.mark.parametrize("dtype, tol", [("f16", 2e-3), ("q8_0", 6e-2)])
 def test_the_real_smollm2_runs_in_llamacpp_as_in_fusegrad(dtype, tol, tmp_path):
     """SmolLM2-135M-Instruct exported with its tokenizer and chat template: llama.cpp's next token after a chat
-    prompt is fusegrad's, with probabilities within 4e-4 in F16 (as in F32) and 0.03 in Q8_0 (measured)."""
+    prompt is fusegrad's, with probabilities within 4e-4 in F16 (as in F32) and 0.03 in Q8_0 (measured); in F16
+    its greedy reply, token by token through its KV cache, is fusegrad's `generate` at temperature 0."""
     model = Llama.from_pretrained(smollm2_dir())
     tokenizer = load_tokenizer(smollm2_dir())
     path = tmp_path / "smollm2.gguf"
@@ -183,3 +185,7 @@ def test_the_real_smollm2_runs_in_llamacpp_as_in_fusegrad(dtype, tol, tmp_path):
     theirs, ours = as_array(llamacpp(path, ids)["probs"], 49152), next_token_probs(model, ids)
     assert theirs.argmax() == ours.argmax() and ours.max() > 0.1
     assert np.abs(theirs - ours).max() < tol
+    if dtype == "f16":  # both stop at the end-of-turn id, which llama.cpp does not hand out
+        reply = generate(model, ids, max_new_tokens=24, temperature=0.0, stop_ids=tokenizer.eos_ids)[len(ids):]
+        assert reply[-1] in tokenizer.eos_ids and tokenizer.decode(reply[:-1]) == "The capital of France is Paris."
+        assert llamacpp(path, ids, generate=24)["generated"] == reply[:-1]
