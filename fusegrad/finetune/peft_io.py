@@ -30,7 +30,7 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.core.settings import check_value
 from fusegrad.finetune.lora import LoraConfig, attach_lora, part_rows
-from fusegrad.models.hf_names import HF_MODULES, permute_from_hf, permute_to_hf
+from fusegrad.models.hf_names import HF_MODULES, part_heads, permute_from_hf, permute_to_hf
 from fusegrad.models.llama import Llama
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -44,7 +44,7 @@ def _key(i: int, target: str, which: str) -> str:
 
 def _row_permutation(config, target: str):
     """(to_hf, from_hf) for the rows of a part's B: q and k are permuted per head, the rest are not."""
-    heads = {"q": config.n_heads, "k": config.n_kv_heads}.get(target)
+    heads = part_heads(config, target)
     if heads is None:
         return (lambda a: a), (lambda a: a)
     return (lambda a: permute_to_hf(a, heads)), (lambda a: permute_from_hf(a, heads))

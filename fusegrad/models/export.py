@@ -24,7 +24,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
-from fusegrad.models.hf_names import fused_parts, permute_to_hf
+from fusegrad.models.hf_names import fused_parts, part_heads, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # the types gguf's own quantizers write
@@ -215,7 +215,7 @@ def gguf_arch(config) -> str:
 def gguf_rows(config, part: str, a):
     """A projection part's rows (or bias) in llama.cpp's order: fusegrad's own for its llama, which rotates pairs
     as llama2.c does; Hugging Face's for its qwen2, which rotates halves."""
-    heads = {"q": config.n_heads, "k": config.n_kv_heads}.get(part)
+    heads = part_heads(config, part)
     return permute_to_hf(a, heads) if heads and gguf_arch(config) == "qwen2" else a
 
 

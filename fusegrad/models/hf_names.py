@@ -31,15 +31,19 @@ def permute_from_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, rows // n_heads // 2, -1).swapaxes(1, 2).reshape(w.shape)
 
 
+def part_heads(config, part: str):
+    """The head count a part's rows are permuted with between llama2.c's and HF's RoPE layouts (q, k), else None."""
+    return {"q": config.n_heads, "k": config.n_kv_heads}.get(part)
+
+
 def fused_parts(config, kind: str) -> list:
     """[(part, rows, heads)] of a fused weight: the HF module, its row slice, and the head count its rows
     are permuted with (None: not permuted)."""
     C, Q, KV, Hd = config.dim, config.q_dim, config.kv_dim, config.hidden_dim
     sizes = {"q": Q, "k": KV, "v": KV, "o": C, "gate": Hd, "up": Hd, "down": C}
-    heads = {"q": config.n_heads, "k": config.n_kv_heads}
     out, lo = [], 0
     for t in FUSED[kind]:
-        out.append((t, slice(lo, lo + sizes[t]), heads.get(t)))
+        out.append((t, slice(lo, lo + sizes[t]), part_heads(config, t)))
         lo += sizes[t]
     return out
 
