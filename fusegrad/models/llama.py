@@ -255,10 +255,11 @@ class Llama:
 
     @classmethod
     def from_pretrained(cls, path, dtype=np.float32, backend=None, quantize: str | None = None) -> "Llama":
-        """Load a llama2.c `.bin` (version 0 or 1), or a Hugging Face directory (config.json + *.safetensors
-        in bf16/fp16/fp32, sharded or not), tensor by tensor. quantize="nf4": every projection module is
-        quantized as bitsandbytes does (NF4, blocks of 64, double-quantized scales) as it is read, so the
-        fp32 model never exists; the bases land in `model.quantized` (frozen) for QLoRA."""
+        """Load a llama2.c `.bin` (version 0 or 1), a Hugging Face directory (config.json + *.safetensors
+        in bf16/fp16/fp32, sharded or not) or a GGUF file (llama/qwen2, any type gguf dequantizes), tensor by
+        tensor. quantize="nf4": every projection module is quantized as bitsandbytes does (NF4, blocks of 64,
+        double-quantized scales) as it is read, so the fp32 model never exists; the bases land in
+        `model.quantized` (frozen) for QLoRA."""
         if quantize not in (None, "nf4"):
             raise ConfigError(f"from_pretrained: quantize must be None or 'nf4', got {quantize!r}")
         config, state = load_pretrained(path)

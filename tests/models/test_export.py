@@ -4,6 +4,7 @@ generation config, llama2.c version 0 with tokenizer.bin read back."""
 import json
 import struct
 
+import gguf
 import numpy as np
 import pytest
 
@@ -16,7 +17,6 @@ from tests.real_checkpoint import smollm2_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
 torch.set_num_threads(1)
 
 TEXTS = ("Once upon a time, there was", "  def f(x):\n\treturn x ** 2  # é <|im_end|>")

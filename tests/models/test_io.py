@@ -168,7 +168,10 @@ def test_llama2c_bad_headers(tmp_path):
     path.write_bytes(struct.pack("<Ii7iB", 0x616B3432, 2, 32, 64, 1, 4, 4, 64, 8, 1).ljust(256, b"\0"))
     with pytest.raises(fg.FormatError, match=r"bad\.bin: llama2\.c export version 2 is not supported"):
         Llama.from_pretrained(path)
-    path.write_bytes(b"GGUF" + bytes(range(200)))  # some other format: read as v0, the header is nonsense
+    path.write_bytes(b"GGUF" + bytes(range(200)))  # GGUF's magic: read as GGUF, whatever the file's name
+    with pytest.raises(fg.FormatError, match=r"bad\.bin: GGUF version 50462976 is not supported"):
+        Llama.from_pretrained(path)
+    path.write_bytes(b"PK\x03\x04" + bytes(range(200)))  # some other format: read as v0, the header is nonsense
     with pytest.raises(fg.FormatError, match=r"bad\.bin: (implausible llama2\.c header|size)"):
         Llama.from_pretrained(path)
     path.write_bytes(struct.pack("<7i", 30, 64, 1, 4, 4, 64, 8) + bytes(100))  # dim 30 not divisible by 4 heads
