@@ -20,6 +20,8 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
+from fusegrad.data.gguf_vocab import read_gguf_vocab
+from fusegrad.models.gguf_file import is_gguf
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -229,7 +231,11 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, model_proto, source="<memory>"):
-        import sentencepiece
+        try:
+            import sentencepiece
+        except ImportError:  # an optional dependency
+            raise FormatError(f"{source}: a sentencepiece tokenizer needs the sentencepiece package: pip install "
+                              f"sentencepiece") from None
 
         self.source = source
         self.sp = sentencepiece.SentencePieceProcessor()
@@ -384,8 +390,9 @@ def read_tokenizer_bin(path):
 def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
-    A directory is searched as `tokenizer_file` says. Files dispatch on their name: *.model -> sentencepiece,
-    *.json -> Hugging Face (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
+    A directory is searched as `tokenizer_file` says. A GGUF file gives the tokenizer inside it; other files
+    dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face (or ours, when it holds
+    {"kind": "byte"}), *.bin -> llama2.c.
     """
     if path == "byte":
         return ByteTokenizer()
@@ -397,6 +404,8 @@ def load_tokenizer(path):
         return load_tokenizer(found)
     if not os.path.isfile(path):
         raise FormatError(f"{path}: tokenizer file does not exist")
+    if is_gguf(path):
+        return gguf_tokenizer(path)
     if path.endswith(".model"):
         return SentencePieceTokenizer.load(path)
     if path.endswith(".bin"):
@@ -409,7 +418,26 @@ def load_tokenizer(path):
         if isinstance(meta, dict) and meta.get("kind") == "byte":
             return ByteTokenizer()
         return BPETokenizer.load(path)
-    raise FormatError(f"{path}: unknown tokenizer file type (expected .model, .json or .bin)")
+    raise FormatError(f"{path}: unknown tokenizer file type (expected .model, .json, .bin or .gguf)")
+
+
+def gguf_tokenizer(path):
+    """The tokenizer inside a GGUF file (FormatError when it holds none)."""
+    spec = read_gguf_vocab(path)
+    if spec is None:
+        raise FormatError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.model is 'none' or missing)")
+    if spec["kind"] == "byte":
+        return ByteTokenizer()
+    if spec["kind"] == "bpe":
+        try:
+            hf = HFTokenizer.from_str(spec["json"])
+        except Exception as e:  # tokenizers raises a bare Exception on merges outside the vocabulary
+            raise FormatError(f"{path}: the tokenizer metadata makes no valid byte-level BPE tokenizer: {e}") from e
+        return BPETokenizer(hf, source=path, config=spec["special"])
+    tok = SentencePieceTokenizer(spec["proto"], source=path)
+    tok.add_bos, tok.add_eos, tok.chat_template = spec["add_bos"], spec["add_eos"], spec["chat_template"]
+    tok._eos_ids = list(dict.fromkeys([tok.eos_id] + spec["eos_ids"]))
+    return tok
 
 
 def tokenizer_file(directory):
@@ -422,8 +450,10 @@ def tokenizer_file(directory):
 
 
 def tokenizer_beside(path):
-    """The tokenizer in a model directory or beside a model file, or None when there is none."""
+    """The tokenizer in a model directory, inside a GGUF file or beside a model file, or None when there is none."""
     path = os.fspath(path)
+    if is_gguf(path):  # the tokenizer is inside
+        return None if read_gguf_vocab(path) is None else gguf_tokenizer(path)
     found = tokenizer_file(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     return None if found is None else load_tokenizer(found)
 

@@ -136,7 +136,8 @@ def _sentencepiece_scores(spec: dict, tokens: dict, merges: list, types: dict) -
     unk = spec["model"].get("unk_token")
     kinds = {i: 6 if len(t) == 6 and t.startswith("<0x") and t.endswith(">") else 2 if t == unk else 1
              for i, t in tokens.items()}
-    return [made.get(tokens.get(i), 0.0) for i in range(max(tokens) + 1)], {**kinds, **types}
+    kept = {i: kind for i, kind in kinds.items() if kind != 1}  # unknown and bytes, even among the added tokens
+    return [made.get(tokens.get(i), 0.0) for i in range(max(tokens) + 1)], {**kinds, **types, **kept}
 
 
 def _prepends_space(spec: dict) -> bool:
@@ -147,6 +148,12 @@ def _prepends_space(spec: dict) -> bool:
         steps += part.get("normalizers") or part.get("pretokenizers") or [part]
     return any(p.get("type") == "Prepend" or p.get("type") == "Metaspace" and p.get("add_prefix_space", True)
                and p.get("prepend_scheme", "always") != "never" for p in steps)
+
+
+def byte_pieces() -> list:
+    """The 256 sentencepiece pieces a byte tokenizer is written as: printable ASCII as itself (space as "▁"),
+    every other byte as llama.cpp's byte-fallback piece <0xXX>."""
+    return ["\u2581" if b == 0x20 else chr(b) if 0x20 < b < 0x7F else f"<0x{b:02X}>" for b in range(256)]
 
 
 def gguf_vocab(tokenizer, vocab_size: int) -> dict:
@@ -184,7 +191,7 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
         scores = list(tokenizer.scores)
     elif getattr(tokenizer, "kind", "") == "byte":  # sentencepiece pieces llama.cpp's byte fallback reads as bytes
         specials = {tokenizer.bos_id: "<s>", tokenizer.eos_id: "</s>"}
-        tokens = {b: "\u2581" if b == 0x20 else chr(b) if 0x20 < b < 0x7F else f"<0x{b:02X}>" for b in range(256)}
+        tokens = dict(enumerate(byte_pieces()))
         types = {b: 1 if 0x20 <= b < 0x7F else 6 for b in range(256)}
         tokens.update(specials)
         types.update({i: 3 for i in specials})
@@ -299,10 +306,14 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             bos, eos, pad = _special_ids(tokenizer)
             if bos is not None:
                 w.add_bos_token_id(bos)
-            if eos is not None:
-                w.add_eos_token_id(eos if isinstance(eos, int) else eos[0])
+            eos = [eos] if isinstance(eos, int) else eos or []
+            for add, i in zip((w.add_eos_token_id, w.add_eot_token_id, w.add_eom_token_id), eos):
+                add(i)  # llama.cpp ends generation at each: eos, end of turn, end of message
             if pad is not None:
                 w.add_pad_token_id(pad)
+            unk = next((i for i, kind in enumerate(v["types"]) if kind == 2), None)
+            if unk is not None:
+                w.add_unk_token_id(unk)
             w.add_add_bos_token(bool(getattr(tokenizer, "add_bos", False)))
             if getattr(tokenizer, "chat_template", None):
                 w.add_chat_template(tokenizer.chat_template)

@@ -3,6 +3,7 @@ next-token probabilities equal fusegrad's for plain, grouped-query, wide-head, L
 and for the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
 import os
 
+import gguf
 import numpy as np
 import pytest
 
@@ -14,13 +15,12 @@ from fusegrad.models.export import export_model
 from fusegrad.models.generate import generate
 from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 from tests.real_checkpoint import smollm2_dir
+from tests.tokenizers_made import LLAMA3_SPLIT, TEXT, sentencepiece_style_bpe, trained_bpe
 
-pytest.importorskip("gguf")
 
 LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 16}
 YARN = {"type": "yarn", "factor": 4.0, "original_max_len": 8, "beta_fast": 32.0, "beta_slow": 1.0,
         "attention_factor": 0.1 * np.log(4.0) + 1}
-TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
 
 
 @pytest.mark.parametrize("overrides, dtype, tol", [
@@ -62,7 +62,6 @@ def test_llamacpp_and_transformers_read_the_same_quantized_weights(dtype, tmp_pa
 def test_rows_that_are_no_whole_number_of_blocks_stay_f16(tmp_path):
     """stories260K's hidden size 172 is no multiple of Q8_0's 32-value blocks: those tensors are written F16, as
     llama.cpp's converter falls back, and llama.cpp runs the file."""
-    gguf = pytest.importorskip("gguf")
     model = sharpened(Llama.from_preset("stories260K", seed=6, vocab_size=258), 10)
     export_model(model, tmp_path / "m.gguf", "gguf", ByteTokenizer(), "q8_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
@@ -96,27 +95,6 @@ def test_llamacpp_tokenizes_as_sentencepiece_and_llama2c_tokenizers(sp_model_pro
         assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
 
 
-def trained_bpe(directory, steps) -> str:
-    """A byte-level BPE trained by `tokenizers` on English, code and numbers with the pre-tokenizer `steps`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True) if kind == "digits" else
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=arg) if kind == "bytes" else
-        pre_tokenizers.Split(Regex(arg), behavior="isolated") for kind, arg in steps])
-    hf.decoder = decoders.ByteLevel()
-    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 # 3.14159"] * 50
-    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    hf.save(str(directory / "tokenizer.json"))
-    return directory
-
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 @pytest.mark.parametrize("steps", [
     None,  # the real SmolLM2 tokenizer as the test checkpoint carries it
     [("bytes", True)],  # GPT-2
@@ -130,25 +108,6 @@ def test_llamacpp_splits_and_merges_text_as_the_tokenizer_json_does(steps, tmp_p
     export_model(Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size), path, "gguf", tokenizer, "f32")
     texts = [TEXT, "I'll say it's 12345 o'clock;  they're\n\n here. ÀÉÎ 你好 3.14"]
     assert llamacpp(path, texts=texts)["tokens"] == [tokenizer.encode(t, bos=False, eos=False) for t in texts]
-
-
-def sentencepiece_style_bpe(directory, prepend: bool) -> str:
-    """Llama 2's / Mistral's kind of tokenizer.json, trained by `tokenizers`: BPE over "▁"-for-space pieces with
-    byte fallback to <0xXX> pieces; "▁" put before the text by a Prepend normalizer, or by a Metaspace
-    pre-tokenizer (prepend_scheme "first", as newer files say it; "never" when not `prepend`)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    hf = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    if prepend:
-        hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    else:
-        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
-    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 the theta"] * 50
-    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
-    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"] + bytes_))
-    hf.save(str(directory / "tokenizer.json"))
-    return directory
 
 
 @pytest.mark.parametrize("prepend", [True, False], ids=["prepend", "metaspace-never"])

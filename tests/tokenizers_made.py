@@ -1,0 +1,41 @@
+"""Tokenizers the tests train with `tokenizers`, one of each kind llama.cpp and GGUF name: byte-level BPE with
+each pre-tokenizer (GPT-2, SmolLM, Llama 3, Qwen2) and Llama 2's sentencepiece-style BPE with byte fallback."""
+TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def trained_bpe(directory, steps) -> str:
+    """A byte-level BPE trained by `tokenizers` on English, code and numbers with the pre-tokenizer `steps`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True) if kind == "digits" else
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=arg) if kind == "bytes" else
+        pre_tokenizers.Split(Regex(arg), behavior="isolated") for kind, arg in steps])
+    hf.decoder = decoders.ByteLevel()
+    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 # 3.14159"] * 50
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def sentencepiece_style_bpe(directory, prepend: bool) -> str:
+    """Llama 2's / Mistral's kind of tokenizer.json, trained by `tokenizers`: BPE over "▁"-for-space pieces with
+    byte fallback to <0xXX> pieces; "▁" put before the text by a Prepend normalizer, or by a Metaspace
+    pre-tokenizer (prepend_scheme "first", as newer files say it; "never" when not `prepend`)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if prepend:
+        hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        hf.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    corpus = [TEXT, "I'll say it's 1234 o'clock, they're   here.\n\n\tdef f(x): return x**2 the theta"] * 50
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"] + bytes_))
+    hf.save(str(directory / "tokenizer.json"))
+    return directory
