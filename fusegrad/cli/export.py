@@ -74,7 +74,8 @@ def _cmd_export(args) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a run, checkpoint or base + adapter as HF, llama2.c or GGUF")
-    p.add_argument("src", help="run dir, checkpoint.safetensors, HF dir, llama2.c .bin, or a fine-tune's adapter dir")
+    p.add_argument("src",
+                   help="run dir, checkpoint.safetensors, HF dir, .gguf, llama2.c .bin, or a fine-tune's adapter dir")
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file (gguf, "
                                                 "gguf-lora)")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")

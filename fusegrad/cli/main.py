@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoint.safetensors, HF dir, llama2.c .bin, or a fine-tune's adapter dir")
+    p.add_argument("--checkpoint", required=True,
+                   help="run dir, checkpoint.safetensors, HF dir, .gguf, llama2.c .bin, or a fine-tune's adapter dir")
     p.add_argument("--prompt", default="")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
 
     p = sub.add_parser("info", help="describe the installation, or a checkpoint/model")
-    p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir or llama2.c .bin")
+    p.add_argument("path", nargs="?", help="a run dir, checkpoint, HF dir, .gguf or llama2.c .bin")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("doctor", help="run every Neural Engine kernel once (on the ANE of a Mac, else on ane-sim) "

@@ -88,9 +88,10 @@ def save_adapter(directory, lora, head=None, base_model: str = "", force: bool =
 
 
 def adapter_base_model(directory) -> str | None:
-    """The base model directory that an adapter directory standing alone (a `fusegrad finetune --out`: its
-    adapter_config.json, no model config.json or checkpoint beside it) names in base_model_name_or_path; None
-    for anything else. ConfigError when that base is not a local directory (a Hub id, or missing)."""
+    """The base model (directory, GGUF or llama2.c file) that an adapter directory standing alone (a `fusegrad
+    finetune --out`: its adapter_config.json, no model config.json or checkpoint beside it) names in
+    base_model_name_or_path; None for anything else. ConfigError when that base is not local (a Hub id, or
+    missing)."""
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(cfg_path) or any(os.path.exists(os.path.join(directory, f))
@@ -101,9 +102,9 @@ def adapter_base_model(directory) -> str | None:
             base = json.load(f).get("base_model_name_or_path")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
         raise FormatError(f"{cfg_path}: cannot read the adapter config: {exc}") from None
-    if not isinstance(base, str) or not os.path.isdir(base):
-        raise ConfigError(f"{cfg_path}: base_model_name_or_path is {base!r}, not a local model directory; pass "
-                          f"the base model as the model and this adapter with --adapter")
+    if not isinstance(base, str) or not os.path.exists(base):
+        raise ConfigError(f"{cfg_path}: base_model_name_or_path is {base!r}, not a local model directory or file; "
+                          f"pass the base model as the model and this adapter with --adapter")
     return base
 
 

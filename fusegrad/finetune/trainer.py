@@ -1,6 +1,6 @@
 """LoRA / QLoRA fine-tuning of a pretrained Llama for language modelling or classification.
 
-A run reads a base model (llama2.c `.bin` or HF dir) and JSONL/CSV data, trains only the adapters (and
+A run reads a base model (HF dir, GGUF file or llama2.c `.bin`) and JSONL/CSV data, trains only the adapters (and
 a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
 and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
 from which `resume=True` continues bit for bit. On the numpy backend each micro-batch's examples are split over
@@ -56,7 +56,7 @@ class FinetuneError(TrainingError):
 
 @dataclasses.dataclass
 class FinetuneConfig(RunConfig):
-    model: str = ""  # llama2.c .bin or Hugging Face directory
+    model: str = ""  # Hugging Face directory, GGUF file or llama2.c .bin
     data: str = ""  # JSONL ({"text"}, {"prompt", "completion"}, chat {"messages"}; classify: {"text", "label"}) or CSV
     out: str = "runs/finetune"
     tokenizer: str = ""  # "" = the tokenizer beside the model; "byte" or a tokenizer file/dir
@@ -102,7 +102,8 @@ class Finetuner(Run):
         if cfg.pooling not in ("last", "mean"):
             raise ConfigError(f"finetune: pooling must be 'last' or 'mean', got {cfg.pooling!r}")
         if not cfg.model or not cfg.data:
-            raise ConfigError("finetune: give --model PATH (llama2.c .bin or HF dir) and --data FILE (JSONL or CSV)")
+            raise ConfigError("finetune: give --model PATH (HF dir, .gguf or llama2.c .bin) and --data FILE "
+                              "(JSONL or CSV)")
         self.run_dir = cfg.out
         self.state_path = os.path.join(cfg.out, STATE_FILE)
         taken = [f for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if os.path.exists(os.path.join(cfg.out, f))]

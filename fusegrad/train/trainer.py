@@ -54,7 +54,7 @@ class TrainConfig(RunConfig):
     n_kv_heads: int | None = None
     hidden_dim: int | None = None
     tie_embeddings: bool | None = None
-    init_from: str = ""  # a pretrained model to start from: HF dir, llama2.c .bin, or a run dir / checkpoint
+    init_from: str = ""  # a pretrained model to start from: HF dir, .gguf, llama2.c .bin, or a run dir / checkpoint
     # data: "" = the embedded CPython docs corpus; or a prepared shard dir, or text file(s)/dir to prepare
     data: str = ""
     tokenizer: str = ""  # "" = byte, or init_from's own tokenizer; "bpe" or a tokenizer file/dir
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def load_model(path):
     """A model and its tokenizer (or None) from a training checkpoint, a run directory, a Hugging Face
-    directory or a llama2.c `.bin`."""
+    directory, a GGUF file or a llama2.c `.bin`."""
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, CHECKPOINT_FILE)):
         path = os.path.join(path, CHECKPOINT_FILE)
@@ -289,6 +289,6 @@ def load_model(path):
         directories = (os.path.dirname(os.path.abspath(path)), data_dir if isinstance(data_dir, str) else "")
     else:
         model = Llama.from_pretrained(path)
-        directories = (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)),)
-    tokenizers = (tokenizer_beside(d) for d in directories if os.path.isdir(d))
+        directories = (path,)  # a model's own: in its directory, inside a GGUF file, beside a .bin
+    tokenizers = (tokenizer_beside(d) for d in directories if d and os.path.exists(d))
     return model, next((t for t in tokenizers if t is not None), None)

@@ -247,7 +247,7 @@ def test_export_of_an_adapter_dir_alone_merges_the_base_it_names(hf_model, tmp_p
     meta = json.loads(config.read_text())
     assert meta["base_model_name_or_path"] is None  # saved without a base: nothing to merge into
     assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "o0")]) == 2
-    assert "base_model_name_or_path is None, not a local model directory" in capsys.readouterr().err
+    assert "base_model_name_or_path is None, not a local model directory or file" in capsys.readouterr().err
     config.write_text(json.dumps(dict(meta, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")))  # a Hub id
     assert main(["export", str(tmp_path / "ad"), "--out", str(tmp_path / "o1")]) == 2
     err = capsys.readouterr().err
@@ -297,6 +297,35 @@ def test_export_a_hf_model_to_gguf_loads_in_transformers(hf_model, tmp_path):
     np.testing.assert_allclose(logits, Llama.from_pretrained(hf_model).logits(tokens).numpy(), rtol=1e-4, atol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert tok.encode("The list") == transformers.AutoTokenizer.from_pretrained(hf_model).encode("The list")
+
+
+def test_a_gguf_file_samples_chats_finetunes_and_exports_as_its_source_does(hf_model, tmp_path, capsys):
+    """A Hugging Face model written to GGUF and used from there: the same greedy chat reply (its template and both
+    eos ids ride inside the file), `info` shows the same tokenizer, a LoRA run starts from it, and exported back
+    to a Hugging Face directory it is the model it came from."""
+    from fusegrad.models import Llama
+
+    gguf_path = str(tmp_path / "m.gguf")
+    assert main(["export", str(hf_model), "--dtype", "f32", "--out", gguf_path]) == 0
+    chat = ["sample", "--prompt", "What is a list?", "--chat", "--temperature", "0", "--max_new_tokens", "8"]
+    outputs = []
+    for source in (str(hf_model), gguf_path):
+        capsys.readouterr()
+        assert main(chat + ["--checkpoint", source]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+    assert main(["info", gguf_path]) == 0
+    out = capsys.readouterr().out
+    assert "'kind': 'bpe'" in out and "'eos_ids': [2, 0]" in out and "'add_bos': False" in out
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "What is a list?", "completion": "A sequence."}\n' * 8)
+    assert main(["finetune", "--model", gguf_path, "--data", str(tmp_path / "qa.jsonl"), "--out",
+                 str(tmp_path / "ft"), "--max_steps", "2", "--batch_size", "2", "--quiet"]) == 0
+    assert (tmp_path / "ft" / "adapter_model.safetensors").is_file()
+    assert main(["export", gguf_path, "--out", str(tmp_path / "back")]) == 0
+    tokens = np.array([[1, 5, 9, 40, 7]])
+    np.testing.assert_allclose(Llama.from_pretrained(tmp_path / "back").logits(tokens).numpy(),
+                               Llama.from_pretrained(hf_model).logits(tokens).numpy(), atol=1e-5)
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
 
 
 def test_sample_on_the_torch_backend_equals_numpy(tmp_path, capsys):

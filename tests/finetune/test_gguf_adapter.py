@@ -14,7 +14,6 @@ from fusegrad.models import Llama
 from fusegrad.models.export import export_model
 from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 
-pytest.importorskip("gguf")
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, 256, 20)]
 
 
@@ -54,6 +53,24 @@ def test_export_gguf_lora_from_a_finetunes_adapter_dir(tmp_path):
     assert main(["export", str(tmp_path / "ft"), "--format", "gguf-lora", "--out", str(tmp_path / "ft.gguf")]) == 0
     theirs = as_array(llamacpp(tmp_path / "base.gguf", IDS, lora=tmp_path / "ft.gguf")["probs"], 258)
     assert np.abs(theirs - next_token_probs(model, IDS)).max() < 1e-3
+
+
+def test_an_adapter_trained_on_a_quantized_gguf_base_applies_to_that_file_in_llamacpp(tmp_path):
+    """The base read from a Q8_0 GGUF (widened to float32), fine-tuned, and its adapter dir alone exported: llama.cpp
+    with the same Q8_0 file and the adapter gives what fusegrad gives, within llama.cpp's Q8_0 arithmetic."""
+    export_model(sharpened(Llama.from_preset("tiny", seed=8, vocab_size=258)), tmp_path / "q8.gguf", "gguf",
+                 ByteTokenizer(), "q8_0")
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "2+2=", "completion": "4"}\n' * 8)
+    assert main(["finetune", "--model", str(tmp_path / "q8.gguf"), "--data", str(tmp_path / "qa.jsonl"), "--out",
+                 str(tmp_path / "ft"), "--max_steps", "3", "--batch_size", "2", "--lr", "0.05", "--lora_targets",
+                 "all", "--quiet"]) == 0
+    assert main(["export", str(tmp_path / "ft"), "--format", "gguf-lora", "--out", str(tmp_path / "ft.gguf")]) == 0
+    from fusegrad.cli.export import load_merged
+    model = load_merged(str(tmp_path / "ft"))[0]  # the base the adapter dir names: the GGUF file
+    ours = next_token_probs(model, IDS)
+    theirs = as_array(llamacpp(tmp_path / "q8.gguf", IDS, lora=tmp_path / "ft.gguf")["probs"], 258)
+    base = next_token_probs(Llama.from_pretrained(tmp_path / "q8.gguf"), IDS)
+    assert np.abs(theirs - ours).max() < 3e-2 < np.abs(base - ours).max()
 
 
 def test_gguf_adapter_refuses_what_llamacpp_cannot_take(tmp_path, capsys):

@@ -209,6 +209,25 @@ def test_init_from_a_llama2c_bin_and_from_a_run_dir(tmp_path):
     assert again.history["loss"][0] == pytest.approx(want, rel=1e-5)
 
 
+def test_init_from_a_gguf_file_uses_its_weights_and_the_tokenizer_inside(tmp_path):
+    from fusegrad.data import corpus
+    from fusegrad.data.tokenizer import BPETokenizer
+    from fusegrad.models import Llama
+    from fusegrad.models.export import export_model
+
+    tok = BPETokenizer.train(corpus.documents()[:20], 400)
+    export_model(Llama.from_preset("tiny", vocab_size=tok.vocab_size, seed=7), tmp_path / "m.gguf", "gguf", tok, "f32")
+    text = tmp_path / "a.txt"
+    text.write_text(corpus.documents()[30])
+    trainer = Trainer(tiny(tmp_path, preset="default", init_from=str(tmp_path / "m.gguf"), data=str(text),
+                           max_steps=2, workers=1))  # nothing beside the file: the tokenizer is inside
+    assert trainer.tokenizer.vocab_size == tok.vocab_size and trainer.model.config.dim == 32
+    assert trainer.tokenizer.encode(corpus.documents()[30][:200]) == tok.encode(corpus.documents()[30][:200])
+    want = Llama.from_pretrained(tmp_path / "m.gguf").loss(first_batch(trainer)).item()
+    trainer.run()
+    assert trainer.history["loss"][0] == pytest.approx(want, rel=1e-5)
+
+
 def test_init_from_refuses_what_cannot_be_right(tmp_path):
     from fusegrad.models import Llama
 
