@@ -1,7 +1,8 @@
 """The file formats fusegrad reads, each as (name, make a valid file, load it, check what was loaded).
 
 FORMATS, every one of them, run in CI (tests/fuzz/test_fuzz.py): data, tokenizers, text, checkpoints (loaded,
-resumed, sampled from), YAML settings, llama2.c .bin, Hugging Face dirs, PEFT adapters, fine-tune JSONL/CSV.
+resumed, sampled from), YAML settings, llama2.c .bin, Hugging Face dirs, GGUF files (model and tokenizer),
+PEFT adapters, fine-tune JSONL/CSV.
 """
 import argparse
 import json
@@ -209,10 +210,20 @@ def _hf_weights_make(d):
     return os.path.join(_hf_make(d), "model.safetensors")
 
 
+def _gguf_make(d):
+    from fusegrad.models import Llama
+    from fusegrad.models.export import export_model
+
+    path = os.path.join(d, "model.gguf")
+    export_model(Llama.from_preset("tiny", seed=0, vocab_size=300), path, "gguf",
+                 BPETokenizer.train(corpus.documents()[:20], 300), "q8_0")
+    return path
+
+
 def _load_model(path):
     from fusegrad.models import Llama
 
-    return Llama.from_pretrained(path if path.endswith(".bin") else os.path.dirname(path))
+    return Llama.from_pretrained(path if path.endswith((".bin", ".gguf")) else os.path.dirname(path))
 
 
 def _adapter_make(d):
@@ -288,6 +299,8 @@ FORMATS += [  # defined below the loaders they call
     ("llama2c.bin", _llama2c_make, _load_model, _model_check),
     ("hf-config.json", _hf_config_make, _load_model, _model_check),
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
+    ("gguf-model", _gguf_make, _load_model, _model_check),
+    ("gguf-tokenizer", _gguf_make, load_tokenizer, _use_tokenizer),
     ("peft-config", lambda d: os.path.join(_adapter_make(d), "adapter_config.json"), _adapter_load, _adapter_check),
     ("peft-safetensors", lambda d: os.path.join(_adapter_make(d), "adapter_model.safetensors"), _adapter_load,
      _adapter_check),
