@@ -91,16 +91,19 @@ def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     scales = {"Q4_K": [(0, 1.5e-3), (2, 1e-3)], "Q5_K": [(0, 8e-4), (2, 5e-4)], "Q6_K": [(208, 3e-5)],
-              "Q3_K": [(108, 4e-4)], "Q2_K": [(80, 2e-3), (82, 1e-3)]}[qtype.name]
+              "Q3_K": [(108, 4e-4)], "Q2_K": [(80, 2e-3), (82, 1e-3)], "Q4_1": [(0, 1e-2), (2, -5e-2)],
+              "Q5_1": [(0, 5e-3), (2, -5e-2)], "IQ4_NL": [(0, 1e-3)], "IQ4_XS": [(0, 3e-5)]}[qtype.name]
     for offset, value in scales:
         raw[:, offset:offset + 2] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("kinds", [("Q4_K", "Q6_K"), ("Q5_K", "Q3_K"), ("Q2_K", "Q4_K")], ids=lambda k: "+".join(k))
+@pytest.mark.parametrize("kinds", [("Q4_K", "Q6_K"), ("Q5_K", "Q3_K"), ("Q2_K", "Q4_K"), ("Q4_1", "Q5_1"),
+                                   ("IQ4_NL", "IQ4_XS")], ids=lambda k: "+".join(k))
 def test_k_quants_give_the_probabilities_llamacpp_gives(kinds, tmp_path):
     """Published files are mostly K-quants (Q4_K_M: Q4_K with Q6_K here and there), which the gguf package reads
-    but cannot write: their blocks are drawn at random here, and llama.cpp computes with them natively."""
+    but cannot write: their blocks are drawn at random here, and llama.cpp computes with them natively. So are
+    Q4_1 / Q5_1 and the non-linear IQ4 types."""
     rng = np.random.default_rng(0)
     model = sharpened(Llama.from_preset("tiny", seed=5, vocab_size=258, dim=256, n_heads=4, n_kv_heads=2,
                                         hidden_dim=512))
