@@ -41,6 +41,11 @@ def _special(meta: dict, tokens: list, name: str):
     return i if isinstance(i, int) and 0 <= i < len(tokens) else None
 
 
+def _more_eos_ids(meta: dict, tokens: list) -> list:
+    """The ids besides EOS that end generation: llama.cpp's end of turn and end of message."""
+    return [i for i in (_special(meta, tokens, "eot"), _special(meta, tokens, "eom")) if i is not None]
+
+
 def _bpe(meta: dict, tokens: list, types: list, path) -> dict:
     """A byte-level BPE tokenizer.json (as text) and the special-token settings BPETokenizer takes."""
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
@@ -50,11 +55,14 @@ def _bpe(meta: dict, tokens: list, types: list, path) -> dict:
     bos, eos, pad = (_special(meta, tokens, n) for n in ("bos", "eos", "padding"))
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", PRE_ALIASES.get(pre) == "llama-bpe")) and bos is not None
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-              "special": ty == CONTROL} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED)]
+              "special": ty == CONTROL}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED)]
+    # the post-processor adds BOS when the file says so (transformers and BPETokenizer follow the post-processor)
+    first, second = [{"Sequence": {"id": "A", "type_id": 0}}], [{"Sequence": {"id": "B", "type_id": 1}}]
     bos_step = [{"SpecialToken": {"id": tokens[bos], "type_id": 0}}] if add_bos else []
-    post = {"type": "TemplateProcessing", "single": bos_step + [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": bos_step + [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}} if add_bos else {}}
+    special = {tokens[bos]: {"id": tokens[bos], "ids": [bos], "tokens": [tokens[bos]]}} if add_bos else {}
+    post = {"type": "TemplateProcessing", "single": bos_step + first, "pair": bos_step + first + second,
+            "special_tokens": special}
     spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": _pre_tokenizer(pre, path), "post_processor": post,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
@@ -63,10 +71,9 @@ def _bpe(meta: dict, tokens: list, types: list, path) -> dict:
                       "ignore_merges": PRE_ALIASES.get(pre) == "llama-bpe",
                       "vocab": {t: i for i, t in enumerate(tokens)}, "merges": merges}}
     name = {i: tokens[i] for i in (bos, eos, pad) if i is not None}
-    eos_ids = [i for i in (_special(meta, tokens, "eot"), _special(meta, tokens, "eom")) if i is not None]
-    special = {"_files": path, "bos_token": name.get(bos), "eos_token": name.get(eos), "pad_token": name.get(pad),
-               "chat_template": meta.get("tokenizer.chat_template"), "eos_ids": eos_ids}
-    return {"kind": "bpe", "json": json.dumps(spec, ensure_ascii=False), "special": special}
+    settings = {"_files": path, "bos_token": name.get(bos), "eos_token": name.get(eos), "pad_token": name.get(pad),
+                "chat_template": meta.get("tokenizer.chat_template"), "eos_ids": _more_eos_ids(meta, tokens)}
+    return {"kind": "bpe", "json": json.dumps(spec, ensure_ascii=False), "special": settings}
 
 
 def _sentencepiece(meta: dict, tokens: list, types: list, path) -> dict:
@@ -97,8 +104,7 @@ def _sentencepiece(meta: dict, tokens: list, types: list, path) -> dict:
     proto.normalizer_spec.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     proto.normalizer_spec.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
     proto.normalizer_spec.escape_whitespaces = True
-    eos_ids = [i for i in (_special(meta, tokens, "eot"), _special(meta, tokens, "eom")) if i is not None]
-    return {"kind": "sentencepiece", "proto": proto.SerializeToString(), "eos_ids": eos_ids,
+    return {"kind": "sentencepiece", "proto": proto.SerializeToString(), "eos_ids": _more_eos_ids(meta, tokens),
             "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
             "add_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
             "chat_template": meta.get("tokenizer.chat_template")}

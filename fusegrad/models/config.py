@@ -27,7 +27,8 @@ def check_field(name: str, value, where: str, field: str | None = None, error=Co
 # rope_scaling's types -> the numbers each needs (`LlamaConfig.rope_frequencies` says what they do)
 ROPE_SCALING = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_len"),
                 "linear": ("factor",),
-                "yarn": ("factor", "original_max_len", "beta_fast", "beta_slow", "attention_factor")}
+                "yarn": ("factor", "original_max_len", "beta_fast", "beta_slow", "attention_factor"),
+                "dynamic": ("factor", "original_max_len")}
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ class LlamaConfig:
     tie_embeddings: bool = True
     multiple_of: int = 32
     qkv_bias: bool = False  # Qwen2: q/k/v projections carry biases (one fused bias (C + 2 KV,))
-    rope_scaling: dict | None = None  # {"type": llama3 | linear | yarn, "factor": ...}: `rope_frequencies`
+    rope_scaling: dict | None = None  # {"type": llama3 | linear | yarn | dynamic, "factor": ...}: `rope_frequencies`
     # how to train, not what the model is (so not compared): recompute each block's forward in the backward,
     # keeping only its input. Here so that every copy built from the config (worker processes) does it too
     checkpoint_activations: bool = dataclasses.field(default=False, compare=False)
@@ -83,6 +84,10 @@ class LlamaConfig:
             v = s.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
                 raise ConfigError(f"LlamaConfig: rope_scaling {kind!r} needs a positive finite {key}, got {v!r}")
+        if kind == "dynamic" and self.max_seq_len > s["original_max_len"]:
+            raise ConfigError(f"LlamaConfig: dynamic NTK RoPE rescales its base past original_max_len "
+                              f"{s['original_max_len']} positions, by the length run; max_seq_len {self.max_seq_len} "
+                              f"must not exceed it")
 
     def rope_frequencies(self, scaled: bool = True) -> np.ndarray:
         """RoPE's (D/2,) float64 inverse wavelengths, scaled by rope_scaling (when set and `scaled`) as Hugging
@@ -91,13 +96,16 @@ class LlamaConfig:
           `factor`, those below original_max_len / high_freq_factor stay, the ones between are blended;
         - "linear" (position interpolation): every wavelength slows down by `factor`;
         - "yarn": a linear ramp over the dimensions that turn between beta_fast and beta_slow times within
-          original_max_len blends the slowed wavelengths (below it) with the kept ones (above it)."""
+          original_max_len blends the slowed wavelengths (below it) with the kept ones (above it);
+        - "dynamic" (NTK): none; Hugging Face raises the base only for sequences past original_max_len."""
         D = self.head_dim
         freqs = 1.0 / self.rope_theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
         s = self.rope_scaling if scaled else None
         if not s:
             return freqs
         kind, factor = s.get("type", "llama3"), float(s["factor"])
+        if kind == "dynamic":  # unscaled up to original_max_len positions, and max_seq_len never exceeds it
+            return freqs
         if kind == "linear":
             return freqs / factor
         n = float(s["original_max_len"])

@@ -259,6 +259,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
                           f"head_dim = dim / n_heads only; export to a Hugging Face directory instead")
     scaling = dict(c.rope_scaling or {})
     rope = scaling.get("type", "llama3") if scaling else None
+    if rope == "dynamic":
+        raise FormatError(f"export gguf {path}: llama.cpp has no dynamic NTK RoPE (its context would run past "
+                          f"{scaling['original_max_len']} positions unscaled); export to a Hugging Face directory")
     if rope == "yarn" and (not scaling.get("truncate", True) or not math.isclose(
             scaling["attention_factor"], 0.1 * math.log(scaling["factor"]) + 1.0, rel_tol=1e-6)):
         raise FormatError(f"export gguf {path}: llama.cpp's YaRN takes its range truncated and its attention factor "

@@ -26,8 +26,8 @@ GGUF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 # metadata that changes what the model computes, which a Llama here does not do: {key: the value that is harmless}
 UNSUPPORTED = {"expert_count": 0, "attention.sliding_window": None, "attention.scale": None, "logit_scale": 1.0,
                "embedding_scale": 1.0, "residual_scale": 1.0, "attn_logit_softcapping": None,
-               "final_logit_softcapping": None, "rope.scaling.attn_factor": 1.0, "rope.scaling.yarn_log_multiplier": 0.0,
-               "rope.scaling.yarn_attn_factor": 1.0}
+               "final_logit_softcapping": None, "rope.scaling.attn_factor": 1.0,
+               "rope.scaling.yarn_log_multiplier": 0.0, "rope.scaling.yarn_attn_factor": 1.0}
 
 
 def is_gguf(path) -> bool:

@@ -55,9 +55,9 @@ def config_from_hf(d: dict, path="config.json") -> LlamaConfig:
     if not isinstance(rope, dict) or not isinstance(scaling, dict):
         refuse(field, "not a JSON object")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3", "linear", "yarn"):
+    if rope_type not in ("default", "llama3", "linear", "yarn", "dynamic"):
         raise FormatError(f"{path}: {field}.rope_type = {rope_type!r} is not supported (only 'default', 'llama3', "
-                          f"'linear' and 'yarn')")
+                          f"'linear', 'yarn' and 'dynamic')")
     def get(hf_name, ours, default=None):  # a field of the file, checked as LlamaConfig's field `ours`
         if default is None and hf_name not in d:
             raise FormatError(f"{path}: missing key {hf_name!r} of a Llama config")
@@ -94,6 +94,8 @@ def _rope_scaling(rope_type: str, scaling: dict, max_len: int, field: str, path)
 
     if rope_type == "linear":
         return {"type": "linear", "factor": value("factor")}
+    if rope_type == "dynamic":  # transformers rescales past max_position_embeddings
+        return {"type": "dynamic", "factor": value("factor"), "original_max_len": max_len}
     if rope_type == "llama3":
         return {"type": "llama3", "factor": value("factor"), "low_freq_factor": value("low_freq_factor"),
                 "high_freq_factor": value("high_freq_factor"),
@@ -123,6 +125,8 @@ def hf_config(c: LlamaConfig, bos_id=1, eos_id=2, dtype: str = "float32") -> dic
         s = {("original_max_position_embeddings" if k == "original_max_len" else k): v
              for k, v in c.rope_scaling.items() if k != "type"}
         d["rope_scaling"] = {"rope_type": c.rope_scaling.get("type", "llama3"), **s}
+        if d["rope_scaling"]["rope_type"] == "dynamic":  # transformers' threshold is max_position_embeddings
+            d["max_position_embeddings"] = d["rope_scaling"].pop("original_max_position_embeddings")
     return d
 
 

@@ -35,6 +35,9 @@ KINDS = {  # name -> (config class, model class, extra config)
     "yarn-mscale": ("LlamaConfig", "LlamaForCausalLM", dict(head_dim=16, rope_parameters={
         "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "rope_theta": 5e5,
         "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 0.9, "mscale_all_dim": 0.5})),
+    # rescaled only past max_position_embeddings, where neither library runs a 64-position model here
+    "dynamic-ntk": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0,
+                                                                             "rope_theta": 1e4})),
 }
 
 
@@ -60,9 +63,10 @@ def transformers_logits(path, tokens):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_logits_equal_transformers_on_bf16_checkpoints(kind, tmp_path):
     path = make_checkpoint(tmp_path / kind, kind)
-    tokens = np.random.default_rng(0).integers(0, 67, (2, 40))  # past llama3's original 16 positions
+    tokens = np.random.default_rng(0).integers(0, 67, (2, 64))  # past llama3's original 16, up to the 64 of all
     model = Llama.from_pretrained(path)
-    scaling = {"llama3.2": "llama3", "linear-rope": "linear", "yarn": "yarn", "yarn-mscale": "yarn"}.get(kind)
+    scaling = {"llama3.2": "llama3", "linear-rope": "linear", "yarn": "yarn", "yarn-mscale": "yarn",
+               "dynamic-ntk": "dynamic"}.get(kind)
     assert model.config.qkv_bias == (kind == "qwen2") and (model.config.rope_scaling or {}).get("type") == scaling
     with fg.no_grad():
         got = model.logits(tokens).numpy()
@@ -75,7 +79,8 @@ def test_logits_equal_transformers_on_bf16_checkpoints(kind, tmp_path):
     {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16.0, "beta_slow": 2.0,
      "mscale": 0.9, "mscale_all_dim": 0.5, "truncate": False},
     {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
-], ids=["llama3", "linear", "yarn", "yarn-mscale-untruncated", "yarn-attention-factor"])
+    {"rope_type": "dynamic", "factor": 4.0},
+], ids=["llama3", "linear", "yarn", "yarn-mscale-untruncated", "yarn-attention-factor", "dynamic-ntk"])
 def test_rope_frequencies_and_attention_factor_equal_transformers(parameters, tmp_path):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -112,7 +117,7 @@ def test_sharded_and_fp16_checkpoints_load(tmp_path):
     ({"architectures": ["GemmaForCausalLM"]}, r"architectures = \['GemmaForCausalLM'\] is not supported"),
     ({"model_type": "gpt2", "architectures": None}, r"model_type = 'gpt2' is not supported"),
     ({"sliding_window": 16}, r"sliding_window = 16 is not supported.*shorter than max_position_embeddings 64"),
-    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, r"rope_parameters\.rope_type = 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, r"rope_parameters\.rope_type = 'longrope'"),
     ({"hidden_act": "gelu"}, r"hidden_act = 'gelu' is not supported"),
     ({"attention_bias": True}, r"attention_bias = True is not supported"),
 ])
@@ -171,6 +176,25 @@ def test_saved_bf16_directory_loads_in_transformers(tmp_path):
     with fg.no_grad():
         ours = model.logits(tokens).numpy()  # the source was bf16: its values survive bf16 exactly
     np.testing.assert_allclose(transformers_logits(tmp_path / "out", tokens), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_ntk_saves_as_transformers_reads_it_and_never_runs_past_its_length(tmp_path):
+    """Saved again, transformers reads the same dynamic scaling with the same threshold (max_position_embeddings);
+    a fusegrad model may not be longer than the length past which the base would change; GGUF refuses it."""
+    model = Llama.from_pretrained(make_checkpoint(tmp_path / "in", "dynamic-ntk"))
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["rope_scaling"] == {"rope_type": "dynamic", "factor": 4.0} and saved["max_position_embeddings"] == 64
+    tokens = np.random.default_rng(2).integers(0, 67, (1, 64))
+    with fg.no_grad():
+        np.testing.assert_allclose(model.logits(tokens).numpy(), transformers_logits(tmp_path / "out", tokens),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(fg.ConfigError, match=r"dynamic NTK RoPE rescales its base past original_max_len 64 "
+                                             r"positions.*max_seq_len 128 must not exceed it"):
+        fg.models.LlamaConfig(**{**model.config.to_dict(), "max_seq_len": 128})
+    from fusegrad.models.export import export_model
+    with pytest.raises(fg.FormatError, match=r"llama\.cpp has no dynamic NTK RoPE"):
+        export_model(model, tmp_path / "m.gguf", "gguf", None, "f32")
 
 
 def test_heads_wider_than_hidden_size_train_save_and_quantize_as_transformers_does(tmp_path):
