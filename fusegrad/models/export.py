@@ -254,11 +254,11 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"export: GGUF dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
     arch = gguf_arch(c)
-    if arch == "qwen2" and (c.rope_scaling or c.q_dim != c.dim):
-        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 is written here without RoPE scaling and with "
-                          f"head_dim = dim / n_heads only; export to a Hugging Face directory instead")
     scaling = dict(c.rope_scaling or {})
     rope = scaling.get("type", "llama3") if scaling else None
+    if arch == "qwen2" and (rope == "llama3" or c.q_dim != c.dim):  # its graph takes no rope_freqs.weight
+        raise FormatError(f"export gguf {path}: llama.cpp's qwen2 is written here with head_dim = dim / n_heads and "
+                          f"without Llama 3.1 RoPE scaling only; export to a Hugging Face directory instead")
     if rope == "dynamic":
         raise FormatError(f"export gguf {path}: llama.cpp has no dynamic NTK RoPE (its context would run past "
                           f"{scaling['original_max_len']} positions unscaled); export to a Hugging Face directory")

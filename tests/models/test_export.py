@@ -148,9 +148,13 @@ def test_export_refuses_what_it_cannot_write(model, tmp_path):
         export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_k")
     with pytest.raises(fg.ConfigError, match="llama2.c files hold float32 only"):
         export_model(model, tmp_path / "m.bin", "llama2c", dtype="f16")
-    qwen = Llama.from_preset("tiny", seed=0, qkv_bias=True, head_dim=16)
-    with pytest.raises(fg.FormatError, match=r"q\.gguf: llama\.cpp's qwen2 is written here .*head_dim = dim / n_"):
-        export_model(qwen, tmp_path / "q.gguf", "gguf")
+    for qwen in (Llama.from_preset("tiny", seed=0, qkv_bias=True, head_dim=16),
+                 Llama.from_preset("tiny", seed=0, qkv_bias=True, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0,
+                                                                                "high_freq_factor": 4.0,
+                                                                                "original_max_len": 16})):
+        with pytest.raises(fg.FormatError, match=r"q\.gguf: llama\.cpp's qwen2 is written here .*head_dim = dim / "
+                                                 r"n_heads and without Llama 3\.1 RoPE scaling only"):
+            export_model(qwen, tmp_path / "q.gguf", "gguf")
     yarn = Llama.from_preset("tiny", seed=0, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_len": 8,
                                                            "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.3})
     with pytest.raises(fg.FormatError, match=r"y\.gguf: llama\.cpp's YaRN takes .* attention factor"):

@@ -55,9 +55,11 @@ def rewrite(src, dst, tensors=None, metadata=None, arch=None):
 @pytest.mark.parametrize("overrides", [
     {}, {"tie_embeddings": False}, {"n_kv_heads": 1}, {"head_dim": 16}, {"qkv_bias": True, "rope_theta": 1e6},
     {"rope_scaling": {"type": "linear", "factor": 4.0}}, {"rope_scaling": YARN, "rope_theta": 5e4},
+    {"rope_scaling": YARN, "qkv_bias": True},
     {"rope_scaling": LLAMA31, "rope_theta": 5e5, "dim": 64, "n_heads": 2, "n_kv_heads": 1},
     {"rope_scaling": {**LLAMA31, "original_max_len": 8192}, "rope_theta": 5e5, "dim": 64, "n_heads": 2},
-], ids=["tied", "untied", "gqa", "wide-heads", "qwen2", "linear-rope", "yarn", "llama3.1-rope", "llama3.1-8192"])
+], ids=["tied", "untied", "gqa", "wide-heads", "qwen2", "linear-rope", "yarn", "qwen2-yarn", "llama3.1-rope",
+        "llama3.1-8192"])
 def test_every_kind_of_model_comes_back_from_its_gguf(overrides, tmp_path):
     """F32 files: the same config (Llama 3.1's RoPE scaling recovered from rope_freqs.weight alone), the same
     weights bit for bit, the same logits."""
