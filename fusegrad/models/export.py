@@ -214,6 +214,11 @@ GGUF_PARTS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "
               "down": "ffn_down"}  # projection part -> llama.cpp's tensor name inside blk.{i}
 
 
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's attention factor as llama.cpp (and transformers, by default) work it out from the scaling factor."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
 def gguf_arch(config) -> str:
     """llama.cpp's architecture for a model of `config`: qwen2 when q/k/v carry biases, else llama."""
     return "qwen2" if config.qkv_bias else "llama"
@@ -262,11 +267,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     if rope == "dynamic":
         raise FormatError(f"export gguf {path}: llama.cpp has no dynamic NTK RoPE (its context would run past "
                           f"{scaling['original_max_len']} positions unscaled); export to a Hugging Face directory")
-    if rope == "yarn" and (not scaling.get("truncate", True) or not math.isclose(
-            scaling["attention_factor"], 0.1 * math.log(scaling["factor"]) + 1.0, rel_tol=1e-6)):
-        raise FormatError(f"export gguf {path}: llama.cpp's YaRN takes its range truncated and its attention factor "
-                          f"as 0.1 ln(factor) + 1; this model's differ ({scaling}); export to a Hugging Face "
-                          f"directory instead")
+    if rope == "yarn" and not scaling.get("truncate", True):
+        raise FormatError(f"export gguf {path}: llama.cpp's YaRN takes its range truncated; this model's is not "
+                          f"({scaling}); export to a Hugging Face directory instead")
     qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     with gguf_file(path, arch) as w:
@@ -287,6 +290,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             w.add_rope_scaling_factor(scaling["factor"])
         if rope == "yarn":
             w.add_rope_scaling_orig_ctx_len(scaling["original_max_len"])
+            attention = scaling["attention_factor"] / yarn_attention_factor(scaling["factor"])
+            if not math.isclose(attention, 1.0, rel_tol=1e-6):  # llama.cpp multiplies its own by this
+                w.add_rope_scaling_attn_factors(attention)
             w.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
             w.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
         w.add_layer_norm_rms_eps(c.norm_eps)

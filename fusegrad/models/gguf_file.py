@@ -7,7 +7,6 @@ read by fusegrad.data.gguf_vocab. Facts: FORMATS.md.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.models.config import LlamaConfig, check_field
 from fusegrad.models.gguf_reader import MAGIC, GGUFContents
-from fusegrad.models.export import GGUF_PARTS
+from fusegrad.models.export import GGUF_PARTS, yarn_attention_factor
 from fusegrad.models.hf_names import HF_MODULES, check_hf_state, hf_shapes, part_heads, permute_to_hf
 
 ARCHS = ("llama", "qwen2")
@@ -26,8 +25,8 @@ GGUF_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 # metadata that changes what the model computes, which a Llama here does not do: {key: the value that is harmless}
 UNSUPPORTED = {"expert_count": 0, "attention.sliding_window": None, "attention.scale": None, "logit_scale": 1.0,
                "embedding_scale": 1.0, "residual_scale": 1.0, "attn_logit_softcapping": None,
-               "final_logit_softcapping": None, "rope.scaling.attn_factor": 1.0,
-               "rope.scaling.yarn_log_multiplier": 0.0, "rope.scaling.yarn_attn_factor": 1.0}
+               "final_logit_softcapping": None, "rope.scaling.yarn_log_multiplier": 0.0,
+               "rope.scaling.yarn_attn_factor": 1.0}
 
 
 def is_gguf(path) -> bool:
@@ -155,6 +154,9 @@ class GGUFCheckpoint:
             if kind not in (None, "none"):
                 raise FormatError(f"{self.path}: rope_freqs.weight and {a}.rope.scaling.type = {kind!r} together")
             return llama3_scaling(rope_freqs, head_dim, theta, self.path)
+        attention = self._value(f"{a}.rope.scaling.attn_factor", float, 1.0)  # times YaRN's own
+        if attention != 1.0 and kind != "yarn":
+            raise FormatError(f"{self.path}: {a}.rope.scaling.attn_factor = {attention} without YaRN is not supported")
         if kind in (None, "none") or factor in (None, 1.0):
             return None
         if kind == "linear":
@@ -163,7 +165,7 @@ class GGUFCheckpoint:
                 "original_max_len": self._value(f"{a}.rope.scaling.original_context_length", int),
                 "beta_fast": self._value(f"{a}.rope.scaling.yarn_beta_fast", float, 32.0),
                 "beta_slow": self._value(f"{a}.rope.scaling.yarn_beta_slow", float, 1.0), "truncate": True,
-                "attention_factor": 0.1 * math.log(factor) + 1.0}  # llama.cpp's, with attn_factor 1
+                "attention_factor": attention * yarn_attention_factor(factor)}
 
     def _dequantize(self, t) -> np.ndarray:
         import gguf

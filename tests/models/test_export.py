@@ -156,8 +156,9 @@ def test_export_refuses_what_it_cannot_write(model, tmp_path):
                                                  r"n_heads and without Llama 3\.1 RoPE scaling only"):
             export_model(qwen, tmp_path / "q.gguf", "gguf")
     yarn = Llama.from_preset("tiny", seed=0, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_len": 8,
-                                                           "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.3})
-    with pytest.raises(fg.FormatError, match=r"y\.gguf: llama\.cpp's YaRN takes .* attention factor"):
+                                                           "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.3,
+                                                           "truncate": False})
+    with pytest.raises(fg.FormatError, match=r"y\.gguf: llama\.cpp's YaRN takes its range truncated"):
         export_model(yarn, tmp_path / "y.gguf", "gguf")
     broken = Llama.from_preset("tiny", seed=0)
     broken.params["layers.1.w13"].data[3, 5] = np.nan

@@ -56,10 +56,11 @@ def rewrite(src, dst, tensors=None, metadata=None, arch=None):
     {}, {"tie_embeddings": False}, {"n_kv_heads": 1}, {"head_dim": 16}, {"qkv_bias": True, "rope_theta": 1e6},
     {"rope_scaling": {"type": "linear", "factor": 4.0}}, {"rope_scaling": YARN, "rope_theta": 5e4},
     {"rope_scaling": YARN, "qkv_bias": True},
+    {"rope_scaling": {**YARN, "attention_factor": 1.3}},
     {"rope_scaling": LLAMA31, "rope_theta": 5e5, "dim": 64, "n_heads": 2, "n_kv_heads": 1},
     {"rope_scaling": {**LLAMA31, "original_max_len": 8192}, "rope_theta": 5e5, "dim": 64, "n_heads": 2},
-], ids=["tied", "untied", "gqa", "wide-heads", "qwen2", "linear-rope", "yarn", "qwen2-yarn", "llama3.1-rope",
-        "llama3.1-8192"])
+], ids=["tied", "untied", "gqa", "wide-heads", "qwen2", "linear-rope", "yarn", "qwen2-yarn", "yarn-attention",
+        "llama3.1-rope", "llama3.1-8192"])
 def test_every_kind_of_model_comes_back_from_its_gguf(overrides, tmp_path):
     """F32 files: the same config (Llama 3.1's RoPE scaling recovered from rope_freqs.weight alone), the same
     weights bit for bit, the same logits."""
@@ -67,8 +68,10 @@ def test_every_kind_of_model_comes_back_from_its_gguf(overrides, tmp_path):
     export_model(model, tmp_path / "m.gguf", "gguf", ByteTokenizer(), "f32")
     back = Llama.from_pretrained(tmp_path / "m.gguf")
     ours, theirs = back.config.to_dict(), model.config.to_dict()
-    assert {k: v for k, v in ours.items() if k != "rope_scaling"} == {k: v for k, v in theirs.items() if k != "rope_scaling"}
+    ours.pop("rope_scaling")  # compared by what it does, below: Llama 3.1's comes back with low_freq_factor 1
+    assert ours == {k: v for k, v in theirs.items() if k != "rope_scaling"}
     np.testing.assert_allclose(back.config.rope_frequencies(), model.config.rope_frequencies(), rtol=1e-6)
+    np.testing.assert_allclose(back.config.rope_tables(np.float64), model.config.rope_tables(np.float64), atol=1e-6)
     for name, a in model.state_dict().items():
         np.testing.assert_array_equal(back.state_dict()[name], a, err_msg=name)
     ids = list(range(0, 250, 9))
@@ -179,18 +182,20 @@ def test_a_truncated_file_is_refused_by_name(plain, tmp_path):
     ({"metadata": {"llama.rope.dimension_count": (4, gguf.GGUFValueType.UINT32)}}, r"rotates part of a head"),
     ({"metadata": {"llama.logit_scale": (0.5, gguf.GGUFValueType.FLOAT32)}}, r"llama\.logit_scale = 0\.5 is not"),
     ({"metadata": {"llama.rope.scaling.type": ("longrope", gguf.GGUFValueType.STRING)}}, r"'longrope' is not"),
+    ({"metadata": {"llama.rope.scaling.attn_factor": (2.0, gguf.GGUFValueType.FLOAT32)}}, r"attn_factor = 2\.0 with"),
     ({"tensors": {"blk.1.ffn_up.weight": None}}, r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"),
     ({"tensors": {"blk.0.ffn_up.weight": (np.zeros((3, 32), np.float32), None)}}, r"up_proj\.weight' has shape"),
     ({"tensors": {"blk.0.attn_q.bias": (np.zeros(32, np.float32), None)}}, r"'blk\.0\.attn_q\.bias' is not part"),
     ({"tensors": {"output_norm.weight": (np.full(32, np.nan, np.float32), None)}}, r"'output_norm\.weight' holds NaN"),
     ({"tensors": {"rope_freqs.weight": (np.array([1, 3, 2, 9], np.float32), None)}}, r"rope_freqs\.weight is not"),
-], ids=["arch", "experts", "sliding-window", "partial-rope", "logit-scale", "longrope", "missing", "shape", "llama-bias", "nan",
-        "rope-freqs"])
+], ids=["arch", "experts", "sliding-window", "partial-rope", "logit-scale", "longrope", "attn-factor", "missing",
+        "shape", "llama-bias", "nan", "rope-freqs"])
 def test_what_fusegrad_cannot_run_is_refused_naming_the_key_or_tensor(change, message, plain, tmp_path):
     bad = tmp_path / "bad.gguf"
     tensors = dict(change.get("tensors", {}))
     extra = {k: v for k, v in tensors.items() if k in ("blk.0.attn_q.bias", "rope_freqs.weight")}
-    rewrite(plain, bad, {k: v for k, v in tensors.items() if k not in extra}, change.get("metadata"), change.get("arch"))
+    kept = {k: v for k, v in tensors.items() if k not in extra}
+    rewrite(plain, bad, kept, change.get("metadata"), change.get("arch"))
     if extra:  # tensors the file did not have: written into a second copy
         reader = gguf.GGUFReader(bad)
         w = gguf.GGUFWriter(tmp_path / "bad2.gguf", "llama")

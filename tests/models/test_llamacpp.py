@@ -31,10 +31,11 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_len": 8, "beta_fast": 32.0,
     ({"qkv_bias": True, "rope_theta": 1e6}, "f32", 1e-3),  # llama.cpp's qwen2: biases, rotate-half q/k rows
     ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "f32", 1e-3),
     ({"rope_scaling": YARN, "rope_theta": 5e4}, "f32", 1e-3),
+    ({"rope_scaling": {**YARN, "attention_factor": 1.3}, "rope_theta": 5e4}, "f32", 1e-3),  # rope.scaling.attn_factor
     ({"rope_scaling": YARN, "qkv_bias": True, "rope_theta": 1e6}, "f32", 1e-3),  # Qwen2.5's long-context files
     ({"rope_scaling": {"type": "linear", "factor": 4.0}, "qkv_bias": True}, "f32", 1e-3),
-], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2", "linear-rope", "yarn", "qwen2-yarn",
-        "qwen2-linear"])
+], ids=["f32", "f16", "q8_0", "gqa", "wide-heads", "llama3.1-rope", "qwen2", "linear-rope", "yarn",
+        "yarn-attention-factor", "qwen2-yarn", "qwen2-linear"])
 def test_llamacpp_gives_fusegrads_next_token_probabilities(overrides, dtype, tol, tmp_path):
     model = sharpened(Llama.from_preset("tiny", seed=6, vocab_size=258, **overrides))
     path = tmp_path / "m.gguf"
