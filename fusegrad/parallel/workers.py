@@ -120,7 +120,14 @@ def check_shared_memory(nbytes: int, shm_dir: str = SHM_DIR) -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """This process's peak resident memory in MB. On Linux, VmHWM: ru_maxrss there keeps the parent's peak
+    through fork and exec, so a worker started by a process holding a model would report that model too."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0  # kB
+    except (OSError, StopIteration, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024.0  # bytes on macOS, KiB elsewhere
 
 
 class ProcessDataParallel:

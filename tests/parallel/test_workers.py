@@ -143,6 +143,17 @@ def test_helpers_rss_counts_the_shared_blocks_once():
         assert 20 < helper < 2000  # a Python process with numpy and numba, in MB
 
 
+def test_a_helpers_peak_rss_is_its_own_not_that_of_the_process_that_started_it():
+    """Linux keeps a parent's ru_maxrss in a child through fork and exec: a bench that loaded a model before its
+    workers started reported that model in every worker."""
+    ballast = np.ones(75_000_000)  # 600 MB touched here, before the helpers start
+    with ProcessDataParallel(Llama.from_preset("tiny", seed=1), 2) as dp:
+        dp.loss_backward(batch(2))
+        dp._send(dp.helpers[0][0], ("rss",))
+        helper = dp._receive(*dp.helpers[0])
+    assert ballast.sum() and 20 < helper < 500
+
+
 def test_too_little_shared_memory_is_refused_before_anything_is_written(tmp_path):
     from fusegrad.parallel.workers import check_shared_memory
 
