@@ -67,6 +67,9 @@ class GGUFCheckpoint:
     def __init__(self, path):
         self.path = path = os.fspath(path)
         self.file = GGUFContents(path)
+        if self._value("split.count", int, 1) > 1:  # gguf-split's shards: each holds some of the tensors
+            raise FormatError(f"{path}: one of {self._value('split.count', int)} GGUF shards; join them first "
+                              f"(llama-gguf-split --merge FIRST-SHARD OUT.gguf)")
         self.arch = self._value("general.architecture", str)
         if self.arch not in ARCHS:
             raise FormatError(f"{path}: general.architecture = {self.arch!r} is not supported (fusegrad reads "
