@@ -1,5 +1,12 @@
 """Tokenizers the tests train with `tokenizers`, one of each kind llama.cpp and GGUF name: byte-level BPE with
-each pre-tokenizer (GPT-2, SmolLM, Llama 3, Qwen2) and Llama 2's sentencepiece-style BPE with byte fallback."""
+each pre-tokenizer (GPT-2, SmolLM, Llama 3, Qwen2) and Llama 2's sentencepiece-style BPE with byte fallback; and
+a sentencepiece model with the llama2.c tokenizer.bin made from it."""
+import os
+
+from fusegrad.data.tokenizer import load_tokenizer
+from fusegrad.models import Llama
+from fusegrad.models.export import export_model
+
 TEXT = "Once upon a time,\n  a cat said: «wörld» ~ 42!"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -39,3 +46,15 @@ def sentencepiece_style_bpe(directory, prepend: bool) -> str:
     hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=420, special_tokens=["<unk>", "<s>", "</s>"] + bytes_))
     hf.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def sentencepiece_and_llama2c(directory, model_proto) -> tuple:
+    """The sentencepiece tokenizer of `model_proto` (Llama 2's kind: BPE, byte fallback) and the llama2.c
+    tokenizer.bin that fusegrad's llama2.c export makes from it, each loaded from its own folder in `directory`."""
+    (directory / "sp").mkdir()
+    (directory / "sp" / "tokenizer.model").write_bytes(model_proto)
+    sp = load_tokenizer(directory / "sp")
+    export_model(Llama.from_preset("tiny", vocab_size=sp.vocab_size), directory / "sp.bin", "llama2c", sp)
+    (directory / "l2c").mkdir()
+    os.replace(directory / "tokenizer.bin", directory / "l2c" / "tokenizer.bin")
+    return sp, load_tokenizer(directory / "l2c")

@@ -10,7 +10,8 @@ from fusegrad.data.tokenizer import ByteTokenizer, gguf_tokenizer, load_tokenize
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
 from tests.real_checkpoint import smollm2_dir, smollm2_gguf
-from tests.tokenizers_made import LLAMA3_SPLIT, TEXT, sentencepiece_style_bpe, trained_bpe
+from tests.tokenizers_made import (LLAMA3_SPLIT, TEXT, sentencepiece_and_llama2c, sentencepiece_style_bpe,
+                                   trained_bpe)
 
 pytest.importorskip("sentencepiece")  # the oracle of the sentencepiece kinds
 
@@ -54,13 +55,7 @@ def test_the_real_smollm2_tokenizer_comes_back_with_its_specials_and_template(tm
 def test_sentencepiece_and_llama2c_tokenizers_come_back_as_sentencepiece(sp_model_proto, sample_texts, tmp_path):
     """Llama 2's kind of tokenizer.model and llama2.c's tokenizer.bin made from it: the GGUF's pieces, scores and
     types become a sentencepiece model again, whose ids are the originals'."""
-    (tmp_path / "sp").mkdir()
-    (tmp_path / "sp" / "tokenizer.model").write_bytes(sp_model_proto)
-    sp = load_tokenizer(tmp_path / "sp")
-    export_model(Llama.from_preset("tiny", vocab_size=sp.vocab_size), tmp_path / "sp.bin", "llama2c", sp)
-    (tmp_path / "l2c").mkdir()
-    os.replace(tmp_path / "tokenizer.bin", tmp_path / "l2c" / "tokenizer.bin")
-    for tokenizer in (sp, load_tokenizer(tmp_path / "l2c")):
+    for tokenizer in sentencepiece_and_llama2c(tmp_path, sp_model_proto):
         back = through_gguf(tokenizer, tmp_path / f"{tokenizer.kind}.gguf")
         assert back.kind == "sentencepiece"
         assert_same_tokenizer(back, tokenizer, list(sample_texts[:8]) + TEXTS[:3])
@@ -119,9 +114,7 @@ def test_a_pre_tokenizer_fusegrad_does_not_know_is_refused_by_name(tmp_path):
 
 
 def test_without_sentencepiece_its_gguf_tokenizer_says_what_to_install(sp_model_proto, tmp_path, monkeypatch):
-    (tmp_path / "sp").mkdir()
-    (tmp_path / "sp" / "tokenizer.model").write_bytes(sp_model_proto)
-    sp = load_tokenizer(tmp_path / "sp")
+    sp = sentencepiece_and_llama2c(tmp_path, sp_model_proto)[0]
     export_model(Llama.from_preset("tiny", vocab_size=sp.vocab_size), tmp_path / "m.gguf", "gguf", sp, "f32")
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # as if it were not installed
     with pytest.raises(fg.FormatError, match=r"m\.gguf: its sentencepiece tokenizer needs the sentencepiece and "

@@ -1,8 +1,6 @@
 """llama.cpp itself reads fusegrad's GGUF files (node-llama-cpp's prebuilt CPU build, `tests/llamacpp.py`): its
 next-token probabilities equal fusegrad's for plain, grouped-query, wide-head, Llama 3.1-RoPE and Qwen2 models
 and for the real SmolLM2-135M, and it tokenizes text into the ids fusegrad's tokenizers give."""
-import os
-
 import gguf
 import numpy as np
 import pytest
@@ -15,7 +13,8 @@ from fusegrad.models.export import export_model
 from fusegrad.models.generate import generate
 from tests.llamacpp import as_array, llamacpp, next_token_probs, sharpened
 from tests.real_checkpoint import smollm2_dir
-from tests.tokenizers_made import LLAMA3_SPLIT, TEXT, sentencepiece_style_bpe, trained_bpe
+from tests.tokenizers_made import (LLAMA3_SPLIT, TEXT, sentencepiece_and_llama2c, sentencepiece_style_bpe,
+                                   trained_bpe)
 
 
 LLAMA31 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 16}
@@ -85,13 +84,7 @@ def test_llamacpp_tokenizes_bytes_as_fusegrads_byte_tokenizer(tmp_path):
 def test_llamacpp_tokenizes_as_sentencepiece_and_llama2c_tokenizers(sp_model_proto, sample_texts, tmp_path):
     """Llama 2's kind of tokenizer.model (sentencepiece BPE, byte fallback) and the llama2.c tokenizer.bin
     made from it: llama.cpp's ids are fusegrad's (which equal sentencepiece's, tests/data)."""
-    (tmp_path / "sp").mkdir()
-    (tmp_path / "sp" / "tokenizer.model").write_bytes(sp_model_proto)
-    sp = load_tokenizer(tmp_path / "sp")
-    export_model(Llama.from_preset("tiny", vocab_size=sp.vocab_size), tmp_path / "sp.bin", "llama2c", sp)
-    (tmp_path / "l2c").mkdir()
-    os.replace(tmp_path / "tokenizer.bin", tmp_path / "l2c" / "tokenizer.bin")
-    for tokenizer in (sp, load_tokenizer(tmp_path / "l2c")):
+    for tokenizer in sentencepiece_and_llama2c(tmp_path, sp_model_proto):
         path = tmp_path / f"{tokenizer.kind}.gguf"
         model = Llama.from_preset("tiny", seed=0, vocab_size=tokenizer.vocab_size)
         export_model(model, path, "gguf", tokenizer, "f32")
