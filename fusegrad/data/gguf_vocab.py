@@ -14,8 +14,9 @@ from fusegrad.models.export import LLAMACPP_PRE, byte_pieces
 from fusegrad.models.gguf_file import read_metadata
 
 # llama.cpp's pre-tokenizer names -> the name tokenizer.json's split is written under in export.LLAMACPP_PRE
-PRE_ALIASES = {"gpt-2": "gpt-2", "smollm": "smollm", "starcoder": "smollm", "llama-bpe": "llama-bpe",
-               "llama3": "llama-bpe", "llama-v3": "llama-bpe", "qwen2": "qwen2"}
+PRE_ALIASES = {"gpt-2": "gpt-2", "phi-2": "gpt-2", "smollm": "smollm", "starcoder": "smollm", "refact": "smollm",
+               "llama-bpe": "llama-bpe", "llama3": "llama-bpe", "llama-v3": "llama-bpe", "falcon3": "llama-bpe",
+               "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2"}
 UNKNOWN, CONTROL, USER_DEFINED, BYTE = 2, 3, 4, 6  # llama.cpp's token types (sentencepiece's numbers)
 
 

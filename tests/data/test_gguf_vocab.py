@@ -3,12 +3,14 @@ template; the real SmolLM2 file as published tokenizes as transformers' and llam
 import os
 import sys
 
+import gguf
 import pytest
 
 import fusegrad as fg
 from fusegrad.data.tokenizer import ByteTokenizer, gguf_tokenizer, load_tokenizer, tokenizer_beside
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
+from tests.gguf_edit import rewrite
 from tests.real_checkpoint import smollm2_dir, smollm2_gguf
 from tests.tokenizers_made import (LLAMA3_SPLIT, TEXT, sentencepiece_and_llama2c, sentencepiece_style_bpe,
                                    trained_bpe)
@@ -102,15 +104,24 @@ def test_the_published_smollm2_gguf_tokenizes_as_transformers_and_llamacpp_read_
     assert ours.chat_template == theirs.chat_template and "<|im_start|>" in ours.chat_template
 
 
+@pytest.mark.parametrize("steps, name", [([("bytes", True)], "phi-2"), ([("digits", None), ("bytes", True)], "refact"),
+                                         ([("split", LLAMA3_SPLIT), ("bytes", False)], "falcon3"),
+                                         ([("split", LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")), ("bytes", False)],
+                                          "deepseek-r1-qwen")])
+def test_other_names_llamacpp_gives_the_same_split_read_as_that_split(steps, name, tmp_path):
+    tokenizer = load_tokenizer(trained_bpe(tmp_path, steps))
+    through_gguf(tokenizer, tmp_path / "m.gguf")
+    rewrite(tmp_path / "m.gguf", tmp_path / "renamed.gguf",
+            metadata={"tokenizer.ggml.pre": (name, gguf.GGUFValueType.STRING)})
+    assert_same_tokenizer(load_tokenizer(tmp_path / "renamed.gguf"), tokenizer)
+
+
 def test_a_pre_tokenizer_fusegrad_does_not_know_is_refused_by_name(tmp_path):
-    path = tmp_path / "m.gguf"
-    through_gguf(load_tokenizer(trained_bpe(tmp_path, [("bytes", True)])), path)
-    raw = bytearray(path.read_bytes())
-    i = raw.index(b"gpt-2", raw.index(b"tokenizer.ggml.pre"))  # the value, after its key
-    raw[i:i + 5] = b"jais!"
-    path.write_bytes(bytes(raw))
-    with pytest.raises(fg.FormatError, match=r"m\.gguf: tokenizer\.ggml\.pre = 'jais!' is a text split"):
-        load_tokenizer(path)
+    through_gguf(load_tokenizer(trained_bpe(tmp_path, [("bytes", True)])), tmp_path / "m.gguf")
+    rewrite(tmp_path / "m.gguf", tmp_path / "jais.gguf",
+            metadata={"tokenizer.ggml.pre": ("jais", gguf.GGUFValueType.STRING)})
+    with pytest.raises(fg.FormatError, match=r"jais\.gguf: tokenizer\.ggml\.pre = 'jais' is a text split"):
+        load_tokenizer(tmp_path / "jais.gguf")
 
 
 def test_without_sentencepiece_its_gguf_tokenizer_says_what_to_install(sp_model_proto, tmp_path, monkeypatch):
