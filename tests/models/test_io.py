@@ -233,11 +233,11 @@ def test_llama2c_refuses_what_it_cannot_store(tmp_path):
         Llama.from_preset("tiny").save_llama2c(tmp_path / "m.bin", version=2)
 
 
-def test_hf_rope_scaling_is_refused(hf_dir):
+def test_hf_rope_scaling_fusegrad_cannot_run_is_refused(hf_dir):
     cfg = json.loads((hf_dir / "config.json").read_text())
-    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 8.0}
+    cfg["rope_scaling"] = {"rope_type": "longrope", "factor": 8.0}
     (hf_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(fg.FormatError, match=r"config\.json: rope_scaling\.rope_type = 'dynamic' is not supported"):
+    with pytest.raises(fg.FormatError, match=r"config\.json: rope_scaling\.rope_type = 'longrope' is not supported"):
         Llama.from_pretrained(hf_dir)
     cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}  # llama3 runs, but needs all its fields
     (hf_dir / "config.json").write_text(json.dumps(cfg))
