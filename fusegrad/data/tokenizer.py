@@ -405,7 +405,10 @@ def load_tokenizer(path):
     if not os.path.isfile(path):
         raise FormatError(f"{path}: tokenizer file does not exist")
     if is_gguf(path):
-        return gguf_tokenizer(path)
+        tok = gguf_tokenizer(path)
+        if tok is None:
+            raise FormatError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.model is 'none' or missing)")
+        return tok
     if path.endswith(".model"):
         return SentencePieceTokenizer.load(path)
     if path.endswith(".bin"):
@@ -422,10 +425,10 @@ def load_tokenizer(path):
 
 
 def gguf_tokenizer(path):
-    """The tokenizer inside a GGUF file (FormatError when it holds none)."""
+    """The tokenizer inside a GGUF file, or None when it holds none."""
     spec = read_gguf_vocab(path)
     if spec is None:
-        raise FormatError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.model is 'none' or missing)")
+        return None
     if spec["kind"] == "byte":
         return ByteTokenizer()
     if spec["kind"] == "bpe":
@@ -453,7 +456,7 @@ def tokenizer_beside(path):
     """The tokenizer in a model directory, inside a GGUF file or beside a model file, or None when there is none."""
     path = os.fspath(path)
     if is_gguf(path):  # the tokenizer is inside
-        return None if read_gguf_vocab(path) is None else gguf_tokenizer(path)
+        return gguf_tokenizer(path)
     found = tokenizer_file(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     return None if found is None else load_tokenizer(found)
 
