@@ -467,8 +467,9 @@ def tokenizer_for_model(model_path, vocab_size, own=None, choice="", force=False
     error naming both files; so is the byte tokenizer on a model that has another tokenizer of its own, or no
     tokenizer and a vocabulary other than 258, unless `force`: byte ids would mean other tokens to that model."""
     if not choice and own is None:
-        raise FormatError(f"{model_path}: no tokenizer found beside the model ({', '.join(TOKENIZER_FILES)}); "
-                          f"pass --tokenizer PATH, the tokenizer the model was trained with")
+        where = "inside the GGUF file" if is_gguf(model_path) else f"beside the model ({', '.join(TOKENIZER_FILES)})"
+        raise FormatError(f"{model_path}: no tokenizer found {where}; pass --tokenizer PATH, the tokenizer the model "
+                          f"was trained with")
     tok = load_tokenizer(choice) if choice else own
     name = getattr(tok, "source", choice or tok.kind)
     if tok.vocab_size > vocab_size:

@@ -7,7 +7,8 @@ import gguf
 import pytest
 
 import fusegrad as fg
-from fusegrad.data.tokenizer import ByteTokenizer, gguf_tokenizer, load_tokenizer, tokenizer_beside
+from fusegrad.data.tokenizer import (ByteTokenizer, gguf_tokenizer, load_tokenizer, tokenizer_beside,
+                                     tokenizer_for_model)
 from fusegrad.models import Llama
 from fusegrad.models.export import export_model
 from tests.gguf_edit import rewrite
@@ -85,6 +86,8 @@ def test_a_gguf_without_a_tokenizer_says_so(tmp_path):
     assert tokenizer_beside(path) is None
     with pytest.raises(fg.FormatError, match=r"bare\.gguf: the GGUF file holds no tokenizer"):
         load_tokenizer(path)
+    with pytest.raises(fg.FormatError, match=r"bare\.gguf: no tokenizer found inside the GGUF file; pass --tokenizer"):
+        tokenizer_for_model(path, 64, tokenizer_beside(path))
 
 
 def test_the_published_smollm2_gguf_tokenizes_as_transformers_and_llamacpp_read_it(tmp_path):
