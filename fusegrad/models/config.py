@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -29,6 +30,11 @@ ROPE_SCALING = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "ori
                 "linear": ("factor",),
                 "yarn": ("factor", "original_max_len", "beta_fast", "beta_slow", "attention_factor"),
                 "dynamic": ("factor", "original_max_len")}
+
+
+def yarn_attention_factor(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's default attention factor for a scaling `factor`, as transformers and llama.cpp work it out."""
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 @dataclasses.dataclass

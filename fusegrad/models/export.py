@@ -24,6 +24,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
+from fusegrad.models.config import yarn_attention_factor
 from fusegrad.models.hf_names import fused_parts, part_heads, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
@@ -212,11 +213,6 @@ def gguf_vocab(tokenizer, vocab_size: int) -> dict:
 
 GGUF_PARTS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
               "down": "ffn_down"}  # projection part -> llama.cpp's tensor name inside blk.{i}
-
-
-def yarn_attention_factor(factor: float) -> float:
-    """YaRN's attention factor as llama.cpp (and transformers, by default) work it out from the scaling factor."""
-    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 def gguf_arch(config) -> str:

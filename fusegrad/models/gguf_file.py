@@ -12,9 +12,9 @@ import os
 import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
-from fusegrad.models.config import LlamaConfig, check_field
+from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
 from fusegrad.models.gguf_reader import MAGIC, GGUFContents
-from fusegrad.models.export import GGUF_PARTS, yarn_attention_factor
+from fusegrad.models.export import GGUF_PARTS
 from fusegrad.models.hf_names import HF_MODULES, check_hf_state, hf_shapes, part_heads, permute_to_hf
 
 ARCHS = ("llama", "qwen2")

@@ -11,7 +11,6 @@ time with plain reads (no mapping: a QLoRA load never has the whole model reside
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 
@@ -20,7 +19,7 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.core.settings import check_value
-from fusegrad.models.config import LlamaConfig, check_field
+from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
 from fusegrad.models.hf_names import check_hf_state
 
 ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # bf16: raw 16 bits
@@ -103,10 +102,9 @@ def _rope_scaling(rope_type: str, scaling: dict, max_len: int, field: str, path)
     n = value("original_max_position_embeddings", int)
     factor = value("factor", default=max_len / n)  # DeepSeek-style files give only the lengths
 
-    def mscale(m):
-        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
     m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-    attention = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    attention = (yarn_attention_factor(factor, m) / yarn_attention_factor(factor, m_all) if m and m_all
+                 else yarn_attention_factor(factor))
     return {"type": "yarn", "factor": factor, "original_max_len": n, "beta_fast": value("beta_fast", default=32.0),
             "beta_slow": value("beta_slow", default=1.0), "truncate": bool(scaling.get("truncate", True)),
             "attention_factor": value("attention_factor", default=attention)}
