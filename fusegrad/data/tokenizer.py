@@ -11,11 +11,13 @@ tokenizer.model / tokenizer.bin from elsewhere.
 >>> tok.decode(tok.encode("héllo"))
 'héllo'
 """
+import heapq
 import json
 import os
 import re
 import struct
 
+import numpy as np
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
@@ -63,6 +65,16 @@ class Tokenizer:
         nor EOS (documents need a separator)."""
         return self.encode(text) + ([self.eos_id] if not (self.add_bos or self.add_eos) else [])
 
+    def documents_ids(self, texts) -> list:
+        """`document_ids` of each text as an int32 array, the texts encoded together (`encode_batch`)."""
+        head = [self.bos_id] if self.add_bos and self.bos_id is not None else []
+        tail = [self.eos_id] if (self.add_eos and self.eos_id is not None) or not (self.add_bos or self.add_eos) else []
+        return [np.concatenate([head, ids, tail]).astype(np.int32) for ids in self.encode_batch(texts)]
+
+    def encode_batch(self, texts) -> list:
+        """Each text's ids, no BOS or EOS; tokenizers that can encode a batch on every core."""
+        return [self._encode(t) for t in texts]
+
     def decode(self, ids):
         ids = [int(i) for i in ids]
         for i in ids:
@@ -92,6 +104,9 @@ class ByteTokenizer(Tokenizer):
 
     def _encode(self, text):
         return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
 
     def _decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")
@@ -173,6 +188,10 @@ class BPETokenizer(Tokenizer):
 
     def _encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        encode = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)  # _fast: no offsets (tokenizers 0.21+)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def encode_with_offsets(self, text):
         """(ids, [(start, end) character span of each id]) of `text`, no special tokens added."""
@@ -256,6 +275,9 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode(self, text):
         return self.sp.encode(text, out_type=int)
 
+    def encode_batch(self, texts):
+        return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+
     def _decode(self, ids):
         return self.sp.decode(ids)
 
@@ -313,8 +335,9 @@ class Llama2cTokenizer(Tokenizer):
         return cls(pieces, scores, sp.bos_id(), sp.eos_id())
 
     def _encode(self, text):
-        """run.c's encode: dummy-prefix space, one id per UTF-8 character (else its bytes + 3),
-        then repeatedly merge the adjacent pair with the highest score (leftmost on ties)."""
+        """run.c's encode: dummy-prefix space, one id per UTF-8 character (else its bytes + 3), then repeatedly
+        merge the adjacent pair with the highest score, leftmost on ties. run.c rescans the whole text for each
+        merge; here a heap of candidate pairs over a linked list gives the same merges in O(n log n)."""
         if not text:
             return []
         ids = [self.ids[b" "]] if b" " in self.ids else []
@@ -324,15 +347,28 @@ class Llama2cTokenizer(Tokenizer):
                 raise FormatError(f"{self.source}: cannot encode {ch!r}: it is not a piece and the vocabulary has "
                                   f"no byte-fallback pieces <0x00>..<0xFF> at ids 3..258")
             ids.extend([self.ids[b]] if b in self.ids else [x + 3 for x in b])
-        while True:
-            best, best_i = -1e10, -1
-            for i in range(len(ids) - 1):
-                merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[i + 1]])
-                if merged is not None and self.scores[merged] > best:
-                    best, best_i = self.scores[merged], i
-            if best_i < 0:
-                return ids
-            ids[best_i:best_i + 2] = [self.ids[self.pieces[ids[best_i]] + self.pieces[ids[best_i + 1]]]]
+        n = len(ids)
+        nxt, prv, alive, heap = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n, []
+
+        def candidate(i):  # the merge of symbol i with the one after it, if the vocabulary has it
+            if i >= 0 and nxt[i] < n:
+                merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[nxt[i]]])
+                if merged is not None:  # (-score, position) pops the best score, leftmost first
+                    heapq.heappush(heap, (-self.scores[merged], i, ids[i], ids[nxt[i]], merged))
+
+        for i in range(n - 1):
+            candidate(i)
+        while heap:
+            _, i, left, right, merged = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or ids[i] != left or ids[j] != right:
+                continue  # stale: a symbol of this pair merged since (pieces only grow, so ids never repeat)
+            ids[i], alive[j], nxt[i] = merged, False, nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            candidate(prv[i])
+            candidate(i)
+        return [t for t, keep in zip(ids, alive) if keep]
 
     def _decode(self, ids):
         out = bytearray()

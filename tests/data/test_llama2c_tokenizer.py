@@ -44,6 +44,37 @@ def test_matches_sentencepiece(sp_model_proto, sp_oracle, sample_texts, tmp_path
         assert loaded.decode([1] + ids + [2]) == sp_oracle.decode(ids)
 
 
+def rescan_encode(tok, text):
+    """run.c's merge loop as it is written there: rescan the whole sequence for the best-scoring adjacent pair
+    (the first of equal scores) and merge it, until no pair is a piece. The oracle of the heap in tokenizer.py."""
+    if not text:
+        return []
+    ids = [tok.ids[b" "]] if b" " in tok.ids else []
+    for ch in text:
+        b = ch.encode("utf-8")
+        ids.extend([tok.ids[b]] if b in tok.ids else [x + 3 for x in b])
+    while True:
+        best, best_i = -1e10, -1
+        for i in range(len(ids) - 1):
+            merged = tok.ids.get(tok.pieces[ids[i]] + tok.pieces[ids[i + 1]])
+            if merged is not None and tok.scores[merged] > best:
+                best, best_i = tok.scores[merged], i
+        if best_i < 0:
+            return ids
+        ids[best_i:best_i + 2] = [tok.ids[tok.pieces[ids[best_i]] + tok.pieces[ids[best_i + 1]]]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab ab\nthe cat\u00e9\u6f22\U0001f600", max_size=80), st.booleans())
+def test_merges_equal_run_cs_rescanning_loop_ties_included(sp_model_proto, text, ties):
+    """The heap merges what run.c's loop merges, in the same order, with real scores and with every score equal
+    (then only the leftmost-first rule decides)."""
+    tok = Llama2cTokenizer.from_sentencepiece(SentencePieceTokenizer(sp_model_proto))
+    if ties:
+        tok = Llama2cTokenizer(tok.pieces, [0.0] * tok.vocab_size)
+    assert tok.encode(text, bos=False) == rescan_encode(tok, text)
+
+
 @pytest.mark.parametrize("data, what", [
     (b"\x01\x00", "too short"),
     (struct.pack("<I", 4) + struct.pack("<fi", 0.0, 9) + b"abc", "byte length 9"),
