@@ -26,6 +26,7 @@ from fusegrad.core.errors import BackendError, FusegradError
 from fusegrad.core.tensor import tensor
 from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
+from fusegrad.data.sources import DEFAULT_SEPARATOR
 from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.models.generate import generate
 from fusegrad.models.llama import Llama
@@ -66,7 +67,8 @@ def _cmd_sample(args) -> int:
 
 def _cmd_prepare(args) -> int:
     meta = prepare(args.inputs or None, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                   val_fraction=args.val_fraction, overwrite=args.overwrite)
+                   val_fraction=args.val_fraction, overwrite=args.overwrite, text_field=args.text_field,
+                   separator=args.separator, progress=True)
     print(f"prepared {meta.get('tokens', '?')} tokens from {meta['documents']} documents into {args.out} "
           f"(tokenizer {meta['tokenizer']['kind']}, vocab {meta['vocab_size']})")
     return 0
@@ -130,13 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="with --backend torch: cuda, mps or cpu (empty: the best present)")
     p.set_defaults(func=_cmd_sample)
 
-    p = sub.add_parser("prepare", help="tokenize text files into training shards")
-    p.add_argument("inputs", nargs="*", help="text files or directories (none: the embedded corpus)")
+    p = sub.add_parser("prepare", help="tokenize text datasets into training shards")
+    p.add_argument("inputs", nargs="*", help="files or directories: .txt, .jsonl, .json, .parquet, compressed "
+                                             "(.gz .bz2 .xz .zst) or in tar archives (none: the embedded corpus)")
     p.add_argument("--out", default="data", help="output directory")
     p.add_argument("--tokenizer", default="byte", help="byte, bpe, or a tokenizer file/dir")
     p.add_argument("--vocab_size", "--vocab-size", type=int, default=None)
     p.add_argument("--val_fraction", "--val-fraction", type=float, default=0.1)
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
+    p.add_argument("--text_field", "--text-field", default="text",
+                   help="the JSON field or Parquet column holding a record's text (default text)")
+    p.add_argument("--separator", default=DEFAULT_SEPARATOR,
+                   help="text between documents in a text file (default <|endoftext|>; '' : a file is one "
+                        "document; '\\n\\n': each paragraph)")
     p.set_defaults(func=_cmd_prepare)
 
     finetune.add_parser(sub)

@@ -1,8 +1,11 @@
-"""Text files -> pretokenized shards + the tokenizer + meta.json, ready for TokenDataset.
+"""Text datasets -> pretokenized shards + the tokenizer + meta.json, ready for TokenDataset.
 
-This is what `fusegrad prepare` runs. Each text file is one document (the embedded corpus: one
-document per topic), encoded as the tokenizer encodes text by default: BOS in front where it adds one (as
-llama2.c's shards are), else followed by EOS as the separator.
+This is what `fusegrad prepare` runs. The inputs are read as a stream (sources.py: text split at a
+separator, JSON Lines, JSON, Parquet, compressed or in tar archives), so a corpus of any size is prepared in
+bounded memory: documents are encoded in batches of about 4 MB of text (on every core where the tokenizer
+can) and shards are written as they fill. Each document is encoded as the tokenizer encodes text by default:
+BOS in front where it adds one (as llama2.c's shards are), else followed by EOS as the separator. Training a
+BPE reads the inputs once more, before the shards are written.
 A folder of llama2.c's own pretokenized shards (data00.bin, ... from its tinystories.py) is checked and
 described by a meta.json that points at it, not copied; llama2.c's first shard is the validation split.
 
@@ -23,18 +26,20 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write_text
 from fusegrad.data import corpus
 from fusegrad.data.shards import META_FILE, LLAMA2C_LAYOUT, check_llama2c_shards, shard_dtype, shard_name, write_shard
+from fusegrad.data.sources import DEFAULT_SEPARATOR, Documents
 from fusegrad.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 DEFAULT_BPE_VOCAB = 4096
+BATCH_CHARS = 4 << 20  # text encoded at once: large enough for every core, small next to a shard's ids
 _OUR_FILES = re.compile(r"^data\d+(\.u32)?\.bin$")
 
 
 def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_fraction=0.1,
-            shard_tokens=1 << 24, overwrite=False):
+            shard_tokens=1 << 24, overwrite=False, text_field="text", separator=DEFAULT_SEPARATOR, progress=False):
     """Tokenize text into `out_dir`; return the meta dict also written to out_dir/meta.json.
 
-    inputs:       None (the embedded CPython documentation corpus), a text file, a directory (every
-                  *.txt below it, sorted), or a list of text files. Files must be non-empty UTF-8.
+    inputs:       None (the embedded CPython documentation corpus), a file, a directory (every file of a
+                  kind sources.py reads, found recursively, sorted), or a list of files. Text must be UTF-8.
                   Or a folder of llama2.c's pretokenized uint16 shards: checked against the tokenizer
                   (which must be the one they were made with) and used in place.
     tokenizer:    "byte" (258 ids, no training), "bpe" (byte-level BPE trained here on the inputs to
@@ -43,69 +48,81 @@ def prepare(inputs=None, out_dir="data", tokenizer="byte", vocab_size=None, val_
     val_fraction: the last fraction of every shard that TokenDataset serves as validation (recorded).
     shard_tokens: start a new shard once one holds this many tokens (whole documents per shard).
     overwrite:    replace shards + meta.json a previous prepare left in out_dir (else FormatError).
+    text_field:   the field (JSON) or column (Parquet) that holds a record's text.
+    separator:    the text between documents in a text file ("" : a file is one document); \\n, \\t stand for
+                  themselves, so "\\n\\n" makes each paragraph a document.
+    progress:     show a progress bar (tqdm) over the input bytes read.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"prepare: val_fraction must be in [0, 1), got {val_fraction}")
     if isinstance(inputs, (str, os.PathLike)) and os.path.isdir(inputs) and glob.glob(os.path.join(inputs, "*.bin")):
         return _describe_llama2c_shards(os.fspath(inputs), out_dir, tokenizer, overwrite)
-    sources, docs = _read_documents(inputs)
-    tok = _make_tokenizer(tokenizer, vocab_size, docs)
+    docs = _EmbeddedCorpus() if inputs is None else Documents(inputs, text_field, separator)
+    tok = _make_tokenizer(tokenizer, vocab_size, docs, progress)
     _clear_out_dir(out_dir, overwrite)
 
-    shards, buf, n_buf = [], [], 0
-    for doc in docs:
-        buf.append(np.asarray(tok.document_ids(doc), dtype=np.int64))
-        n_buf += len(buf[-1])
-        if n_buf >= shard_tokens:
-            shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
-            buf, n_buf = [], 0
+    shards, buf, n_buf, n_docs = [], [], 0, 0
+    for batch in _batches(docs, progress, "tokenizing"):
+        n_docs += len(batch)
+        for ids in tok.documents_ids(batch):
+            buf.append(ids)
+            n_buf += len(ids)
+            if n_buf >= shard_tokens:
+                shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
+                buf, n_buf = [], 0
     if buf:
         shards.append(_flush(out_dir, len(shards), tok.vocab_size, buf))
 
     tok.save(out_dir)
     meta = {"format": "fusegrad-shards", "version": 1, "dtype": shard_dtype(shards[0]["file"]).name,
             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "tokenizer": tok.to_json(), "val_fraction": val_fraction, "documents": len(docs),
-            "tokens": sum(s["tokens"] for s in shards), "shards": shards, "sources": sources}
+            "tokenizer": tok.to_json(), "val_fraction": val_fraction, "documents": n_docs,
+            "tokens": sum(s["tokens"] for s in shards), "shards": shards, "sources": docs.paths}
+    if inputs is not None:
+        meta.update(text_field=text_field, separator=docs.separator)
     atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))  # last: marks completion
     return meta
 
 
-def _read_documents(inputs):
-    """(source names, document strings) from the inputs accepted by prepare."""
-    if inputs is None:
-        return ["pydoc_data.topics"], corpus.documents()
-    if isinstance(inputs, (list, tuple)):
-        paths = [os.fspath(p) for p in inputs]
-        if not paths:
-            raise FormatError("prepare: the list of text files is empty")
-    elif os.path.isdir(inputs):
-        paths = sorted(glob.glob(os.path.join(os.fspath(inputs), "**", "*.txt"), recursive=True))
-        if not paths:
-            raise FormatError(f"{inputs}: directory holds no .txt files")
-    else:
-        paths = [os.fspath(inputs)]
-    docs = []
-    for p in paths:
+class _EmbeddedCorpus(list):
+    """The embedded corpus as prepare's inputs: its documents, named as one source."""
+
+    def __init__(self):
+        super().__init__(corpus.documents())
+        self.paths = ["pydoc_data.topics"]
+        self.progress = lambda n: None
+
+    def total_bytes(self):
+        return sum(len(d) for d in self)
+
+
+def _batches(docs, progress, what):
+    """Lists of documents of about BATCH_CHARS characters, with a progress bar over the input bytes."""
+    from tqdm import tqdm
+
+    with tqdm(total=docs.total_bytes(), unit="B", unit_scale=True, desc=what, disable=None if progress else True,
+              leave=False) as bar:
+        docs.progress = bar.update
         try:
-            with open(p, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raise FormatError(f"{p}: text file does not exist") from None
-        except OSError as e:
-            raise FormatError(f"{p}: cannot read text file: {e.strerror}") from None
-        doc = decode_utf8(raw, p)
-        if not doc.strip():
-            raise FormatError(f"{p}: text file is empty")
-        docs.append(doc)
-    return paths, docs
+            batch, size = [], 0
+            for doc in docs:
+                batch.append(doc)
+                size += len(doc)
+                if size >= BATCH_CHARS:
+                    yield batch
+                    batch, size = [], 0
+            if batch:
+                yield batch
+        finally:
+            docs.progress = lambda n: None
 
 
-def _make_tokenizer(tokenizer, vocab_size=None, docs=()):
+def _make_tokenizer(tokenizer, vocab_size=None, docs=(), progress=False):
     if isinstance(tokenizer, Tokenizer):
         tok = tokenizer
-    elif tokenizer == "bpe":
-        return BPETokenizer.train(docs, vocab_size or DEFAULT_BPE_VOCAB)
+    elif tokenizer == "bpe":  # a first pass over the inputs
+        return BPETokenizer.train((d for batch in _batches(docs, progress, "training bpe") for d in batch),
+                                  vocab_size or DEFAULT_BPE_VOCAB)
     else:
         tok = load_tokenizer(tokenizer)
     if vocab_size is not None and vocab_size != tok.vocab_size:
@@ -127,6 +144,7 @@ def _clear_out_dir(out_dir, overwrite):
 def _flush(out_dir, index, vocab_size, buf):
     name = shard_name(index, vocab_size)
     ids = np.concatenate(buf)
+    buf.clear()
     write_shard(os.path.join(out_dir, name), ids)
     return {"file": name, "tokens": int(len(ids))}
 
@@ -145,11 +163,3 @@ def _describe_llama2c_shards(source, out_dir, tokenizer, overwrite):
     atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))
     return meta
 
-
-def decode_utf8(raw: bytes, path) -> str:
-    """bytes -> str; FormatError naming the file, line and byte of the first sequence that is not UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise FormatError(f"{path}: line {line} is not UTF-8 text (byte {e.start}: {e.reason})") from None

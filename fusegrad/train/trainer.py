@@ -30,6 +30,7 @@ from fusegrad.core.tensor import no_grad, tensor
 from fusegrad.core.trace import span
 from fusegrad.data.prepare import prepare
 from fusegrad.data.shards import TokenDataset, read_meta, rng_from_state, rng_state
+from fusegrad.data.sources import DEFAULT_SEPARATOR
 from fusegrad.data.tokenizer import load_tokenizer, tokenizer_beside, tokenizer_for_model
 from fusegrad.models.generate import generate
 from fusegrad.models.hf_names import param_shapes
@@ -57,6 +58,8 @@ class TrainConfig(RunConfig):
     init_from: str = ""  # a pretrained model to start from: HF dir, .gguf, llama2.c .bin, or a run dir / checkpoint
     # data: "" = the embedded CPython docs corpus; or a prepared shard dir, or text file(s)/dir to prepare
     data: str = ""
+    text_field: str = "text"  # the JSON field / Parquet column of a document's text, when data is prepared here
+    separator: str = DEFAULT_SEPARATOR  # between documents in a .txt prepared here
     tokenizer: str = ""  # "" = byte, or init_from's own tokenizer; "bpe" or a tokenizer file/dir
     force_tokenizer: bool = False  # use the byte tokenizer on an init_from model whose vocabulary is not bytes
     vocab_size: int | None = None
@@ -92,7 +95,7 @@ def _prepare_data(cfg: TrainConfig, tokenizer) -> str:
     out = os.path.join(cfg.out_dir, "data")
     if not os.path.isfile(os.path.join(out, "meta.json")):
         prepare(cfg.data or None, out, tokenizer=tokenizer, vocab_size=cfg.vocab_size,
-                val_fraction=cfg.val_fraction, overwrite=True)
+                val_fraction=cfg.val_fraction, overwrite=True, text_field=cfg.text_field, separator=cfg.separator)
     return out
 
 

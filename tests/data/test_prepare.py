@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 
@@ -65,7 +66,7 @@ def test_existing_sentencepiece_tokenizer(tmp_path, sp_model_proto, sp_oracle):
 
 def test_bad_inputs(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FormatError, match="nope.txt: text file does not exist"):
+    with pytest.raises(FormatError, match="nope.txt: input file does not exist"):
         prepare(tmp_path / "nope.txt", out)
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(FormatError, match="empty.txt: text file is empty"):
@@ -74,9 +75,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FormatError, match=r"latin1.txt: line 3 is not UTF-8 text \(byte 18"):
         prepare(tmp_path / "latin1.txt", out)
     (tmp_path / "nodata").mkdir()
-    with pytest.raises(FormatError, match="nodata: directory holds no .txt files"):
+    with pytest.raises(FormatError, match="nodata: directory holds no .txt, .jsonl, .json or .parquet files"):
         prepare(tmp_path / "nodata", out)
-    with pytest.raises(FormatError, match="list of text files is empty"):
+    with pytest.raises(FormatError, match="list of input files is empty"):
         prepare([], out)
     with pytest.raises(ConfigError, match="vocab_size 1000 given"):
         prepare(None, out, tokenizer="byte", vocab_size=1000)
@@ -174,3 +175,88 @@ def test_fusegrad_train_on_a_llama2c_shard_folder(tmp_path, sp_model_proto, sp_o
     assert [os.path.basename(p) for p in val.paths] == ["data00.bin"]
     want = np.mean([model.loss(b).item() for b in val.iter_batches(2, 2)])
     assert metrics[-1]["val_loss"] == pytest.approx(want, rel=1e-5)
+
+
+def _tinystories_jsonl_gz(path, n=120):
+    """TinyStories as its JSON records hold it (a story and fields beside it), as gzipped JSON Lines."""
+    from tests.data.test_sources import stories
+
+    records = stories(n, seed=3)
+    path.write_bytes(gzip.compress("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()))
+    return [r["story"] for r in records]
+
+
+def test_a_dataset_is_encoded_in_batches_as_each_tokenizer_encodes_one_story(tmp_path, monkeypatch, sp_model_proto,
+                                                                           sp_oracle):
+    """Batches of a few stories (encoded together, on every core where the tokenizer can) and small shards give,
+    story by story, the ids that sentencepiece, tokenizers and run.c's rescanning merge loop give one at a time."""
+    from tokenizers import Tokenizer as HF
+
+    import importlib
+
+    from fusegrad.data.tokenizer import Llama2cTokenizer
+    from tests.data.test_llama2c_tokenizer import rescan_encode
+    from tests.tokenizers_made import trained_bpe
+
+    monkeypatch.setattr(importlib.import_module("fusegrad.data.prepare"), "BATCH_CHARS", 2000)  # not the function
+    texts = _tinystories_jsonl_gz(tmp_path / "stories.jsonl.gz")
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(sp_model_proto)
+    sp = load_tokenizer(tmp_path / "sp")
+    l2c = Llama2cTokenizer.from_sentencepiece(sp)
+    l2c.save(tmp_path)
+    hf_dir = trained_bpe(tmp_path, [("bytes", True)])
+    hf = HF.from_file(str(hf_dir / "tokenizer.json"))
+    oracles = {"sp": lambda t: [1] + sp_oracle.encode(t),
+               "tokenizer.bin": lambda t: [1] + rescan_encode(l2c, t),
+               "tokenizer.json": lambda t: [0] + hf.encode(t, add_special_tokens=False).ids}  # <s> is id 0 there
+    for name, oracle in oracles.items():
+        out = tmp_path / f"out-{name}"
+        meta = prepare(tmp_path / "stories.jsonl.gz", out, tokenizer=tmp_path / name, text_field="story",
+                       shard_tokens=3000)
+        assert meta["documents"] == len(texts) and len(meta["shards"]) > 2, name
+        ids = np.concatenate([read_shard(out / s["file"]) for s in meta["shards"]]).tolist()
+        assert ids == [t for text in texts for t in oracle(text)], name
+        second = read_shard(out / meta["shards"][1]["file"]).tolist()
+        assert second[0] == ids[0], name  # every shard starts at a story's BOS: whole documents per shard
+
+
+def test_preparing_a_large_text_holds_a_batch_in_memory_not_the_corpus(tmp_path):
+    """40 MB of stories with the byte tokenizer: the old prepare held every id as a Python int (about 1 GB)."""
+    import subprocess
+    import sys
+
+    story = "Once upon a time, there was a little girl named Lily. She loved to play outside.\n" * 5
+    n = (40 << 20) // len(story + "<|endoftext|>\n")
+    with open(tmp_path / "big.txt", "w") as f:
+        for _ in range(n):
+            f.write(story + "<|endoftext|>\n")
+    code = ("import sys; from fusegrad.data.prepare import prepare; m = prepare(sys.argv[1], sys.argv[2]); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print(m['documents'], m['tokens'], int(hwm) // 1024)")
+    docs, tokens, peak_mb = map(int, subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.txt"),
+                                                     str(tmp_path / "out")], capture_output=True, text=True,
+                                                    check=True).stdout.split())
+    assert docs == n and tokens == n * len(story)  # BOS + each story stripped of its last "\n"
+    assert peak_mb < 400, f"prepare peaked at {peak_mb} MB for a 40 MB text"
+
+
+def test_fusegrad_prepare_and_train_read_a_dataset_naming_its_text_field(tmp_path, capsys):
+    from fusegrad.cli.main import main
+
+    texts = _tinystories_jsonl_gz(tmp_path / "stories.jsonl.gz", n=60)
+    assert main(["prepare", str(tmp_path / "stories.jsonl.gz"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stories.jsonl.gz: line 1 has no 'text' field (its text fields: story, " \
+        "summary, source); name the field with --text_field" in err
+    assert main(["prepare", str(tmp_path / "stories.jsonl.gz"), "--out", str(tmp_path / "data"),
+                 "--text_field", "story"]) == 0
+    assert "from 60 documents" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert _documents_in(tmp_path / "data", meta) == texts
+    args = ["train", "--data", str(tmp_path / "stories.jsonl.gz"), "--text_field", "story", "--preset", "tiny",
+            "--max_steps", "2", "--batch_size", "2", "--seq_len", "16", "--eval_interval", "2", "--eval_batches",
+            "1", "--workers", "1", "--sample_tokens", "0", "--plot", "false", "--progress", "false", "--quiet",
+            "--out_dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["documents"] == 60

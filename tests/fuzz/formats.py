@@ -1,7 +1,7 @@
 """The file formats fusegrad reads, each as (name, make a valid file, load it, check what was loaded).
 
 FORMATS, every one of them, run in CI (tests/fuzz/test_fuzz.py): data, tokenizers, text, checkpoints (loaded,
-resumed, sampled from), YAML settings, llama2.c .bin, Hugging Face dirs, GGUF files (model and tokenizer),
+resumed, sampled from), datasets `prepare` reads (JSON, gzipped JSON Lines, tar, Parquet), YAML settings, llama2.c .bin, Hugging Face dirs, GGUF files (model and tokenizer),
 PEFT adapters, fine-tune JSONL/CSV.
 """
 import argparse
@@ -101,6 +101,41 @@ def _text_check(result):
         assert int(read_shard(os.path.join(out, s["file"]), meta["vocab_size"]).max()) < meta["vocab_size"]
 
 
+def _dataset_make(suffix):
+    """TinyStories-shaped records ({"story": ..., "summary": ...}) in one of the files `prepare` reads."""
+    def make(d):
+        import gzip
+        import io
+        import tarfile
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        records = [{"story": f"Story {i}: Lily saw a big ball. \u00e9 {i * 7}", "summary": "A ball.", "words": [i]}
+                   for i in range(30)]
+        path = os.path.join(d, "stories" + suffix)
+        if suffix == ".parquet":
+            pq.write_table(pa.table({"story": [r["story"] for r in records]}), path, row_group_size=8)
+            return path
+        data = (json.dumps(records, indent=1) if suffix.startswith(".json") and "l" not in suffix else
+                "".join(json.dumps(r) + "\n" for r in records)).encode()
+        if suffix == ".tar.gz":
+            with tarfile.open(path, "w:gz") as tar:
+                info = tarfile.TarInfo("data00.json")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            return path
+        with open(path, "wb") as f:
+            f.write(gzip.compress(data) if suffix.endswith(".gz") else data)
+        return path
+    return make
+
+
+def _dataset_load(path):
+    out = os.path.join(os.path.dirname(path), "prepared")
+    return prepare(path, out, tokenizer="byte", overwrite=True, text_field="story"), out
+
+
 _TRAINER = []  # the trainer whose checkpoint is fuzzed: a resume checks the file against its model
 
 
@@ -171,6 +206,10 @@ FORMATS = [
     ("tokenizer_config", _tokenizer_config_make, lambda p: load_tokenizer(os.path.dirname(p)), _use_tokenizer),
     ("byte_tokenizer.json", _byte_tokenizer_make, load_tokenizer, _use_tokenizer),
     ("text", _text_make, _text_load, _text_check),
+    ("dataset.json", _dataset_make(".json"), _dataset_load, _text_check),
+    ("dataset.jsonl.gz", _dataset_make(".jsonl.gz"), _dataset_load, _text_check),
+    ("dataset.tar.gz", _dataset_make(".tar.gz"), _dataset_load, _text_check),
+    ("dataset.parquet", _dataset_make(".parquet"), _dataset_load, _text_check),
     ("checkpoint", _checkpoint_make, _checkpoint_load, _checkpoint_check),
     ("yaml-config", _yaml_make, _yaml_load, _yaml_check),
 ]

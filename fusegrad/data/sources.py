@@ -1,0 +1,358 @@
+"""Documents from text datasets as they are published, read as a stream: a corpus never has to fit in memory.
+
+Each file kind, by suffix:
+- text (`.txt`, or any file named explicitly): one document, or several where the separator stands between
+  them (default `<|endoftext|>`, as in TinyStoriesV2-GPT4-train.txt); separated documents are stripped of the
+  whitespace around them, a file without the separator is one document exactly as it is;
+- JSON Lines (`.jsonl`, `.ndjson`, or a `.json` that starts with `{`): one record a line;
+- JSON (`.json` that starts with `[`): a list of records, read a record at a time (TinyStories_all_data's
+  data00.json ...);
+- Parquet (`.parquet`, needs pyarrow): a row group at a time;
+- any of these compressed (`.gz`, `.bz2`, `.xz`, `.zst` with zstandard), and tar archives of them (`.tar`,
+  `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`), whose members are read in archive order.
+In a directory, a `.json` file that is neither a list nor JSON Lines (a model's config.json, a tokenizer.json)
+is skipped with a warning; named alone, it is an error. A record is a string, or an object whose `text_field` (default "text") holds the document. Empty documents
+and null fields are skipped; a file that gives no document at all is an error.
+
+>>> import tempfile, os, json
+>>> d = tempfile.mkdtemp()
+>>> with open(os.path.join(d, "a.jsonl"), "w") as f:
+...     _ = f.write(json.dumps({"story": "One."}) + "\\n" + json.dumps({"story": "Two."}) + "\\n")
+>>> list(Documents(os.path.join(d, "a.jsonl"), text_field="story"))
+['One.', 'Two.']
+"""
+from __future__ import annotations
+
+import bz2
+import codecs
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import re
+import sys
+import tarfile
+import warnings
+import zlib
+
+from fusegrad.core.errors import ConfigError, FormatError
+
+DEFAULT_SEPARATOR = "<|endoftext|>"
+MAX_DOCUMENT_CHARS = 16 << 20  # a tokenizer holds ~150 bytes per character of one text while encoding it
+_BLOCK = 1 << 20
+_COMPRESSED = {".gz": lambda f: gzip.GzipFile(fileobj=f), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile, ".zst": None}
+_KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+_TAR = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz)$")
+_ESCAPES = re.compile(r"\\([ntr\\])")
+
+
+def kind_of(name: str) -> tuple[str, str] | None:
+    """(kind, compression suffix or '') of a file name: ('json', '.gz') for x.json.gz; ('tar', '') for an
+    archive; None for a name of no known kind."""
+    if _TAR.search(name):
+        return "tar", ""
+    stem, ext = os.path.splitext(name)
+    comp = ext if ext in _COMPRESSED else ""
+    if comp:
+        ext = os.path.splitext(stem)[1]
+    return (_KINDS[ext], comp) if ext in _KINDS else None
+
+
+def unescape(separator: str) -> str:
+    r"""A separator as written on a command line or in YAML: \n, \t, \r and \\ stand for themselves."""
+    return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], separator)
+
+
+class Documents:
+    """The documents of `inputs` (a file, a directory of files of known kinds found recursively and sorted, or
+    a list of files), iterable any number of times, each time reading the files again.
+
+    progress: called with the number of bytes of input files (as on disk) read since its last call."""
+
+    def __init__(self, inputs, text_field: str = "text", separator: str = DEFAULT_SEPARATOR,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS):
+        if not text_field:
+            raise ConfigError("prepare: text_field must name a field, got ''")
+        self.paths = _input_paths(inputs)
+        self.listed = not isinstance(inputs, (list, tuple)) and os.path.isdir(inputs)  # found, not named
+        self.text_field, self.separator = text_field, unescape(separator)
+        self.max_document_chars = max_document_chars
+        self.progress = lambda n: None
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.paths)
+
+    def __iter__(self):
+        skipped, found = [], False
+        for path in self.paths:
+            kind, comp = kind_of(path) or ("text", "")
+            try:
+                raw = open(path, "rb")
+            except FileNotFoundError:
+                raise FormatError(f"{path}: input file does not exist") from None
+            except OSError as e:
+                raise FormatError(f"{path}: cannot read input file: {e.strerror}") from None
+            with raw:
+                stream = io.BufferedReader(_Counting(raw, lambda n: self.progress(n)), _BLOCK)
+                try:
+                    for doc in self._archive(stream, path) if kind == "tar" else self._file(stream, path, kind, comp):
+                        found = True
+                        yield doc
+                except NotRecords as e:
+                    if not self.listed:
+                        raise
+                    skipped.append(str(e))
+                    warnings.warn(f"fusegrad prepare: skipped {e}", stacklevel=2)
+        if not found:
+            raise FormatError(f"no documents in {len(self.paths)} files; skipped: {'; '.join(skipped)}")
+
+    def _archive(self, stream, path):
+        found = False
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member in tar:
+                    kind = kind_of(member.name)
+                    if member.isfile() and kind is not None and kind[0] != "tar":
+                        found = True
+                        yield from self._file(tar.extractfile(member), f"{path}/{member.name}", *kind)
+        except (tarfile.TarError, TypeError, *_read_errors()) as e:  # TypeError: tarfile on a gzip header cut short
+            raise FormatError(f"{path}: not a readable tar archive: {e}") from None
+        if not found:
+            raise FormatError(f"{path}: the archive holds no files of a known kind "
+                              f"({', '.join(sorted(_KINDS))}, or those compressed)")
+
+    def _file(self, stream, name, kind, comp):
+        """The documents of one file; `stream` reads its bytes as stored."""
+        n = 0
+        try:
+            if kind == "parquet":  # pyarrow seeks: a plain file as it is, else its bytes in memory
+                plain = comp == "" and stream.seekable()
+                docs = self._parquet(stream if plain else io.BytesIO(_decompress(stream, comp, name).read()
+                                                                       if comp else stream.read()), name)
+            else:
+                stream = _decompress(stream, comp, name) if comp else stream
+                if kind == "json":  # a list of records, or JSON Lines named .json (as many datasets are)
+                    lines = stream.peek(64)[:64].lstrip().startswith(b"{")
+                    docs = self._jsonl(stream, name, named_json=True) if lines else self._json(stream, name)
+                else:
+                    docs = self._jsonl(stream, name) if kind == "jsonl" else self._text(stream, name)
+            for doc in docs:
+                if len(doc) > self.max_document_chars:
+                    raise FormatError(f"{name}: document {n + 1} holds {len(doc)} characters, more than "
+                                      f"{self.max_document_chars} (a text file without the separator "
+                                      f"{self.separator!r} is one document); give one document per file, put "
+                                      f"the separator between documents, or choose another separator "
+                                      f"(e.g. a blank line: --separator '\\n\\n')")
+                if doc.strip():
+                    n += 1
+                    yield doc
+        except _read_errors() as e:
+            raise FormatError(f"{name}: cannot decompress or read it: {e}") from None
+        if n == 0:
+            raise FormatError(f"{name}: {'text file is empty' if kind == 'text' else 'holds no documents'}"
+                              + ("" if kind == "text" else f" (no record has text in {self.text_field!r})"))
+
+    def _text(self, stream, name):
+        sep, k = self.separator, max(len(self.separator) - 1, 0)
+        parts, size, tail, separated = [], 0, "", False
+        for block in _utf8_blocks(stream, name):
+            pieces = (tail + block).split(sep) if sep else [tail + block]
+            for piece in pieces[:-1]:
+                separated = True
+                yield "".join(parts + [piece]).strip()
+                parts, size = [], 0
+            cut = max(len(pieces[-1]) - k, 0)  # the last k characters may begin a separator the next block ends
+            parts.append(pieces[-1][:cut])
+            tail, size = pieces[-1][cut:], size + cut
+            if size > self.max_document_chars:
+                yield "".join(parts)  # longer than any document may be: _file refuses it, naming it
+        last = "".join(parts) + tail
+        yield last.strip() if separated else last
+
+    def _jsonl(self, stream, name, named_json=False):
+        first = True
+        for lineno, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise FormatError(f"{name}: line {lineno} is not UTF-8 text ({e.reason})") from None
+            except json.JSONDecodeError as e:
+                if named_json and lineno == 1:
+                    raise NotRecords(f"{name}: a .json dataset is a list of records ([...]) or JSON Lines (a "
+                                     f"record a line); its first line is not a record: {e.msg.removesuffix(' at')}"
+                                     ) from None
+                raise FormatError(f"{name}: line {lineno} is not a JSON record: {e.msg.removesuffix(' at')} "
+                                  f"(column {e.colno})") from None
+            yield self._record_text(record, f"{name}: line {lineno}", first)
+            first = False
+
+    def _json(self, stream, name):
+        """A top-level JSON list, decoded a record at a time from a window of the file."""
+        decoder, blocks = json.JSONDecoder(), _utf8_blocks(stream, name)
+        buf, pos, index, done = "", 0, 0, False
+
+        def more():
+            nonlocal buf, pos, done
+            block = next(blocks, None)
+            done = block is None
+            buf, pos = buf[pos:] + (block or ""), 0
+            return not done
+
+        def skip_space():
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf) or not more():
+                    return buf[pos] if pos < len(buf) else ""
+
+        if skip_space() != "[":
+            raise NotRecords(f"{name}: a .json dataset is a list of records ([...]) or JSON Lines (a record a line)")
+        pos += 1
+        while True:
+            c = skip_space()
+            if c == "]":
+                return
+            if index and c != ",":
+                raise FormatError(f"{name}: record {index - 1} is not followed by ',' or ']' (found "
+                                  f"{c or 'the end'!r})")
+            if index:
+                pos += 1
+                skip_space()
+            while True:
+                try:
+                    record, pos = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if len(buf) - pos > self.max_document_chars * 2 or not more():
+                        raise FormatError(f"{name}: record {index} is not valid JSON: {e.msg}") from None
+            yield self._record_text(record, f"{name}: record {index}", index == 0)
+            index += 1
+
+    def _parquet(self, source, name):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise FormatError(f"{name}: reading Parquet needs pyarrow: pip install pyarrow") from None
+        try:
+            pf = pq.ParquetFile(source)
+        except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError on a bad file
+            raise FormatError(f"{name}: not a readable Parquet file: {e}") from None
+        schema = pf.schema_arrow
+        if self.text_field not in schema.names:
+            text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+            raise FormatError(f"{name}: no column {self.text_field!r} (its text columns: {', '.join(text) or 'none'}); "
+                              f"name the column with --text_field")
+        column = schema.field(self.text_field)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise FormatError(f"{name}: column {self.text_field!r} holds {column.type}, not text")
+        try:
+            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+        except (pa.ArrowException, ValueError, OSError) as e:  # a corrupt page, text that is not UTF-8
+            raise FormatError(f"{name}: cannot read column {self.text_field!r}: {e}") from None
+
+    def _record_text(self, record, where, first):
+        """The text of a record; the first record of a file decides whether it is a dataset at all (NotRecords)."""
+        error = NotRecords if first else FormatError
+        if isinstance(record, str):
+            return record
+        if not isinstance(record, dict):
+            raise error(f"{where} is a JSON {type(record).__name__}, not text or an object with a "
+                              f"{self.text_field!r} field")
+        text = record.get(self.text_field)
+        if isinstance(text, str):
+            return text
+        if text is None and self.text_field in record:
+            return ""  # null: skipped, as an empty text is
+        if text is None:
+            fields = [k for k, v in record.items() if isinstance(v, str)]
+            raise error(f"{where} has no {self.text_field!r} field (its text fields: "
+                              f"{', '.join(fields) or 'none'}); name the field with --text_field")
+        raise FormatError(f"{where}: field {self.text_field!r} holds a JSON {type(text).__name__}, not text")
+
+
+class NotRecords(FormatError):
+    """A JSON file that is not a dataset of records with the text field (a config.json, a run's metrics.jsonl):
+    skipped when a directory is read, with a warning."""
+
+
+def _input_paths(inputs) -> list[str]:
+    if not isinstance(inputs, (list, tuple)) and os.path.isdir(inputs):
+        paths = sorted(p for p in glob.glob(os.path.join(os.fspath(inputs), "**", "*"), recursive=True)
+                       if os.path.isfile(p) and kind_of(p) is not None)
+        if not paths:
+            raise FormatError(f"{inputs}: directory holds no .txt, .jsonl, .json or .parquet files (nor those "
+                              f"compressed, nor tar archives of them)")
+        return paths
+    paths = [os.fspath(p) for p in inputs] if isinstance(inputs, (list, tuple)) else [os.fspath(inputs)]
+    if not paths:
+        raise FormatError("prepare: the list of input files is empty")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FormatError(f"{path}: {'not a file' if os.path.exists(path) else 'input file does not exist'}")
+    return paths
+
+
+def _decompress(stream, comp, name):
+    if comp != ".zst":
+        return io.BufferedReader(_COMPRESSED[comp](stream), _BLOCK)
+    try:
+        import zstandard
+    except ImportError:
+        raise FormatError(f"{name}: reading .zst needs zstandard: pip install zstandard") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True), _BLOCK)
+
+
+def _utf8_blocks(stream, name):
+    """str blocks of a byte stream; FormatError naming the line and byte of the first sequence not UTF-8."""
+    decoder, lines, offset = codecs.getincrementaldecoder("utf-8")(), 0, 0
+    while True:
+        chunk = stream.read(_BLOCK)
+        pending = decoder.getstate()[0]
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            line = lines + (pending + chunk).count(b"\n", 0, e.start) + 1
+            raise FormatError(f"{name}: line {line} is not UTF-8 text (byte {offset - len(pending) + e.start}: "
+                              f"{e.reason})") from None
+        lines, offset = lines + chunk.count(b"\n"), offset + len(chunk)
+        if text:
+            yield text
+        if not chunk:
+            return
+
+
+class _Counting(io.RawIOBase):
+    """A binary file that reports how many bytes are read from it."""
+
+    def __init__(self, f, report):
+        self.f, self.report = f, report
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.report(n or 0)
+        return n
+
+    def seekable(self):
+        return self.f.seekable()
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+
+def _read_errors() -> tuple:
+    """What reading a truncated or corrupt (compressed) file raises."""
+    zstd = sys.modules.get("zstandard")
+    return (EOFError, OSError, lzma.LZMAError, zlib.error) + ((zstd.ZstdError,) if zstd else ())
