@@ -276,7 +276,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.encode(text, out_type=int)
 
     def encode_batch(self, texts):
-        return self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+        return self.sp.encode(list(texts), out_type=int)  # a list: sentencepiece encodes it on every core
 
     def _decode(self, ids):
         return self.sp.decode(ids)
