@@ -21,6 +21,7 @@ from fusegrad.core.fileio import atomic_write
 from fusegrad.core.settings import check_value
 from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
 from fusegrad.models.hf_names import check_hf_state
+from fusegrad.models.torch_pickle import is_legacy_torch, torch_pickle_entries
 
 ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # bf16: raw 16 bits
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -204,24 +205,12 @@ def write_safetensors(path, state: dict, dtype: str = "float32") -> None:
             f.write(to_bf16(a).tobytes() if tag == "BF16" else a.astype("<f4" if tag == "F32" else "<f2").tobytes())
 
 
-class HFCheckpoint:
-    """A Hugging Face directory, opened: `.config`, and `[name]` reads one tensor as float32.
-
-    Shards come from model.safetensors.index.json when present, else every *.safetensors file (not
-    adapters). Every tensor the config needs is checked (present, shape) before any is read."""
-
-    def __init__(self, directory):
-        self.directory = directory = os.fspath(directory)
-        cfg_path = os.path.join(directory, "config.json")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
-        if not isinstance(raw, dict):
-            raise FormatError(f"{cfg_path}: the model config is not a JSON object")
-        self.config = config_from_hf(raw, cfg_path)
-        index = os.path.join(directory, "model.safetensors.index.json")
+def weight_files(directory) -> list:
+    """The weight files of a Hugging Face directory: the shards its index names, else every file. safetensors
+    first; else pytorch_model*.bin (torch.save's zip archives, read without running their pickle)."""
+    for index_name, pattern in (("model.safetensors.index.json", ".safetensors"), ("pytorch_model.bin.index.json",
+                                                                                   ".bin")):
+        index = os.path.join(directory, index_name)
         if os.path.exists(index):
             try:
                 with open(index) as f:
@@ -235,17 +224,44 @@ class HFCheckpoint:
             if missing:
                 raise FormatError(f"{index}: weight_map names shard {missing[0]!r}, which is not in {directory}")
         else:
-            files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")
-                           and not n.startswith("adapter"))
-        if not files:
-            raise FormatError(f"{directory}: no *.safetensors weights (pickle .bin weights are never loaded)")
+            files = sorted(n for n in os.listdir(directory) if n.endswith(pattern) and (
+                not n.startswith("adapter") if pattern == ".safetensors" else n.startswith("pytorch_model")))
+        if files:
+            paths = [os.path.join(directory, n) for n in files]
+            legacy = [p for p in paths if p.endswith(".bin") and is_legacy_torch(p)]
+            if legacy:
+                raise FormatError(f"{legacy[0]}: not a zip archive: torch < 1.6's legacy pickle format, which "
+                                  f"fusegrad does not read; load it in torch and save it again (safetensors)")
+            return paths
+    raise FormatError(f"{directory}: no weights (*.safetensors, or pytorch_model*.bin)")
+
+
+class HFCheckpoint:
+    """A Hugging Face directory, opened: `.config`, and `[name]` reads one tensor as float32.
+
+    Weights: safetensors shards, or older checkpoints' pytorch_model*.bin (weight_files). Every tensor the config
+    needs is checked (present, shape) before any is read."""
+
+    def __init__(self, directory):
+        self.directory = directory = os.fspath(directory)
+        cfg_path = os.path.join(directory, "config.json")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
+        if not isinstance(raw, dict):
+            raise FormatError(f"{cfg_path}: the model config is not a JSON object")
+        self.config = config_from_hf(raw, cfg_path)
         self.entries = {}  # name -> (path, (tag, shape, offset))
-        for name in files:
-            path = os.path.join(directory, name)
-            self.entries.update({k: (path, e) for k, e in safetensors_entries(path).items()})
+        files = weight_files(directory)
+        for path in files:
+            entries = safetensors_entries(path) if path.endswith(".safetensors") else torch_pickle_entries(path)
+            self.entries.update({k: (path, e) for k, e in entries.items()})
         if self.config.tie_embeddings:
             self.entries.pop("lm_head.weight", None)
-        check_hf_state({k: e[1][1] for k, e in self.entries.items()}, self.config, f"{directory} (*.safetensors)")
+        kind = "*.safetensors" if files[0].endswith(".safetensors") else "pytorch_model*.bin"
+        check_hf_state({k: e[1][1] for k, e in self.entries.items()}, self.config, f"{directory} ({kind})")
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, entry = self.entries[name]

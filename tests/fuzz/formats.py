@@ -245,6 +245,17 @@ def _hf_config_make(d):
     return os.path.join(_hf_make(d), "config.json")
 
 
+def _hf_pytorch_bin_make(d):
+    """A Hugging Face directory as transformers < 4.35 saved it: torch.save's pytorch_model.bin."""
+    import torch
+    from safetensors.torch import load_file
+
+    st = os.path.join(_hf_make(d), "model.safetensors")
+    torch.save(load_file(st), os.path.join(d, "pytorch_model.bin"))
+    os.remove(st)
+    return os.path.join(d, "pytorch_model.bin")
+
+
 def _hf_weights_make(d):
     return os.path.join(_hf_make(d), "model.safetensors")
 
@@ -338,6 +349,8 @@ FORMATS += [  # defined below the loaders they call
     ("llama2c.bin", _llama2c_make, _load_model, _model_check),
     ("hf-config.json", _hf_config_make, _load_model, _model_check),
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
+    ("hf-pytorch_model.bin", _hf_pytorch_bin_make, lambda p: _load_model(os.path.join(os.path.dirname(p), "x")),
+     _model_check),  # _load_model reads the directory of a file it is given
     ("gguf-model", _gguf_make, _load_model, _model_check),
     ("gguf-tokenizer", _gguf_make, load_tokenizer, _use_tokenizer),
     ("peft-config", lambda d: os.path.join(_adapter_make(d), "adapter_config.json"), _adapter_load, _adapter_check),

@@ -266,7 +266,7 @@ def test_hf_corrupt_or_absent_safetensors(hf_dir):
     with pytest.raises(fg.FormatError, match=r"model\.safetensors: corrupt safetensors file"):
         Llama.from_pretrained(hf_dir)
     (hf_dir / "model.safetensors").unlink()
-    with pytest.raises(fg.FormatError, match=r"hf: no \*\.safetensors weights"):
+    with pytest.raises(fg.FormatError, match=r"hf: no weights \(\*\.safetensors, or pytorch_model\*\.bin\)"):
         Llama.from_pretrained(hf_dir)
 
 
