@@ -21,6 +21,7 @@ import os
 import re
 
 import numpy as np
+from tqdm import tqdm
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write_text
@@ -98,8 +99,6 @@ class _EmbeddedCorpus(list):
 
 def _batches(docs, progress, what):
     """Lists of documents of about BATCH_CHARS characters, with a progress bar over the input bytes."""
-    from tqdm import tqdm
-
     with tqdm(total=docs.total_bytes(), unit="B", unit_scale=True, desc=what, disable=None if progress else True,
               leave=False) as bar:
         docs.progress = bar.update

@@ -347,13 +347,13 @@ class Llama2cTokenizer(Tokenizer):
                 raise FormatError(f"{self.source}: cannot encode {ch!r}: it is not a piece and the vocabulary has "
                                   f"no byte-fallback pieces <0x00>..<0xFF> at ids 3..258")
             ids.extend([self.ids[b]] if b in self.ids else [x + 3 for x in b])
-        n = len(ids)
+        n = len(ids)  # a heap entry (-score, position, ...) pops the best score, the leftmost of equals first
         nxt, prv, alive, heap = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n, []
 
         def candidate(i):  # the merge of symbol i with the one after it, if the vocabulary has it
             if i >= 0 and nxt[i] < n:
                 merged = self.ids.get(self.pieces[ids[i]] + self.pieces[ids[nxt[i]]])
-                if merged is not None:  # (-score, position) pops the best score, leftmost first
+                if merged is not None and self.scores[merged] > -1e10:  # run.c merges nothing scored below
                     heapq.heappush(heap, (-self.scores[merged], i, ids[i], ids[nxt[i]], merged))
 
         for i in range(n - 1):
