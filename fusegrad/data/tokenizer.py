@@ -28,6 +28,7 @@ from fusegrad.models.gguf_file import is_gguf
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin")  # search order
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\n")  # Llama 3's original tokenizer.model, a line each
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
 
@@ -257,6 +258,10 @@ class SentencePieceTokenizer(Tokenizer):
                               f"sentencepiece") from None
 
         self.source = source
+        if _TIKTOKEN_LINE.match(model_proto[:200]):
+            raise FormatError(f"{source}: a tiktoken vocabulary (base64 token, rank: Llama 3's original "
+                              f"tokenizer.model), not a sentencepiece model; use the tokenizer.json of the model's "
+                              f"Hugging Face release (--tokenizer)")
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)

@@ -1,5 +1,5 @@
 """Reading and writing llama2.c `.bin` model files (versions 0 and 1); Hugging Face directories: hf.py; GGUF
-files: gguf_file.py (reading), export.py (writing).
+files: gguf_file.py (reading), export.py (writing); Meta's .pth and llama2.c's ckpt.pt: meta_pth.py.
 
 Everything passes through Hugging Face names and layout (see hf_names.py); llama2.c files store q/k in
 the interleaved-pair layout, so they are permuted on the way in and out.
@@ -17,6 +17,7 @@ from fusegrad.models.config import LlamaConfig
 from fusegrad.models.gguf_file import GGUFCheckpoint, is_gguf
 from fusegrad.models.hf import HFCheckpoint
 from fusegrad.models.hf_names import from_hf, to_hf
+from fusegrad.models.meta_pth import MetaCheckpoint, is_meta_checkpoint
 
 LLAMA2C_MAGIC = 0x616B3432  # "ak42"
 
@@ -166,9 +167,12 @@ class WeightBlock:
 
 
 def load_pretrained(path) -> tuple:
-    """A llama2.c `.bin` file, a GGUF file or a Hugging Face directory -> (LlamaConfig, HF state dict, or an
-    HFCheckpoint / GGUFCheckpoint that reads its tensors one at a time)."""
+    """A llama2.c `.bin` file, a GGUF file, a Hugging Face directory, Meta's params.json + consolidated.00.pth
+    or llama2.c's ckpt.pt -> (LlamaConfig, HF state dict, or a checkpoint that reads its tensors one at a time)."""
     path = os.fspath(path)
+    if is_meta_checkpoint(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ckpt = MetaCheckpoint(path)
+        return ckpt.config, ckpt
     if os.path.isdir(path) or is_gguf(path):
         ckpt = HFCheckpoint(path) if os.path.isdir(path) else GGUFCheckpoint(path)
         return ckpt.config, ckpt

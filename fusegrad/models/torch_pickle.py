@@ -42,6 +42,12 @@ def is_legacy_torch(path) -> bool:
 
 def torch_pickle_entries(path) -> dict:
     """{name: (dtype tag, shape, absolute offset)} of every float tensor in a `torch.save`d state dict."""
+    return read_torch_pickle(path)[0]
+
+
+def read_torch_pickle(path) -> tuple:
+    """({name: (dtype tag, shape, absolute offset)} of every float tensor, {name: value} of every plain value) of
+    a `torch.save`d file; nested dicts give dotted names ("model.norm.weight", "model_args.dim")."""
     path = str(path)
     try:
         with open(path, "rb") as raw, zipfile.ZipFile(raw) as zf:
@@ -61,12 +67,11 @@ def torch_pickle_entries(path) -> dict:
         raise FormatError(f"{path}: not a readable torch.save checkpoint: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise FormatError(f"{path}: holds a pickled {type(state).__name__}, not a state dict of tensors")
-    out = {}
-    for name, t in state.items():
+    entries, values = {}, {}
+    for name, t in _flatten(state):
         if not isinstance(t, _Tensor):
-            continue  # a checkpoint's other entries (a step count, a config): not weights
-        if not isinstance(name, str):
-            raise FormatError(f"{path}: a tensor is named {name!r}, not a string")
+            values[name] = t
+            continue
         shape, s = tuple(int(n) for n in t.shape), t.storage
         contiguous = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
         numel = int(np.prod(shape, dtype=np.int64))
@@ -79,8 +84,18 @@ def torch_pickle_entries(path) -> dict:
             raise FormatError(f"{path}: tensor {name!r} {shape} at element {t.offset} lies outside its storage "
                               f"of {s.numel} elements")
         if s.tag is not None:
-            out[name] = (s.tag, shape, start + t.offset * s.itemsize)
-    return out
+            entries[name] = (s.tag, shape, start + t.offset * s.itemsize)
+    return entries, values
+
+
+def _flatten(tree, prefix=""):
+    """(dotted name, leaf) of nested dicts; a list or tuple is a leaf."""
+    for key, value in tree.items():
+        name = prefix + str(key)
+        if isinstance(value, dict):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
 
 
 class _StateUnpickler(pickle.Unpickler):

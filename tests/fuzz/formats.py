@@ -245,6 +245,18 @@ def _hf_config_make(d):
     return os.path.join(_hf_make(d), "config.json")
 
 
+def _meta_pth_make(d):
+    """Meta's download: params.json and consolidated.00.pth (bf16, Meta's names)."""
+    import torch
+
+    from tests.models.test_meta_pth import LLAMA32, meta_weights
+
+    torch.save(meta_weights(LLAMA32, tied=True), os.path.join(d, "consolidated.00.pth"))
+    with open(os.path.join(d, "params.json"), "w") as f:
+        json.dump(LLAMA32, f)
+    return os.path.join(d, "consolidated.00.pth")
+
+
 def _hf_pytorch_bin_make(d):
     """A Hugging Face directory as transformers < 4.35 saved it: torch.save's pytorch_model.bin."""
     import torch
@@ -351,6 +363,10 @@ FORMATS += [  # defined below the loaders they call
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
     ("hf-pytorch_model.bin", _hf_pytorch_bin_make, lambda p: _load_model(os.path.join(os.path.dirname(p), "x")),
      _model_check),  # _load_model reads the directory of a file it is given
+    ("meta-consolidated.pth", _meta_pth_make, lambda p: _load_model(os.path.join(os.path.dirname(p), "x")),
+     _model_check),
+    ("meta-params.json", lambda d: os.path.join(os.path.dirname(_meta_pth_make(d)), "params.json"),
+     _load_model, _model_check),
     ("gguf-model", _gguf_make, _load_model, _model_check),
     ("gguf-tokenizer", _gguf_make, load_tokenizer, _use_tokenizer),
     ("peft-config", lambda d: os.path.join(_adapter_make(d), "adapter_config.json"), _adapter_load, _adapter_check),

@@ -1,0 +1,125 @@
+"""Meta's own Llama checkpoints and llama2.c's training checkpoints, read without torch (torch_pickle.py).
+
+- a directory with params.json and consolidated.00.pth, as Meta's `llama model download` and the `original/`
+  folders of meta-llama repositories publish them (one file: the 1B-8B sizes; larger models come split for model
+  parallelism, which is refused);
+- llama2.c's `ckpt.pt`: train.py's torch.save of {"model": state dict, "model_args": {...}, "optimizer": ...}.
+Both name tensors as Meta's model.py does (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...), with q/k
+rows in the interleaved-pair RoPE order fusegrad itself computes in; `[HF name]` reads one as float32 in Hugging
+Face's layout, as HFCheckpoint does.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.models.config import LlamaConfig
+from fusegrad.models.hf import read_tensor
+from fusegrad.models.hf_names import check_hf_state, permute_to_hf
+from fusegrad.models.torch_pickle import read_torch_pickle
+
+_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+        "lm_head.weight": "output.weight"}
+_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+          "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+          "post_attention_layernorm": "ffn_norm"}
+# Meta's apply_scaling (llama-models) for use_scaled_rope; its factor differs by release (3.1: 8, 3.2: 32)
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 8192}
+
+
+def is_meta_checkpoint(path) -> bool:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "params.json")) and bool(glob.glob(os.path.join(path, "*.pth")))
+    return path.endswith((".pt", ".pth"))
+
+
+class MetaCheckpoint:
+    """`.config`, and `[HF name]` reads one tensor as float32 in Hugging Face's layout."""
+
+    def __init__(self, path):
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth"))) or \
+                sorted(glob.glob(os.path.join(path, "*.pth")))
+            if len(shards) != 1:
+                raise FormatError(f"{path}: {len(shards)} .pth files: a model split for model parallelism "
+                                  f"({', '.join(os.path.basename(s) for s in shards)}), which fusegrad does not "
+                                  f"join; use the Hugging Face release of this model")
+            self.file, params_path = shards[0], os.path.join(path, "params.json")
+        else:
+            self.file, params_path = path, os.path.join(os.path.dirname(path) or ".", "params.json")
+        entries, values = read_torch_pickle(self.file)
+        args = {k[len("model_args."):]: v for k, v in values.items() if k.startswith("model_args.")}
+        if args:  # llama2.c's ckpt.pt: its weights under "model" (torch.compile adds "_orig_mod.")
+            entries = {k.removeprefix("model.").removeprefix("_orig_mod."): e for k, e in entries.items()
+                       if k.startswith("model.")}
+            where = f"{self.file} (model_args)"
+        elif os.path.isfile(params_path):
+            args, where = _read_params(params_path), params_path
+        else:
+            raise FormatError(f"{self.file}: no model_args inside and no params.json beside it: the model's shape is "
+                              f"unknown")
+        self.entries = entries
+        self.config = _config(args, entries, where, self.file)
+        check_hf_state({hf: entries[meta][1] for hf, meta in self._names().items() if meta in entries},
+                       self.config, f"{self.file} (Meta names)")
+
+    def _names(self) -> dict:
+        names = dict(_TOP)
+        if self.config.tie_embeddings:
+            names.pop("lm_head.weight")
+        for i in range(self.config.n_layers):
+            for hf, meta in _LAYER.items():
+                names[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{meta}.weight"
+        return names
+
+    def __getitem__(self, name: str):
+        meta = self._names()[name]
+        a = read_tensor(self.file, meta, self.entries[meta])
+        heads = {"attention.wq": self.config.n_heads, "attention.wk": self.config.n_kv_heads}.get(
+            meta.split(".", 2)[-1].removesuffix(".weight"))
+        return permute_to_hf(a, heads) if heads else a  # Meta's interleaved pairs -> HF's halves
+
+    def state(self) -> dict:
+        return {name: self[name] for name in self._names()}
+
+
+def _read_params(path) -> dict:
+    try:
+        with open(path) as f:
+            params = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read the model's params: {e}") from None
+    if not isinstance(params, dict):
+        raise FormatError(f"{path}: the model's params are not a JSON object")
+    return params
+
+
+def _config(args: dict, entries: dict, where: str, file: str) -> LlamaConfig:
+    for key in ("dim", "n_layers", "n_heads"):
+        if not isinstance(args.get(key), int) or isinstance(args.get(key), bool):
+            raise FormatError(f"{where}: {key} = {args.get(key)!r}, not a whole number")
+    for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+        if name not in entries or len(entries[name][1]) != 2:
+            raise FormatError(f"{file}: no 2-D tensor {name!r} (has {len(entries)} tensors, e.g. {sorted(entries)[:3]})")
+    vocab, hidden = entries["tok_embeddings.weight"][1][0], entries["layers.0.feed_forward.w1.weight"][1][0]
+    theta = args.get("rope_theta", 10000.0)
+    scaling = None
+    if args.get("use_scaled_rope"):
+        factor = args.get("rope_scaling_factor")
+        if factor is None:
+            raise FormatError(f"{where}: use_scaled_rope without rope_scaling_factor: Llama 3.1 scales by 8, Llama "
+                              f"3.2 by 32; add \"rope_scaling_factor\" to params.json")
+        scaling = {"type": "llama3", "factor": factor, **_LLAMA3_ROPE}
+    max_len = args.get("max_seq_len") or (131072 if scaling else 8192 if theta >= 500000 else 4096)
+    try:
+        return LlamaConfig(dim=args["dim"], n_layers=args["n_layers"], n_heads=args["n_heads"],
+                           n_kv_heads=args.get("n_kv_heads") or args["n_heads"], hidden_dim=hidden, vocab_size=vocab,
+                           max_seq_len=max_len, rope_theta=theta, norm_eps=args.get("norm_eps", 1e-5),
+                           tie_embeddings="output.weight" not in entries, rope_scaling=scaling)
+    except (ConfigError, TypeError) as e:
+        raise FormatError(f"{where}: not a Llama fusegrad can build: {e}") from None

@@ -1,0 +1,159 @@
+"""Meta's own checkpoints (params.json + consolidated.00.pth) and llama2.c's ckpt.pt, read without torch.
+
+The oracle is Meta's model.py formulation written out in float64 torch here: RoPE as complex multiplication of
+interleaved pairs (`view_as_complex`), Llama 3's `apply_scaling` per frequency. It shares no code with fusegrad's
+q/k permutation; transformers then reads fusegrad's Hugging Face export of the same model."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import fusegrad as fg
+from fusegrad.models import Llama
+
+torch = pytest.importorskip("torch")
+
+
+def meta_weights(args, vocab=61, hidden=40, tied=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dim, heads = args["dim"], args["n_heads"]
+    kv, hd = args.get("n_kv_heads") or heads, dim // heads
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 0.3).to(torch.bfloat16)
+
+    w = {"tok_embeddings.weight": r(vocab, dim), "norm.weight": 1 + r(dim)}
+    if not tied:
+        w["output.weight"] = r(vocab, dim)
+    for i in range(args["n_layers"]):
+        w.update({f"layers.{i}.attention.wq.weight": r(heads * hd, dim), f"layers.{i}.attention.wk.weight": r(kv * hd, dim),
+                  f"layers.{i}.attention.wv.weight": r(kv * hd, dim), f"layers.{i}.attention.wo.weight": r(dim, heads * hd),
+                  f"layers.{i}.feed_forward.w1.weight": r(hidden, dim), f"layers.{i}.feed_forward.w2.weight": r(dim, hidden),
+                  f"layers.{i}.feed_forward.w3.weight": r(hidden, dim), f"layers.{i}.attention_norm.weight": 1 + r(dim),
+                  f"layers.{i}.ffn_norm.weight": 1 + r(dim)})
+    return w
+
+
+def apply_scaling(freqs, factor, low=1.0, high=4.0, old=8192):
+    """llama-models' apply_scaling, frequency by frequency."""
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(f)
+        elif wavelen > old / low:
+            out.append(f / factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def meta_logits(w, args, tokens):
+    w = {k: v.double() for k, v in w.items()}
+    dim, heads = args["dim"], args["n_heads"]
+    kv, hd, eps = args.get("n_kv_heads") or heads, dim // heads, args.get("norm_eps", 1e-5)
+    freqs = 1.0 / args.get("rope_theta", 10000.0) ** (torch.arange(0, hd, 2).double() / hd)
+    if args.get("use_scaled_rope"):
+        freqs = apply_scaling(freqs, args["rope_scaling_factor"])
+    B, T = tokens.shape
+    cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), freqs))
+
+    def norm(x, g):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g
+
+    def rope(x):  # (B, T, h, hd): pairs (0, 1), (2, 3), ... as complex numbers
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2).contiguous())
+        return torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
+
+    h = w["tok_embeddings.weight"][torch.as_tensor(tokens)]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(args["n_layers"]):
+        p = lambda n: w[f"layers.{i}.{n}.weight"]  # noqa: E731
+        x = norm(h, p("attention_norm"))
+        q = rope((x @ p("attention.wq").T).view(B, T, heads, hd))
+        k = rope((x @ p("attention.wk").T).view(B, T, kv, hd)).repeat_interleave(heads // kv, 2)
+        v = (x @ p("attention.wv").T).view(B, T, kv, hd).repeat_interleave(heads // kv, 2)
+        att = torch.softmax((q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3)) / math.sqrt(hd) + mask, -1)
+        h = h + (att @ v.transpose(1, 2)).transpose(1, 2).reshape(B, T, dim) @ p("attention.wo").T
+        x = norm(h, p("ffn_norm"))
+        h = h + (torch.nn.functional.silu(x @ p("feed_forward.w1").T) * (x @ p("feed_forward.w3").T)) @ p("feed_forward.w2").T
+    out = w.get("output.weight", w["tok_embeddings.weight"])
+    return (norm(h, w["norm.weight"]) @ out.T).numpy()
+
+
+LLAMA2 = {"dim": 32, "multiple_of": 8, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1}
+LLAMA32 = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 61, "ffn_dim_multiplier": 1.5,
+           "multiple_of": 8, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+           "rope_scaling_factor": 32.0}
+
+
+@pytest.mark.parametrize("args, tied", [(LLAMA2, False), (LLAMA32, True)], ids=["llama2", "llama3.2"])
+def test_a_meta_download_gives_metas_logits_and_exports_as_transformers_reads_it(args, tied, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    w = meta_weights(args, tied=tied)
+    d = tmp_path / "original"
+    d.mkdir()
+    torch.save({**w, "rope.freqs": torch.ones(4)}, d / "consolidated.00.pth")  # Llama 2 also saved its freqs
+    (d / "params.json").write_text(json.dumps(args))
+    tokens = np.random.default_rng(0).integers(0, 61, (2, 24))
+    want = meta_logits(w, args, tokens)
+    model = Llama.from_pretrained(d)
+    assert model.config.tie_embeddings == tied and model.config.hidden_dim == 40
+    with fg.no_grad():
+        np.testing.assert_allclose(model.logits(tokens).numpy(), want, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(torch.as_tensor(tokens)).logits.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_llama2c_ckpt_pt_reads_model_args_and_skips_the_optimizer(tmp_path):
+    args = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": None, "vocab_size": 61, "hidden_dim": None,
+            "multiple_of": 8, "norm_eps": 1e-05, "max_seq_len": 32, "dropout": 0.0}
+    w = {k: v.float() for k, v in meta_weights(args).items()}
+    ckpt = {"model": {"_orig_mod." + k: v for k, v in w.items()}, "model_args": args, "iter_num": 2000,
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(61, 32)}},
+                          "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.95), "params": [0]}]},
+            "best_val_loss": torch.tensor(1.25), "config": {"batch_size": 128, "dataset": "tinystories"}}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    model = Llama.from_pretrained(tmp_path / "ckpt.pt")
+    assert model.config.max_seq_len == 32 and not model.config.tie_embeddings
+    tokens = np.random.default_rng(1).integers(0, 61, (1, 32))
+    with fg.no_grad():
+        np.testing.assert_allclose(model.logits(tokens).numpy(), meta_logits(w, args, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_what_a_meta_checkpoint_cannot_say_is_named(tmp_path):
+    args = dict(LLAMA32)
+    w = meta_weights(args, tied=True)
+    torch.save(w, tmp_path / "consolidated.00.pth")
+    del args["rope_scaling_factor"]
+    (tmp_path / "params.json").write_text(json.dumps(args))
+    with pytest.raises(fg.FormatError, match=r"params.json: use_scaled_rope without rope_scaling_factor: Llama 3.1 "
+                                             r"scales by 8, Llama 3.2 by 32"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps({**args, "dim": "32"}))
+    with pytest.raises(fg.FormatError, match=r"params.json: dim = '32', not a whole number"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "params.json").write_text(json.dumps(LLAMA32))
+    torch.save({k: v for k, v in w.items() if "layers.1.attention.wk" not in k}, tmp_path / "consolidated.00.pth")
+    with pytest.raises(fg.FormatError, match=r"consolidated.00.pth \(Meta names\): no tensor "
+                                             r"'model.layers.1.self_attn.k_proj.weight'"):
+        Llama.from_pretrained(tmp_path)
+    torch.save(w, tmp_path / "consolidated.01.pth")
+    with pytest.raises(fg.FormatError, match=r"2 .pth files: a model split for model parallelism"):
+        Llama.from_pretrained(tmp_path)
+    torch.save(w, tmp_path / "bare.pt")
+    (tmp_path / "params.json").unlink()
+    with pytest.raises(fg.FormatError, match=r"bare.pt: no model_args inside and no params.json beside it"):
+        Llama.from_pretrained(tmp_path / "bare.pt")
+
+
+def test_llama3s_original_tiktoken_vocabulary_is_named_as_such(tmp_path):
+    from fusegrad.data.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # base64 token, rank: tiktoken's lines
+    with pytest.raises(fg.FormatError, match=r"tokenizer.model: a tiktoken vocabulary .*use the tokenizer.json"):
+        load_tokenizer(tmp_path / "tokenizer.model")
