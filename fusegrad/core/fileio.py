@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import json
 import os
 import re
 import tempfile
 
-from fusegrad.core.errors import StorageError
+from fusegrad.core.errors import FormatError, StorageError
 
 
 def current_umask() -> int:
@@ -125,3 +126,15 @@ def atomic_write_bytes(path, data) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json_object(path, what: str) -> dict:
+    """A JSON file holding an object (a config, params, metadata); FormatError naming the file and `what` it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read {what}: {e}") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: {what} is not a JSON object")
+    return value

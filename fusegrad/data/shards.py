@@ -23,14 +23,13 @@ llama2.c's convention instead: the first shard is validation, the others are tra
 True
 """
 import glob
-import json
 import os
 import re
 
 import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
-from fusegrad.core.fileio import atomic_write_bytes
+from fusegrad.core.fileio import atomic_write_bytes, read_json_object
 
 U32_SUFFIX = ".u32.bin"
 META_FILE = "meta.json"
@@ -145,14 +144,7 @@ def read_meta(directory):
     path = os.path.join(directory, META_FILE)
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read shard metadata: {e}") from e
-    if not isinstance(meta, dict):
-        raise FormatError(f"{path}: shard metadata must be a JSON object")
-    return meta
+    return read_json_object(path, "shard metadata")
 
 
 class TokenDataset:

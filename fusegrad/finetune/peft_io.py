@@ -27,7 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from fusegrad.core.errors import ConfigError, FormatError
-from fusegrad.core.fileio import atomic_write
+from fusegrad.core.fileio import atomic_write, read_json_object
 from fusegrad.core.settings import check_value
 from fusegrad.finetune.lora import LoraConfig, attach_lora, part_rows
 from fusegrad.models.hf_names import HF_MODULES, part_heads, permute_from_hf, permute_to_hf
@@ -112,13 +112,7 @@ def read_adapter(directory) -> tuple:
     """-> (LoraConfig, {PEFT key: array}); FormatError naming the file for anything PEFT-unlike."""
     directory = os.fspath(directory)
     cfg_path, w_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{cfg_path}: cannot read the adapter config: {exc}") from None
-    if not isinstance(meta, dict):
-        raise FormatError(f"{cfg_path}: the adapter config is not a JSON object")
+    meta = read_json_object(cfg_path, "the adapter config")
     if meta.get("peft_type") != "LORA":
         raise FormatError(f"{cfg_path}: peft_type {meta.get('peft_type')!r} is not LORA")
     unsupported = [k for k in ("use_dora", "fan_in_fan_out") if meta.get(k)]

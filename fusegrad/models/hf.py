@@ -17,7 +17,7 @@ import struct
 import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
-from fusegrad.core.fileio import atomic_write
+from fusegrad.core.fileio import atomic_write, read_json_object
 from fusegrad.core.settings import check_value
 from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
 from fusegrad.models.hf_names import check_hf_state
@@ -245,14 +245,7 @@ class HFCheckpoint:
     def __init__(self, directory):
         self.directory = directory = os.fspath(directory)
         cfg_path = os.path.join(directory, "config.json")
-        try:
-            with open(cfg_path) as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FormatError(f"{cfg_path}: cannot read the model config: {exc}") from None
-        if not isinstance(raw, dict):
-            raise FormatError(f"{cfg_path}: the model config is not a JSON object")
-        self.config = config_from_hf(raw, cfg_path)
+        self.config = config_from_hf(read_json_object(cfg_path, "the model config"), cfg_path)
         self.entries = {}  # name -> (path, (tag, shape, offset))
         files = weight_files(directory)
         for path in files:

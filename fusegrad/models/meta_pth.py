@@ -11,10 +11,10 @@ Face's layout, as HFCheckpoint does.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 from fusegrad.core.errors import ConfigError, FormatError
+from fusegrad.core.fileio import read_json_object
 from fusegrad.models.config import LlamaConfig
 from fusegrad.models.hf import read_tensor
 from fusegrad.models.hf_names import check_hf_state, permute_to_hf
@@ -59,7 +59,7 @@ class MetaCheckpoint:
                        if k.startswith("model.")}
             where = f"{self.file} (model_args)"
         elif os.path.isfile(params_path):
-            args, where = _read_params(params_path), params_path
+            args, where = read_json_object(params_path, "the model's params"), params_path
         else:
             raise FormatError(f"{self.file}: no model_args inside and no params.json beside it: the model's shape is "
                               f"unknown")
@@ -86,17 +86,6 @@ class MetaCheckpoint:
 
     def state(self) -> dict:
         return {name: self[name] for name in self._names()}
-
-
-def _read_params(path) -> dict:
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read the model's params: {e}") from None
-    if not isinstance(params, dict):
-        raise FormatError(f"{path}: the model's params are not a JSON object")
-    return params
 
 
 def _config(args: dict, entries: dict, where: str, file: str) -> LlamaConfig:
