@@ -37,9 +37,9 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "hidden_dim": ("feed-forward width (none: the preset's)", "[1, 262144]"),
     "tie_embeddings": ("share the embedding and classifier weights (none: the preset's)", ""),
     "data": ("shard dir from `fusegrad prepare`, a dataset file/dir that prepare reads (train: .txt, .jsonl, .json, "
-             ".parquet, compressed or in tar; none = the embedded corpus), or JSONL/CSV (finetune: text, "
+             ".parquet, .arrow, compressed or in tar; none = the embedded corpus), or JSONL/CSV (finetune: text, "
              "prompt/completion or chat messages)", ""),
-    "text_field": ("train: the JSON field or Parquet column holding a document's text", ""),
+    "text_field": ("train: the JSON field or Parquet/Arrow column holding a document's text", ""),
     "separator": ("train: the text between documents in a .txt ('': a file is one document; '\\n\\n': each "
                   "paragraph)", ""),
     "init_from": ("start from a pretrained model, its config, weights and tokenizer: HF dir, llama2.c .bin or run "

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("prepare", help="tokenize text datasets into training shards")
-    p.add_argument("inputs", nargs="*", help="files or directories: .txt, .jsonl, .json, .parquet, compressed "
+    p.add_argument("inputs", nargs="*", help="files or directories: .txt, .jsonl, .json, .parquet, .arrow, compressed "
                                              "(.gz .bz2 .xz .zst) or in tar archives (none: the embedded corpus)")
     p.add_argument("--out", default="data", help="output directory")
     p.add_argument("--tokenizer", default="byte", help="byte, bpe, or a tokenizer file/dir")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", "--val-fraction", type=float, default=0.1)
     p.add_argument("--overwrite", action="store_true", help="replace data a previous prepare left in --out")
     p.add_argument("--text_field", "--text-field", default="text",
-                   help="the JSON field or Parquet column holding a record's text (default text)")
+                   help="the JSON field or Parquet/Arrow column holding a record's text (default text)")
     p.add_argument("--separator", default=DEFAULT_SEPARATOR,
                    help="text between documents in a text file (default <|endoftext|>; '' : a file is one "
                         "document; '\\n\\n': each paragraph)")

@@ -7,7 +7,8 @@ Each file kind, by suffix:
 - JSON Lines (`.jsonl`, `.ndjson`, or a `.json` that starts with `{`): one record a line;
 - JSON (`.json` that starts with `[`): a list of records, read a record at a time (TinyStories_all_data's
   data00.json ...);
-- Parquet (`.parquet`, needs pyarrow): a row group at a time;
+- Parquet (`.parquet`, needs pyarrow): a row group at a time; Arrow (`.arrow`: what Hugging Face `datasets` keeps
+  in its cache and writes with save_to_disk, IPC stream or file format): a record batch at a time;
 - any of these compressed (`.gz`, `.bz2`, `.xz`, `.zst` with zstandard), and tar archives of them (`.tar`,
   `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`), whose members are read in archive order.
 In a directory, a `.json` file that is neither a list nor JSON Lines (a model's config.json, a tokenizer.json)
@@ -43,7 +44,8 @@ DEFAULT_SEPARATOR = "<|endoftext|>"
 MAX_DOCUMENT_CHARS = 16 << 20  # a tokenizer holds ~150 bytes per character of one text while encoding it
 _BLOCK = 1 << 20
 _COMPRESSED = {".gz": lambda f: gzip.GzipFile(fileobj=f), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile, ".zst": None}
-_KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+_KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
+          ".arrow": "arrow"}
 _TAR = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz)$")
 _ESCAPES = re.compile(r"\\([ntr\\])")
 
@@ -127,10 +129,10 @@ class Documents:
         """The documents of one file; `stream` reads its bytes as stored."""
         n = 0
         try:
-            if kind == "parquet":  # pyarrow seeks: a plain file as it is, else its bytes in memory
+            if kind in ("parquet", "arrow"):  # pyarrow seeks: a plain file as it is, else its bytes in memory
                 plain = comp == "" and stream.seekable()
-                docs = self._parquet(stream if plain else io.BytesIO(_decompress(stream, comp, name).read()
-                                                                       if comp else stream.read()), name)
+                docs = self._columnar(stream if plain else io.BytesIO(_decompress(stream, comp, name).read()
+                                                                        if comp else stream.read()), name, kind)
             else:
                 stream = _decompress(stream, comp, name) if comp else stream
                 if kind == "json":  # a list of records, or JSON Lines named .json (as many datasets are)
@@ -233,17 +235,34 @@ class Documents:
             yield self._record_text(record, f"{name}: record {index}", index == 0)
             index += 1
 
-    def _parquet(self, source, name):
+    def _columnar(self, source, name, kind):
+        """The text column of a Parquet or Arrow file, a row group / record batch at a time."""
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise FormatError(f"{name}: reading Parquet needs pyarrow: pip install pyarrow") from None
+            raise FormatError(f"{name}: reading {kind.capitalize()} needs pyarrow: pip install pyarrow") from None
         try:
-            pf = pq.ParquetFile(source)
-        except Exception as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError on a bad file
-            raise FormatError(f"{name}: not a readable Parquet file: {e}") from None
-        schema = pf.schema_arrow
+            if kind == "parquet":
+                pf = pq.ParquetFile(source)
+                schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=1024, columns=[self.text_field])
+            else:
+                is_file = source.read(6) == b"ARROW1"  # the IPC file format; else the stream format datasets writes
+                source.seek(0)
+                reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
+                schema = reader.schema
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+            self._check_text_column(pa, schema, name)
+            for batch in batches:
+                batch.validate(full=True)  # an Arrow file's offsets are not checked as it is read: bad ones would crash
+                yield from (t for t in batch.column(self.text_field).to_pylist() if t is not None)
+        except FormatError:
+            raise
+        except (pa.ArrowException, ValueError, OSError, MemoryError, OverflowError) as e:  # ValueError: ArrowInvalid,
+            # text that is not UTF-8; MemoryError, OverflowError: a length that is not the file's
+            raise FormatError(f"{name}: not a readable {kind.capitalize()} file: {type(e).__name__}: {e}") from None
+
+    def _check_text_column(self, pa, schema, name):
         if self.text_field not in schema.names:
             text = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
             raise FormatError(f"{name}: no column {self.text_field!r} (its text columns: {', '.join(text) or 'none'}); "
@@ -251,11 +270,6 @@ class Documents:
         column = schema.field(self.text_field)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise FormatError(f"{name}: column {self.text_field!r} holds {column.type}, not text")
-        try:
-            for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-                yield from (t for t in batch.column(0).to_pylist() if t is not None)
-        except (pa.ArrowException, ValueError, OSError) as e:  # a corrupt page, text that is not UTF-8
-            raise FormatError(f"{name}: cannot read column {self.text_field!r}: {e}") from None
 
     def _record_text(self, record, where, first):
         """The text of a record; the first record of a file decides whether it is a dataset at all (NotRecords)."""
@@ -287,7 +301,7 @@ def _input_paths(inputs) -> list[str]:
         paths = sorted(p for p in glob.glob(os.path.join(os.fspath(inputs), "**", "*"), recursive=True)
                        if os.path.isfile(p) and kind_of(p) is not None)
         if not paths:
-            raise FormatError(f"{inputs}: directory holds no .txt, .jsonl, .json or .parquet files (nor those "
+            raise FormatError(f"{inputs}: directory holds no .txt, .jsonl, .json, .parquet or .arrow files (nor those "
                               f"compressed, nor tar archives of them)")
         return paths
     paths = [os.fspath(p) for p in inputs] if isinstance(inputs, (list, tuple)) else [os.fspath(inputs)]

@@ -75,7 +75,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FormatError, match=r"latin1.txt: line 3 is not UTF-8 text \(byte 18"):
         prepare(tmp_path / "latin1.txt", out)
     (tmp_path / "nodata").mkdir()
-    with pytest.raises(FormatError, match="nodata: directory holds no .txt, .jsonl, .json or .parquet files"):
+    with pytest.raises(FormatError, match="nodata: directory holds no .txt, .jsonl, .json, .parquet or .arrow files"):
         prepare(tmp_path / "nodata", out)
     with pytest.raises(FormatError, match="list of input files is empty"):
         prepare([], out)

@@ -48,7 +48,7 @@ def test_tinystories_v2_text_splits_at_the_separator_and_strips_each_story(tmp_p
     assert list(Documents(path, separator="\\n\\n")) == paragraphs and len(paragraphs) > len(texts)
 
 
-def test_json_list_jsonl_and_parquet_give_each_records_text_field(tmp_path):
+def test_json_list_jsonl_parquet_and_arrow_give_each_records_text_field(tmp_path):
     records = stories()
     texts = [r["story"] for r in records]
     (tmp_path / "data00.json").write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -68,6 +68,12 @@ def test_json_list_jsonl_and_parquet_give_each_records_text_field(tmp_path):
     pq.write_table(table, tmp_path / "train-00000-of-00001.parquet", row_group_size=7)
     assert list(Documents(tmp_path / "train-00000-of-00001.parquet")) == \
         [t for t in pq.read_table(tmp_path / "train-00000-of-00001.parquet").column("text").to_pylist() if t]
+    # Arrow as Hugging Face datasets writes its cache and save_to_disk files (IPC stream), and the IPC file format
+    for name, new in (("data-00000-of-00001.arrow", pa.ipc.new_stream), ("file-format.arrow", pa.ipc.new_file)):
+        with new(str(tmp_path / name), table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=7):
+                writer.write_batch(batch)
+        assert list(Documents(tmp_path / name)) == texts, name
 
 
 def test_compressed_files_and_tar_archives_read_as_their_contents(tmp_path):
@@ -162,6 +168,12 @@ def test_bad_input_is_named_with_its_file_and_place(tmp_path):
         list(Documents(tmp_path / "cols.parquet"))
     with pytest.raises(FormatError, match=r"cols.parquet: column 'n' holds int64, not text"):
         list(Documents(tmp_path / "cols.parquet", text_field="n"))
+    with pa.ipc.new_stream(str(tmp_path / "cols.arrow"), pa.schema([("content", pa.large_string())])) as writer:
+        writer.write_batch(pa.record_batch([pa.array(["a"], pa.large_string())], names=["content"]))
+    with pytest.raises(FormatError, match=r"cols.arrow: no column 'text' \(its text columns: content\)"):
+        list(Documents(tmp_path / "cols.arrow"))
+    assert list(Documents(tmp_path / "cols.arrow", text_field="content")) == ["a"]
+    fails(b"ARROW1 but nothing else", r"fake.arrow: not a readable Arrow file", "fake.arrow")
     with pytest.raises(FormatError, match="nope.jsonl: input file does not exist"):
         Documents(tmp_path / "nope.jsonl")
     with pytest.raises(ConfigError, match="text_field must name a field"):

@@ -1,7 +1,7 @@
 """The file formats fusegrad reads, each as (name, make a valid file, load it, check what was loaded).
 
 FORMATS, every one of them, run in CI (tests/fuzz/test_fuzz.py): data, tokenizers, text, checkpoints (loaded,
-resumed, sampled from), datasets `prepare` reads (JSON, gzipped JSON Lines, tar, Parquet), YAML settings, llama2.c .bin, Hugging Face dirs, GGUF files (model and tokenizer),
+resumed, sampled from), datasets `prepare` reads (JSON, gzipped JSON Lines, tar, Parquet, Arrow), YAML settings, llama2.c .bin, Hugging Face dirs, GGUF files (model and tokenizer),
 PEFT adapters, fine-tune JSONL/CSV.
 """
 import argparse
@@ -114,8 +114,14 @@ def _dataset_make(suffix):
         records = [{"story": f"Story {i}: Lily saw a big ball. \u00e9 {i * 7}", "summary": "A ball.", "words": [i]}
                    for i in range(30)]
         path = os.path.join(d, "stories" + suffix)
+        table = pa.table({"story": [r["story"] for r in records]})
         if suffix == ".parquet":
-            pq.write_table(pa.table({"story": [r["story"] for r in records]}), path, row_group_size=8)
+            pq.write_table(table, path, row_group_size=8)
+            return path
+        if suffix == ".arrow":  # as Hugging Face datasets writes it: the IPC stream format
+            with pa.ipc.new_stream(path, table.schema) as writer:
+                for batch in table.to_batches(max_chunksize=8):
+                    writer.write_batch(batch)
             return path
         data = (json.dumps(records, indent=1) if suffix.startswith(".json") and "l" not in suffix else
                 "".join(json.dumps(r) + "\n" for r in records)).encode()
@@ -210,6 +216,7 @@ FORMATS = [
     ("dataset.jsonl.gz", _dataset_make(".jsonl.gz"), _dataset_load, _text_check),
     ("dataset.tar.gz", _dataset_make(".tar.gz"), _dataset_load, _text_check),
     ("dataset.parquet", _dataset_make(".parquet"), _dataset_load, _text_check),
+    ("dataset.arrow", _dataset_make(".arrow"), _dataset_load, _text_check),
     ("checkpoint", _checkpoint_make, _checkpoint_load, _checkpoint_check),
     ("yaml-config", _yaml_make, _yaml_load, _yaml_check),
 ]
