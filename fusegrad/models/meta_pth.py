@@ -17,15 +17,13 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import read_json_object
 from fusegrad.models.config import LlamaConfig
 from fusegrad.models.hf import read_tensor
-from fusegrad.models.hf_names import check_hf_state, permute_to_hf
+from fusegrad.models.hf_names import HF_MODULES, NORMS, check_hf_state, part_heads, permute_to_hf
 from fusegrad.models.torch_pickle import read_torch_pickle
 
 _TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
         "lm_head.weight": "output.weight"}
-_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-          "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-          "post_attention_layernorm": "ffn_norm"}
+_PARTS = {"q": "attention.wq", "k": "attention.wk", "v": "attention.wv", "o": "attention.wo", "gate": "feed_forward.w1",
+          "down": "feed_forward.w2", "up": "feed_forward.w3"}  # hf_names' projection parts -> Meta's modules
 # Meta's apply_scaling (llama-models) for use_scaled_rope; its factor differs by release (3.1: 8, 3.2: 32)
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_len": 8192}
 
@@ -64,28 +62,24 @@ class MetaCheckpoint:
             raise FormatError(f"{self.file}: no model_args inside and no params.json beside it: the model's shape is "
                               f"unknown")
         self.entries = entries
-        self.config = _config(args, entries, where, self.file)
-        check_hf_state({hf: entries[meta][1] for hf, meta in self._names().items() if meta in entries},
-                       self.config, f"{self.file} (Meta names)")
-
-    def _names(self) -> dict:
-        names = dict(_TOP)
-        if self.config.tie_embeddings:
-            names.pop("lm_head.weight")
-        for i in range(self.config.n_layers):
-            for hf, meta in _LAYER.items():
-                names[f"model.layers.{i}.{hf}.weight"] = f"layers.{i}.{meta}.weight"
-        return names
+        self.config = c = _config(args, entries, where, self.file)
+        self.names = {hf: (meta, None) for hf, meta in _TOP.items() if not (c.tie_embeddings and hf == "lm_head.weight")}
+        for i in range(c.n_layers):  # HF name -> (Meta name, heads whose q/k rows are permuted, else None)
+            self.names.update({f"model.layers.{i}.{HF_MODULES[part]}.weight": (f"layers.{i}.{meta}.weight",
+                                                                              part_heads(c, part))
+                               for part, meta in _PARTS.items()})
+            self.names.update({f"model.layers.{i}.{hf}.weight": (f"layers.{i}.{meta}.weight", None)
+                               for meta, hf in NORMS.items()})
+        check_hf_state({hf: entries[meta][1] for hf, (meta, _) in self.names.items() if meta in entries}, c,
+                       f"{self.file} (Meta names)")
 
     def __getitem__(self, name: str):
-        meta = self._names()[name]
+        meta, heads = self.names[name]
         a = read_tensor(self.file, meta, self.entries[meta])
-        heads = {"attention.wq": self.config.n_heads, "attention.wk": self.config.n_kv_heads}.get(
-            meta.split(".", 2)[-1].removesuffix(".weight"))
         return permute_to_hf(a, heads) if heads else a  # Meta's interleaved pairs -> HF's halves
 
     def state(self) -> dict:
-        return {name: self[name] for name in self._names()}
+        return {name: self[name] for name in self.names}
 
 
 def _config(args: dict, entries: dict, where: str, file: str) -> LlamaConfig:

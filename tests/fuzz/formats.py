@@ -358,6 +358,12 @@ def _resume_load(path):  # Trainer.load (train/trainer.py): --resume
     return trainer.model
 
 
+def _load_model_dir_of(path):  # a directory model whose file `path` is: a .bin or .pth, not the model itself
+    from fusegrad.models import Llama
+
+    return Llama.from_pretrained(os.path.dirname(path))
+
+
 def _load_model_from_checkpoint(path):  # load_model (train/trainer.py): sample and info
     from fusegrad.train.trainer import load_model
 
@@ -368,10 +374,8 @@ FORMATS += [  # defined below the loaders they call
     ("llama2c.bin", _llama2c_make, _load_model, _model_check),
     ("hf-config.json", _hf_config_make, _load_model, _model_check),
     ("hf-safetensors", _hf_weights_make, _load_model, _model_check),
-    ("hf-pytorch_model.bin", _hf_pytorch_bin_make, lambda p: _load_model(os.path.join(os.path.dirname(p), "x")),
-     _model_check),  # _load_model reads the directory of a file it is given
-    ("meta-consolidated.pth", _meta_pth_make, lambda p: _load_model(os.path.join(os.path.dirname(p), "x")),
-     _model_check),
+    ("hf-pytorch_model.bin", _hf_pytorch_bin_make, _load_model_dir_of, _model_check),
+    ("meta-consolidated.pth", _meta_pth_make, _load_model_dir_of, _model_check),
     ("meta-params.json", lambda d: os.path.join(os.path.dirname(_meta_pth_make(d)), "params.json"),
      _load_model, _model_check),
     ("gguf-model", _gguf_make, _load_model, _model_check),
