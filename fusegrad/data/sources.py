@@ -10,7 +10,7 @@ Each file kind, by suffix:
 - Parquet (`.parquet`, needs pyarrow): a row group at a time; Arrow (`.arrow`: what Hugging Face `datasets` keeps
   in its cache and writes with save_to_disk, IPC stream or file format): a record batch at a time;
 - any of these compressed (`.gz`, `.bz2`, `.xz`, `.zst` with zstandard), and tar archives of them (`.tar`,
-  `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`), whose members are read in archive order.
+  `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`, `.tar.zst`), whose members are read in archive order.
 In a directory, a `.json` file that is neither a list nor JSON Lines (a model's config.json, a tokenizer.json)
 is skipped with a warning; named alone, it is an error. A record is a string, or an object whose `text_field` (default "text") holds the document. Empty documents
 and null fields are skipped; a file that gives no document at all is an error.
@@ -46,15 +46,15 @@ _BLOCK = 1 << 20
 _COMPRESSED = {".gz": lambda f: gzip.GzipFile(fileobj=f), ".bz2": bz2.BZ2File, ".xz": lzma.LZMAFile, ".zst": None}
 _KINDS = {".txt": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
           ".arrow": "arrow"}
-_TAR = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz)$")
+_TAR = re.compile(r"\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz|tar\.zst|tzst)$")
 _ESCAPES = re.compile(r"\\([ntr\\])")
 
 
 def kind_of(name: str) -> tuple[str, str] | None:
     """(kind, compression suffix or '') of a file name: ('json', '.gz') for x.json.gz; ('tar', '') for an
-    archive; None for a name of no known kind."""
+    archive (('tar', '.zst') for one tarfile cannot decompress itself); None for a name of no known kind."""
     if _TAR.search(name):
-        return "tar", ""
+        return "tar", ".zst" if name.endswith("zst") else ""
     stem, ext = os.path.splitext(name)
     comp = ext if ext in _COMPRESSED else ""
     if comp:
@@ -99,7 +99,7 @@ class Documents:
             with raw:
                 stream = io.BufferedReader(_Counting(raw, lambda n: self.progress(n)), _BLOCK)
                 try:
-                    for doc in self._archive(stream, path) if kind == "tar" else self._file(stream, path, kind, comp):
+                    for doc in self._archive(stream, path, comp) if kind == "tar" else self._file(stream, path, kind, comp):
                         found = True
                         yield doc
                 except NotRecords as e:
@@ -110,10 +110,10 @@ class Documents:
         if not found:
             raise FormatError(f"no documents in {len(self.paths)} files; skipped: {'; '.join(skipped)}")
 
-    def _archive(self, stream, path):
+    def _archive(self, stream, path, comp):
         found = False
         try:
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with tarfile.open(fileobj=_decompress(stream, comp, path) if comp else stream, mode="r|*") as tar:
                 for member in tar:
                     kind = kind_of(member.name)
                     if member.isfile() and kind is not None and kind[0] != "tar":

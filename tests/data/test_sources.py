@@ -93,6 +93,12 @@ def test_compressed_files_and_tar_archives_read_as_their_contents(tmp_path):
         _add(tar, "README.md", b"not a dataset file: skipped")
         _add(tar, "extra/more.jsonl.gz", gzip.compress(b'{"story": "From a compressed member."}\n'))
     assert list(Documents(archive, text_field="story")) == texts[:30] + ["From a compressed member."]
+    zstd = __import__("zstandard")  # tarfile cannot open .tar.zst itself before Python 3.14
+    tar_bytes = gzip.decompress(archive.read_bytes())
+    packed = _write(tmp_path / "stories.tar.zst", zstd.ZstdCompressor().compress(tar_bytes))
+    assert list(Documents(packed, text_field="story")) == texts[:30] + ["From a compressed member."]
+    with pytest.raises(FormatError, match=r"cut.tar.zst: not a readable tar archive"):
+        list(Documents(_write(tmp_path / "cut.tar.zst", packed.read_bytes()[:-20]), text_field="story"))
 
 
 def test_a_directory_reads_every_file_of_a_known_kind_sorted(tmp_path):
@@ -103,7 +109,7 @@ def test_a_directory_reads_every_file_of_a_known_kind_sorted(tmp_path):
     docs = Documents(tmp_path)
     assert [p.split("/")[-1] for p in docs.paths] == ["1.txt", "3.txt.gz", "2.jsonl"]  # sorted by path
     assert list(docs) == ["one", "three", "two"]
-    assert kind_of("x.tar.gz") == ("tar", "") and kind_of("x.jsonl.zst") == ("jsonl", ".zst") and kind_of("x.md") is None
+    assert kind_of("x.tar.gz") == ("tar", "") and kind_of("x.tar.zst") == ("tar", ".zst") and kind_of("x.jsonl.zst") == ("jsonl", ".zst") and kind_of("x.md") is None
 
 
 def test_json_files_that_are_not_datasets_are_skipped_in_a_directory_and_refused_alone(tmp_path):
