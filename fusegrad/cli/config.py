@@ -37,9 +37,13 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "hidden_dim": ("feed-forward width (none: the preset's)", "[1, 262144]"),
     "tie_embeddings": ("share the embedding and classifier weights (none: the preset's)", ""),
     "data": ("shard dir from `fusegrad prepare`, a dataset file/dir that prepare reads (train: .txt, .jsonl, .json, "
-             ".parquet, .arrow, compressed or in tar; none = the embedded corpus), or JSONL/CSV (finetune: text, "
-             "prompt/completion or chat messages)", ""),
-    "text_field": ("train: the JSON field or Parquet/Arrow column holding a document's text", ""),
+             ".parquet, .arrow, compressed or in tar; none = the embedded corpus), or records (finetune: JSONL, "
+             "JSON, Parquet, Arrow or CSV, compressed too: text, prompt/completion or chat messages)", ""),
+    "text_field": ("the JSON field or Parquet/Arrow column holding a document's (finetune: a record's) text", ""),
+    "prompt_field": ("finetune: the field holding a record's prompt", ""),
+    "completion_field": ("finetune: the field holding the completion of its prompt", ""),
+    "messages_field": ("finetune: the field holding a chat: [{role, content}] or ShareGPT's [{from, value}]", ""),
+    "label_field": ("finetune, classify: the field holding a record's class id", ""),
     "separator": ("train: the text between documents in a .txt ('': a file is one document; '\\n\\n': each "
                   "paragraph)", ""),
     "init_from": ("start from a pretrained model, its config, weights and tokenizer: HF dir, llama2.c .bin or run "

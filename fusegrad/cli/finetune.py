@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
     """Register `finetune` and `merge` on the `fusegrad` command's subparsers."""
     p = subparsers.add_parser("finetune", help="LoRA/QLoRA fine-tune a pretrained model (lm or classify)",
                               description="Fine-tune a pretrained Llama with LoRA (or QLoRA: NF4 base) on "
-                                          "JSONL/CSV data; saves a PEFT-compatible adapter in --out.")
+                                          "records (JSONL, JSON, Parquet, Arrow, CSV); saves a PEFT-compatible "
+                                          "adapter in --out.")
     add_dataclass_args(p, FinetuneConfig)
     p.set_defaults(func=_cmd_finetune)
 

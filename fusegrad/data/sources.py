@@ -1,4 +1,5 @@
-"""Documents from text datasets as they are published, read as a stream: a corpus never has to fit in memory.
+"""Records and documents from datasets as they are published, read as a stream: a corpus never has to fit in
+memory. `Records` gives a dataset's records (fine-tuning data); `Documents` the text in them (pretraining).
 
 Each file kind, by suffix:
 - text (`.txt`, or any file named explicitly): one document, or several where the separator stands between
@@ -12,8 +13,9 @@ Each file kind, by suffix:
 - any of these compressed (`.gz`, `.bz2`, `.xz`, `.zst` with zstandard), and tar archives of them (`.tar`,
   `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`, `.tar.zst`), whose members are read in archive order.
 In a directory, a `.json` file that is neither a list nor JSON Lines (a model's config.json, a tokenizer.json)
-is skipped with a warning; named alone, it is an error. A record is a string, or an object whose `text_field` (default "text") holds the document. Empty documents
-and null fields are skipped; a file that gives no document at all is an error.
+is skipped with a warning; named alone, it is an error. A record is an object (to Documents, a string too,
+or an object whose `text_field`, default "text", holds the document; empty documents and null fields are
+skipped). A file that gives no record or document at all is an error.
 
 >>> import tempfile, os, json
 >>> d = tempfile.mkdtemp()
@@ -67,20 +69,21 @@ def unescape(separator: str) -> str:
     return _ESCAPES.sub(lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], separator)
 
 
-class Documents:
-    """The documents of `inputs` (a file, a directory of files of known kinds found recursively and sorted, or
-    a list of files), iterable any number of times, each time reading the files again.
+class Records:
+    """The records (JSON objects, Parquet or Arrow rows, as dicts) of `inputs` (a file, a directory of files of
+    known kinds found recursively and sorted, or a list of files) as (record, where) pairs, `where` naming the
+    file and the line, record or row; iterable any number of times, each time reading the files again.
 
+    allow_nan: whether JSON's NaN and Infinity (not JSON, but what Python's json writes) are read.
     progress: called with the number of bytes of input files (as on disk) read since its last call."""
 
-    def __init__(self, inputs, text_field: str = "text", separator: str = DEFAULT_SEPARATOR,
-                 max_document_chars: int = MAX_DOCUMENT_CHARS):
-        if not text_field:
-            raise ConfigError("prepare: text_field must name a field, got ''")
+    what = "records"
+
+    def __init__(self, inputs, allow_nan: bool = True):
         self.paths = _input_paths(inputs)
         self.listed = not isinstance(inputs, (list, tuple)) and os.path.isdir(inputs)  # found, not named
-        self.text_field, self.separator = text_field, unescape(separator)
-        self.max_document_chars = max_document_chars
+        self.allow_nan = allow_nan
+        self.max_document_chars = MAX_DOCUMENT_CHARS  # a record's JSON is read within twice this
         self.progress = lambda n: None
 
     def total_bytes(self) -> int:
@@ -99,16 +102,17 @@ class Documents:
             with raw:
                 stream = io.BufferedReader(_Counting(raw, lambda n: self.progress(n)), _BLOCK)
                 try:
-                    for doc in self._archive(stream, path, comp) if kind == "tar" else self._file(stream, path, kind, comp):
+                    items = self._archive(stream, path, comp) if kind == "tar" else self._file(stream, path, kind, comp)
+                    for item in items:
                         found = True
-                        yield doc
+                        yield item
                 except NotRecords as e:
                     if not self.listed:
                         raise
                     skipped.append(str(e))
-                    warnings.warn(f"fusegrad prepare: skipped {e}", stacklevel=2)
+                    warnings.warn(f"fusegrad: skipped {e}", stacklevel=2)
         if not found:
-            raise FormatError(f"no documents in {len(self.paths)} files; skipped: {'; '.join(skipped)}")
+            raise FormatError(f"no {self.what} in {len(self.paths)} files; skipped: {'; '.join(skipped)}")
 
     def _archive(self, stream, path, comp):
         found = False
@@ -126,60 +130,49 @@ class Documents:
                               f"({', '.join(sorted(_KINDS))}, or those compressed)")
 
     def _file(self, stream, name, kind, comp):
-        """The documents of one file; `stream` reads its bytes as stored."""
+        """The items of one file; `stream` reads its bytes as stored."""
         n = 0
         try:
-            if kind in ("parquet", "arrow"):  # pyarrow seeks: a plain file as it is, else its bytes in memory
-                plain = comp == "" and stream.seekable()
-                docs = self._columnar(stream if plain else io.BytesIO(_decompress(stream, comp, name).read()
-                                                                        if comp else stream.read()), name, kind)
-            else:
-                stream = _decompress(stream, comp, name) if comp else stream
-                if kind == "json":  # a list of records, or JSON Lines named .json (as many datasets are)
-                    lines = stream.peek(64)[:64].lstrip().startswith(b"{")
-                    docs = self._jsonl(stream, name, named_json=True) if lines else self._json(stream, name)
-                else:
-                    docs = self._jsonl(stream, name) if kind == "jsonl" else self._text(stream, name)
-            for doc in docs:
-                if len(doc) > self.max_document_chars:
-                    raise FormatError(f"{name}: document {n + 1} holds {len(doc)} characters, more than "
-                                      f"{self.max_document_chars} (a text file without the separator "
-                                      f"{self.separator!r} is one document); give one document per file, put "
-                                      f"the separator between documents, or choose another separator "
-                                      f"(e.g. a blank line: --separator '\\n\\n')")
-                if doc.strip():
-                    n += 1
-                    yield doc
+            for item in self._items(stream, name, kind, comp):
+                n += 1
+                yield item
         except _read_errors() as e:
             raise FormatError(f"{name}: cannot decompress or read it: {e}") from None
         if n == 0:
-            raise FormatError(f"{name}: {'text file is empty' if kind == 'text' else 'holds no documents'}"
-                              + ("" if kind == "text" else f" (no record has text in {self.text_field!r})"))
+            raise FormatError(f"{name}: {self._nothing(kind)}")
 
-    def _text(self, stream, name):
-        sep, k = self.separator, max(len(self.separator) - 1, 0)
-        parts, size, tail, separated = [], 0, "", False
-        for block in _utf8_blocks(stream, name):
-            pieces = (tail + block).split(sep) if sep else [tail + block]
-            for piece in pieces[:-1]:
-                separated = True
-                yield "".join(parts + [piece]).strip()
-                parts, size = [], 0
-            cut = max(len(pieces[-1]) - k, 0)  # the last k characters may begin a separator the next block ends
-            parts.append(pieces[-1][:cut])
-            tail, size = pieces[-1][cut:], size + cut
-            if size > self.max_document_chars:
-                yield "".join(parts)  # longer than any document may be: _file refuses it, naming it
-        last = "".join(parts) + tail
-        yield last.strip() if separated else last
+    def _items(self, stream, name, kind, comp):
+        if kind == "text":
+            raise NotRecords(f"{name}: a text file holds no records (JSON Lines, JSON, Parquet, Arrow)")
+        for i, (record, where) in enumerate(self._records(stream, name, kind, comp)):
+            if not isinstance(record, dict):
+                raise (FormatError if i else NotRecords)(f"{where} is a JSON {type(record).__name__}, not an object")
+            yield record, where
+
+    def _nothing(self, kind) -> str:
+        return "holds no records"
+
+    def _records(self, stream, name, kind, comp, columns=None, check=None):
+        """(record, where) of a JSON Lines, JSON, Parquet or Arrow file; for the last two only `columns` (None:
+        all) are read, after check(pyarrow, schema)."""
+        if kind in ("parquet", "arrow"):  # pyarrow seeks: a plain file as it is, else its bytes in memory
+            plain = comp == "" and stream.seekable()
+            source = stream if plain else io.BytesIO(_decompress(stream, comp, name).read() if comp else stream.read())
+            return _columnar(source, name, kind, columns, check)
+        stream = _decompress(stream, comp, name) if comp else stream
+        if kind == "json":  # a list of records, or JSON Lines named .json (as many datasets are)
+            if stream.peek(64)[:64].lstrip().startswith(b"{"):
+                return self._jsonl(stream, name, named_json=True)
+            return self._json(stream, name)
+        return self._jsonl(stream, name)
 
     def _jsonl(self, stream, name, named_json=False):
-        first = True
+        constant = None if self.allow_nan else _no_constant
         for lineno, line in enumerate(stream, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = json.loads(line.decode("utf-8"), parse_constant=constant)
             except UnicodeDecodeError as e:
                 raise FormatError(f"{name}: line {lineno} is not UTF-8 text ({e.reason})") from None
             except json.JSONDecodeError as e:
@@ -189,12 +182,14 @@ class Documents:
                                      ) from None
                 raise FormatError(f"{name}: line {lineno} is not a JSON record: {e.msg.removesuffix(' at')} "
                                   f"(column {e.colno})") from None
-            yield self._record_text(record, f"{name}: line {lineno}", first)
-            first = False
+            except ValueError as e:  # _no_constant
+                raise FormatError(f"{name}: line {lineno} is not a JSON record: {e}") from None
+            yield record, f"{name}: line {lineno}"
 
     def _json(self, stream, name):
         """A top-level JSON list, decoded a record at a time from a window of the file."""
-        decoder, blocks = json.JSONDecoder(), _utf8_blocks(stream, name)
+        decoder = json.JSONDecoder(parse_constant=None if self.allow_nan else _no_constant)
+        blocks = _utf8_blocks(stream, name)
         buf, pos, index, done = "", 0, 0, False
 
         def more():
@@ -232,35 +227,63 @@ class Documents:
                 except json.JSONDecodeError as e:
                     if len(buf) - pos > self.max_document_chars * 2 or not more():
                         raise FormatError(f"{name}: record {index} is not valid JSON: {e.msg}") from None
-            yield self._record_text(record, f"{name}: record {index}", index == 0)
+                except ValueError as e:  # _no_constant
+                    raise FormatError(f"{name}: record {index} is not valid JSON: {e}") from None
+            yield record, f"{name}: record {index}"
             index += 1
 
-    def _columnar(self, source, name, kind):
-        """The text column of a Parquet or Arrow file, a row group / record batch at a time."""
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise FormatError(f"{name}: reading {kind.capitalize()} needs pyarrow: pip install pyarrow") from None
-        try:
-            if kind == "parquet":
-                pf = pq.ParquetFile(source)
-                schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=1024, columns=[self.text_field])
-            else:
-                is_file = source.read(6) == b"ARROW1"  # the IPC file format; else the stream format datasets writes
-                source.seek(0)
-                reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
-                schema = reader.schema
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
-            self._check_text_column(pa, schema, name)
-            for batch in batches:
-                batch.validate(full=True)  # an Arrow file's offsets are not checked as it is read: bad ones would crash
-                yield from (t for t in batch.column(self.text_field).to_pylist() if t is not None)
-        except FormatError:
-            raise
-        except (pa.ArrowException, ValueError, OSError, MemoryError, OverflowError) as e:  # ValueError: ArrowInvalid,
-            # text that is not UTF-8; MemoryError, OverflowError: a length that is not the file's
-            raise FormatError(f"{name}: not a readable {kind.capitalize()} file: {type(e).__name__}: {e}") from None
+
+class Documents(Records):
+    """The documents (str) of `inputs`, as Records reads them, and of text files split at `separator`; a
+    record's text is its `text_field`."""
+
+    what = "documents"
+
+    def __init__(self, inputs, text_field: str = "text", separator: str = DEFAULT_SEPARATOR,
+                 max_document_chars: int = MAX_DOCUMENT_CHARS):
+        if not text_field:
+            raise ConfigError("prepare: text_field must name a field, got ''")
+        super().__init__(inputs)
+        self.text_field, self.separator = text_field, unescape(separator)
+        self.max_document_chars = max_document_chars
+
+    def _items(self, stream, name, kind, comp):
+        if kind == "text":
+            docs = self._text(_decompress(stream, comp, name) if comp else stream, name)
+        else:
+            records = self._records(stream, name, kind, comp, [self.text_field], self._check_text_column)
+            docs = (self._record_text(r, where, i == 0) for i, (r, where) in enumerate(records))
+        n = 0
+        for doc in docs:
+            if len(doc) > self.max_document_chars:
+                raise FormatError(f"{name}: document {n + 1} holds {len(doc)} characters, more than "
+                                  f"{self.max_document_chars} (a text file without the separator "
+                                  f"{self.separator!r} is one document); give one document per file, put "
+                                  f"the separator between documents, or choose another separator "
+                                  f"(e.g. a blank line: --separator '\\n\\n')")
+            if doc.strip():
+                n += 1
+                yield doc
+
+    def _nothing(self, kind) -> str:
+        return "text file is empty" if kind == "text" else f"holds no documents (no record has text in {self.text_field!r})"
+
+    def _text(self, stream, name):
+        sep, k = self.separator, max(len(self.separator) - 1, 0)
+        parts, size, tail, separated = [], 0, "", False
+        for block in _utf8_blocks(stream, name):
+            pieces = (tail + block).split(sep) if sep else [tail + block]
+            for piece in pieces[:-1]:
+                separated = True
+                yield "".join(parts + [piece]).strip()
+                parts, size = [], 0
+            cut = max(len(pieces[-1]) - k, 0)  # the last k characters may begin a separator the next block ends
+            parts.append(pieces[-1][:cut])
+            tail, size = pieces[-1][cut:], size + cut
+            if size > self.max_document_chars:
+                yield "".join(parts)  # longer than any document may be: _file refuses it, naming it
+        last = "".join(parts) + tail
+        yield last.strip() if separated else last
 
     def _check_text_column(self, pa, schema, name):
         if self.text_field not in schema.names:
@@ -289,6 +312,44 @@ class Documents:
             raise error(f"{where} has no {self.text_field!r} field (its text fields: "
                               f"{', '.join(fields) or 'none'}); name the field with --text_field")
         raise FormatError(f"{where}: field {self.text_field!r} holds a JSON {type(text).__name__}, not text")
+
+
+def _columnar(source, name, kind, columns, check):
+    """(row as a dict, where) of a Parquet or Arrow file, a row group / record batch at a time."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FormatError(f"{name}: reading {kind.capitalize()} needs pyarrow: pip install pyarrow") from None
+    try:
+        if kind == "parquet":
+            pf = pq.ParquetFile(source)
+            schema, batches = pf.schema_arrow, pf.iter_batches(batch_size=1024, columns=columns)
+        else:
+            is_file = source.read(6) == b"ARROW1"  # the IPC file format; else the stream format datasets writes
+            source.seek(0)
+            reader = pa.ipc.open_file(source) if is_file else pa.ipc.open_stream(source)
+            schema = reader.schema
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file else reader
+        if check is not None:
+            check(pa, schema, name)
+        row = 0
+        for batch in batches:
+            batch.validate(full=True)  # an Arrow file's offsets are not checked as it is read: bad ones would crash
+            if columns is not None and kind == "arrow":
+                batch = batch.select(columns)
+            for record in batch.to_pylist():
+                yield record, f"{name}: row {row}"
+                row += 1
+    except FormatError:
+        raise
+    except (pa.ArrowException, ValueError, OSError, MemoryError, OverflowError) as e:  # ValueError: ArrowInvalid,
+        # text that is not UTF-8; MemoryError, OverflowError: a length that is not the file's
+        raise FormatError(f"{name}: not a readable {kind.capitalize()} file: {type(e).__name__}: {e}") from None
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a finite number")
 
 
 class NotRecords(FormatError):

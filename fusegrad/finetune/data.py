@@ -1,16 +1,18 @@
-"""Fine-tuning data: JSONL or CSV records -> token examples, and batches with no padding at all.
+"""Fine-tuning data: records (JSON Lines, JSON, Parquet, Arrow, CSV) -> token examples, and batches with no padding.
 
 Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
-unless mask_prompt=False), or a chat `messages` list of {"role", "content"} rendered with the tokenizer's own
-chat template (loss on the assistant turns only). Text gets a BOS only where the tokenizer adds one.
-Classification: `text` + `label` (an integer class id in [0, num_classes): a JSON int or, in CSV, digits; a JSON
-`true`, a float such as 1.0 or "1.5" is refused, never cast).
-A file must be UTF-8 text; JSON's NaN/Infinity are refused. Every refusal is a FormatError naming the file and line.
+unless mask_prompt=False), or a chat `messages` list of {"role", "content"} (or ShareGPT's `conversations` of
+{"from", "value"}) rendered with the tokenizer's own chat template (loss on the assistant turns only). Text gets
+a BOS only where the tokenizer adds one. Classification: `text` + `label` (an integer class id in
+[0, num_classes): a JSON int or, in CSV, digits; a JSON `true`, a float such as 1.0 or "1.5" is refused, never
+cast). Datasets that name these fields otherwise say so with RecordFields.
+A file must be UTF-8 text; JSON's NaN/Infinity are refused. Every refusal is a FormatError naming the file and
+line (or record, or row).
 Batches group examples of EQUAL length: a step's examples are split into (B_g, T_g) groups that run
 one after another, so no position is padding and nothing is computed for it.
 
 >>> from fusegrad.data.tokenizer import ByteTokenizer
->>> ex = lm_examples([{"prompt": "ab", "completion": "c", "_line": 1}], ByteTokenizer(), max_len=16)
+>>> ex = lm_examples([{"prompt": "ab", "completion": "c"}], ByteTokenizer(), max_len=16)
 >>> ex[0].tokens.tolist(), ex[0].loss_mask.tolist()   # BOS a b | c EOS: loss on c and EOS only
 ([256, 97, 98, 99, 257], [False, False, True, True])
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import os
 import re
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from fusegrad.core.errors import FormatError
 from fusegrad.data.chat import chat_example
+from fusegrad.data.sources import Records
 
 
 @dataclasses.dataclass
@@ -37,8 +39,20 @@ class Example:
 
 
 def read_records(path) -> list:
-    """JSONL (one object per line) or CSV (with a header row) -> list of dicts with `_line` (1-based)."""
+    """The records of a data file or directory -> list of dicts, each with `_where` (the file and its line,
+    record or row) and `_path`. JSON Lines, JSON lists, Parquet and Arrow (compressed, in tar archives or
+    directories: fusegrad.data.sources.Records, with JSON's NaN and Infinity refused), or CSV with a header row."""
     path = os.fspath(path)
+    if path.endswith(".csv"):
+        records = _csv_records(path)
+    else:
+        records = [{**r, "_where": where} for r, where in Records(path, allow_nan=False)]
+    for r in records:
+        r["_path"] = path
+    return records
+
+
+def _csv_records(path) -> list:
     if not os.path.isfile(path):
         raise FormatError(f"{path}: no such data file")
     try:
@@ -51,50 +65,31 @@ def read_records(path) -> list:
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise FormatError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})") from None
+        raise FormatError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column})"
+                          ) from None
     records = []
-    if path.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for row in reader:
-                if None in row or None in row.values():  # more fields than the header, or fewer
-                    raise FormatError(f"{path}:{reader.line_num}: the row's field count differs from the header's "
-                                      f"({len(reader.fieldnames)}: {','.join(reader.fieldnames)})")
-                records.append({**row, "_line": reader.line_num})
-        except csv.Error as exc:
-            raise FormatError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
-    else:
-        for i, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line, parse_constant=_no_constant)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{path}:{i}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
-            except (ValueError, RecursionError) as exc:
-                raise FormatError(f"{path}:{i}: malformed JSON line: {exc}") from None
-            if not isinstance(obj, dict):
-                raise FormatError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            records.append({**obj, "_line": i})
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # more fields than the header, or fewer
+                raise FormatError(f"{path}: line {reader.line_num}: the row's field count differs from the header's "
+                                  f"({len(reader.fieldnames)}: {','.join(reader.fieldnames)})")
+            records.append({**row, "_where": f"{path}: line {reader.line_num}"})
+    except csv.Error as exc:
+        raise FormatError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from None
     if not records:
         raise FormatError(f"{path}: holds no records")
-    for r in records:
-        r["_path"] = path
     return records
 
 
-def _no_constant(name):
-    raise ValueError(f"{name} is not a finite number")
-
-
 def _where(r) -> str:
-    return f"{r.get('_path', '<records>')}:{r['_line']}"
+    return r.get("_where", "record")
 
 
 def _text(r, key):
     value = r.get(key)
     if not isinstance(value, str):
-        raise FormatError(f"{_where(r)}: field {key!r} must be a string, got {value!r}")
+        raise FormatError(f"{_where(r)}: field {key!r} must be a string, got {value!r}"[:300])
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -102,42 +97,75 @@ def _text(r, key):
     return value
 
 
-def _label(r) -> int:
-    """The record's label as an int: a JSON int (not a bool, not a float, not a string) or, in a CSV file, ASCII
-    digits."""
-    raw = r.get("label")
+@dataclasses.dataclass(frozen=True)
+class RecordFields:
+    """The names a dataset gives each part of a record (`--text_field`, `--prompt_field`, ...)."""
+    text: str = "text"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"  # a list of {"role", "content"}, or ShareGPT's {"from", "value"} turns
+    label: str = "label"
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "tool": "tool"}
+
+
+def _conversation(r, field):
+    """The record's chat as [{"role", "content"}], or None without one: `field`, or ShareGPT's `conversations`
+    (where field is the default), whose turns are {"from": "human" | "gpt" | "system", "value"}."""
+    turns = r.get(field, r.get("conversations") if field == "messages" else None)
+    if turns is None:
+        return None
+    if isinstance(turns, list) and turns and all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        unknown = next((t["from"] for t in turns if SHAREGPT_ROLES.get(str(t["from"])) is None), None)
+        if unknown is not None:
+            raise FormatError(f"{_where(r)}: a ShareGPT turn is from {unknown!r}, not one of "
+                              f"{', '.join(SHAREGPT_ROLES)}"[:300])
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    return turns
+
+
+def _label(r, field) -> int:
+    """The record's label as an int: a JSON or Parquet int (not a bool, not a float, not a string) or, in a CSV
+    file, ASCII digits."""
+    raw = r.get(field)
     if isinstance(raw, int) and not isinstance(raw, bool):
         return raw
     from_csv = str(r.get("_path", "")).endswith(".csv")
     if from_csv and isinstance(raw, str) and len(raw) <= 32 and re.fullmatch(r"\s*[+-]?[0-9]+\s*", raw):
         return int(raw)
-    raise FormatError(f"{_where(r)}: field 'label' must be an integer class id, got {raw!r}")
+    raise FormatError(f"{_where(r)}: field {field!r} must be an integer class id, got {raw!r}"[:300])
 
 
-def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> list:
+def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fields=RecordFields()) -> list:
     """Records -> Examples of at most max_len + 1 tokens ([BOS] ... EOS, cut at the right).
 
     Records whose loss would cover no token after truncation (a prompt longer than max_len) are dropped.
     """
     out = []
     for r in records:
-        if "messages" in r:
+        messages = _conversation(r, fields.messages)
+        if messages is not None:
             try:
-                ids, trained = chat_example(tokenizer, r["messages"])  # trained: 1 on the assistant's tokens
+                ids, trained = chat_example(tokenizer, messages)  # trained: 1 on the assistant's tokens
             except FormatError as e:
                 raise FormatError(f"{_where(r)}: {e}") from None
             except UnicodeEncodeError:
-                raise FormatError(f"{_where(r)}: field 'messages' holds a lone surrogate, not UTF-8 text") from None
-        elif "text" in r:
-            ids = tokenizer.encode(_text(r, "text"), eos=True)
+                raise FormatError(f"{_where(r)}: field {fields.messages!r} holds a lone surrogate, not UTF-8 text"
+                                  ) from None
+        elif fields.text in r:
+            ids = tokenizer.encode(_text(r, fields.text), eos=True)
             trained = [1] * len(ids)
-        elif "prompt" in r and "completion" in r:
-            prompt = tokenizer.encode(_text(r, "prompt"))
-            ids = prompt + tokenizer.encode(_text(r, "completion"), bos=False, eos=True)
+        elif fields.prompt in r and fields.completion in r:
+            prompt = tokenizer.encode(_text(r, fields.prompt))
+            ids = prompt + tokenizer.encode(_text(r, fields.completion), bos=False, eos=True)
             trained = [int(not mask_prompt)] * len(prompt) + [1] * (len(ids) - len(prompt))
         else:
-            raise FormatError(f"{_where(r)}: a record needs 'text', 'prompt' and 'completion', or 'messages' "
-                              f"(has {sorted(k for k in r if not k.startswith('_'))})")
+            raise FormatError(f"{_where(r)}: a record needs {fields.text!r}, {fields.prompt!r} and "
+                              f"{fields.completion!r}, or {fields.messages!r} (has "
+                              f"{sorted(k for k in r if not k.startswith('_'))}); name the fields with --text_field, "
+                              f"--prompt_field, --completion_field or --messages_field"[:400])
         ids = ids[:max_len + 1]
         mask = np.array(trained[1:len(ids)], bool)  # target t is ids[t + 1]
         if mask.any():
@@ -145,15 +173,15 @@ def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True) -> l
     return out
 
 
-def classify_examples(records, tokenizer, num_classes: int, max_len: int) -> list:
+def classify_examples(records, tokenizer, num_classes: int, max_len: int, fields=RecordFields()) -> list:
     """Records with text + label -> Examples (text, with BOS where the tokenizer adds one, cut to max_len); label
     checked against num_classes."""
     out = []
     for r in records:
-        label = _label(r)
+        label = _label(r, fields.label)
         if not 0 <= label < num_classes:
             raise FormatError(f"{_where(r)}: label {label} is outside [0, num_classes={num_classes})")
-        ids = tokenizer.encode(_text(r, "text"))[:max_len]
+        ids = tokenizer.encode(_text(r, fields.text))[:max_len]
         out.append(Example(np.array(ids, np.int64), label=label))
     return out
 

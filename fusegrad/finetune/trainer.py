@@ -1,7 +1,7 @@
 """LoRA / QLoRA fine-tuning of a pretrained Llama for language modelling or classification.
 
-A run reads a base model (HF dir, GGUF file or llama2.c `.bin`) and JSONL/CSV data, trains only the adapters (and
-a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
+A run reads a base model (HF dir, GGUF file or llama2.c `.bin`) and records (JSONL, JSON, Parquet, Arrow, CSV),
+trains only the adapters (and a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
 and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
 from which `resume=True` continues bit for bit. On the numpy backend each micro-batch's examples are split over
 `workers` processes, one core each (0 = one per core; fusegrad.parallel.workers): the frozen base in shared
@@ -57,7 +57,13 @@ class FinetuneError(TrainingError):
 @dataclasses.dataclass
 class FinetuneConfig(RunConfig):
     model: str = ""  # Hugging Face directory, GGUF file or llama2.c .bin
-    data: str = ""  # JSONL ({"text"}, {"prompt", "completion"}, chat {"messages"}; classify: {"text", "label"}) or CSV
+    data: str = ""  # JSONL, JSON, Parquet, Arrow or CSV records ({"text"}, {"prompt", "completion"}, chat {"messages"};
+    # classify: {"text", "label"}); a dataset that names them otherwise says so with the *_field settings
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    label_field: str = "label"
     out: str = "runs/finetune"
     tokenizer: str = ""  # "" = the tokenizer beside the model; "byte" or a tokenizer file/dir
     force_tokenizer: bool = False  # use the byte tokenizer on a model whose vocabulary is not bytes
@@ -83,8 +89,9 @@ class FinetuneConfig(RunConfig):
     force: bool = False
 
     # settings that must match for resume to continue the same run
-    IDENTITY = ("model", "data", "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha",
-                "dropout", "rslora", "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
+    IDENTITY = ("model", "data", "text_field", "prompt_field", "completion_field", "messages_field", "label_field",
+                "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha", "dropout", "rslora",
+                "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
 
 
 class Finetuner(Run):
@@ -103,7 +110,7 @@ class Finetuner(Run):
             raise ConfigError(f"finetune: pooling must be 'last' or 'mean', got {cfg.pooling!r}")
         if not cfg.model or not cfg.data:
             raise ConfigError("finetune: give --model PATH (HF dir, .gguf or llama2.c .bin) and --data FILE "
-                              "(JSONL or CSV)")
+                              "(JSONL, JSON, Parquet, Arrow or CSV)")
         self.run_dir = cfg.out
         self.state_path = os.path.join(cfg.out, STATE_FILE)
         taken = [f for f in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if os.path.exists(os.path.join(cfg.out, f))]
@@ -117,10 +124,12 @@ class Finetuner(Run):
                                              cfg.tokenizer, cfg.force_tokenizer)
         records = ftdata.read_records(cfg.data)
         max_len = min(cfg.max_len, self.model.config.max_seq_len)
+        fields = ftdata.RecordFields(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field,
+                                     cfg.label_field)
         if cfg.task == "lm":
-            examples = ftdata.lm_examples(records, self.tokenizer, max_len, cfg.mask_prompt)
+            examples = ftdata.lm_examples(records, self.tokenizer, max_len, cfg.mask_prompt, fields)
         else:
-            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes, max_len)
+            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes, max_len, fields)
         if len(examples) < 2:
             raise FormatError(f"{cfg.data}: {len(examples)} usable example(s); need at least 2 (train + val)")
         self.train_set, self.val_set = ftdata.split(examples, cfg.val_fraction, cfg.seed)
@@ -250,6 +259,8 @@ class Finetuner(Run):
         saved = state.get("config")
         if not isinstance(saved, dict):
             raise FormatError(f"{path}: checkpoint field 'config' is not a mapping")
+        saved = {**{k: getattr(FinetuneConfig, k) for k in FinetuneConfig.IDENTITY if k.endswith("_field")},
+                 **saved}  # runs saved before the *_field settings existed used their defaults
         differ = {k: (saved.get(k, "<missing>"), getattr(self.cfg, k)) for k in FinetuneConfig.IDENTITY
                   if saved.get(k, "<missing>") != getattr(self.cfg, k)}
         if differ:

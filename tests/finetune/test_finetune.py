@@ -84,7 +84,7 @@ def test_length_groups_have_no_padding_and_give_the_token_mean(base, tmp_path):
 
 def test_prompt_is_masked_by_default():
     from fusegrad.data.tokenizer import ByteTokenizer
-    recs = [{"prompt": "hi ", "completion": "yo", "_line": 1}, {"text": "ab", "_line": 2}]
+    recs = [{"prompt": "hi ", "completion": "yo"}, {"text": "ab"}]
     ex = ftdata.lm_examples(recs, ByteTokenizer(), max_len=32)
     assert ex[0].loss_mask.tolist() == [False] * 3 + [True] * 3 and ex[1].loss_mask.all()
     assert ftdata.lm_examples(recs, ByteTokenizer(), max_len=32, mask_prompt=False)[0].loss_mask.all()
@@ -232,11 +232,11 @@ def test_cli_help_lists_the_lora_options(capsys):
 def test_bad_input_gives_clear_errors(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": "fine"}\n{"text": oops}\n')
-    with pytest.raises(FormatError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(FormatError, match=r"bad.jsonl: line 3 is not a JSON record: Expecting value \(column 10\)"):
         Finetuner(cfg(base, tmp_path / "a", data=str(bad)))
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 5}\n')
-    with pytest.raises(FormatError, match=r"labels.jsonl:2: label 5 is outside \[0, num_classes=3\)"):
+    with pytest.raises(FormatError, match=r"labels.jsonl: line 2: label 5 is outside \[0, num_classes=3\)"):
         Finetuner(cfg(base, tmp_path / "b", data=str(labels), task="classify", num_classes=3))
     with pytest.raises(ConfigError, match="unknown target module 'attn'"):
         Finetuner(cfg(base, tmp_path / "c", lora_targets="q,attn"))
@@ -307,10 +307,10 @@ def test_byte_tokenizer_on_a_model_with_its_own_is_refused_unless_forced(base, t
 
 
 @pytest.mark.parametrize("name, content, match", [
-    ("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"d.jsonl:2: not UTF-8 text \(byte 0xe9 at column 14\)"),
-    ("d.csv", b"text,label\nok,0\ncaf\xe9,1\n", r"d.csv:3: not UTF-8 text \(byte 0xe9 at column 4\)"),
-    ("n.jsonl", b'{"text": "a", "label": NaN}\n', r"n.jsonl:1: malformed JSON line: NaN is not a finite number"),
-    ("r.csv", b"text,label\na,0\nb,1,extra\n", r"r.csv:3: the row's field count differs from the header's"),
+    ("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"d.jsonl: line 2 is not UTF-8 text \(invalid continuation byte\)"),
+    ("d.csv", b"text,label\nok,0\ncaf\xe9,1\n", r"d.csv: line 3 is not UTF-8 text \(byte 0xe9 at column 4\)"),
+    ("n.jsonl", b'{"text": "a", "label": NaN}\n', r"n.jsonl: line 1 is not a JSON record: NaN is not a finite number"),
+    ("r.csv", b"text,label\na,0\nb,1,extra\n", r"r.csv: line 3: the row's field count differs from the header's"),
 ])
 def test_non_utf8_non_finite_and_ragged_data_name_the_file_and_line(tmp_path, name, content, match):
     (tmp_path / name).write_bytes(content)
@@ -322,11 +322,11 @@ def test_non_utf8_non_finite_and_ragged_data_name_the_file_and_line(tmp_path, na
 def test_labels_are_integers_never_cast(tmp_path, label):
     path = tmp_path / "l.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": %s}\n' % label)
-    with pytest.raises(FormatError, match=r"l.jsonl:2: field 'label' must be an integer class id"):
+    with pytest.raises(FormatError, match=r"l.jsonl: line 2: field 'label' must be an integer class id"):
         ftdata.classify_examples(ftdata.read_records(path), fg.data.tokenizer.ByteTokenizer(), 2, 16)
     csv_path = tmp_path / "l.csv"
     csv_path.write_text("text,label\na,1\nb,1.0\n")
-    with pytest.raises(FormatError, match=r"l.csv:3: field 'label' must be an integer class id, got '1.0'"):
+    with pytest.raises(FormatError, match=r"l.csv: line 3: field 'label' must be an integer class id, got '1.0'"):
         ftdata.classify_examples(ftdata.read_records(csv_path), fg.data.tokenizer.ByteTokenizer(), 2, 16)
 
 

@@ -1,0 +1,116 @@
+"""Fine-tuning data as datasets publish it: JSON Lines, JSON lists, Parquet and Arrow (compressed too), chat as
+`messages` or ShareGPT's `conversations`, and fields named otherwise (Alpaca's instruction/output, SST-2's
+sentence)."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from fusegrad.cli.main import main as run_cli
+from fusegrad.core.errors import FormatError
+from fusegrad.data.tokenizer import ByteTokenizer, load_tokenizer
+from fusegrad.finetune import data as ftdata
+from tests.data.test_chat import CONVERSATION, make_chatml_dir
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+CHATS = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]]
+
+
+def write_all_kinds(d, rows) -> list:
+    """`rows` as .jsonl, .json (a list), .jsonl.gz, .parquet and .arrow (the IPC stream Hugging Face datasets
+    writes); the paths."""
+    paths = [d / "d.jsonl", d / "d.json", d / "d.jsonl.gz", d / "d.parquet", d / "d.arrow"]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    paths[0].write_text(lines)
+    paths[1].write_text(json.dumps(rows, indent=1))
+    paths[2].write_bytes(gzip.compress(lines.encode()))
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, paths[3], row_group_size=2)
+    with pa.OSFile(str(paths[4]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    return paths
+
+
+def examples(path, tokenizer, **fields):
+    return [(e.tokens.tolist(), e.loss_mask.tolist(), e.label)
+            for e in ftdata.lm_examples(ftdata.read_records(path), tokenizer, 256,
+                                        fields=ftdata.RecordFields(**fields))]
+
+
+def test_chat_data_reads_the_same_from_every_kind_of_file_and_as_sharegpt(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    make_chatml_dir(tmp_path / "tok")
+    tokenizer, theirs = load_tokenizer(tmp_path / "tok"), transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    rows = [{"messages": m, "source": "test"} for m in CHATS * 2]
+    wanted = [theirs.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in CHATS * 2]
+    for path in write_all_kinds(tmp_path, rows):  # Parquet's messages: a list of structs, read back as dicts
+        got = examples(path, tokenizer)
+        assert [ids for ids, _, _ in got] == wanted, path.name
+        trained = [theirs.decode(np.array(ids[1:])[mask]) for ids, mask, _ in got]
+        assert trained[2] == "Yo<|im_end|>\n", path.name  # the loss is on the assistant's turns only
+    who = {"system": "system", "user": "human", "assistant": "gpt"}
+    shared = tmp_path / "sharegpt"
+    shared.mkdir()
+    sharegpt = [{"conversations": [{"from": who[t["role"]], "value": t["content"]} for t in m]} for m in CHATS * 2]
+    for path in write_all_kinds(shared, sharegpt):
+        assert [ids for ids, _, _ in examples(path, tokenizer)] == wanted, f"ShareGPT {path.name}"
+    named = tmp_path / "named.jsonl"
+    named.write_text("".join(json.dumps({"dialog": m}) + "\n" for m in CHATS))
+    assert [ids for ids, _, _ in examples(named, tokenizer, messages="dialog")] == wanted[:3]
+
+
+def test_fields_named_otherwise_are_read_where_the_settings_say(tmp_path):
+    alpaca = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]
+    usual = [{"prompt": r["instruction"], "completion": r["output"]} for r in alpaca]
+    (tmp_path / "usual").mkdir()
+    for theirs, ours in zip(write_all_kinds(tmp_path, alpaca), write_all_kinds(tmp_path / "usual", usual)):
+        assert examples(theirs, ByteTokenizer(), prompt="instruction", completion="output") == \
+            examples(ours, ByteTokenizer()), theirs.name
+    with pytest.raises(FormatError, match=r"d.parquet: row 0: a record needs 'text', 'prompt' and 'completion', or "
+                                          r"'messages' \(has \['input', 'instruction', 'output'\]\); name the fields "
+                                          r"with --text_field"):
+        examples(tmp_path / "d.parquet", ByteTokenizer())
+    sst2 = tmp_path / "sst2.parquet"  # a classification dataset: its text is 'sentence', its label an int64
+    pq.write_table(pa.Table.from_pylist([{"idx": i, "sentence": s, "label": i % 2}
+                                         for i, s in enumerate(["good", "bad", "fine", "awful"])]), sst2)
+    got = ftdata.classify_examples(ftdata.read_records(sst2), ByteTokenizer(), 2, 16, ftdata.RecordFields(text="sentence"))
+    assert [(bytes(e.tokens[1:].astype(np.uint8)).decode(), e.label) for e in got] == \
+        [("good", 0), ("bad", 1), ("fine", 0), ("awful", 1)]
+
+
+def test_fusegrad_finetune_reads_a_parquet_dataset_naming_its_fields(tmp_path, capsys):
+    from fusegrad.models import Llama
+    from fusegrad.models.llama import LlamaConfig
+
+    Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64),
+          seed=0).save_pretrained(tmp_path / "base")
+    rows = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))} for i in range(2, 12)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00001.parquet")
+    out = tmp_path / "run"
+    assert run_cli(["finetune", "--model", str(tmp_path / "base"), "--tokenizer", "byte", "--data",
+                    str(tmp_path / "train-00000-of-00001.parquet"), "--prompt_field", "instruction",
+                    "--completion_field", "output", "--out", str(out), "--max_steps", "2", "--batch_size", "4",
+                    "--quiet"]) == 0
+    assert (out / "adapter_model.safetensors").exists()
+    assert run_cli(["finetune", "--model", str(tmp_path / "base"), "--tokenizer", "byte", "--data",
+                    str(tmp_path / "train-00000-of-00001.parquet"), "--text_field", "instruction", "--out", str(out),
+                    "--max_steps", "3", "--batch_size", "4", "--resume", "--quiet"]) != 0
+    assert "'prompt_field': ('instruction', 'prompt')" in capsys.readouterr().err  # a resume reads the same fields
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("s.jsonl", json.dumps({"conversations": [{"from": "bot", "value": "hi"}]}),
+     r"s.jsonl: line 1: a ShareGPT turn is from 'bot', not one of human, gpt, system"),
+    ("n.json", '[{"text": "a"}, {"text": "b", "score": NaN}]', r"n.json: record 1 is not valid JSON: NaN is not a finite"),
+    ("t.json", '[{"text": "a"}, ["not", "an", "object"]]', r"t.json: record 1 is a JSON list, not an object"),
+    ("m.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+     r"m.jsonl: line 1: byte: the tokenizer has no chat_template"),
+    ("x.txt", "plain text", r"x.txt: a text file holds no records"),
+])
+def test_bad_records_name_the_file_and_the_record(tmp_path, name, content, match):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(FormatError, match=match):
+        ftdata.lm_examples(ftdata.read_records(tmp_path / name), ByteTokenizer(), 64)
