@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import sys
 
@@ -28,9 +29,11 @@ from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
 from fusegrad.data.sources import DEFAULT_SEPARATOR
 from fusegrad.data.tokenizer import tokenizer_for_model
-from fusegrad.models.generate import generate
+from fusegrad.models.generate import Sampling, declared_sampling, stream
 from fusegrad.models.llama import Llama
 from fusegrad.train.trainer import TrainConfig, load_model, train
+
+SAMPLING_FIELDS = [f.name for f in dataclasses.fields(Sampling)]
 
 
 def version() -> str:
@@ -56,13 +59,45 @@ def _cmd_sample(args) -> int:
         prompt = tokenizer.encode(text, bos=False, eos=False)  # the template places its special tokens itself
     else:
         prompt = tokenizer.prompt_ids(args.prompt)
+    declared = declared_sampling(path)
+    given = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
+    sampling = Sampling(**{**declared, **given})  # the command line over what the model declares
+    if set(declared) - set(given):
+        print(f"sampling: {', '.join(f'{f} {getattr(sampling, f)}' for f in SAMPLING_FIELDS)} (the model's "
+              f"{', '.join(sorted(set(declared) - set(given)))} as {path} declares)", file=sys.stderr)
     for i in range(args.num_samples):
-        ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed + i,
-                       stop_ids=tokenizer.eos_ids)
-        print(tokenizer.decode(ids[len(prompt):] if args.chat else ids))  # chat: the assistant's reply only
+        shown = Shown(tokenizer, [] if args.chat else prompt)  # chat: the assistant's reply only
+        for token in stream(model, prompt, args.max_new_tokens, sampling, args.seed + i, tokenizer.eos_ids):
+            shown.add(token)
+        shown.end()
         if i + 1 < args.num_samples:
             print("---")
     return 0
+
+
+class Shown:
+    """Text printed as its tokens come: the decoding of all the ids so far, less what is already on screen; a
+    character still incomplete (U+FFFD at the end: a multi-byte character split over tokens) waits for the
+    next token."""
+
+    def __init__(self, tokenizer, ids):
+        self.tokenizer, self.ids, self.printed = tokenizer, list(ids), ""
+        self._show(final=False)
+
+    def add(self, token):
+        self.ids.append(token)
+        self._show(final=False)
+
+    def end(self):
+        self._show(final=True)
+        print(flush=True)
+
+    def _show(self, final):
+        text = self.tokenizer.decode(self.ids)
+        text = text if final else text.rstrip("\ufffd")
+        if text.startswith(self.printed):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
 
 
 def _cmd_prepare(args) -> int:
@@ -117,8 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run dir, checkpoint.safetensors, HF dir, .gguf, llama2.c .bin, or a fine-tune's adapter dir")
     p.add_argument("--prompt", default="")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_p", "--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json or "
+                                                      "GGUF sampling keys, else 0.8)")
+    p.add_argument("--top_p", "--top-p", type=float, help="nucleus: the smallest set of tokens with this much "
+                                                           "probability (default: the model's, else 0.9)")
+    p.add_argument("--top_k", "--top-k", type=int, help="the k most likely tokens only (0 = off; default: the "
+                                                         "model's, else 0)")
+    p.add_argument("--min_p", "--min-p", type=float, help="tokens at least min_p times as likely as the most likely "
+                                                           "(0 = off; default: the model's, else 0)")
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float,
+                   help="divide the logits of ids already in the context by this, as transformers does (1 = off; "
+                        "default: the model's, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", "--num-samples", type=int, default=1)
     p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")

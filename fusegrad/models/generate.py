@@ -5,38 +5,131 @@
 >>> out = generate(model, [1, 5, 7], max_new_tokens=4, temperature=0.0)
 >>> len(out)
 7
+>>> Sampling(temperature=1.0, top_p=1.0).probabilities(np.array([2.0, 1.0, -1.0]), context=[]).round(3)
+array([0.705, 0.259, 0.035])
+>>> Sampling(temperature=1.0, top_p=1.0, min_p=0.05).probabilities(np.array([2.0, 1.0, -1.0]), context=[]).round(3)
+array([0.731, 0.269, 0.   ])
 """
 from __future__ import annotations
+
+import dataclasses
+import os
 
 import numpy as np
 
 from fusegrad import ops
-from fusegrad.core.errors import ShapeError
+from fusegrad.core.errors import ConfigError, FormatError, ShapeError
+from fusegrad.core.fileio import read_json_object
 from fusegrad.core.tensor import no_grad
 from fusegrad.core.trace import span
+from fusegrad.models.gguf_file import is_gguf, read_metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen, in transformers' order: the repetition penalty on the logits of every id in
+    the context so far (prompt included; a positive logit divided by it, a negative one multiplied), then
+    temperature (0: the most likely token), top-k (0: off), top-p (1: off), min-p (0: off)."""
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = {"temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
+                  "top_k": self.top_k >= 0 and float(self.top_k).is_integer(), "min_p": 0 <= self.min_p <= 1,
+                  "repetition_penalty": self.repetition_penalty > 0}
+        ranges = {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": "an integer >= 0", "min_p": "in [0, 1]",
+                  "repetition_penalty": "> 0"}
+        for name, ok in checks.items():
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise ConfigError(f"sampling: {name} must be {ranges[name]}, got {getattr(self, name)!r}")
+
+    def penalized(self, logits, context) -> np.ndarray:
+        """(V,) float64 logits with the repetition penalty applied to the ids in `context`."""
+        z = np.array(logits, dtype=np.float64)
+        if self.repetition_penalty != 1.0 and len(context):
+            seen = np.unique(np.asarray(context, dtype=np.int64))
+            z[seen] = np.where(z[seen] < 0, z[seen] * self.repetition_penalty, z[seen] / self.repetition_penalty)
+        return z
+
+    def probabilities(self, logits, context) -> np.ndarray:
+        """(V,) float64: the distribution the next token is drawn from (temperature > 0)."""
+        z = self.penalized(logits, context) / self.temperature
+        if 0 < self.top_k < len(z):  # ties with the k-th logit stay, as in transformers
+            z[z < np.partition(z, -self.top_k)[-self.top_k]] = -np.inf
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if self.top_p < 1.0:  # keep a token while the mass ranked above it is below top_p
+            order = np.argsort(-p, kind="stable")
+            above = np.cumsum(p[order]) - p[order]
+            p[order[above >= self.top_p]] = 0.0
+            p /= p.sum()
+        if self.min_p > 0.0:
+            p[p < self.min_p * p.max()] = 0.0
+            p /= p.sum()
+        return p
+
+    def choose(self, logits, context, rng) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(self.penalized(logits, context)))
+        p = self.probabilities(logits, context)
+        return int(rng.choice(len(p), p=p))
+
+
+# what a checkpoint may declare: generation_config.json's keys, and GGUF's general.sampling.* keys
+_HF_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "repetition_penalty": "repetition_penalty"}
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def declared_sampling(path) -> dict:
+    """The sampling settings a checkpoint declares ({Sampling field: value}): a Hugging Face directory's
+    generation_config.json (`do_sample: false` means greedy, temperature 0), a GGUF file's general.sampling.*
+    keys; {} for anything else. Each is checked as Sampling checks it, naming the file."""
+    path = os.fspath(path)
+    if is_gguf(path):
+        meta = read_metadata(path)
+        declared = {field: meta[key] for key, field in _GGUF_SAMPLING.items() if key in meta}
+    elif os.path.isfile(os.path.join(path, "generation_config.json")):
+        path = os.path.join(path, "generation_config.json")
+        raw = read_json_object(path, "the generation config")
+        declared = {field: raw[key] for key, field in _HF_SAMPLING.items() if raw.get(key) is not None}
+        if raw.get("do_sample") is False:  # transformers then decodes greedily, whatever the temperature says
+            declared["temperature"] = 0.0
+    else:
+        return {}
+    for field, value in declared.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FormatError(f"{path}: sampling setting {field} must be a number, got {value!r}")
+    try:
+        Sampling(**declared)
+    except ConfigError as e:
+        raise FormatError(f"{path}: {e}") from None
+    return declared
 
 
 def sample_token(logits, rng, temperature: float = 1.0, top_p: float = 1.0) -> int:
-    """Greedy at temperature 0; otherwise nucleus sampling over the smallest set with mass >= top_p."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[:int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        mask = np.zeros_like(p)
-        mask[keep] = p[keep]
-        p = mask / mask.sum()
-    return int(rng.choice(len(p), p=p))
+    """One token from (V,) logits: greedy at temperature 0, else nucleus sampling (Sampling without penalty)."""
+    return Sampling(temperature=temperature, top_p=top_p).choose(logits, (), rng)
 
 
 def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 0.8, top_p: float = 0.9,
-             seed: int | None = None, stop_id: int | None = None, stop_ids=()) -> list:
+             seed: int | None = None, stop_id: int | None = None, stop_ids=(), sampling: Sampling | None = None) -> list:
     """prompt ids -> prompt + new ids; stops early after any of `stop_ids` (every eos id the model
-    declares; `stop_id` is one more) or at the context limit."""
-    stops = {int(t) for t in stop_ids} | ({int(stop_id)} if stop_id is not None else set())
+    declares; `stop_id` is one more) or at the context limit. `sampling` (top-k, min-p, repetition penalty
+    too) replaces temperature and top_p when given."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    return prompt_ids + list(stream(model, prompt_ids, max_new_tokens, sampling or Sampling(temperature, top_p), seed,
+                                    stop_ids=tuple(stop_ids) + (() if stop_id is None else (stop_id,))))
+
+
+def stream(model, prompt_ids, max_new_tokens: int, sampling: Sampling, seed: int | None = None, stop_ids=()):
+    """The new ids, one at a time as each is chosen (the last one a stop id, if one came)."""
+    stops = {int(t) for t in stop_ids}
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise ShapeError("generate: the prompt must hold at least one token (e.g. BOS)")
@@ -48,16 +141,16 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
         raise ShapeError(f"generate: the prompt's {len(prompt_ids)} tokens exceed max_seq_len {limit}")
     rng = np.random.default_rng(seed)
     cache = model.new_cache(1, min(len(prompt_ids) + max(max_new_tokens, 0), limit))
-    out, new = list(prompt_ids), prompt_ids
+    out, new = list(prompt_ids), prompt_ids  # out: the context the repetition penalty looks at
     # after the prompt each GEMM has one row: memory-bound, and on all of OpenBLAS's threads (they spin between
     # calls, so they start at once; one thread was slower: docs/performance.md, Generation)
     with span("generate", "generate", new=max_new_tokens), no_grad():
         while len(out) - len(prompt_ids) < max_new_tokens and len(out) < limit:
             h = model.hidden(np.array([new]), cache=cache)  # (1, T, C): the new tokens after the cached ones
             logits = ops.matmul_nt(h[:, -1], model.classifier)  # (1, V): the last position's only
-            nxt = sample_token(logits.numpy()[0], rng, temperature, top_p)
+            nxt = sampling.choose(logits.numpy()[0], out, rng)
             out.append(nxt)
+            yield nxt
             if nxt in stops:
                 break
             new = [nxt]
-    return out

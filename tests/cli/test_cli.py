@@ -155,15 +155,16 @@ def test_sample_and_chat_use_the_models_own_tokenizer_and_template(hf_model, cap
 def test_generation_stops_at_every_eos_id_the_model_declares(tmp_path, monkeypatch):
     import fusegrad.cli.main as cli
     from fusegrad.data.tokenizer import load_tokenizer
-    from fusegrad.models.generate import generate
+    from fusegrad.models.generate import stream
     from tests.data.test_chat import make_hf_model
 
     model = make_hf_model(tmp_path / "m", norm=0.0)  # every logit 0: greedy picks id 0, <|endoftext|>
     made = []
-    monkeypatch.setattr(cli, "generate", lambda *a, **kw: made.append(generate(*a, **kw)) or made[-1])
+    monkeypatch.setattr(cli, "stream", lambda model, prompt, *a: made.append(prompt) or (made.append(t) or t
+                                                                                       for t in stream(model, prompt, *a)))
     assert main(["sample", "--checkpoint", str(model), "--prompt", "Hi", "--temperature", "0",
                  "--max_new_tokens", "5"]) == 0
-    assert made == [load_tokenizer(model).encode("Hi") + [0]]  # 0 is an eos id of generation_config.json only
+    assert made == [load_tokenizer(model).encode("Hi"), 0]  # 0 is an eos id of generation_config.json only
 
 
 def test_a_tokenizer_that_does_not_fit_the_model_names_both_files(hf_model, tmp_path, capsys):

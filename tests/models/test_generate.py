@@ -144,3 +144,111 @@ def test_generation_on_the_decode_kernels_equals_the_reference_backend():
         tokens = np.array([out[lo:hi]])
         np.testing.assert_allclose(ours.logits(tokens, cache).numpy(), reference.logits(tokens, ref_cache).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+# -- sampling settings, against transformers' logits processors -------------------------------------------
+SETTINGS = [dict(temperature=0.7), dict(temperature=1.3, top_k=5), dict(temperature=1.0, top_p=0.8),
+            dict(temperature=0.6, top_p=0.9, top_k=20), dict(temperature=1.0, min_p=0.1),
+            dict(temperature=0.9, top_k=8, top_p=0.95, min_p=0.05, repetition_penalty=1.3),
+            dict(temperature=1.0, repetition_penalty=0.8)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_sampling_distribution_equals_transformers_logits_processors(settings):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from fusegrad.models.generate import Sampling
+
+    rng = np.random.default_rng(len(str(settings)))
+    full = dict(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0) | settings
+    t = transformers  # the processors generate() chains when sampling, in its order (GenerationMixin._get_logits_processor)
+    processors = t.LogitsProcessorList(
+        ([t.RepetitionPenaltyLogitsProcessor(full["repetition_penalty"])] if full["repetition_penalty"] != 1 else [])
+        + [t.TemperatureLogitsWarper(full["temperature"])]
+        + ([t.TopKLogitsWarper(full["top_k"])] if full["top_k"] else [])
+        + ([t.TopPLogitsWarper(full["top_p"])] if full["top_p"] < 1 else [])
+        + ([t.MinPLogitsWarper(full["min_p"])] if full["min_p"] else []))
+    for trial in range(20):
+        logits = (rng.standard_normal(300) * rng.uniform(0.5, 4)).astype(np.float32)
+        context = rng.integers(0, 300, rng.integers(1, 40))
+        theirs = processors(torch.tensor(context)[None], torch.tensor(logits)[None].clone())
+        theirs = torch.softmax(theirs.double(), -1)[0].numpy()
+        ours = Sampling(**full).probabilities(logits, context)
+        assert ((ours > 0) == (theirs > 0)).all(), (settings, trial)  # the same tokens kept
+        np.testing.assert_allclose(ours, theirs, atol=1e-6, err_msg=str((settings, trial)))
+
+
+def test_greedy_generation_with_a_repetition_penalty_equals_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    from fusegrad.models.generate import Sampling
+    from tests.data.test_chat import make_hf_model
+
+    path = make_hf_model(tmp_path / "m")
+    theirs = pytest.importorskip("transformers").LlamaForCausalLM.from_pretrained(path)
+    prompt = [5, 9, 5, 17, 30, 9]
+    for penalty in (1.0, 1.5, 3.0):  # transformers penalizes every id of the context, the prompt's too
+        want = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, repetition_penalty=penalty,
+                               eos_token_id=None, pad_token_id=0)[0].tolist()
+        got = generate(Llama.from_pretrained(path), prompt, 20,
+                       sampling=Sampling(temperature=0.0, repetition_penalty=penalty))
+        assert got == want, penalty
+    plain = generate(Llama.from_pretrained(path), prompt, 20, temperature=0.0)
+    assert got != plain  # the penalty changed what was generated
+
+
+def test_sampling_settings_the_model_declares_and_the_command_line_overrides(tmp_path, capsys):
+    import json
+
+    from fusegrad.cli.main import main
+    from fusegrad.models.generate import Sampling, declared_sampling
+    from tests.data.test_chat import make_hf_model
+
+    path = make_hf_model(tmp_path / "m")
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": True, "temperature": 0.6,
+                                                                      "top_p": 0.9, "top_k": 20}))
+    assert declared_sampling(path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    assert main(["sample", "--checkpoint", str(path), "--prompt", "Hi", "--max_new_tokens", "3", "--top_k", "5"]) == 0
+    assert "sampling: temperature 0.6, top_p 0.9, top_k 5, min_p 0.0, repetition_penalty 1.0 (the model's " \
+           "temperature, top_p as" in capsys.readouterr().err
+    (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": False, "temperature": 0.6}))
+    assert declared_sampling(path) == {"temperature": 0.0}  # transformers decodes greedily: so does fusegrad
+    (path / "generation_config.json").write_text(json.dumps(config | {"top_p": 1.5}))
+    with pytest.raises(fg.FormatError, match=r"generation_config.json: sampling: top_p must be in \(0, 1\], got 1.5"):
+        declared_sampling(path)
+    for bad, match in [(dict(temperature=-1), "temperature must be >= 0"), (dict(top_k=2.5), "top_k must be an "),
+                       (dict(min_p=float("nan")), "min_p must be in"), (dict(repetition_penalty=0), "> 0, got 0")]:
+        with pytest.raises(fg.ConfigError, match=match):
+            Sampling(**bad)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    assert main(["sample", "--checkpoint", str(path), "--top_p", "0"]) == 2
+    assert "top_p must be in (0, 1], got 0.0" in capsys.readouterr().err
+
+
+def test_a_gguf_files_sampling_keys_are_its_defaults(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from fusegrad.models.export import export_model
+    from fusegrad.models.generate import declared_sampling
+    from tests.gguf_edit import rewrite
+
+    export_model(Llama.from_preset("tiny", seed=0), tmp_path / "m.gguf", "gguf", dtype="f32")
+    assert declared_sampling(tmp_path / "m.gguf") == {}
+    rewrite(tmp_path / "m.gguf", tmp_path / "s.gguf", metadata={
+        gguf.Keys.General.SAMPLING_TEMP: (0.5, gguf.GGUFValueType.FLOAT32),
+        gguf.Keys.General.SAMPLING_TOP_K: (40, gguf.GGUFValueType.INT32)})
+    assert declared_sampling(tmp_path / "s.gguf") == {"temperature": 0.5, "top_k": 40}
+
+
+def test_the_sample_command_prints_tokens_as_they_come_whole_characters_only(capsys):
+    from fusegrad.cli.main import Shown
+    from fusegrad.data.tokenizer import ByteTokenizer
+
+    tokenizer, pieces = ByteTokenizer(), []
+    shown = Shown(tokenizer, list("Hé ".encode()))
+    pieces.append(capsys.readouterr().out)
+    for b in "日本".encode():  # three bytes a character: nothing is shown until one is whole
+        shown.add(b)
+        pieces.append(capsys.readouterr().out)
+    shown.end()
+    pieces.append(capsys.readouterr().out)
+    assert pieces == ["Hé ", "", "", "日", "", "", "本", "\n"]
