@@ -1,10 +1,11 @@
-"""The `fusegrad` command: train | sample | prepare | finetune | merge | export | bench | info | doctor.
+"""The `fusegrad` command: train | sample | chat | prepare | finetune | merge | export | bench | info | doctor.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
     fusegrad train --init_from hf_dir --data my_texts/    # continued pretraining of a downloaded model
     fusegrad sample --checkpoint runs/default --prompt "The list"
     fusegrad sample --checkpoint hf_dir --chat --prompt "What is a list?"
+    fusegrad chat --checkpoint hf_dir   # a conversation, a turn a line of stdin
     fusegrad prepare my_texts/ --out data/mine --tokenizer bpe --vocab_size 4096
     fusegrad info runs/default
     fusegrad doctor                     # every Neural Engine kernel once, against ane-sim: a pasteable report
@@ -12,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import sys
 
@@ -21,19 +21,12 @@ import numpy as np
 from fusegrad.backends import available_backends, get_backend
 from fusegrad.backends.ane.doctor import doctor, format_report
 from fusegrad.backends.openblas import blas_info
-from fusegrad.cli import bench, export, finetune
+from fusegrad.cli import bench, export, finetune, sample
 from fusegrad.cli.config import add_dataclass_args, config_from_args
 from fusegrad.core.errors import BackendError, FusegradError
-from fusegrad.core.tensor import tensor
-from fusegrad.data.chat import chat_text
 from fusegrad.data.prepare import prepare
 from fusegrad.data.sources import DEFAULT_SEPARATOR
-from fusegrad.data.tokenizer import tokenizer_for_model
-from fusegrad.models.generate import Sampling, declared_sampling, stream
-from fusegrad.models.llama import Llama
 from fusegrad.train.trainer import TrainConfig, load_model, train
-
-SAMPLING_FIELDS = [f.name for f in dataclasses.fields(Sampling)]
 
 
 def version() -> str:
@@ -44,60 +37,6 @@ def version() -> str:
 def _cmd_train(args) -> int:
     train(config_from_args(TrainConfig, args))
     return 0
-
-
-def _cmd_sample(args) -> int:
-    model, tokenizer, path = export.load_merged(args.checkpoint, args.adapter)  # an adapter folded in, in memory
-    if args.backend != "numpy" or args.device:  # the weights go to the device once; generation runs there
-        be = get_backend(f"{args.backend}:{args.device}" if args.device else args.backend)
-        model = Llama(model.config, params={n: tensor(t.numpy(), backend=be) for n, t in model.params.items()},
-                      backend=be)
-    tokenizer = tokenizer_for_model(path, model.config.vocab_size, tokenizer, args.tokenizer,
-                                    args.force_tokenizer)
-    if args.chat:  # the prompt as a one-turn conversation, in the model's own chat template
-        text = chat_text(tokenizer, [{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        prompt = tokenizer.encode(text, bos=False, eos=False)  # the template places its special tokens itself
-    else:
-        prompt = tokenizer.prompt_ids(args.prompt)
-    declared = declared_sampling(path)
-    given = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
-    sampling = Sampling(**{**declared, **given})  # the command line over what the model declares
-    if set(declared) - set(given):
-        print(f"sampling: {', '.join(f'{f} {getattr(sampling, f)}' for f in SAMPLING_FIELDS)} (the model's "
-              f"{', '.join(sorted(set(declared) - set(given)))} as {path} declares)", file=sys.stderr)
-    for i in range(args.num_samples):
-        shown = Shown(tokenizer, [] if args.chat else prompt)  # chat: the assistant's reply only
-        for token in stream(model, prompt, args.max_new_tokens, sampling, args.seed + i, tokenizer.eos_ids):
-            shown.add(token)
-        shown.end()
-        if i + 1 < args.num_samples:
-            print("---")
-    return 0
-
-
-class Shown:
-    """Text printed as its tokens come: the decoding of all the ids so far, less what is already on screen; a
-    character still incomplete (U+FFFD at the end: a multi-byte character split over tokens) waits for the
-    next token."""
-
-    def __init__(self, tokenizer, ids):
-        self.tokenizer, self.ids, self.printed = tokenizer, list(ids), ""
-        self._show(final=False)
-
-    def add(self, token):
-        self.ids.append(token)
-        self._show(final=False)
-
-    def end(self):
-        self._show(final=True)
-        print(flush=True)
-
-    def _show(self, final):
-        text = self.tokenizer.decode(self.ids)
-        text = text if final else text.rstrip("\ufffd")
-        if text.startswith(self.printed):
-            print(text[len(self.printed):], end="", flush=True)
-            self.printed = text
 
 
 def _cmd_prepare(args) -> int:
@@ -147,34 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True,
-                   help="run dir, checkpoint.safetensors, HF dir, .gguf, llama2.c .bin, or a fine-tune's adapter dir")
-    p.add_argument("--prompt", default="")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json or "
-                                                      "GGUF sampling keys, else 0.8)")
-    p.add_argument("--top_p", "--top-p", type=float, help="nucleus: the smallest set of tokens with this much "
-                                                           "probability (default: the model's, else 0.9)")
-    p.add_argument("--top_k", "--top-k", type=int, help="the k most likely tokens only (0 = off; default: the "
-                                                         "model's, else 0)")
-    p.add_argument("--min_p", "--min-p", type=float, help="tokens at least min_p times as likely as the most likely "
-                                                           "(0 = off; default: the model's, else 0)")
-    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float,
-                   help="divide the logits of ids already in the context by this, as transformers does (1 = off; "
-                        "default: the model's, else 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_samples", "--num-samples", type=int, default=1)
-    p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
-    p.add_argument("--force_tokenizer", "--force-tokenizer", action="store_true",
-                   help="use --tokenizer byte on a model whose vocabulary is not bytes")
-    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
-    p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the model's chat template; "
-                                                       "prints the assistant's reply")
-    p.add_argument("--backend", default="numpy", help="where to generate: numpy, torch[:cuda|mps|cpu], ... "
-                                                       "(default numpy)")
-    p.add_argument("--device", default="", help="with --backend torch: cuda, mps or cpu (empty: the best present)")
-    p.set_defaults(func=_cmd_sample)
+    sample.add_parser(sub)
 
     p = sub.add_parser("prepare", help="tokenize text datasets into training shards")
     p.add_argument("inputs", nargs="*", help="files or directories: .txt, .jsonl, .json, .parquet, .arrow, compressed "

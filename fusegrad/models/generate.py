@@ -127,8 +127,10 @@ def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 
                                     stop_ids=tuple(stop_ids) + (() if stop_id is None else (stop_id,))))
 
 
-def stream(model, prompt_ids, max_new_tokens: int, sampling: Sampling, seed: int | None = None, stop_ids=()):
-    """The new ids, one at a time as each is chosen (the last one a stop id, if one came)."""
+def stream(model, prompt_ids, max_new_tokens: int, sampling: Sampling, seed=None, stop_ids=(), cache=None):
+    """The new ids, one at a time as each is chosen (the last one a stop id, if one came). seed: an int, None or a
+    numpy Generator to draw from. cache: a KVCache whose first `cache.length` positions hold the first ids of
+    `prompt_ids` (not computed again), or None for a new one."""
     stops = {int(t) for t in stop_ids}
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
@@ -139,9 +141,14 @@ def stream(model, prompt_ids, max_new_tokens: int, sampling: Sampling, seed: int
         raise ShapeError(f"generate: prompt token id {bad[0]} is outside the vocabulary [0, {V})")
     if len(prompt_ids) > limit:
         raise ShapeError(f"generate: the prompt's {len(prompt_ids)} tokens exceed max_seq_len {limit}")
-    rng = np.random.default_rng(seed)
-    cache = model.new_cache(1, min(len(prompt_ids) + max(max_new_tokens, 0), limit))
-    out, new = list(prompt_ids), prompt_ids  # out: the context the repetition penalty looks at
+    rng = np.random.default_rng(seed)  # a Generator is used as it is
+    need = min(len(prompt_ids) + max(max_new_tokens, 0), limit)
+    if cache is None:
+        cache = model.new_cache(1, need)
+    elif not (0 <= cache.length < len(prompt_ids) and cache.max_len >= need):
+        raise ShapeError(f"generate: a cache holding {cache.length} of {cache.max_len} positions cannot continue a "
+                         f"prompt of {len(prompt_ids)} ids by {max_new_tokens}")
+    out, new = list(prompt_ids), prompt_ids[cache.length:]  # out: the context the repetition penalty looks at
     # after the prompt each GEMM has one row: memory-bound, and on all of OpenBLAS's threads (they spin between
     # calls, so they start at once; one thread was slower: docs/performance.md, Generation)
     with span("generate", "generate", new=max_new_tokens), no_grad():
@@ -154,3 +161,54 @@ def stream(model, prompt_ids, max_new_tokens: int, sampling: Sampling, seed: int
             if nxt in stops:
                 break
             new = [nxt]
+
+
+class Conversation:
+    """A chat's turns generated one after another, keeping the KV cache: each turn computes only the ids after
+    the longest prefix its prompt (the whole conversation, rendered again) shares with what is cached.
+
+    >>> from fusegrad.models import Llama
+    >>> chat = Conversation(Llama.from_preset("tiny", seed=0), Sampling(temperature=0.0))
+    >>> first = list(chat.reply([1, 5, 7], 3))
+    >>> chat.computed  # the prompt's 3 positions and 2 of the 3 new ids (the last is not run until it is needed)
+    5
+    >>> len(list(chat.reply([1, 5, 7] + first + [9], 3))), chat.computed  # 5 cached, not run again: 2 + 2 more
+    (3, 9)
+    """
+
+    def __init__(self, model, sampling: Sampling, seed=None, stop_ids=()):
+        self.model, self.sampling, self.stop_ids = model, sampling, tuple(stop_ids)
+        self.rng = np.random.default_rng(seed)
+        self.cache, self.cached = None, []  # cached: the ids whose keys and values the cache holds
+        self.computed = 0  # positions run through the model so far, all turns together
+
+    def reply(self, prompt_ids, max_new_tokens: int):
+        prompt_ids = [int(t) for t in prompt_ids]
+        common = 0
+        for a, b in zip(self.cached, prompt_ids[:-1]):  # the last prompt id is always run: its logits pick
+            if a != b:
+                break
+            common += 1
+        need = min(len(prompt_ids) + max(max_new_tokens, 0), self.model.config.max_seq_len)
+        if self.cache is None or self.cache.max_len < need:
+            self.cache = self._grown(need, common)
+        self.cache.length = common
+        self.computed -= common
+        new = []
+        for token in stream(self.model, prompt_ids, max_new_tokens, self.sampling, self.rng, self.stop_ids,
+                            self.cache):
+            new.append(token)
+            yield token
+        self.cached = (prompt_ids + new)[:self.cache.length]
+        self.computed += self.cache.length
+
+    def _grown(self, need: int, keep: int):
+        """A cache for `need` positions (twice the old one's, within max_seq_len) holding the old one's first
+        `keep`."""
+        old = self.cache
+        size = need if old is None else min(max(need, 2 * old.max_len), self.model.config.max_seq_len)
+        cache = self.model.new_cache(1, size)
+        for layer in range(len(cache.k) if keep else 0):
+            cache.k[layer][:, :, :keep] = old.k[layer][:, :, :keep]
+            cache.v[layer][:, :, :keep] = old.v[layer][:, :, :keep]
+        return cache

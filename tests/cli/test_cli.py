@@ -153,7 +153,7 @@ def test_sample_and_chat_use_the_models_own_tokenizer_and_template(hf_model, cap
 
 
 def test_generation_stops_at_every_eos_id_the_model_declares(tmp_path, monkeypatch):
-    import fusegrad.cli.main as cli
+    import fusegrad.cli.sample as cli
     from fusegrad.data.tokenizer import load_tokenizer
     from fusegrad.models.generate import stream
     from tests.data.test_chat import make_hf_model

@@ -240,7 +240,7 @@ def test_a_gguf_files_sampling_keys_are_its_defaults(tmp_path):
 
 
 def test_the_sample_command_prints_tokens_as_they_come_whole_characters_only(capsys):
-    from fusegrad.cli.main import Shown
+    from fusegrad.cli.sample import Shown
     from fusegrad.data.tokenizer import ByteTokenizer
 
     tokenizer, pieces = ByteTokenizer(), []
