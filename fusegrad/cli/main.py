@@ -1,4 +1,5 @@
-"""The `fusegrad` command: train | sample | chat | prepare | finetune | merge | export | bench | info | doctor.
+"""The `fusegrad` command: train | sample | chat | perplexity | prepare | finetune | merge | export | bench | info |
+doctor.
 
     fusegrad train                      # trains a small model on text every Python install has
     fusegrad train --config run.yaml --lr 1e-3 --max_steps 2000
@@ -21,7 +22,7 @@ import numpy as np
 from fusegrad.backends import available_backends, get_backend
 from fusegrad.backends.ane.doctor import doctor, format_report
 from fusegrad.backends.openblas import blas_info
-from fusegrad.cli import bench, export, finetune, sample
+from fusegrad.cli import bench, export, finetune, perplexity, sample
 from fusegrad.cli.config import add_dataclass_args, config_from_args
 from fusegrad.core.errors import BackendError, FusegradError
 from fusegrad.data.prepare import prepare
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     sample.add_parser(sub)
+    perplexity.add_parser(sub)
 
     p = sub.add_parser("prepare", help="tokenize text datasets into training shards")
     p.add_argument("inputs", nargs="*", help="files or directories: .txt, .jsonl, .json, .parquet, .arrow, compressed "

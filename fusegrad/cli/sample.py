@@ -21,15 +21,20 @@ from fusegrad.models.llama import Llama
 SAMPLING_FIELDS = [f.name for f in dataclasses.fields(Sampling)]
 
 
-def _model(args):
-    """(model, tokenizer, sampling) as the options and the checkpoint say."""
-    model, tokenizer, path = export.load_merged(args.checkpoint, args.adapter)  # an adapter folded in, in memory
+def model_and_tokenizer(args) -> tuple:
+    """(model, tokenizer, the base model's path) of --checkpoint (--adapter folded in, in memory, the weights on
+    --backend) and --tokenizer."""
+    model, own, path = export.load_merged(args.checkpoint, args.adapter)
     if args.backend != "numpy" or args.device:  # the weights go to the device once; generation runs there
         be = get_backend(f"{args.backend}:{args.device}" if args.device else args.backend)
         model = Llama(model.config, params={n: tensor(t.numpy(), backend=be) for n, t in model.params.items()},
                       backend=be)
-    tokenizer = tokenizer_for_model(path, model.config.vocab_size, tokenizer, args.tokenizer,
-                                    args.force_tokenizer)
+    return model, tokenizer_for_model(path, model.config.vocab_size, own, args.tokenizer, args.force_tokenizer), path
+
+
+def _model(args):
+    """(model, tokenizer, sampling) as the options and the checkpoint say."""
+    model, tokenizer, path = model_and_tokenizer(args)
     declared = declared_sampling(path)
     given = {f: getattr(args, f) for f in SAMPLING_FIELDS if getattr(args, f) is not None}
     sampling = Sampling(**{**declared, **given})  # the command line over what the model declares
@@ -122,9 +127,21 @@ class Shown:
             self.printed = text
 
 
-def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def model_options(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --adapter, --tokenizer, --force_tokenizer, --backend, --device: what model_and_tokenizer reads."""
     p.add_argument("--checkpoint", required=True,
                    help="run dir, checkpoint.safetensors, HF dir, .gguf, llama2.c .bin, or a fine-tune's adapter dir")
+    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
+    p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
+    p.add_argument("--force_tokenizer", "--force-tokenizer", action="store_true",
+                   help="use --tokenizer byte on a model whose vocabulary is not bytes")
+    p.add_argument("--backend", default="numpy", help="where to run: numpy, torch[:cuda|mps|cpu], ... "
+                                                       "(default numpy)")
+    p.add_argument("--device", default="", help="with --backend torch: cuda, mps or cpu (empty: the best present)")
+
+
+def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    model_options(p)
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json or "
                                                       "GGUF sampling keys, else 0.8)")
@@ -138,13 +155,6 @@ def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None
                    help="divide the logits of ids already in the context by this, as transformers does (1 = off; "
                         "default: the model's, else 1)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default="", help="tokenizer file or dir, when none lies beside the model")
-    p.add_argument("--force_tokenizer", "--force-tokenizer", action="store_true",
-                   help="use --tokenizer byte on a model whose vocabulary is not bytes")
-    p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir (from `fusegrad finetune --out`)")
-    p.add_argument("--backend", default="numpy", help="where to generate: numpy, torch[:cuda|mps|cpu], ... "
-                                                       "(default numpy)")
-    p.add_argument("--device", default="", help="with --backend torch: cuda, mps or cpu (empty: the best present)")
 
 
 def add_parser(subparsers) -> None:
