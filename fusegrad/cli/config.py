@@ -40,6 +40,7 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
              ".parquet, .arrow, compressed or in tar; none = the embedded corpus), or records (finetune: JSONL, "
              "JSON, Parquet, Arrow or CSV, compressed too: text, prompt/completion or chat messages)", ""),
     "text_field": ("the JSON field or Parquet/Arrow column holding a document's (finetune: a record's) text", ""),
+    "val_data": ("finetune: validation records, read as --data is (none: --val_fraction of --data)", ""),
     "prompt_field": ("finetune: the field holding a record's prompt", ""),
     "completion_field": ("finetune: the field holding the completion of its prompt", ""),
     "messages_field": ("finetune: the field holding a chat: [{role, content}] or ShareGPT's [{from, value}]", ""),

@@ -59,6 +59,7 @@ class FinetuneConfig(RunConfig):
     model: str = ""  # Hugging Face directory, GGUF file or llama2.c .bin
     data: str = ""  # JSONL, JSON, Parquet, Arrow or CSV records ({"text"}, {"prompt", "completion"}, chat {"messages"};
     # classify: {"text", "label"}); a dataset that names them otherwise says so with the *_field settings
+    val_data: str = ""  # validation records, as data reads them ("" : val_fraction of data)
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
@@ -89,9 +90,9 @@ class FinetuneConfig(RunConfig):
     force: bool = False
 
     # settings that must match for resume to continue the same run
-    IDENTITY = ("model", "data", "text_field", "prompt_field", "completion_field", "messages_field", "label_field",
-                "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha", "dropout", "rslora",
-                "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
+    IDENTITY = ("model", "data", "val_data", "text_field", "prompt_field", "completion_field", "messages_field",
+                "label_field", "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha",
+                "dropout", "rslora", "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
 
 
 class Finetuner(Run):
@@ -122,17 +123,13 @@ class Finetuner(Run):
         self.model.config.checkpoint_activations = cfg.checkpoint_activations
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
-        records = ftdata.read_records(cfg.data)
-        max_len = min(cfg.max_len, self.model.config.max_seq_len)
-        fields = ftdata.RecordFields(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field,
-                                     cfg.label_field)
-        if cfg.task == "lm":
-            examples = ftdata.lm_examples(records, self.tokenizer, max_len, cfg.mask_prompt, fields)
-        else:
-            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes, max_len, fields)
-        if len(examples) < 2:
+        examples = self._examples(cfg.data)
+        if cfg.val_data:  # a split of its own: all of data trains
+            self.train_set, self.val_set = examples, self._examples(cfg.val_data)
+        elif len(examples) < 2:
             raise FormatError(f"{cfg.data}: {len(examples)} usable example(s); need at least 2 (train + val)")
-        self.train_set, self.val_set = ftdata.split(examples, cfg.val_fraction, cfg.seed)
+        else:
+            self.train_set, self.val_set = ftdata.split(examples, cfg.val_fraction, cfg.seed)
         lcfg = LoraConfig(targets=cfg.lora_targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                           rslora=cfg.rslora, seed=cfg.seed)
         self.memory = None
@@ -204,6 +201,20 @@ class Finetuner(Run):
         return [(ftdata.group_by_length(part), denominator, self.cfg.pooling, None if seed is None else (seed, k))
                 for k, part in enumerate(parts)]
 
+    def _examples(self, data) -> list:
+        cfg = self.cfg
+        records = ftdata.read_records(data)
+        max_len = min(cfg.max_len, self.model.config.max_seq_len)
+        fields = ftdata.RecordFields(cfg.text_field, cfg.prompt_field, cfg.completion_field, cfg.messages_field,
+                                     cfg.label_field)
+        if cfg.task == "lm":
+            examples = ftdata.lm_examples(records, self.tokenizer, max_len, cfg.mask_prompt, fields)
+        else:
+            examples = ftdata.classify_examples(records, self.tokenizer, cfg.num_classes, max_len, fields)
+        if not examples:
+            raise FormatError(f"{data}: no usable example (each prompt fills max_len {max_len}?)")
+        return examples
+
     def evaluate(self, examples=None) -> dict:
         """-> {"loss": mean over loss tokens (lm) or examples (classify), "accuracy": classify only}."""
         examples = self.val_set if examples is None else examples
@@ -259,8 +270,8 @@ class Finetuner(Run):
         saved = state.get("config")
         if not isinstance(saved, dict):
             raise FormatError(f"{path}: checkpoint field 'config' is not a mapping")
-        saved = {**{k: getattr(FinetuneConfig, k) for k in FinetuneConfig.IDENTITY if k.endswith("_field")},
-                 **saved}  # runs saved before the *_field settings existed used their defaults
+        newer = [k for k in FinetuneConfig.IDENTITY if k.endswith("_field") or k == "val_data"]
+        saved = {**{k: getattr(FinetuneConfig, k) for k in newer}, **saved}  # older runs used their defaults
         differ = {k: (saved.get(k, "<missing>"), getattr(self.cfg, k)) for k in FinetuneConfig.IDENTITY
                   if saved.get(k, "<missing>") != getattr(self.cfg, k)}
         if differ:

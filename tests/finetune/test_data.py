@@ -114,3 +114,23 @@ def test_bad_records_name_the_file_and_the_record(tmp_path, name, content, match
     (tmp_path / name).write_text(content)
     with pytest.raises(FormatError, match=match):
         ftdata.lm_examples(ftdata.read_records(tmp_path / name), ByteTokenizer(), 64)
+
+
+def test_a_validation_file_of_its_own_is_the_val_set_and_all_of_data_trains(tmp_path):
+    from fusegrad.finetune.trainer import FinetuneConfig, Finetuner
+    from fusegrad.models import Llama
+    from fusegrad.models.llama import LlamaConfig
+
+    Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64),
+          seed=0).save_pretrained(tmp_path / "base")
+    pq.write_table(pa.Table.from_pylist([{"text": f"train {i}"} for i in range(10)]), tmp_path / "train.parquet")
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps({"text": f"valid {i}"}) + "\n" for i in range(3)))
+    ft = Finetuner(FinetuneConfig(model=str(tmp_path / "base"), tokenizer="byte", data=str(tmp_path / "train.parquet"),
+                                  val_data=str(tmp_path / "valid.jsonl"), out=str(tmp_path / "run"), quiet=True))
+    text = [bytes(e.tokens[1:-1].astype(np.uint8)).decode() for e in ft.train_set + ft.val_set]
+    assert sorted(text[:10]) == [f"train {i}" for i in range(10)] and text[10:] == [f"valid {i}" for i in range(3)]
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"prompt": "x" * 80, "completion": "y"}) + "\n")
+    with pytest.raises(FormatError, match=r"empty.jsonl: no usable example"):
+        Finetuner(FinetuneConfig(model=str(tmp_path / "base"), tokenizer="byte", data=str(tmp_path / "train.parquet"),
+                                 val_data=str(tmp_path / "empty.jsonl"), out=str(tmp_path / "run2"), quiet=True,
+                                 max_len=32))
