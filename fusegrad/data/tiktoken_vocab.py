@@ -34,8 +34,9 @@ def _special_names(named: list, first_reserved: int) -> list:
     return named + [f"<|reserved_special_token_{first_reserved + i}|>" for i in range(NUM_SPECIAL - len(named))]
 
 
-# Meta's special tokens in id order: meta-llama/llama3's tokenizer.py (Llama 3) and llama-models'
-# llama3_1 tokenizer.py (Llama 3.1, 3.2, 3.3; the Hugging Face releases name them alike)
+# Meta's special tokens in id order: meta-llama/llama3's tokenizer.py (Llama 3) and llama-models' llama3_1
+# tokenizer.py (Llama 3.1 on; Hugging Face's 3.2 Vision release names them alike, while transformers' conversion
+# script names id 128005 <|reserved_special_token_2|> and numbers the unused ones from 3: the same ids)
 LLAMA3_SPECIAL = _special_names(["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                                  "<|reserved_special_token_1|>", "<|reserved_special_token_2|>",
                                  "<|reserved_special_token_3|>", "<|start_header_id|>", "<|end_header_id|>",

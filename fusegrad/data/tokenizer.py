@@ -428,8 +428,8 @@ def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
     A directory is searched as `tokenizer_file` says. A GGUF file gives the tokenizer inside it; other files
-    dispatch on their name: *.model -> sentencepiece or Llama 3's tiktoken file, *.json -> Hugging Face (or ours, when it holds
-    {"kind": "byte"}), *.bin -> llama2.c.
+    dispatch on their name: *.model -> sentencepiece or Llama 3's tiktoken file (by content), *.json -> Hugging
+    Face (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
     """
     if path == "byte":
         return ByteTokenizer()
