@@ -213,3 +213,19 @@ def test_an_empty_vocabulary_is_named(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(fg.FormatError, match=r"tok: line 1: the tiktoken vocabulary is empty"):
         read_tiktoken_ranks([], "tok")
+
+
+def test_metas_file_saved_is_read_by_transformers_with_the_same_ids_and_chat(meta_three, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fusegrad.data.chat import chat_text
+
+    tok = meta_three[0]
+    tok.save(tmp_path)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2? Say it in 日本語"},
+                {"role": "assistant", "content": " 四 (4). "}, {"role": "user", "content": "Thanks!"}]
+    assert theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+        "input_ids"] == tok.encode(chat_text(tok, messages, add_generation_prompt=True), bos=False)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == tok.encode(text)
+    assert theirs.decode(tok.encode(TEXTS[2]), skip_special_tokens=True) == TEXTS[2]
