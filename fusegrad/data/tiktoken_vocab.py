@@ -70,7 +70,7 @@ def read_tiktoken_ranks(lines, source) -> list:
         if not line.strip():  # blank lines carry nothing (tiktoken skips them too)
             continue
         parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
             raise FormatError(f"{source}: line {n}: expected 'base64-token rank', got {line.strip()[:80]!r}")
         try:
             token = base64.b64decode(parts[0], validate=True)
@@ -144,7 +144,10 @@ def llama3_tokenizer_spec(data: bytes, path) -> dict:
         args = None  # none beside it (or a broken one, which the model's loader names)
     if isinstance(args, dict) and "use_scaled_rope" not in args:
         special = LLAMA3_SPECIAL
-    ids = {name: len(tokens) + i for i, name in enumerate(special)}
-    return {"hf": tiktoken_hf_tokenizer(tokens, special, bos="<|begin_of_text|>"), "special": {
+    hf = tiktoken_hf_tokenizer(tokens, special, bos="<|begin_of_text|>")
+    clash = next((s for i, s in enumerate(special) if hf.token_to_id(s) != len(tokens) + i), None)
+    if clash is not None:  # Meta's ids: the special tokens right after the ranks
+        raise FormatError(f"{path}: the special token {clash} is one of the ranked tokens too")
+    return {"hf": hf, "special": {
         "_files": path, "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": None,
-        "chat_template": LLAMA3_CHAT_TEMPLATE, "eos_ids": [ids[n] for n in STOP_NAMES if n in ids]}}
+        "chat_template": LLAMA3_CHAT_TEMPLATE, "eos_ids": [hf.token_to_id(n) for n in STOP_NAMES if n in special]}}

