@@ -58,3 +58,30 @@ def sentencepiece_and_llama2c(directory, model_proto) -> tuple:
     (directory / "l2c").mkdir()
     os.replace(directory / "tokenizer.bin", directory / "l2c" / "tokenizer.bin")
     return sp, load_tokenizer(directory / "l2c")
+
+
+def tiktoken_file(path, vocab_size=1000) -> bytes:
+    """A tiktoken BPE file (Llama 3's tokenizer.model format) written to `path` and returned: a byte-level BPE that
+    `tokenizers` trains on CPython's docs (fusegrad's embedded corpus) plus code, numbers and other scripts with
+    Llama 3's split; a token's rank is its id, which the trainer gives in merge order after the 256 bytes."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from fusegrad.data import corpus_documents
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    extra = [TEXT, "Привет, мир! Это тест. 日本語のテキストです。 🤖🎉 12345 + 678 = 13023"] * 20
+    hf.train_from_iterator(corpus_documents() + extra, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # GPT-2's byte symbols, back to their bytes:
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    byte_of = {**{chr(b): b for b in keep}, **{chr(256 + i): b for i, b in enumerate(b for b in range(256)
+                                                                                   if b not in keep)}}
+    assert set(byte_of) == set(alphabet)
+    vocab = sorted(hf.get_vocab().items(), key=lambda kv: kv[1])
+    data = b"".join(base64.b64encode(bytes(byte_of[c] for c in s)) + b" %d\n" % i for s, i in vocab)
+    path.write_bytes(data)
+    return data

@@ -23,12 +23,12 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 from fusegrad.data.gguf_vocab import read_gguf_vocab
+from fusegrad.data.tiktoken_vocab import is_tiktoken, llama3_tokenizer_spec
 from fusegrad.models.gguf_file import is_gguf
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", BYTE_TOKENIZER_FILE, "tokenizer.bin")  # search order
-_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\n")  # Llama 3's original tokenizer.model, a line each
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>")
 EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
 
@@ -258,10 +258,6 @@ class SentencePieceTokenizer(Tokenizer):
                               f"sentencepiece") from None
 
         self.source = source
-        if _TIKTOKEN_LINE.match(model_proto[:200]):
-            raise FormatError(f"{source}: a tiktoken vocabulary (base64 token, rank: Llama 3's original "
-                              f"tokenizer.model), not a sentencepiece model; use the tokenizer.json of the model's "
-                              f"Hugging Face release (--tokenizer)")
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(model_proto)
@@ -432,8 +428,8 @@ def load_tokenizer(path):
     """Load a tokenizer from `path`: "byte", a directory written by `save`, or one tokenizer file.
 
     A directory is searched as `tokenizer_file` says. A GGUF file gives the tokenizer inside it; other files
-    dispatch on their name: *.model -> sentencepiece, *.json -> Hugging Face (or ours, when it holds
-    {"kind": "byte"}), *.bin -> llama2.c.
+    dispatch on their name: *.model -> sentencepiece or Llama 3's tiktoken file (by content), *.json -> Hugging
+    Face (or ours, when it holds {"kind": "byte"}), *.bin -> llama2.c.
     """
     if path == "byte":
         return ByteTokenizer()
@@ -450,8 +446,14 @@ def load_tokenizer(path):
         if tok is None:
             raise FormatError(f"{path}: the GGUF file holds no tokenizer (tokenizer.ggml.model is 'none' or missing)")
         return tok
-    if path.endswith(".model"):
-        return SentencePieceTokenizer.load(path)
+    if path.endswith(".model"):  # sentencepiece's (Llama 2) or tiktoken's BPE file (Llama 3), told by content
+        data = _read_bytes(path)
+        if not data:
+            raise FormatError(f"{path}: the tokenizer file is empty")
+        if is_tiktoken(data):
+            spec = llama3_tokenizer_spec(data, path)
+            return BPETokenizer(spec["hf"], source=path, config=spec["special"])
+        return SentencePieceTokenizer(data, source=path)
     if path.endswith(".bin"):
         return Llama2cTokenizer.load(path)
     if path.endswith(".json"):

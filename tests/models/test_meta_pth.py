@@ -151,9 +151,65 @@ def test_what_a_meta_checkpoint_cannot_say_is_named(tmp_path):
         Llama.from_pretrained(tmp_path / "bare.pt")
 
 
-def test_llama3s_original_tiktoken_vocabulary_is_named_as_such(tmp_path):
-    from fusegrad.data.tokenizer import load_tokenizer
+def test_a_llama3_download_with_its_tiktoken_tokenizer_model_chats_finetunes_and_exports(tmp_path, capsys):
+    """Meta's Llama 3.2 layout with its own tokenizer.model (tiktoken's file; trained here): the tokenizer lies
+    beside the weights for every command; a chat prompt has the ids of Meta's ChatFormat (written out with
+    tiktoken); the Hugging Face export's tokenizer, as transformers reads it, gives the same ids, chat ids and eos
+    ids; GGUF names its split llama.cpp's "llama-bpe" and carries the same tokenizer."""
+    tiktoken = pytest.importorskip("tiktoken")
+    transformers = pytest.importorskip("transformers")
+    from tiktoken.load import load_tiktoken_bpe
 
-    (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # base64 token, rank: tiktoken's lines
-    with pytest.raises(fg.FormatError, match=r"tokenizer.model: a tiktoken vocabulary .*use the tokenizer.json"):
-        load_tokenizer(tmp_path / "tokenizer.model")
+    from fusegrad.cli.main import main
+    from fusegrad.data.chat import chat_text
+    from fusegrad.data.tiktoken_vocab import LLAMA3_PATTERN, LLAMA31_SPECIAL
+    from fusegrad.data.tokenizer import load_tokenizer
+    from fusegrad.models.generate import generate
+    from fusegrad.models.gguf_file import read_metadata
+    from tests.tokenizers_made import tiktoken_file
+
+    d = tmp_path / "Llama3.2-1B"
+    d.mkdir()
+    tiktoken_file(d / "tokenizer.model")  # 1000 ranks, then Meta's 256 special tokens
+    args = {**LLAMA32, "vocab_size": 1256}
+    torch.save(meta_weights(args, vocab=1256, tied=True), d / "consolidated.00.pth")
+    (d / "params.json").write_text(json.dumps(args))
+    tok = load_tokenizer(d)
+    assert (tok.kind, tok.bos_id, tok.add_bos, tok.eos_ids) == ("bpe", 1000, True, [1001, 1008, 1009])
+
+    ranks = load_tiktoken_bpe(str(d / "tokenizer.model"))
+    special = {s: len(ranks) + i for i, s in enumerate(LLAMA31_SPECIAL)}
+    enc = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+
+    def header(role):  # Meta's ChatFormat._encode_header
+        return [special["<|start_header_id|>"], *enc.encode(role), special["<|end_header_id|>"], *enc.encode("\n\n")]
+
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "What is a list, 42?"}]
+    metas = [special["<|begin_of_text|>"]] + [i for m in messages for i in header(m["role"]) +
+                                              enc.encode(m["content"].strip()) + [special["<|eot_id|>"]]]
+    prompt = tok.encode(chat_text(tok, messages, add_generation_prompt=True), bos=False)
+    assert prompt == metas + header("assistant")
+
+    chat = ["sample", "--checkpoint", str(d), "--prompt", "What is a list, 42?", "--chat", "--temperature", "0",
+            "--max_new_tokens", "6"]
+    assert main(chat) == 0
+    one_turn = tok.encode(chat_text(tok, messages[1:], add_generation_prompt=True), bos=False)
+    reply = generate(Llama.from_pretrained(d), one_turn, 6, temperature=0.0, stop_ids=tok.eos_ids)[len(one_turn):]
+    assert capsys.readouterr().out == tok.decode(reply) + "\n"
+    assert main(["info", str(d)]) == 0
+    assert "'eos_ids': [1001, 1008, 1009]" in capsys.readouterr().out
+    conversation = messages + [{"role": "assistant", "content": "A sequence."}]
+    (tmp_path / "chat.jsonl").write_text((json.dumps({"messages": conversation}) + "\n") * 4)
+    assert main(["finetune", "--model", str(d), "--data", str(tmp_path / "chat.jsonl"), "--out",
+                 str(tmp_path / "ft"), "--max_steps", "1", "--batch_size", "1", "--quiet"]) == 0
+    assert main(["export", str(d), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Hello, world! It's 2024-12-31.\n\tdef f(x): return x  # ünïcode 日本 🤖"
+    assert theirs(text)["input_ids"] == tok.encode(text) and tok.encode(text)[0] == 1000
+    assert theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                      return_dict=True)["input_ids"] == prompt
+    config = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert (config.bos_token_id, config.eos_token_id) == (1000, [1001, 1008, 1009])
+    assert main(["export", str(d), "--out", str(tmp_path / "m.gguf")]) == 0
+    assert read_metadata(tmp_path / "m.gguf")["tokenizer.ggml.pre"] == "llama-bpe"
+    assert load_tokenizer(tmp_path / "m.gguf").encode(text) == tok.encode(text)
