@@ -203,8 +203,12 @@ class BPETokenizer(Tokenizer):
         return self.hf.decode(ids, skip_special_tokens=False)
 
     def save(self, directory):
-        """tokenizer.json, and when the tokenizer came with one, a tokenizer_config.json transformers reads."""
+        """tokenizer.json, and when the tokenizer came with one, a tokenizer_config.json transformers reads; the
+        eos ids beyond eos_token in a generation_config.json, unless the directory has one (a run dir)."""
         atomic_write_text(os.path.join(directory, "tokenizer.json"), self.hf.to_str())
+        generation = os.path.join(directory, "generation_config.json")
+        if len(self.eos_ids) > 1 and not os.path.exists(generation):
+            atomic_write_text(generation, json.dumps({"eos_token_id": self.eos_ids}, indent=2))
         if getattr(self, "config", None) is None:
             return
         token = {i: self.hf.id_to_token(i) for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}

@@ -183,6 +183,8 @@ def test_init_from_a_hf_dir_uses_its_weights_and_tokenizer(tmp_path):
         want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(batch[:, 1:]).flatten()).item()
     trainer.run()
     assert trainer.history["loss"][0] == pytest.approx(want, rel=1e-5)  # the pretrained weights were used
+    from fusegrad.data.tokenizer import load_tokenizer
+    assert load_tokenizer(tmp_path / "run").eos_ids == load_tokenizer(model_dir).eos_ids == [2, 0]  # both stop a sample
 
 
 def test_init_from_a_llama2c_bin_and_from_a_run_dir(tmp_path):
