@@ -26,21 +26,21 @@ from fusegrad.core.errors import ShapeError
 QK_K = 256
 BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}  # 2 fp16 + 12 scale bytes + 128 (+ 32 high bits); Q6_K's own
 GROUP_MAX_EPS = np.float32(1e-15)
-CHUNK = 2048  # super-blocks quantized together: their temporaries stay in cache
+CHUNK = 512  # super-blocks quantized together: their temporaries stay in cache
 f32 = np.float32
 
 
 def nearest_int(v):
     """ggml's nearest_int: v + 1.5 * 2**23 in float32, the integer read from the mantissa bits. Round half to even
     for |v| < 2**22; beyond that (and for inf or NaN) the same bits C reads: (...) float32 -> int32."""
-    return ((v.astype(np.float32) + f32(12582912.0)).view(np.int32) & 0x007FFFFF) - 0x00400000
+    return ((np.asarray(v, np.float32) + f32(12582912.0)).view(np.int32) & 0x007FFFFF) - 0x00400000
 
 
 def running_sum(a):
-    """(..., n) -> (...): a[..., 0] + a[..., 1] + ... in float32, left to right as C's loops add."""
-    acc = a[..., 0].copy()
-    for i in range(1, a.shape[-1]):
-        acc += a[..., i]
+    """(m, n) -> (n,): a[0] + a[1] + ... in float32, left to right as C's loops add (np.sum would pair them)."""
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
     return acc
 
 
@@ -52,20 +52,21 @@ def fp16_round(a):
 
 # -- Q4_K / Q5_K: 8 blocks of 32 with a scale and a min -----------------------------------------------------------
 def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml's make_qkx2_quants on each row of x (n, 32), weights w (n, 32): the levels L (n, 32) in 0..nmax and
-    scale, -min (n,) that minimize sum w (scale L + min - x)^2 over nstep + 1 trial scales."""
+    """ggml's make_qkx2_quants on each column of x (32, n), weights w (32, n): the levels L (32, n) in 0..nmax and
+    scale, -min (n,) that minimize sum w (scale L + min - x)^2 over nstep + 1 trial scales. A block is a column
+    so that the sums add contiguous rows."""
     sum_w, sum_x = running_sum(w), running_sum(w * x)
-    lo, hi = np.minimum(x.min(axis=1), f32(0)), x.max(axis=1)  # (n,)
+    lo, hi = np.minimum(x.min(axis=0), f32(0)), x.max(axis=0)  # (n,)
     flat = hi == lo
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = f32(nmax) / (hi - lo)
         scale = f32(1) / iscale
-        L = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
-        diff = scale[:, None] * L.astype(f32) + lo[:, None] - x
+        L = np.clip(nearest_int(iscale[None] * (x - lo[None])), 0, nmax)
+        diff = scale[None] * L.astype(f32) + lo[None] - x
         best = running_sum(w * (diff * diff))
         for step in range(nstep + 1):
             iscale = (f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / (hi - lo)
-            l = np.clip(nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+            l = np.clip(nearest_int(iscale[None] * (x - lo[None])), 0, nmax)
             lf = l.astype(f32)
             wl = w * lf
             sum_l, sum_l2, sum_xl = running_sum(wl), running_sum(wl * lf), running_sum(wl * x)
@@ -75,14 +76,14 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
             positive = this_min > 0  # a min above 0: none, and the scale fit alone
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
             this_min = np.where(positive, f32(0), this_min)
-            diff = this_scale[:, None] * lf + this_min[:, None] - x
+            diff = this_scale[None] * lf + this_min[None] - x
             err = running_sum(w * (diff * diff))
             better = (D > 0) & (err < best) & ~flat
-            L = np.where(better[:, None], l, L)
+            L = np.where(better[None], l, L)
             best = np.where(better, err, best)
             scale = np.where(better, this_scale, scale)
             lo = np.where(better, this_min, lo)
-    L = np.where(flat[:, None], 0, L)
+    L = np.where(flat[None], 0, L)
     return np.where(flat, f32(0), scale), -lo, L
 
 
@@ -90,11 +91,11 @@ def quantize_scale_min(x, nmax: int, rmin: float, nstep: int):
     """x (nb, 256) float32 -> (d, dmin (nb,) float16, 6-bit scales, mins (nb, 8) uint8, levels (nb, 256) in 0..nmax):
     the Q4_K / Q5_K super-block before packing."""
     nb = x.shape[0]
-    xb = x.reshape(nb * 8, 32)
+    xb = np.ascontiguousarray(x.reshape(nb * 8, 32).T)  # (32, blocks)
     av_x = np.sqrt(running_sum(xb * xb) / f32(32))
-    weights = av_x[:, None] + np.abs(xb)
+    weights = av_x[None] + np.abs(xb)
     scales, mins, L = make_qkx2_quants(xb, weights, nmax, rmin, 0.1, nstep)
-    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.T.reshape(nb, 8, 32)
     max_scale = np.where(scales > 0, scales, f32(0)).max(axis=1)  # C: `if (scale > max_scale)` from 0
     max_min = np.where(mins > 0, mins, f32(0)).max(axis=1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -149,14 +150,14 @@ def first_largest(a):
 
 
 def make_qx_quants(x, nmax: int):
-    """ggml's make_qx_quants(rmse_type 1, no weights) on each row of x (n, 16): levels (n, 16) in 0..2 nmax - 1
+    """ggml's make_qx_quants(rmse_type 1, no weights) on each column of x (16, n): levels (16, n) in 0..2 nmax - 1
     and the scale (n,) that best fit x with weights x^2 over 19 trial scales."""
-    first, zero = first_largest(np.abs(x))
-    peak = np.take_along_axis(x, first[:, None], axis=1)[:, 0]
+    first, zero = first_largest(np.abs(x.T))
+    peak = np.take_along_axis(x, first[None], axis=0)[0]
     w = x * x
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        def fit(iscale):  # -> levels (n, 16) in -nmax..nmax-1, sum w x l, sum w l^2
-            l = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        def fit(iscale):  # -> levels (16, n) in -nmax..nmax-1, sum w x l, sum w l^2
+            l = np.clip(nearest_int(iscale[None] * x), -nmax, nmax - 1)
             lf = l.astype(f32)
             return l, running_sum(w * x * lf), running_sum(w * lf * lf)
 
@@ -169,10 +170,10 @@ def make_qx_quants(x, nmax: int):
                 continue
             l, sumlx, suml2 = fit(-(f32(nmax) + f32(0.1) * f32(step)) / peak)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better[:, None], l + nmax, L)
+            L = np.where(better[None], l + nmax, L)
             scale = np.where(better, sumlx / suml2, scale)
             best = np.where(better, scale * sumlx, best)
-    return np.where(zero[:, None], 0, L), np.where(zero, f32(0), scale)
+    return np.where(zero[None], 0, L), np.where(zero, f32(0), scale)
 
 
 def quantize_q6_k(x):
@@ -180,8 +181,8 @@ def quantize_q6_k(x):
     In each half of 128, value 32k + l's low nibble is in ql[l (+32 for k odd)] (high nibble for k >= 2), its top
     bits in bits 2k of qh[l]."""
     nb = x.shape[0]
-    L, scales = make_qx_quants(x.reshape(nb * 16, 16), 32)
-    L, scales = L.reshape(nb, QK_K), scales.reshape(nb, 16)
+    L, scales = make_qx_quants(np.ascontiguousarray(x.reshape(nb * 16, 16).T), 32)  # blocks as columns
+    L, scales = L.T.reshape(nb, QK_K), scales.reshape(nb, 16)
     first, zero = first_largest(np.abs(scales))  # zero: the whole super-block is written as zeros
     max_scale = np.take_along_axis(scales, first[:, None], axis=1)[:, 0]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
