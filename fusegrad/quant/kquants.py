@@ -155,11 +155,12 @@ def make_qx_quants(x, nmax: int):
     first, zero = first_largest(np.abs(x.T))
     peak = np.take_along_axis(x, first[None], axis=0)[0]
     w = x * x
+    wx = w * x  # C's w*x[i]*l multiplies w*x first
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         def fit(iscale):  # -> levels (16, n) in -nmax..nmax-1, sum w x l, sum w l^2
             l = np.clip(nearest_int(iscale[None] * x), -nmax, nmax - 1)
             lf = l.astype(f32)
-            return l, running_sum(w * x * lf), running_sum(w * lf * lf)
+            return l, running_sum(wx * lf), running_sum(w * lf * lf)
 
         l, sumlx, suml2 = fit(f32(-nmax) / peak)
         L = l + nmax
