@@ -3,6 +3,7 @@ with a LoRA adapter folded in, written as a Hugging Face directory, a llama2.c `
 adapter alone as llama.cpp's GGUF LoRA adapter (gguf-lora).
 
     fusegrad export runs/default --format gguf --out model.gguf --dtype q8_0
+    fusegrad export runs/default --out model-Q4_K_M.gguf --dtype q4_k_m   # llama-quantize's Q4_K_M, byte for byte
     fusegrad export hf_dir --adapter runs/ft --format llama2c --out merged.bin
     fusegrad export runs/ft --out merged_hf      # an adapter dir alone: its base_model_name_or_path, merged
     fusegrad export runs/ft --format gguf-lora --out ft-lora.gguf   # for llama.cpp's --lora, beside the base GGUF
@@ -19,7 +20,7 @@ from fusegrad.models.export import GGUF_DTYPES, export_model
 from fusegrad.train.trainer import load_model
 
 FORMATS = ("hf", "llama2c", "gguf", "gguf-lora")
-DTYPES = GGUF_DTYPES  # gguf's tensor types (an adapter: f32, f16)
+DTYPES = GGUF_DTYPES  # gguf's tensor types and llama.cpp's K-quant mixes (an adapter: f32, f16)
 
 
 def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtype: str = "",
@@ -79,7 +80,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output: a directory (hf), a .bin (llama2c) or a .gguf file (gguf, "
                                                 "gguf-lora)")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
-    p.add_argument("--dtype", default="", choices=("",) + DTYPES, help="gguf tensor type (default f16)")
+    p.add_argument("--dtype", default="", choices=("",) + DTYPES,
+                   help="gguf tensor type (default f16) or llama.cpp K-quant file type (q4_k_m: llama-quantize's mix)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir to merge into the weights first")
     p.add_argument("--tokenizer", default="", help="tokenizer file/dir, when none lies beside the model")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

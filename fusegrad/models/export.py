@@ -1,6 +1,7 @@
 """Exports a model (and its tokenizer) for other runtimes: a Hugging Face directory, llama2.c's `.bin`
-(version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16, BF16, Q8_0, Q5_0 or Q4_0;
-a tensor whose rows are no whole number of blocks stays F16, as llama.cpp's converter keeps it).
+(version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16, BF16, Q8_0, Q5_0 or Q4_0:
+a tensor whose rows are no whole number of blocks stays F16, as llama.cpp's converter keeps it; or llama-quantize's
+K-quant file types Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, tensor for tensor: models/gguf_types.py).
 
 The tokenizer is duck-typed (fusegrad.data's tokenizers, which live above this layer): `.bos_id`,
 `.eos_ids`, `.kind`, `.save(dir)`, and for GGUF / tokenizer.bin its vocabulary: `.hf` (a `tokenizers`
@@ -25,10 +26,11 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.config import yarn_attention_factor
+from fusegrad.models.gguf_types import MIXES, PLAIN, encode, gguf_types
 from fusegrad.models.hf_names import fused_parts, part_heads, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # the types gguf's own quantizers write
+GGUF_DTYPES = PLAIN + tuple(MIXES)  # gguf's own quantizers' types; llama-quantize's K-quant mixes
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -266,7 +268,6 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
     if rope == "yarn" and not scaling.get("truncate", True):
         raise FormatError(f"export gguf {path}: llama.cpp's YaRN takes its range truncated; this model's is not "
                           f"({scaling}); export to a Hugging Face directory instead")
-    qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
     with gguf_file(path, arch) as w:
         w.add_name(os.path.splitext(os.path.basename(path))[0])
@@ -294,6 +295,8 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)
+        if dtype in MIXES:  # as llama-quantize writes it
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone
             w.add_tokenizer_model("none")
         else:
@@ -323,16 +326,10 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             if getattr(tokenizer, "chat_template", None):
                 w.add_chat_template(tokenizer.chat_template)
 
+        tensors = {}  # name -> float32 array, in the file's order
+
         def add(name, a):
-            a = np.ascontiguousarray(a, dtype=np.float32)
-            if not np.isfinite(a).all():
-                raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
-            if a.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-                return w.add_tensor(name, a)
-            try:
-                w.add_tensor(name, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
-            except gguf.QuantError:  # rows that are no whole number of blocks: F16, as llama.cpp's converter does
-                w.add_tensor(name, a.astype(np.float16))
+            tensors[name] = np.ascontiguousarray(a, dtype=np.float32)
 
         p = {n: t.numpy() for n, t in model.params.items()}
         p.update({n: q.dequantize() for n, q in model.quantized.items()})
@@ -349,3 +346,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
             add("rope_freqs.weight", c.rope_frequencies(scaled=False) / c.rope_frequencies())
         if not c.tie_embeddings:
             add("output.weight", p["output"])
+        types = gguf_types({n: a.shape for n, a in tensors.items()}, dtype, c.n_layers, c.n_heads, c.n_kv_heads, arch)
+        for name, a in tensors.items():
+            if not np.isfinite(a).all():
+                raise FormatError(f"export gguf {path}: {name} holds NaN or inf; nothing non-finite is saved")
+            data, raw = encode(a, types[name])
+            w.add_tensor(name, data, raw_dtype=raw)
