@@ -17,6 +17,7 @@ from fusegrad.data.tokenizer import tokenizer_for_model
 from fusegrad.finetune.gguf_adapter import write_gguf_adapter
 from fusegrad.finetune.peft_io import adapter_base_model, load_adapter
 from fusegrad.models.export import GGUF_DTYPES, export_model
+from fusegrad.models.generate import declared_sampling
 from fusegrad.train.trainer import load_model
 
 FORMATS = ("hf", "llama2c", "gguf", "gguf-lora")
@@ -45,7 +46,7 @@ def export(src, out, fmt: str = "", adapter: str = "", tokenizer: str = "", dtyp
         return fmt
     model, own, src = load_merged(src, adapter)
     tok = tokenizer_for_model(src, model.config.vocab_size, own, tokenizer) if tokenizer or own else None
-    export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None)
+    export_model(model, out, fmt, tokenizer=tok, dtype=dtype or None, sampling=declared_sampling(src))
     return fmt
 
 

@@ -24,7 +24,7 @@ from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import atomic_write_bytes, atomic_write_text
 from fusegrad.data.gguf_vocab import read_gguf_vocab
 from fusegrad.data.tiktoken_vocab import is_tiktoken, llama3_tokenizer_spec
-from fusegrad.models.gguf_file import is_gguf
+from fusegrad.models.gguf_reader import is_gguf
 
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"

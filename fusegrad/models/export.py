@@ -26,6 +26,7 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.config import yarn_attention_factor
+from fusegrad.models.generate import GGUF_SAMPLING_KEYS
 from fusegrad.models.gguf_types import MIXES, PLAIN, encode, gguf_types
 from fusegrad.models.hf_names import fused_parts, part_heads, permute_to_hf
 
@@ -34,9 +35,10 @@ GGUF_DTYPES = PLAIN + tuple(MIXES)  # gguf's own quantizers' types; llama-quanti
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export_model(model, out, format: str, tokenizer=None, dtype: str | None = None) -> list:
+def export_model(model, out, format: str, tokenizer=None, dtype: str | None = None, sampling=None) -> list:
     """Write `model` as `format` to `out` (a directory for "hf", a file otherwise) -> the paths written.
-    Adapters must be merged first (Lora.merge, or peft_io.merge_adapter)."""
+    Adapters must be merged first (Lora.merge, or peft_io.merge_adapter). sampling: {Sampling field: value} the
+    model declares (generate.declared_sampling), carried into generation_config.json or GGUF's sampling keys."""
     out = os.fspath(out)
     if format not in FORMATS:
         raise ConfigError(f"export: format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -46,7 +48,7 @@ def export_model(model, out, format: str, tokenizer=None, dtype: str | None = No
         raise ConfigError(f"export: the tokenizer has {tokenizer.vocab_size} tokens, the model's vocabulary only "
                           f"{model.config.vocab_size}")
     if format == "hf":
-        return export_hf(model, out, tokenizer, dtype or "float32")
+        return export_hf(model, out, tokenizer, dtype or "float32", sampling)
     if format == "llama2c":
         if dtype not in (None, "f32", "float32"):
             raise ConfigError(f"export: llama2.c files hold float32 only, not {dtype!r}")
@@ -56,7 +58,7 @@ def export_model(model, out, format: str, tokenizer=None, dtype: str | None = No
             written.append(os.path.join(os.path.dirname(out) or ".", "tokenizer.bin"))
             write_tokenizer_bin(written[-1], *llama2c_pieces(tokenizer))
         return written
-    write_gguf(model, out, tokenizer, dtype or "f16")
+    write_gguf(model, out, tokenizer, dtype or "f16", sampling)
     return [out]
 
 
@@ -69,12 +71,15 @@ def _special_ids(tokenizer) -> tuple:
     return tokenizer.bos_id, (eos[0] if len(eos) == 1 else eos or None), getattr(tokenizer, "pad_id", None)
 
 
-def export_hf(model, directory, tokenizer, dtype) -> list:
+def export_hf(model, directory, tokenizer, dtype, sampling=None) -> list:
     if dtype not in HF_DTYPES:
         raise ConfigError(f"export: a Hugging Face directory holds {', '.join(HF_DTYPES)} weights, not {dtype!r}")
     bos, eos, pad = _special_ids(tokenizer)
     model.save_pretrained(directory, dtype=dtype, bos_id=bos, eos_id=eos)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad if pad is not None else None}
+    if sampling:  # temperature 0 is transformers' greedy decoding
+        greedy = sampling.get("temperature") == 0
+        gen |= {"do_sample": not greedy} | {k: v for k, v in sampling.items() if not (greedy and k == "temperature")}
     with atomic_write(os.path.join(directory, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
     if tokenizer is not None:
@@ -248,7 +253,7 @@ def gguf_file(path, arch: str):
             os.remove(tmp)
 
 
-def write_gguf(model, path, tokenizer, dtype: str) -> None:
+def write_gguf(model, path, tokenizer, dtype: str, sampling=None) -> None:
     """GGUF v3 for llama.cpp's llama architecture (qwen2 for a model with q/k/v biases), written with the gguf
     package's GGUFWriter."""
     import gguf
@@ -295,6 +300,9 @@ def write_gguf(model, path, tokenizer, dtype: str) -> None:
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)
+        for field, value in (sampling or {}).items():  # llama.cpp's defaults for this model
+            w.add_key_value(GGUF_SAMPLING_KEYS[field], value, gguf.GGUFValueType.INT32 if field == "top_k"
+                            else gguf.GGUFValueType.FLOAT32)
         if dtype in MIXES:  # as llama-quantize writes it
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone

@@ -22,7 +22,7 @@ from fusegrad.core.errors import ConfigError, FormatError, ShapeError
 from fusegrad.core.fileio import read_json_object
 from fusegrad.core.tensor import no_grad
 from fusegrad.core.trace import span
-from fusegrad.models.gguf_file import is_gguf, read_metadata
+from fusegrad.models.gguf_reader import GGUFContents, is_gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +78,10 @@ class Sampling:
         return int(rng.choice(len(p), p=p))
 
 
-# what a checkpoint may declare: generation_config.json's keys, and GGUF's general.sampling.* keys
-_HF_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                "repetition_penalty": "repetition_penalty"}
-_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
-                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
-                  "general.sampling.penalty_repeat": "repetition_penalty"}
+# what a checkpoint may declare: generation_config.json's keys (Sampling's own names), GGUF's general.sampling.*
+GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_p": "general.sampling.top_p",
+                      "top_k": "general.sampling.top_k", "min_p": "general.sampling.min_p",
+                      "repetition_penalty": "general.sampling.penalty_repeat"}
 
 
 def declared_sampling(path) -> dict:
@@ -92,12 +90,12 @@ def declared_sampling(path) -> dict:
     keys; {} for anything else. Each is checked as Sampling checks it, naming the file."""
     path = os.fspath(path)
     if is_gguf(path):
-        meta = read_metadata(path)
-        declared = {field: meta[key] for key, field in _GGUF_SAMPLING.items() if key in meta}
+        meta = GGUFContents(path).metadata
+        declared = {field: meta[key] for field, key in GGUF_SAMPLING_KEYS.items() if key in meta}
     elif os.path.isfile(os.path.join(path, "generation_config.json")):
         path = os.path.join(path, "generation_config.json")
         raw = read_json_object(path, "the generation config")
-        declared = {field: raw[key] for key, field in _HF_SAMPLING.items() if raw.get(key) is not None}
+        declared = {field: raw[field] for field in GGUF_SAMPLING_KEYS if raw.get(field) is not None}
         if raw.get("do_sample") is False:  # transformers then decodes greedily, whatever the temperature says
             declared["temperature"] = 0.0
     else:

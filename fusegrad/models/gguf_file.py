@@ -13,7 +13,7 @@ import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
-from fusegrad.models.gguf_reader import MAGIC, GGUFContents
+from fusegrad.models.gguf_reader import GGUFContents
 from fusegrad.models.export import GGUF_PARTS
 from fusegrad.models.hf_names import HF_MODULES, check_hf_state, hf_shapes, part_heads, permute_to_hf
 
@@ -28,14 +28,6 @@ UNSUPPORTED = {"expert_count": 0, "attention.sliding_window": None, "attention.s
                "final_logit_softcapping": None, "rope.scaling.yarn_log_multiplier": 0.0,
                "rope.scaling.yarn_attn_factor": 1.0}
 
-
-def is_gguf(path) -> bool:
-    """Whether `path` is a file that starts as a GGUF file does."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError:
-        return False
 
 
 def hf_tensor_name(gguf_name: str):

@@ -20,6 +20,15 @@ SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 STRING, ARRAY = 8, 9
 
 
+def is_gguf(path) -> bool:
+    """Whether `path` is a file that starts as a GGUF file does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:
+        return False
+
+
 @dataclasses.dataclass
 class TensorInfo:
     name: str

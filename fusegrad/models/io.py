@@ -14,7 +14,8 @@ import numpy as np
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import atomic_write
 from fusegrad.models.config import LlamaConfig
-from fusegrad.models.gguf_file import GGUFCheckpoint, is_gguf
+from fusegrad.models.gguf_file import GGUFCheckpoint
+from fusegrad.models.gguf_reader import is_gguf
 from fusegrad.models.hf import HFCheckpoint
 from fusegrad.models.hf_names import from_hf, to_hf
 from fusegrad.models.meta_pth import MetaCheckpoint, is_meta_checkpoint

@@ -252,3 +252,26 @@ def test_the_sample_command_prints_tokens_as_they_come_whole_characters_only(cap
     shown.end()
     pieces.append(capsys.readouterr().out)
     assert pieces == ["Hé ", "", "", "日", "", "", "本", "\n"]
+
+
+def test_export_carries_the_sampling_settings_the_model_declares(tmp_path):
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from fusegrad.cli.main import main
+    from fusegrad.models.generate import declared_sampling
+    from tests.data.test_chat import make_hf_model
+
+    path = make_hf_model(tmp_path / "m")
+    config = json.loads((path / "generation_config.json").read_text())
+    declared = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
+    (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": True} | declared))
+    assert main(["export", str(path), "--out", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    assert declared_sampling(tmp_path / "m.gguf") == pytest.approx(declared)  # GGUF's general.sampling.* (float32)
+    assert main(["export", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0  # and back to HF
+    theirs = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
+    assert theirs.do_sample and theirs.eos_token_id == config["eos_token_id"]
+    assert {k: getattr(theirs, k) for k in declared} == pytest.approx(declared)
+    (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": False}))
+    assert main(["export", str(path), "--out", str(tmp_path / "greedy")]) == 0
+    assert not transformers.GenerationConfig.from_pretrained(tmp_path / "greedy").do_sample
