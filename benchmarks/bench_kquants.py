@@ -4,9 +4,9 @@ quantizers on the same weights, byte-identical output checked. Default model: th
     PYTHONPATH=. python benchmarks/bench_kquants.py [--model HF_DIR] [--repeat 3]
 
 Blocks: all the model's 2-D weights (134M values, cut to a multiple of 256) as Q4_K, Q5_K and Q6_K, fusegrad's
-`quantize_k` against ggml's quantize_row_*_ref (libggml-base through ctypes, one thread). File: fusegrad's
-`export_model(..., dtype="q4_k_m")` from the loaded model against llama_model_quantize (libllama, one thread) on
-fusegrad's F32 export of it. Each pair alternates (ours, theirs, ours, ...); prints medians, ranges and ratios,
+`quantize_k` on one thread and on every core against ggml's quantize_row_*_ref (libggml-base through ctypes, one
+thread). File: fusegrad's `export_model(..., dtype="q4_k_m")` from the loaded model against llama_model_quantize
+(libllama, as many threads as cores) on fusegrad's F32 export of it. Each pair alternates (ours, theirs, ours, ...); prints medians, ranges and ratios,
 the CPU and the load average before and after. The libraries are node-llama-cpp 3.22.1's prebuilt CPU build
 (tests/llamacpp.py installs it).
 """
@@ -63,13 +63,17 @@ def main():
     for kind in ("Q4_K", "Q5_K", "Q6_K"):
         ggml_kind = kind.lower().replace("_k", "_K")
         assert np.array_equal(quantize_k(values, kind), ggml_quantize(values, ggml_kind)), kind
-        report(kind, alternate({"fusegrad quantize_k": lambda: quantize_k(values, kind),
-                                "ggml quantize_row_ref": lambda: ggml_quantize(values, ggml_kind)}, args.repeat))
+        times = alternate({"fusegrad quantize_k, 1 thread": lambda: quantize_k(values, kind, threads=1),
+                           "ggml quantize_row_ref": lambda: ggml_quantize(values, ggml_kind),
+                           "fusegrad quantize_k, all cores": lambda: quantize_k(values, kind)}, args.repeat)
+        report(kind, dict(list(times.items())[:2]))
+        report(kind, dict(list(times.items())[2:0:-1]))
     with tempfile.TemporaryDirectory() as tmp:
         f32, ours, theirs = (os.path.join(tmp, f"{name}.gguf") for name in ("f32", "ours", "theirs"))
         export_model(model, f32, "gguf", dtype="f32")
         report("Q4_K_M", alternate({"fusegrad export_model": lambda: export_model(model, ours, "gguf", dtype="q4_k_m"),
-                                    "llama_model_quantize": lambda: llama_quantize(f32, theirs, "q4_k_m")},
+                                    "llama_model_quantize": lambda: llama_quantize(f32, theirs, "q4_k_m",
+                                                                                   os.cpu_count())},
                                    args.repeat))
     print(f"load average {load()} after")
 

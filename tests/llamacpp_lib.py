@@ -61,8 +61,8 @@ def libllama():
     return lib
 
 
-def llama_quantize(src, dst, file_type: str) -> None:
+def llama_quantize(src, dst, file_type: str, threads: int = 1) -> None:
     """llama-quantize src dst FILE_TYPE (no importance matrix): llama.cpp's own whole-file quantization."""
     params = libllama().llama_model_quantize_default_params()
-    params.ftype, params.nthread = FTYPES[file_type], 1
+    params.ftype, params.nthread = FTYPES[file_type], threads
     assert libllama().llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params)) == 0

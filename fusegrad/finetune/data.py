@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import glob
 import io
 import os
 import re
@@ -28,7 +29,7 @@ import numpy as np
 
 from fusegrad.core.errors import FormatError
 from fusegrad.data.chat import chat_example
-from fusegrad.data.sources import Records
+from fusegrad.data.sources import Records, kind_of
 
 
 @dataclasses.dataclass
@@ -38,10 +39,33 @@ class Example:
     label: int = -1  # classify
 
 
+SPLITS = {"train": ("train",), "val": ("valid", "validation", "val", "dev"), "test": ("test",)}
+
+
+def dataset_splits(path) -> tuple:
+    """(train, val or None) of `--data`: a file is all training data; so is a directory, unless some of its files
+    are named for their split as published datasets name them (train.jsonl, valid.jsonl and test.jsonl as mlx-lm
+    wants them; train-00000-of-00002.parquet, validation-..., test-... as the Hugging Face Hub has them): then
+    the train files train, the valid / validation / val / dev files validate, and the test files are left out."""
+    if not os.path.isdir(path):
+        return path, None
+    files = {split: [] for split in SPLITS}
+    for found in sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True)):
+        name = os.path.basename(found).lower()
+        split = next((s for s, names in SPLITS.items() if re.match(rf"(?:{'|'.join(names)})(?:[-_.]|$)", name)), None)
+        if split is not None and os.path.isfile(found) and (kind_of(found) or name.endswith(".csv")):
+            files[split].append(found)
+    if not files["train"]:
+        return path, None
+    return files["train"], files["val"] or None
+
+
 def read_records(path) -> list:
-    """The records of a data file or directory -> list of dicts, each with `_where` (the file and its line,
-    record or row) and `_path`. JSON Lines, JSON lists, Parquet and Arrow (compressed, in tar archives or
+    """The records of a data file, directory or list of files -> list of dicts, each with `_where` (the file and
+    its line, record or row) and `_path`. JSON Lines, JSON lists, Parquet and Arrow (compressed, in tar archives or
     directories: fusegrad.data.sources.Records, with JSON's NaN and Infinity refused), or CSV with a header row."""
+    if isinstance(path, (list, tuple)):
+        return [r for p in path for r in read_records(p)]
     path = os.fspath(path)
     if path.endswith(".csv"):
         records = _csv_records(path)

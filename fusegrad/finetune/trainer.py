@@ -123,9 +123,11 @@ class Finetuner(Run):
         self.model.config.checkpoint_activations = cfg.checkpoint_activations
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
-        examples = self._examples(cfg.data)
-        if cfg.val_data:  # a split of its own: all of data trains
-            self.train_set, self.val_set = examples, self._examples(cfg.val_data)
+        train, val = (cfg.data, cfg.val_data) if cfg.val_data else ftdata.dataset_splits(cfg.data)
+        self.sources = (train, val)
+        examples = self._examples(train)
+        if val:  # a split of its own: all of data trains
+            self.train_set, self.val_set = examples, self._examples(val)
         elif len(examples) < 2:
             raise FormatError(f"{cfg.data}: {len(examples)} usable example(s); need at least 2 (train + val)")
         else:
@@ -238,6 +240,9 @@ class Finetuner(Run):
         text = (f"fusegrad finetune: {cfg.task} on {len(self.train_set)} train / {len(self.val_set)} val examples, "
                 f"{'QLoRA' if cfg.qlora else 'LoRA'} r={cfg.rank} on {self.lora.config.targets}, "
                 f"{n_lora:,} trainable params ({procs})")
+        if isinstance(self.sources[0], list):  # a dataset directory's split files
+            text += "".join(f"\n{what}: {', '.join(os.path.relpath(p, cfg.data) for p in paths)}"
+                            for what, paths in zip(("train", "val"), self.sources) if paths)
         if self.memory:
             text += f"\nNF4 base projections: {self.memory['nf4_bytes']:,} bytes = {self.memory['ratio']:.3f}x fp32"
         return text

@@ -134,3 +134,30 @@ def test_a_validation_file_of_its_own_is_the_val_set_and_all_of_data_trains(tmp_
         Finetuner(FinetuneConfig(model=str(tmp_path / "base"), tokenizer="byte", data=str(tmp_path / "train.parquet"),
                                  val_data=str(tmp_path / "empty.jsonl"), out=str(tmp_path / "run2"), quiet=True,
                                  max_len=32))
+
+
+def test_a_dataset_directory_trains_on_its_train_files_and_validates_on_its_validation_files(tmp_path, capsys):
+    from fusegrad.finetune.trainer import FinetuneConfig, Finetuner
+    from fusegrad.models import Llama
+    from fusegrad.models.llama import LlamaConfig
+
+    Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64),
+          seed=0).save_pretrained(tmp_path / "base")
+    hub, mlx = tmp_path / "hub" / "data", tmp_path / "mlx"  # the Hugging Face Hub's layout, and mlx-lm's
+    hub.mkdir(parents=True)
+    mlx.mkdir()
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        for shard in range(2 if split == "train" else 1):
+            pq.write_table(pa.Table.from_pylist([{"text": f"{split} {shard} {i}"} for i in range(n)]),
+                           hub / f"{split}-{shard:05d}-of-0000{2 if split == 'train' else 1}.parquet")
+        (mlx / f"{'valid' if split == 'validation' else split}.jsonl").write_text(
+            "".join(json.dumps({"text": f"{split} {i}"}) + "\n" for i in range(n)))
+    (hub.parent / "README.md").write_text("a dataset card")
+    for data, n_train in ((hub.parent, 12), (mlx, 6)):
+        ft = Finetuner(FinetuneConfig(model=str(tmp_path / "base"), tokenizer="byte", data=str(data),
+                                      out=str(tmp_path / "run" / data.name), quiet=True))
+        text = lambda examples: sorted(bytes(e.tokens[1:-1].astype(np.uint8)).decode() for e in examples)
+        assert [t.split()[0] for t in text(ft.train_set)] == ["train"] * n_train, data
+        assert [t.split()[0] for t in text(ft.val_set)] == ["validation"] * 2, data  # no test example anywhere
+        assert "val: " in ft.describe() and "test" not in ft.describe()
+    assert ftdata.dataset_splits(tmp_path / "mlx" / "train.jsonl") == (tmp_path / "mlx" / "train.jsonl", None)
