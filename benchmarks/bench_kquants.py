@@ -6,8 +6,8 @@ quantizers on the same weights, byte-identical output checked. Default model: th
 Blocks: all the model's 2-D weights (134M values, cut to a multiple of 256) as Q4_K, Q5_K and Q6_K, fusegrad's
 `quantize_k` on one thread and on every core against ggml's quantize_row_*_ref (libggml-base through ctypes, one
 thread). File: fusegrad's `export_model(..., dtype="q4_k_m")` from the loaded model against llama_model_quantize
-(libllama, as many threads as cores) on fusegrad's F32 export of it. Each pair alternates (ours, theirs, ours, ...); prints medians, ranges and ratios,
-the CPU and the load average before and after. The libraries are node-llama-cpp 3.22.1's prebuilt CPU build
+(libllama, as many threads as cores) on fusegrad's F32 export of it. Each pair alternates (ours, theirs, ours, ...);
+prints medians, ranges and ratios, the CPU and the load average before and after. The libraries are node-llama-cpp 3.22.1's prebuilt CPU build
 (tests/llamacpp.py installs it).
 """
 import argparse

@@ -266,7 +266,9 @@ class Documents(Records):
                 yield doc
 
     def _nothing(self, kind) -> str:
-        return "text file is empty" if kind == "text" else f"holds no documents (no record has text in {self.text_field!r})"
+        if kind == "text":
+            return "text file is empty"
+        return f"holds no documents (no record has text in {self.text_field!r})"
 
     def _text(self, stream, name):
         sep, k = self.separator, max(len(self.separator) - 1, 0)

@@ -1,8 +1,8 @@
 """LoRA / QLoRA fine-tuning of a pretrained Llama for language modelling or classification.
 
 A run reads a base model (HF dir, GGUF file or llama2.c `.bin`) and records (JSONL, JSON, Parquet, Arrow, CSV),
-trains only the adapters (and a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json, adapter_model.safetensors)
-and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
+trains only the adapters (and a classifier head), and writes to `out`: the PEFT adapter (adapter_config.json,
+adapter_model.safetensors) and `finetune_state.safetensors` (adapters, head, AdamW moments, sampler position, dropout RNG, history)
 from which `resume=True` continues bit for bit. On the numpy backend each micro-batch's examples are split over
 `workers` processes, one core each (0 = one per core; fusegrad.parallel.workers): the frozen base in shared
 memory, the adapters' grads summed, the loss curve of one process. With LoRA dropout each worker draws its

@@ -116,7 +116,8 @@ def sample_token(logits, rng, temperature: float = 1.0, top_p: float = 1.0) -> i
 
 
 def generate(model, prompt_ids, max_new_tokens: int = 100, temperature: float = 0.8, top_p: float = 0.9,
-             seed: int | None = None, stop_id: int | None = None, stop_ids=(), sampling: Sampling | None = None) -> list:
+             seed: int | None = None, stop_id: int | None = None, stop_ids=(),
+             sampling: Sampling | None = None) -> list:
     """prompt ids -> prompt + new ids; stops early after any of `stop_ids` (every eos id the model
     declares; `stop_id` is one more) or at the context limit. `sampling` (top-k, min-p, repetition penalty
     too) replaces temperature and top_p when given."""

@@ -160,8 +160,10 @@ def test_generation_stops_at_every_eos_id_the_model_declares(tmp_path, monkeypat
 
     model = make_hf_model(tmp_path / "m", norm=0.0)  # every logit 0: greedy picks id 0, <|endoftext|>
     made = []
-    monkeypatch.setattr(cli, "stream", lambda model, prompt, *a: made.append(prompt) or (made.append(t) or t
-                                                                                       for t in stream(model, prompt, *a)))
+    def recorded(model, prompt, *a):  # the prompt, then each token as it is streamed
+        made.append(prompt)
+        return (made.append(t) or t for t in stream(model, prompt, *a))
+    monkeypatch.setattr(cli, "stream", recorded)
     assert main(["sample", "--checkpoint", str(model), "--prompt", "Hi", "--temperature", "0",
                  "--max_new_tokens", "5"]) == 0
     assert made == [load_tokenizer(model).encode("Hi"), 0]  # 0 is an eos id of generation_config.json only
