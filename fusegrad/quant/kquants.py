@@ -228,7 +228,7 @@ def quantize_k(a, kind: str, threads: int | None = None):
     threads = threads or os.cpu_count()
     if len(starts) == 1 or threads == 1:
         list(map(chunk, starts))
-    else:  # numpy lets go of the GIL inside each array operation: 1.4-1.5x on 2 cores (docs/performance.md)
+    else:  # numpy lets go of the GIL inside each array operation: 1.26-1.47x on 2 cores (docs/performance.md)
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(chunk, starts))
     return out.reshape(*a.shape[:-1], a.shape[-1] // QK_K * BLOCK_BYTES[kind])
