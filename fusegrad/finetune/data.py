@@ -2,7 +2,8 @@
 
 Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
 unless mask_prompt=False), or a chat `messages` list of {"role", "content"} (or ShareGPT's `conversations` of
-{"from", "value"}) rendered with the tokenizer's own chat template (loss on the assistant turns only). Text gets
+{"from", "value"}) rendered with the tokenizer's own chat template (loss on the assistant turns only), or Alpaca's
+`instruction`, `input`, `output` (a chat when the tokenizer has a template; else Alpaca's own prompt). Text gets
 a BOS only where the tokenizer adds one. Classification: `text` + `label` (an integer class id in
 [0, num_classes): a JSON int or, in CSV, digits; a JSON `true`, a float such as 1.0 or "1.5" is refused, never
 cast). Datasets that name these fields otherwise say so with RecordFields.
@@ -162,6 +163,49 @@ def _label(r, field) -> int:
     raise FormatError(f"{_where(r)}: field {field!r} must be an integer class id, got {raw!r}"[:300])
 
 
+# Stanford Alpaca's prompt, for a tokenizer without a chat template (its preamble: without an input, with one)
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.", "Below is an instruction that describes a task, paired with an input that "
+                   "provides further context. Write a response that appropriately completes the request.")
+
+
+def _is_alpaca(r, fields) -> bool:
+    """An Alpaca record: `instruction` and `output`, with `input` (often empty) and, as LLaMA-Factory adds, `system`.
+    It is read as Alpaca unless the record also holds the named prompt and completion fields, or a text field
+    was named; `--prompt_field instruction --completion_field output` reads it as Alpaca too (the input is kept)."""
+    if "instruction" not in r or "output" not in r or fields.text != "text" and fields.text in r:
+        return False
+    return (fields.prompt, fields.completion) == ("instruction", "output") or not (
+        fields.prompt in r and fields.completion in r)
+
+
+def _alpaca_example(r, tokenizer, mask_prompt: bool):
+    """(ids, trained) of an Alpaca record. With a chat template: [system,] user (the instruction, a blank line and
+    the input when there is one), assistant (the output), loss on the assistant's turn. Without: Stanford Alpaca's
+    own prompt (the system field, if any, in place of its preamble) + the output + EOS, loss as for a completion."""
+    instruction, output = _text(r, "instruction"), _text(r, "output")
+    given = _text(r, "input") if r.get("input") not in (None, "") else ""  # Parquet gives None for a missing one
+    system = _text(r, "system") if r.get("system") not in (None, "") else None
+    if getattr(tokenizer, "chat_template", None):
+        user = f"{instruction}\n\n{given}" if given else instruction
+        turns = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        try:
+            return chat_example(tokenizer, turns)
+        except FormatError as e:
+            raise FormatError(f"{_where(r)}: {e}") from None
+    prompt = (system or ALPACA_PREAMBLE[bool(given)]) + f"\n\n### Instruction:\n{instruction}\n\n"
+    prompt += (f"### Input:\n{given}\n\n" if given else "") + "### Response:\n"
+    return _completion_example(tokenizer, prompt, output, mask_prompt)
+
+
+def _completion_example(tokenizer, prompt: str, completion: str, mask_prompt: bool):
+    """(ids, trained): [BOS] prompt completion EOS, trained on the completion and EOS (on all with mask_prompt off)."""
+    head = tokenizer.encode(prompt)
+    ids = head + tokenizer.encode(completion, bos=False, eos=True)
+    return ids, [int(not mask_prompt)] * len(head) + [1] * (len(ids) - len(head))
+
+
 def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fields=RecordFields()) -> list:
     """Records -> Examples of at most max_len + 1 tokens ([BOS] ... EOS, cut at the right).
 
@@ -178,16 +222,17 @@ def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fiel
             except UnicodeEncodeError:
                 raise FormatError(f"{_where(r)}: field {fields.messages!r} holds a lone surrogate, not UTF-8 text"
                                   ) from None
+        elif _is_alpaca(r, fields):
+            ids, trained = _alpaca_example(r, tokenizer, mask_prompt)
         elif fields.text in r:
             ids = tokenizer.encode(_text(r, fields.text), eos=True)
             trained = [1] * len(ids)
         elif fields.prompt in r and fields.completion in r:
-            prompt = tokenizer.encode(_text(r, fields.prompt))
-            ids = prompt + tokenizer.encode(_text(r, fields.completion), bos=False, eos=True)
-            trained = [int(not mask_prompt)] * len(prompt) + [1] * (len(ids) - len(prompt))
+            ids, trained = _completion_example(tokenizer, _text(r, fields.prompt), _text(r, fields.completion),
+                                               mask_prompt)
         else:
             raise FormatError(f"{_where(r)}: a record needs {fields.text!r}, {fields.prompt!r} and "
-                              f"{fields.completion!r}, or {fields.messages!r} (has "
+                              f"{fields.completion!r}, or {fields.messages!r}, or Alpaca's 'instruction' and 'output' (has "
                               f"{sorted(k for k in r if not k.startswith('_'))}); name the fields with --text_field, "
                               f"--prompt_field, --completion_field or --messages_field"[:400])
         ids = ids[:max_len + 1]

@@ -1,6 +1,6 @@
 """Fine-tuning data as datasets publish it: JSON Lines, JSON lists, Parquet and Arrow (compressed too), chat as
-`messages` or ShareGPT's `conversations`, and fields named otherwise (Alpaca's instruction/output, SST-2's
-sentence)."""
+`messages` or ShareGPT's `conversations`, Alpaca's instruction / input / output, and fields named otherwise
+(SST-2's sentence)."""
 import gzip
 import json
 
@@ -63,15 +63,15 @@ def test_chat_data_reads_the_same_from_every_kind_of_file_and_as_sharegpt(tmp_pa
 
 
 def test_fields_named_otherwise_are_read_where_the_settings_say(tmp_path):
-    alpaca = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]
-    usual = [{"prompt": r["instruction"], "completion": r["output"]} for r in alpaca]
+    qa = [{"question": f"Say {w}.", "answer": w, "id": i} for i, w in enumerate(("yes", "no", "maybe"))]
+    usual = [{"prompt": r["question"], "completion": r["answer"]} for r in qa]
     (tmp_path / "usual").mkdir()
-    for theirs, ours in zip(write_all_kinds(tmp_path, alpaca), write_all_kinds(tmp_path / "usual", usual)):
-        assert examples(theirs, ByteTokenizer(), prompt="instruction", completion="output") == \
+    for theirs, ours in zip(write_all_kinds(tmp_path, qa), write_all_kinds(tmp_path / "usual", usual)):
+        assert examples(theirs, ByteTokenizer(), prompt="question", completion="answer") == \
             examples(ours, ByteTokenizer()), theirs.name
     with pytest.raises(FormatError, match=r"d.parquet: row 0: a record needs 'text', 'prompt' and 'completion', or "
-                                          r"'messages' \(has \['input', 'instruction', 'output'\]\); name the fields "
-                                          r"with --text_field"):
+                                          r"'messages', or Alpaca's 'instruction' and 'output' \(has \['answer', "
+                                          r"'id', 'question'\]\); name the fields with --text_field"):
         examples(tmp_path / "d.parquet", ByteTokenizer())
     sst2 = tmp_path / "sst2.parquet"  # a classification dataset: its text is 'sentence', its label an int64
     pq.write_table(pa.Table.from_pylist([{"idx": i, "sentence": s, "label": i % 2}
@@ -81,24 +81,70 @@ def test_fields_named_otherwise_are_read_where_the_settings_say(tmp_path):
         [("good", 0), ("bad", 1), ("fine", 0), ("awful", 1)]
 
 
+ALPACA = [{"instruction": "Name the capital.", "input": "France", "output": "Paris", "system": ""},
+          {"instruction": "Say yes.", "input": "", "output": "yes", "system": None},
+          {"instruction": "Say no.", "input": "", "output": "no", "system": "Answer in one word."}]
+
+
+def test_alpaca_records_keep_their_input_and_are_chats_in_the_models_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    make_chatml_dir(tmp_path / "tok")
+    tokenizer, theirs = load_tokenizer(tmp_path / "tok"), transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    chats = [[{"role": "user", "content": "Name the capital.\n\nFrance"}, {"role": "assistant", "content": "Paris"}],
+             [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "yes"}],
+             [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say no."},
+              {"role": "assistant", "content": "no"}]]
+    wanted = [theirs.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in chats]
+    for path in write_all_kinds(tmp_path, ALPACA):  # an empty or null system field: no system turn
+        for named in ({}, {"prompt": "instruction", "completion": "output"}):  # README's older advice reads the same
+            got = examples(path, tokenizer, **named)
+            assert [ids for ids, _, _ in got] == wanted, (path.name, named)
+            assert [theirs.decode(np.array(ids[1:])[mask]) for ids, mask, _ in got] == \
+                ["Paris<|im_end|>\n", "yes<|im_end|>\n", "no<|im_end|>\n"], path.name
+
+
+def test_alpaca_records_without_a_chat_template_get_stanford_alpacas_prompt(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(ALPACA + [{"instruction": "Add.", "output": "3", "input": "1 + 2", "text": "ignored"}]))
+    got = examples(path, ByteTokenizer())
+    text = [bytes(np.array(ids[1:-1], np.uint8)).decode() for ids, _, _ in got]  # BOS ... EOS
+    assert text[0] == ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+                       "Name the capital.\n\n### Input:\nFrance\n\n### Response:\nParis")
+    assert text[1] == ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                       "the request.\n\n### Instruction:\nSay yes.\n\n### Response:\nyes")
+    assert text[2] == "Answer in one word.\n\n### Instruction:\nSay no.\n\n### Response:\nno"
+    assert text[3].endswith("### Instruction:\nAdd.\n\n### Input:\n1 + 2\n\n### Response:\n3")  # not its text
+    for (ids, mask, _), answer in zip(got, ("Paris", "yes", "no", "3")):  # loss on the output and EOS only
+        assert bytes(np.array(ids[1:], np.uint16)[mask][:-1].astype(np.uint8)).decode() == answer
+        assert ids[-1] == ByteTokenizer().eos_id and mask[-1]
+    named = tmp_path / "named.jsonl"  # a text field named: that field is read
+    named.write_text(json.dumps({"instruction": "Add.", "output": "3", "body": "1 + 2 = 3"}) + "\n")
+    assert bytes(np.array(examples(named, ByteTokenizer(), text="body")[0][0][1:-1], np.uint8)) == b"1 + 2 = 3"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Add.", "input": 3, "output": "3"}) + "\n")
+    with pytest.raises(FormatError, match=r"bad.jsonl: line 1: field 'input' must be a string, got 3"):
+        examples(bad, ByteTokenizer())
+
+
 def test_fusegrad_finetune_reads_a_parquet_dataset_naming_its_fields(tmp_path, capsys):
     from fusegrad.models import Llama
     from fusegrad.models.llama import LlamaConfig
 
     Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=258, max_seq_len=64),
           seed=0).save_pretrained(tmp_path / "base")
-    rows = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i)))} for i in range(2, 12)]
+    rows = [{"question": f"Count to {i}.", "answer": " ".join(map(str, range(i)))} for i in range(2, 12)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00001.parquet")
     out = tmp_path / "run"
     assert run_cli(["finetune", "--model", str(tmp_path / "base"), "--tokenizer", "byte", "--data",
-                    str(tmp_path / "train-00000-of-00001.parquet"), "--prompt_field", "instruction",
-                    "--completion_field", "output", "--out", str(out), "--max_steps", "2", "--batch_size", "4",
+                    str(tmp_path / "train-00000-of-00001.parquet"), "--prompt_field", "question",
+                    "--completion_field", "answer", "--out", str(out), "--max_steps", "2", "--batch_size", "4",
                     "--quiet"]) == 0
     assert (out / "adapter_model.safetensors").exists()
     assert run_cli(["finetune", "--model", str(tmp_path / "base"), "--tokenizer", "byte", "--data",
-                    str(tmp_path / "train-00000-of-00001.parquet"), "--text_field", "instruction", "--out", str(out),
+                    str(tmp_path / "train-00000-of-00001.parquet"), "--text_field", "question", "--out", str(out),
                     "--max_steps", "3", "--batch_size", "4", "--resume", "--quiet"]) != 0
-    assert "'prompt_field': ('instruction', 'prompt')" in capsys.readouterr().err  # a resume reads the same fields
+    assert "'prompt_field': ('question', 'prompt')" in capsys.readouterr().err  # a resume reads the same fields
 
 
 @pytest.mark.parametrize("name, content, match", [
