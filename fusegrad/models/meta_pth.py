@@ -1,8 +1,9 @@
 """Meta's own Llama checkpoints and llama2.c's training checkpoints, read without torch (torch_pickle.py).
 
 - a directory with params.json and consolidated.00.pth, as Meta's `llama model download` and the `original/`
-  folders of meta-llama repositories publish them (one file: the 1B-8B sizes; larger models come split for model
-  parallelism, which is refused);
+  folders of meta-llama repositories publish them: one file for the 1B-8B sizes; larger ones (Llama 2 13B and 70B,
+  Llama 3 70B) come split for model parallelism into consolidated.00.pth ... .NN.pth, each holding an equal slice
+  of every matrix, which are joined tensor by tensor as they are read;
 - llama2.c's `ckpt.pt`: train.py's torch.save of {"model": state dict, "model_args": {...}, "optimizer": ...}.
 Both name tensors as Meta's model.py does (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...), with q/k
 rows in the interleaved-pair RoPE order fusegrad itself computes in; `[HF name]` reads one as float32 in Hugging
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import os
+
+import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.core.fileio import read_json_object
@@ -35,6 +38,11 @@ def is_meta_checkpoint(path) -> bool:
     return path.endswith((".pt", ".pth"))
 
 
+# Meta's model-parallel layers (fairscale): column-parallel ones hold a slice of the rows, row-parallel ones of the
+# columns; 1-D tensors (norms, rope.freqs) are whole in every shard. tok_embeddings: by its shape (below)
+_SPLIT_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+
+
 class MetaCheckpoint:
     """`.config`, and `[HF name]` reads one tensor as float32 in Hugging Face's layout."""
 
@@ -43,14 +51,12 @@ class MetaCheckpoint:
         if os.path.isdir(path):
             shards = sorted(glob.glob(os.path.join(path, "consolidated.*.pth"))) or \
                 sorted(glob.glob(os.path.join(path, "*.pth")))
-            if len(shards) != 1:
-                raise FormatError(f"{path}: {len(shards)} .pth files: a model split for model parallelism "
-                                  f"({', '.join(os.path.basename(s) for s in shards)}), which fusegrad does not "
-                                  f"join; use the Hugging Face release of this model")
-            self.file, params_path = shards[0], os.path.join(path, "params.json")
+            params_path = os.path.join(path, "params.json")
         else:
-            self.file, params_path = path, os.path.join(os.path.dirname(path) or ".", "params.json")
-        entries, values = read_torch_pickle(self.file)
+            shards, params_path = [path], os.path.join(os.path.dirname(path) or ".", "params.json")
+        self.file = shards[0] if len(shards) == 1 else f"{path} ({len(shards)} shards)"
+        tables = [read_torch_pickle(f) for f in shards]
+        entries, values = tables[0]
         args = {k[len("model_args."):]: v for k, v in values.items() if k.startswith("model_args.")}
         if args:  # llama2.c's ckpt.pt: its weights under "model" (torch.compile adds "_orig_mod.")
             entries = {k.removeprefix("model.").removeprefix("_orig_mod."): e for k, e in entries.items()
@@ -61,8 +67,12 @@ class MetaCheckpoint:
         else:
             raise FormatError(f"{self.file}: no model_args inside and no params.json beside it: the model's shape is "
                               f"unknown")
-        self.entries = entries
-        self.config = c = _config(args, entries, where, self.file)
+        self.parts = {name: [(shards[0], e)] for name, e in entries.items()}  # name -> [(file, entry) a shard]
+        self.axes = dict.fromkeys(entries)  # name -> the axis its shards join on (None: one piece)
+        if len(shards) > 1:
+            self.parts, self.axes = _joined(shards, [t[0] for t in tables], args.get("dim"))
+        self.entries = {name: (None, _shape(parts, self.axes[name]), None) for name, parts in self.parts.items()}
+        self.config = c = _config(args, self.entries, where, self.file)
         self.names = {hf: (meta, None) for hf, meta in _TOP.items() if not (c.tie_embeddings and hf == "lm_head.weight")}
         for i in range(c.n_layers):  # HF name -> (Meta name, heads whose q/k rows are permuted, else None)
             self.names.update({f"model.layers.{i}.{HF_MODULES[part]}.weight": (f"layers.{i}.{meta}.weight",
@@ -70,16 +80,55 @@ class MetaCheckpoint:
                                for part, meta in _PARTS.items()})
             self.names.update({f"model.layers.{i}.{hf}.weight": (f"layers.{i}.{meta}.weight", None)
                                for meta, hf in NORMS.items()})
-        check_hf_state({hf: entries[meta][1] for hf, (meta, _) in self.names.items() if meta in entries}, c,
+        check_hf_state({hf: self.entries[meta][1] for hf, (meta, _) in self.names.items() if meta in self.entries}, c,
                        f"{self.file} (Meta names)")
 
     def __getitem__(self, name: str):
         meta, heads = self.names[name]
-        a = read_tensor(self.file, meta, self.entries[meta])
+        pieces = [read_tensor(file, meta, entry) for file, entry in self.parts[meta]]
+        a = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=self.axes[meta])
         return permute_to_hf(a, heads) if heads else a  # Meta's interleaved pairs -> HF's halves
 
     def state(self) -> dict:
         return {name: self[name] for name in self.names}
+
+
+def _joined(shards: list, tables: list, dim) -> tuple:
+    """The tensors of a model split for model parallelism: ({name: [(file, entry) of each shard]}, {name: the axis
+    they join on, or None where each shard holds the whole}). Every shard must hold the same names and shapes."""
+    parts, axes = {}, {}
+    for name, first in tables[0].items():
+        for file, table in zip(shards[1:], tables[1:]):
+            if name not in table:
+                raise FormatError(f"{file}: no tensor {name!r}, which {os.path.basename(shards[0])} holds: the "
+                                  f"shards of a model split for model parallelism hold the same tensors")
+            if table[name][1] != first[1]:
+                raise FormatError(f"{file}: tensor {name!r} has shape {tuple(table[name][1])}, "
+                                  f"{os.path.basename(shards[0])}'s {tuple(first[1])}: not slices of one model")
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if len(first[1]) < 2:
+            axes[name] = None
+        elif module == "tok_embeddings":  # Llama 2 splits the embedding width, Llama 3 the vocabulary
+            axes[name] = 1 if first[1][1] * len(shards) == dim else 0
+        elif module in _SPLIT_AXIS:
+            axes[name] = _SPLIT_AXIS[module]
+        else:
+            raise FormatError(f"{shards[0]}: tensor {name!r} {tuple(first[1])} is none of Meta's Llama layers: "
+                              f"cannot tell how the {len(shards)} shards split it")
+        parts[name] = [(file, table[name]) for file, table in zip(shards, tables)] if axes[name] is not None \
+            else [(shards[0], first)]
+    extra = sorted(set().union(*tables[1:]) - set(tables[0]))
+    if extra:
+        raise FormatError(f"{shards[0]}: no tensor {extra[0]!r}, which another shard holds")
+    return parts, axes
+
+
+def _shape(parts: list, axis) -> tuple:
+    """The shape of a tensor joined from its pieces along `axis`."""
+    shape = list(parts[0][1][1])
+    if axis is not None:
+        shape[axis] *= len(parts)
+    return tuple(shape)
 
 
 def _config(args: dict, entries: dict, where: str, file: str) -> LlamaConfig:

@@ -5,6 +5,7 @@ interleaved pairs (`view_as_complex`), Llama 3's `apply_scaling` per frequency. 
 q/k permutation; transformers then reads fusegrad's Hugging Face export of the same model."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,14 @@ import fusegrad as fg
 from fusegrad.models import Llama
 
 torch = pytest.importorskip("torch")
+
+
+def meta_hidden(args):
+    """The FFN width Meta's model.py derives from params.json (multiple_of, ffn_dim_multiplier)."""
+    hidden = int(2 * 4 * args["dim"] / 3)
+    if args.get("ffn_dim_multiplier"):
+        hidden = int(args["ffn_dim_multiplier"] * hidden)
+    return args["multiple_of"] * ((hidden + args["multiple_of"] - 1) // args["multiple_of"])
 
 
 def meta_weights(args, vocab=61, hidden=40, tied=False, seed=0):
@@ -142,9 +151,16 @@ def test_what_a_meta_checkpoint_cannot_say_is_named(tmp_path):
     with pytest.raises(fg.FormatError, match=r"consolidated.00.pth \(Meta names\): no tensor "
                                              r"'model.layers.1.self_attn.k_proj.weight'"):
         Llama.from_pretrained(tmp_path)
-    torch.save(w, tmp_path / "consolidated.01.pth")
-    with pytest.raises(fg.FormatError, match=r"2 .pth files: a model split for model parallelism"):
+    torch.save(w, tmp_path / "consolidated.00.pth")
+    torch.save({**w, "layers.0.extra.weight": torch.zeros(4, 4)}, tmp_path / "consolidated.01.pth")
+    with pytest.raises(fg.FormatError, match=r"consolidated.00.pth: no tensor 'layers.0.extra.weight', which another "
+                                             r"shard holds"):
         Llama.from_pretrained(tmp_path)
+    torch.save({**w, "layers.1.attention.wk.weight": torch.zeros(8, 32)}, tmp_path / "consolidated.01.pth")
+    with pytest.raises(fg.FormatError, match=r"consolidated.01.pth: tensor 'layers.1.attention.wk.weight' has shape "
+                                             r"\(8, 32\), consolidated.00.pth's \(16, 32\): not slices of one model"):
+        Llama.from_pretrained(tmp_path)
+    (tmp_path / "consolidated.01.pth").unlink()
     torch.save(w, tmp_path / "bare.pt")
     (tmp_path / "params.json").unlink()
     with pytest.raises(fg.FormatError, match=r"bare.pt: no model_args inside and no params.json beside it"):
@@ -213,3 +229,65 @@ def test_a_llama3_download_with_its_tiktoken_tokenizer_model_chats_finetunes_and
     assert main(["export", str(d), "--out", str(tmp_path / "m.gguf")]) == 0
     assert read_metadata(tmp_path / "m.gguf")["tokenizer.ggml.pre"] == "llama-bpe"
     assert load_tokenizer(tmp_path / "m.gguf").encode(text) == tok.encode(text)
+
+
+# fairscale's model-parallel split as Meta's model.py declares its layers: ColumnParallelLinear slices the rows
+# (wq, wk, wv, w1, w3, output), RowParallelLinear the columns (wo, w2); Llama 2's ParallelEmbedding slices the width,
+# Llama 3's VocabParallelEmbedding the vocabulary; norms and rope.freqs are whole in every shard
+def split_for_model_parallelism(w, shards, llama3):
+    rows = ("wq", "wk", "wv", "w1", "w3", "output")
+    out = [{} for _ in range(shards)]
+    for name, t in w.items():
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        axis = (0 if llama3 else 1) if module == "tok_embeddings" else 0 if module in rows else \
+            1 if module in ("wo", "w2") else None
+        for i in range(shards):
+            out[i][name] = t.clone() if axis is None else t.chunk(shards, axis)[i].clone()
+    return out
+
+
+def transformers_conversion(tmp_path):
+    """write_model of transformers' own convert_llama_weights_to_hf.py (4.46.3, the last release that ships it),
+    which joins Meta's shards itself."""
+    import importlib.util
+    import zipfile
+
+    from tests.real_checkpoint import cache_dir, wheel
+
+    script = os.path.join(cache_dir(), "transformers-4.46.3-convert_llama_weights_to_hf.py")
+    if not os.path.isfile(script):
+        with zipfile.ZipFile(wheel("transformers==4.46.3", str(tmp_path / "wheel"))) as z:
+            os.makedirs(cache_dir(), exist_ok=True)
+            with open(script + ".part", "wb") as f:
+                f.write(z.read("transformers/models/llama/convert_llama_weights_to_hf.py"))
+            os.replace(script + ".part", script)
+    spec = importlib.util.spec_from_file_location("convert_llama_weights_to_hf", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_model
+
+
+@pytest.mark.parametrize("args, version", [(LLAMA2, "2"), (LLAMA32, "3.2")], ids=["llama2-13b-like", "llama3-70b-like"])
+def test_a_meta_model_split_for_model_parallelism_is_joined_as_transformers_joins_it(args, version, tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    w = meta_weights(args, vocab=62, hidden=meta_hidden(args), tied=False)  # as Meta's shapes are
+    d = tmp_path / "original"
+    d.mkdir()
+    for i, shard in enumerate(split_for_model_parallelism(w, 2, version != "2")):
+        torch.save(shard, d / f"consolidated.{i:02d}.pth")
+    (d / "params.json").write_text(json.dumps(args))
+    tokens = np.random.default_rng(0).integers(0, 62, (2, 24))
+    model = Llama.from_pretrained(d)
+    with fg.no_grad():  # Meta's forward on the whole weights
+        np.testing.assert_allclose(model.logits(tokens).numpy(), meta_logits(w, args, tokens), rtol=1e-4, atol=1e-4)
+    write_model = transformers_conversion(tmp_path)
+    write_model(str(tmp_path / "theirs"), str(d), llama_version=version, num_shards=2, vocab_size=62)
+    theirs = {}
+    for f in (tmp_path / "theirs").glob("*.safetensors"):
+        theirs |= load_file(f)
+    ours = model.state_dict()
+    assert set(ours) == set(theirs) - {n for n in theirs if "rotary_emb" in n}
+    for name, a in ours.items():  # bf16 weights both ways: the same values
+        np.testing.assert_array_equal(a, theirs[name].float().numpy(), err_msg=name)
