@@ -1,5 +1,6 @@
 """llama.cpp's own C libraries for the tests, through ctypes: ggml's reference quantizers and dequantizers
-(libggml-base) and llama-quantize's whole-file quantization (libllama's llama_model_quantize), from the
+(libggml-base), llama-quantize's whole-file quantization (libllama's llama_model_quantize) and its repetition
+penalty sampler, from the
 node-llama-cpp binaries `tests/llamacpp.py` installs (skipped, saying why, where those cannot be had)."""
 import ctypes
 import functools
@@ -66,3 +67,33 @@ def llama_quantize(src, dst, file_type: str, threads: int = 1) -> None:
     params = libllama().llama_model_quantize_default_params()
     params.ftype, params.nthread = FTYPES[file_type], threads
     assert libllama().llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params)) == 0
+
+
+class TokenData(ctypes.Structure):
+    """include/llama.h's llama_token_data."""
+    _fields_ = [("id", ctypes.c_int32), ("logit", ctypes.c_float), ("p", ctypes.c_float)]
+
+
+class TokenDataArray(ctypes.Structure):
+    """include/llama.h's llama_token_data_array."""
+    _fields_ = [("data", ctypes.POINTER(TokenData)), ("size", ctypes.c_size_t), ("selected", ctypes.c_int64),
+                ("sorted", ctypes.c_bool)]
+
+
+def llamacpp_penalized(logits, context, last_n: int, penalty: float) -> np.ndarray:
+    """float32 logits after llama.cpp's penalties sampler (llama_sampler_init_penalties: repeat penalty over the
+    last `last_n` accepted ids, no frequency or presence penalty) has accepted the ids of `context`."""
+    lib = libllama()
+    lib.llama_sampler_init_penalties.restype = ctypes.c_void_p
+    lib.llama_sampler_init_penalties.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_float, ctypes.c_float,
+                                                 ctypes.c_float]
+    lib.llama_sampler_accept.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    lib.llama_sampler_apply.argtypes = [ctypes.c_void_p, ctypes.POINTER(TokenDataArray)]
+    lib.llama_sampler_free.argtypes = [ctypes.c_void_p]
+    sampler = lib.llama_sampler_init_penalties(len(logits), last_n, penalty, 0.0, 0.0)
+    for token in context:
+        lib.llama_sampler_accept(sampler, int(token))
+    data = (TokenData * len(logits))(*[(i, float(x), 0.0) for i, x in enumerate(logits)])
+    lib.llama_sampler_apply(sampler, ctypes.byref(TokenDataArray(data, len(logits), -1, False)))
+    lib.llama_sampler_free(sampler)
+    return np.array([d.logit for d in data], np.float32)

@@ -154,6 +154,9 @@ def _generation_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--repetition_penalty", "--repetition-penalty", type=float,
                    help="divide the logits of ids already in the context by this, as transformers does (1 = off; "
                         "default: the model's, else 1)")
+    p.add_argument("--repeat_last_n", "--repeat-last-n", type=int,
+                   help="the repetition penalty looks at the last n ids only, as llama.cpp's penalty_last_n (-1 = "
+                        "the whole context, as transformers; 0 = none; default: the model's, a GGUF's 64, else -1)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -77,9 +77,10 @@ def export_hf(model, directory, tokenizer, dtype, sampling=None) -> list:
     bos, eos, pad = _special_ids(tokenizer)
     model.save_pretrained(directory, dtype=dtype, bos_id=bos, eos_id=eos)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad if pad is not None else None}
-    if sampling:  # temperature 0 is transformers' greedy decoding
+    if sampling:  # temperature 0 is transformers' greedy decoding; a window over the whole context is its penalty
         greedy = sampling.get("temperature") == 0
-        gen |= {"do_sample": not greedy} | {k: v for k, v in sampling.items() if not (greedy and k == "temperature")}
+        gen |= {"do_sample": not greedy} | {k: v for k, v in sampling.items() if not (greedy and k == "temperature")
+                                            and not (k == "repeat_last_n" and (v == -1 or v >= model.config.max_seq_len))}
     with atomic_write(os.path.join(directory, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
     if tokenizer is not None:
@@ -300,9 +301,12 @@ def write_gguf(model, path, tokenizer, dtype: str, sampling=None) -> None:
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_vocab_size(c.vocab_size)
         w.add_file_type(ftype)
-        for field, value in (sampling or {}).items():  # llama.cpp's defaults for this model
-            w.add_key_value(GGUF_SAMPLING_KEYS[field], value, gguf.GGUFValueType.INT32 if field == "top_k"
-                            else gguf.GGUFValueType.FLOAT32)
+        sampling = dict(sampling or {})
+        if "repetition_penalty" in sampling and sampling.get("repeat_last_n", -1) == -1:  # the whole context, as
+            sampling["repeat_last_n"] = c.max_seq_len  # transformers means it (llama.cpp reads -1 as 0: no penalty)
+        for field, value in sampling.items():  # llama.cpp's defaults for this model
+            w.add_key_value(GGUF_SAMPLING_KEYS[field], value, gguf.GGUFValueType.INT32 if field in ("top_k",
+                            "repeat_last_n") else gguf.GGUFValueType.FLOAT32)
         if dtype in MIXES:  # as llama-quantize writes it
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is None:  # llama.cpp needs a vocabulary type: "none" runs on token ids alone

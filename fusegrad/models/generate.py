@@ -28,20 +28,23 @@ from fusegrad.models.gguf_reader import GGUFContents, is_gguf
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How the next token is chosen, in transformers' order: the repetition penalty on the logits of every id in
-    the context so far (prompt included; a positive logit divided by it, a negative one multiplied), then
-    temperature (0: the most likely token), top-k (0: off), top-p (1: off), min-p (0: off)."""
+    the context so far (prompt included; a positive logit divided by it, a negative one multiplied) or, as
+    llama.cpp's penalty_last_n, in its last repeat_last_n ids (-1: all, 0: none), then temperature (0: the most
+    likely token), top-k (0: off), top-p (1: off), min-p (0: off)."""
     temperature: float = 0.8
     top_p: float = 0.9
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    repeat_last_n: int = -1
 
     def __post_init__(self):
         checks = {"temperature": self.temperature >= 0, "top_p": 0 < self.top_p <= 1,
                   "top_k": self.top_k >= 0 and float(self.top_k).is_integer(), "min_p": 0 <= self.min_p <= 1,
-                  "repetition_penalty": self.repetition_penalty > 0}
+                  "repetition_penalty": self.repetition_penalty > 0,
+                  "repeat_last_n": self.repeat_last_n >= -1 and float(self.repeat_last_n).is_integer()}
         ranges = {"temperature": ">= 0", "top_p": "in (0, 1]", "top_k": "an integer >= 0", "min_p": "in [0, 1]",
-                  "repetition_penalty": "> 0"}
+                  "repetition_penalty": "> 0", "repeat_last_n": "an integer >= -1"}
         for name, ok in checks.items():
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise ConfigError(f"sampling: {name} must be {ranges[name]}, got {getattr(self, name)!r}")
@@ -49,8 +52,9 @@ class Sampling:
     def penalized(self, logits, context) -> np.ndarray:
         """(V,) float64 logits with the repetition penalty applied to the ids in `context`."""
         z = np.array(logits, dtype=np.float64)
-        if self.repetition_penalty != 1.0 and len(context):
-            seen = np.unique(np.asarray(context, dtype=np.int64))
+        window = context if self.repeat_last_n == -1 else context[max(0, len(context) - self.repeat_last_n):]
+        if self.repetition_penalty != 1.0 and len(window):
+            seen = np.unique(np.asarray(window, dtype=np.int64))
             z[seen] = np.where(z[seen] < 0, z[seen] * self.repetition_penalty, z[seen] / self.repetition_penalty)
         return z
 
@@ -81,7 +85,9 @@ class Sampling:
 # what a checkpoint may declare: generation_config.json's keys (Sampling's own names), GGUF's general.sampling.*
 GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_p": "general.sampling.top_p",
                       "top_k": "general.sampling.top_k", "min_p": "general.sampling.min_p",
-                      "repetition_penalty": "general.sampling.penalty_repeat"}
+                      "repetition_penalty": "general.sampling.penalty_repeat",
+                      "repeat_last_n": "general.sampling.penalty_last_n"}
+LLAMACPP_REPEAT_LAST_N = 64  # llama.cpp's penalty_last_n where a GGUF gives penalty_repeat alone
 
 
 def declared_sampling(path) -> dict:
@@ -92,6 +98,8 @@ def declared_sampling(path) -> dict:
     if is_gguf(path):
         meta = GGUFContents(path).metadata
         declared = {field: meta[key] for field, key in GGUF_SAMPLING_KEYS.items() if key in meta}
+        if "repetition_penalty" in declared:  # meant as llama.cpp means it: over its window
+            declared.setdefault("repeat_last_n", LLAMACPP_REPEAT_LAST_N)
     elif os.path.isfile(os.path.join(path, "generation_config.json")):
         path = os.path.join(path, "generation_config.json")
         raw = read_json_object(path, "the generation config")

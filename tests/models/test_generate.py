@@ -209,15 +209,16 @@ def test_sampling_settings_the_model_declares_and_the_command_line_overrides(tmp
                                                                       "top_p": 0.9, "top_k": 20}))
     assert declared_sampling(path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
     assert main(["sample", "--checkpoint", str(path), "--prompt", "Hi", "--max_new_tokens", "3", "--top_k", "5"]) == 0
-    assert "sampling: temperature 0.6, top_p 0.9, top_k 5, min_p 0.0, repetition_penalty 1.0 (the model's " \
-           "temperature, top_p as" in capsys.readouterr().err
+    assert "sampling: temperature 0.6, top_p 0.9, top_k 5, min_p 0.0, repetition_penalty 1.0, repeat_last_n -1 (the " \
+           "model's temperature, top_p as" in capsys.readouterr().err
     (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": False, "temperature": 0.6}))
     assert declared_sampling(path) == {"temperature": 0.0}  # transformers decodes greedily: so does fusegrad
     (path / "generation_config.json").write_text(json.dumps(config | {"top_p": 1.5}))
     with pytest.raises(fg.FormatError, match=r"generation_config.json: sampling: top_p must be in \(0, 1\], got 1.5"):
         declared_sampling(path)
     for bad, match in [(dict(temperature=-1), "temperature must be >= 0"), (dict(top_k=2.5), "top_k must be an "),
-                       (dict(min_p=float("nan")), "min_p must be in"), (dict(repetition_penalty=0), "> 0, got 0")]:
+                       (dict(min_p=float("nan")), "min_p must be in"), (dict(repetition_penalty=0), "> 0, got 0"),
+                       (dict(repeat_last_n=-2), "repeat_last_n must be an integer >= -1, got -2")]:
         with pytest.raises(fg.ConfigError, match=match):
             Sampling(**bad)
     (path / "generation_config.json").write_text(json.dumps(config))
@@ -237,6 +238,24 @@ def test_a_gguf_files_sampling_keys_are_its_defaults(tmp_path):
         gguf.Keys.General.SAMPLING_TEMP: (0.5, gguf.GGUFValueType.FLOAT32),
         gguf.Keys.General.SAMPLING_TOP_K: (40, gguf.GGUFValueType.INT32)})
     assert declared_sampling(tmp_path / "s.gguf") == {"temperature": 0.5, "top_k": 40}
+    rewrite(tmp_path / "m.gguf", tmp_path / "r.gguf", metadata={
+        gguf.Keys.General.SAMPLING_PENALTY_REPEAT: (1.1, gguf.GGUFValueType.FLOAT32)})
+    assert declared_sampling(tmp_path / "r.gguf") == {"repetition_penalty": pytest.approx(1.1), "repeat_last_n": 64}
+
+
+def test_a_repetition_window_penalizes_as_llama_cpps_penalties_sampler():
+    from fusegrad.models.generate import Sampling
+    from tests.llamacpp_lib import llamacpp_penalized
+
+    rng = np.random.default_rng(0)
+    for last_n in (-1, 0, 1, 5, 64, 500):
+        for penalty in (1.3, 0.7):
+            logits = (rng.standard_normal(100) * 3).astype(np.float32)
+            context = rng.integers(0, 100, 150)  # ids repeat; the window's ends cut through runs of them
+            want = llamacpp_penalized(logits, context, len(context) if last_n == -1 else last_n, penalty)
+            got = Sampling(temperature=0.0, repetition_penalty=penalty, repeat_last_n=last_n).penalized(logits, context)
+            assert (got != logits).any() == (last_n != 0)
+            np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str((last_n, penalty)))
 
 
 def test_the_sample_command_prints_tokens_as_they_come_whole_characters_only(capsys):
@@ -267,11 +286,14 @@ def test_export_carries_the_sampling_settings_the_model_declares(tmp_path):
     declared = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1}
     (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": True} | declared))
     assert main(["export", str(path), "--out", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
-    assert declared_sampling(tmp_path / "m.gguf") == pytest.approx(declared)  # GGUF's general.sampling.* (float32)
+    # GGUF's general.sampling.* (float32); transformers' penalty covers the whole context: llama.cpp's window is
+    # the context length (its -1 would turn the penalty off)
+    assert declared_sampling(tmp_path / "m.gguf") == pytest.approx(declared | {"repeat_last_n": 128})
     assert main(["export", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "back")]) == 0  # and back to HF
     theirs = transformers.GenerationConfig.from_pretrained(tmp_path / "back")
     assert theirs.do_sample and theirs.eos_token_id == config["eos_token_id"]
     assert {k: getattr(theirs, k) for k in declared} == pytest.approx(declared)
+    assert "repeat_last_n" not in json.loads((tmp_path / "back" / "generation_config.json").read_text())
     (path / "generation_config.json").write_text(json.dumps(config | {"do_sample": False}))
     assert main(["export", str(path), "--out", str(tmp_path / "greedy")]) == 0
     assert not transformers.GenerationConfig.from_pretrained(tmp_path / "greedy").do_sample
