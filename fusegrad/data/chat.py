@@ -44,22 +44,34 @@ def _compile(template: str):
 
 
 def check_messages(messages, where="chat"):
-    """A conversation must be a non-empty list of {"role", "content"} dicts with known roles and string content."""
+    """A conversation must be a non-empty list of {"role", "content"} dicts with known roles and string content;
+    an assistant turn that calls tools may have `tool_calls` (a list) and no content."""
     if not isinstance(messages, list) or not messages:
         raise FormatError(f"{where}: 'messages' must be a non-empty list, got {type(messages).__name__}")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise FormatError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': a string}}, "
-                              f"got {m!r}"[:300])
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(m.get("content"), str) or calls and m.get("content") is None):
+            raise FormatError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': a string}} (an "
+                              f"assistant's may hold 'tool_calls' instead), got {m!r}"[:300])
     return messages
 
 
-def render_chat(template, messages, add_generation_prompt=False, **special_tokens):
-    """The conversation as text; special_tokens: bos_token, eos_token, ... as strings (None ones are left out)."""
+def check_tools(tools, where="chat"):
+    """Tools offered to the model: None, or a list of JSON schemas (dicts) as transformers takes them."""
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise FormatError(f"{where}: 'tools' must be a list of JSON schemas (objects), got {tools!r}"[:300])
+    return tools
+
+
+def render_chat(template, messages, add_generation_prompt=False, tools=None, **special_tokens):
+    """The conversation as text, as transformers renders it (tools: JSON schemas, or None); special_tokens:
+    bos_token, eos_token, ... as strings (None ones are left out)."""
     kwargs = {k: v for k, v in special_tokens.items() if v is not None}
     messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
     try:
-        return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return _compile(template).render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
     except jinja2.TemplateError as e:
         raise FormatError(f"chat template refused the conversation: {e}") from None
 
@@ -70,30 +82,30 @@ def _special_tokens(tokenizer):
             (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)) if i is not None}
 
 
-def chat_text(tokenizer, messages, add_generation_prompt=False):
+def chat_text(tokenizer, messages, add_generation_prompt=False, tools=None):
     """The conversation rendered with the tokenizer's own chat template (FormatError if it has none)."""
     if not getattr(tokenizer, "chat_template", None):
         raise FormatError(f"{getattr(tokenizer, 'source', tokenizer.kind)}: the tokenizer has no chat_template "
                           f"(tokenizer_config.json); chat data and --chat need a chat model's tokenizer")
-    return render_chat(tokenizer.chat_template, check_messages(messages), add_generation_prompt,
+    return render_chat(tokenizer.chat_template, check_messages(messages), add_generation_prompt, check_tools(tools),
                        **_special_tokens(tokenizer))
 
 
-def chat_example(tokenizer, messages):
-    """(ids, mask): the rendered conversation's token ids, and 1 for each token of an assistant turn (what the
-    loss is taken on), 0 elsewhere. An assistant turn spans from the end of the text rendered up to it with the
-    generation prompt to the end of the text rendered through it."""
-    full = chat_text(tokenizer, messages)
+def chat_example(tokenizer, messages, tools=None, first_trained: int = 0):
+    """(ids, mask): the rendered conversation's token ids, and 1 for each token of an assistant turn from message
+    `first_trained` on (what the loss is taken on; its tool calls too), 0 elsewhere. An assistant turn spans from
+    the end of the text rendered up to it with the generation prompt to the end of the text rendered through it."""
+    full = chat_text(tokenizer, messages, tools=tools)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
-        start = len(chat_text(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(chat_text(tokenizer, messages[:i + 1]))
-        if not full.startswith(chat_text(tokenizer, messages[:i + 1])) or start > end:
+        start = len(chat_text(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)) if i else 0
+        through = chat_text(tokenizer, messages[:i + 1], tools=tools)
+        if not full.startswith(through) or start > len(through):
             raise FormatError(f"chat template: the conversation rendered through message {i} is not a prefix of the "
                               f"whole; cannot tell which tokens are the assistant's")
-        spans.append((start, end))
+        spans.append((start, len(through)))
     ids, offsets = tokenizer.encode_with_offsets(full)
     mask = [int(any(a < e and b > s for s, e in spans)) for a, b in offsets]
     return ids, mask

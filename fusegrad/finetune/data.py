@@ -2,7 +2,8 @@
 
 Language modelling: a record holds `text`, or `prompt` + `completion` (loss on the completion only
 unless mask_prompt=False), or a chat `messages` list of {"role", "content"} (or ShareGPT's `conversations` of
-{"from", "value"}) rendered with the tokenizer's own chat template (loss on the assistant turns only), or Alpaca's
+{"from", "value"}) rendered with the tokenizer's own chat template (loss on the assistant turns only; a record's
+`tools` go to the template), `prompt` + `completion` as lists of such messages (TRL's conversational form), or Alpaca's
 `instruction`, `input`, `output` (a chat when the tokenizer has a template; else Alpaca's own prompt). Text gets
 a BOS only where the tokenizer adds one. Classification: `text` + `label` (an integer class id in
 [0, num_classes): a JSON int or, in CSV, digits; a JSON `true`, a float such as 1.0 or "1.5" is refused, never
@@ -23,6 +24,7 @@ import csv
 import dataclasses
 import glob
 import io
+import json
 import os
 import re
 
@@ -190,10 +192,7 @@ def _alpaca_example(r, tokenizer, mask_prompt: bool):
         user = f"{instruction}\n\n{given}" if given else instruction
         turns = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        try:
-            return chat_example(tokenizer, turns)
-        except FormatError as e:
-            raise FormatError(f"{_where(r)}: {e}") from None
+        return _chat_example(r, tokenizer, turns, "instruction")
     prompt = (system or ALPACA_PREAMBLE[bool(given)]) + f"\n\n### Instruction:\n{instruction}\n\n"
     prompt += (f"### Input:\n{given}\n\n" if given else "") + "### Response:\n"
     return _completion_example(tokenizer, prompt, output, mask_prompt)
@@ -206,6 +205,23 @@ def _completion_example(tokenizer, prompt: str, completion: str, mask_prompt: bo
     return ids, [int(not mask_prompt)] * len(head) + [1] * (len(ids) - len(head))
 
 
+def _chat_example(r, tokenizer, messages, field: str, first_trained: int = 0):
+    """(ids, trained) of a record's chat, trained on its assistant turns from message `first_trained` on; the
+    record's `tools` (JSON schemas, or a JSON string of them) go to the template."""
+    tools = r.get("tools")
+    if isinstance(tools, str):  # datasets often store the schemas as JSON text
+        try:
+            tools = json.loads(tools)
+        except ValueError as e:
+            raise FormatError(f"{_where(r)}: field 'tools' is not valid JSON: {e}") from None
+    try:
+        return chat_example(tokenizer, messages, tools, first_trained)
+    except FormatError as e:
+        raise FormatError(f"{_where(r)}: {e}") from None
+    except UnicodeEncodeError:
+        raise FormatError(f"{_where(r)}: field {field!r} holds a lone surrogate, not UTF-8 text") from None
+
+
 def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fields=RecordFields()) -> list:
     """Records -> Examples of at most max_len + 1 tokens ([BOS] ... EOS, cut at the right).
 
@@ -214,14 +230,11 @@ def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fiel
     out = []
     for r in records:
         messages = _conversation(r, fields.messages)
+        prompt, completion = r.get(fields.prompt), r.get(fields.completion)
         if messages is not None:
-            try:
-                ids, trained = chat_example(tokenizer, messages)  # trained: 1 on the assistant's tokens
-            except FormatError as e:
-                raise FormatError(f"{_where(r)}: {e}") from None
-            except UnicodeEncodeError:
-                raise FormatError(f"{_where(r)}: field {fields.messages!r} holds a lone surrogate, not UTF-8 text"
-                                  ) from None
+            ids, trained = _chat_example(r, tokenizer, messages, fields.messages)
+        elif isinstance(prompt, list) and isinstance(completion, list):  # TRL's conversational prompt-completion
+            ids, trained = _chat_example(r, tokenizer, prompt + completion, fields.prompt, len(prompt))
         elif _is_alpaca(r, fields):
             ids, trained = _alpaca_example(r, tokenizer, mask_prompt)
         elif fields.text in r:

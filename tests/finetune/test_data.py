@@ -127,6 +127,49 @@ def test_alpaca_records_without_a_chat_template_get_stanford_alpacas_prompt(tmp_
         examples(bad, ByteTokenizer())
 
 
+# ChatML with tools, in the shape Qwen2.5's template gives them: schemas in a system turn, calls as JSON
+TOOLS_TEMPLATE = ("{%- if tools %}<|im_start|>system\nTools:{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+                  "<|im_end|>\n{% endif %}{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}"
+                  "<|im_start|>assistant\n{% for call in m.tool_calls %}<tool_call>{{ call.function | tojson }}"
+                  "</tool_call>{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CALLING = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+           {"role": "tool", "content": "18C"}, {"role": "assistant", "content": "It is 18C."}]
+
+
+def test_tool_calls_and_trls_conversational_prompt_completion_render_as_transformers_does(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tests.data.test_chat import make_hf_dir
+
+    make_hf_dir(tmp_path / "tok", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": TOOLS_TEMPLATE})
+    tokenizer, theirs = load_tokenizer(tmp_path / "tok"), transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    rows = [{"messages": CALLING, "tools": [WEATHER]}, {"messages": CALLING, "tools": json.dumps([WEATHER])},
+            {"prompt": turns[:3], "completion": turns[3:]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = examples(path, tokenizer)
+    calls = theirs.apply_chat_template(CALLING, tools=[WEATHER], tokenize=True, return_dict=True)["input_ids"]
+    assert [ids for ids, _, _ in got] == [calls, calls, theirs.apply_chat_template(turns, tokenize=True,
+                                                                                return_dict=True)["input_ids"]]
+    trained = [theirs.decode(np.array(ids[1:])[mask]) for ids, mask, _ in got]
+    assert trained[0] == trained[1] == ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+                                        '<|im_end|>\nIt is 18C.<|im_end|>\n')  # the call is learnt, not the result
+    assert trained[2] == "Goodbye<|im_end|>\n"  # the completion only, not the prompt's assistant turn
+    for bad, match in [({"messages": CALLING, "tools": "[{"}, r"line 1: field 'tools' is not valid JSON"),
+                       ({"messages": CALLING, "tools": {"name": "x"}}, r"line 1: chat: 'tools' must be a list of JSON "),
+                       ({"messages": [{"role": "user", "content": None}]}, r"line 1: chat: message 0 must be")]:
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(FormatError, match=match):
+            examples(path, tokenizer)
+
+
 def test_fusegrad_finetune_reads_a_parquet_dataset_naming_its_fields(tmp_path, capsys):
     from fusegrad.models import Llama
     from fusegrad.models.llama import LlamaConfig
