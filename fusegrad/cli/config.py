@@ -76,6 +76,7 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "alpha": ("LoRA alpha: scaling alpha / r (alpha / sqrt(r) with rslora)", "(0, inf)"),
     "dropout": ("LoRA dropout probability", "[0, 1)"),
     "rslora": ("rank-stabilised scaling alpha / sqrt(r)", ""),
+    "dora": ("DoRA (PEFT's use_dora): a learnt magnitude per output row of each adapted weight", ""),
     "qlora": ("store the frozen base projections in NF4 (4-bit), dequantized per GEMM", ""),
     "max_len": ("longest example in tokens (longer ones are cut)", POS),
     "force": ("overwrite an adapter already in the output directory", ""),

@@ -32,6 +32,9 @@ def write_gguf_adapter(lora, path, dtype: str = "f32") -> list:
     if lora.head is not None:
         raise FormatError(f"export {path}: a classification head has no place in a llama.cpp adapter; merge it "
                           f"into a Hugging Face directory instead")
+    if lora.config.dora:
+        raise FormatError(f"export {path}: DoRA's magnitudes have no place in a llama.cpp adapter (B A only); "
+                          f"merge the adapter (`fusegrad merge`) and export the merged model instead")
     c, host = lora.model.config, lora.model.backend.to_numpy
     names = []
     with gguf_file(path, gguf_arch(c)) as w:

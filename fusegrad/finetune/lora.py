@@ -12,6 +12,11 @@ matmul_nt's right operand), dx += du A.
 Like PEFT: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0, so step 0 is the base.
 One dropout mask is drawn per fused projection (PEFT draws one per module; the distribution is equal).
 
+DoRA (`dora=True`, PEFT's use_dora) gives each part a magnitude m_p (out_p,), initialised to the row norms of
+W_p, and scales the part's rows by c_p = m_p / ||W_p + s B_p A_p||_row, the norm a constant of the step (DoRA's
+section 4.3, as PEFT detaches it): y[:, rows_p] = c_p (x W_p^T + u_p B_p^T). Backward: dm_p = sum_N g_p z_p / norm
+with z_p the unscaled rows, and g_p c_p flows on as the LoRA gradient does.
+
 >>> from fusegrad.models import Llama
 >>> model = Llama.from_preset("tiny", seed=0)
 >>> lora = attach_lora(model, LoraConfig(targets=("q", "v"), r=4, alpha=8))
@@ -73,6 +78,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -81,6 +87,8 @@ class LoraConfig:
             raise ConfigError(f"lora: rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+        if self.dora and self.dropout > 0:  # PEFT then also feeds the dropped-out x through the base for DoRA
+            raise ConfigError(f"lora: DoRA with dropout ({self.dropout}) is not supported; use dropout 0")
 
     @property
     def scaling(self) -> float:
@@ -97,8 +105,9 @@ def _base_weight(base, be, out=None):
 
 
 def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scaling: float,
-                dropout_mask=None, weight_buffer=None) -> Tensor:
-    """x (..., in) -> (..., out) = x W^T + scaling * per-part (x A_p^T) B_p^T in rows `slices`.
+                dropout_mask=None, weight_buffer=None, Ms: list = ()) -> Tensor:
+    """x (..., in) -> (..., out) = x W^T + scaling * per-part (x A_p^T) B_p^T in rows `slices`; with DoRA
+    magnitudes Ms[p] (out_p,), each part's rows scaled by Ms[p] / ||W_p + scaling B_p A_p||_row.
 
     base: Tensor (out, in) (frozen or not) or NF4 (FusedNF4); A (P r, in) stacked per part; Bs[p] (out_p, r).
     dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only (as PEFT).
@@ -108,13 +117,14 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
     out_f, in_f = base.shape
     if x.ndim < 1 or x.shape[-1] != in_f:
         raise ShapeError(f"lora_linear: x has shape {x.shape}, base weight expects {in_f} features (shape {base.shape})")
-    tensors = [x] + ([A] if A is not None else []) + list(Bs)
+    tensors = [x] + ([A] if A is not None else []) + list(Bs) + list(Ms)
     check_float("lora_linear", *[(f"input{i}", t) for i, t in enumerate(tensors)])
     P = len(Bs)
     r = A.shape[0] // P if P else 0
     be = x.backend
     x2 = x.data.reshape(-1, in_f)  # (N, in)
-    y = be.gemm(x2, _base_weight(base, be, weight_buffer), trans_b=True)  # (N, out)
+    W = _base_weight(base, be, weight_buffer)
+    y = be.gemm(x2, W, trans_b=True)  # (N, out)
     xa = x2 if dropout_mask is None else x2 * dropout_mask
     us = None
     if P:
@@ -123,12 +133,27 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
             us *= scaling
             for p, (rows, B) in enumerate(zip(slices, Bs)):  # y[:, rows] += u_p B_p^T, no temporary
                 be.gemm_accumulate(y[:, rows], us[:, p * r:(p + 1) * r], B.data, trans_b=True)
+    norms, zs = [], []  # DoRA: per part ||W_p + s B_p A_p||_row (out_p,), and its unscaled rows (N, out_p)
+    if Ms:
+        with span("dora", "lora", parts=P):
+            for p, (rows, B, M) in enumerate(zip(slices, Bs, Ms)):
+                V = be.gemm(B.data, A.data[p * r:(p + 1) * r])  # (out_p, in)
+                V *= scaling
+                V += W[rows]
+                norms.append(((V * V).sum(1)) ** 0.5)
+                zs.append(y[:, rows] * 1.0 if M.requires_grad else None)
+                y[:, rows] *= M.data / norms[-1]
     base_t = base if isinstance(base, Tensor) else None
     inputs = tuple(tensors) + ((base_t,) if base_t is not None else ())
 
     def backward(g):
         g2 = g.reshape(-1, out_f)  # (N, out)
-        dBs, dA, du = [], None, None
+        dBs, dA, du, dMs = [], None, None, []
+        if Ms:  # g_p -> dm_p, then g_p c_p on (a copy: g may be read elsewhere)
+            g2 = g2 * 1.0
+            for rows, M, norm, z in zip(slices, Ms, norms, zs):
+                dMs.append((g2[:, rows] * z).sum(0) / norm if M.requires_grad else None)
+                g2[:, rows] *= M.data / norm
         if P:
             with span("lora_backward", "lora", parts=P, r=r):
                 du = be.xp.empty_like(us)
@@ -146,7 +171,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
             elif P:
                 dx += be.gemm(du, A.data) * dropout_mask
             dx = dx.reshape(x.shape)
-        grads = [dx] + ([dA] if A is not None else []) + dBs
+        grads = [dx] + ([dA] if A is not None else []) + dBs + dMs
         if base_t is not None:
             grads.append(be.gemm(g2, x2, trans_a=True) if base_t.requires_grad else None)
         return tuple(grads)
@@ -160,7 +185,7 @@ class LoraProjection:
         self.name, self.base, self.state = name, base, state
         self.targets = [t for t, _ in parts]
         self.slices = [rows for _, rows in parts]
-        self.A, self.B = None, {}
+        self.A, self.B, self.M = None, {}, {}  # M: DoRA's magnitudes, per target
 
     def __call__(self, x: Tensor) -> Tensor:
         s, mask = self.state, None
@@ -168,10 +193,12 @@ class LoraProjection:
             keep = s.rng.random(x.shape[:-1] + (x.shape[-1],)) >= s.config.dropout
             mask = x.backend.asarray((keep / (1.0 - s.config.dropout)).reshape(-1, x.shape[-1]), x.dtype)  # h2d
         return lora_linear(x, self.base, self.A, [self.B[t] for t in self.targets], self.slices,
-                           s.config.scaling, mask, s.weight_buffer(self.base, x.backend))
+                           s.config.scaling, mask, s.weight_buffer(self.base, x.backend),
+                           [self.M[t] for t in self.targets if t in self.M])
 
     def parameters(self) -> list:
-        return [] if self.A is None else [self.A] + [self.B[t] for t in self.targets]
+        return [] if self.A is None else [self.A] + [self.B[t] for t in self.targets] + \
+            [self.M[t] for t in self.targets if t in self.M]
 
     @property
     def rng(self):
@@ -198,6 +225,14 @@ class LoraProjection:
     def delta(self, target: str) -> np.ndarray:
         """scaling * B A for one part: (out_p, in), what merging adds to the base rows."""
         return self.state.config.scaling * (self.B[target].data @ self.A_part(target))
+
+    def merged_rows(self, target: str, W_rows: np.ndarray) -> np.ndarray:
+        """The part's rows of the merged weight from its base rows W_rows (out_p, in): W + s B A, and with DoRA
+        scaled row by row to its magnitude, m / ||W + s B A||_row."""
+        V = W_rows + self.delta(target)
+        if target in self.M:
+            V *= (self.M[target].data / ((V * V).sum(1)) ** 0.5)[:, None]
+        return V
 
 
 class Lora:
@@ -227,6 +262,7 @@ class Lora:
             if proj.A is not None:
                 out.append((f"{name}.lora_A", proj.A))
                 out += [(f"{name}.lora_B.{t}", proj.B[t]) for t in proj.targets]
+                out += [(f"{name}.lora_magnitude.{t}", proj.M[t]) for t in proj.targets if t in proj.M]
         return out
 
     def parameters(self) -> list:
@@ -249,13 +285,13 @@ class Lora:
             t.data = t.backend.asarray(np.array(arr, dtype=t.dtype))
 
     def merge(self) -> None:
-        """Fold every adapter into its base weight (W[rows_p] += s B_p A_p) and detach them all.
+        """Fold every adapter into its base weight (W[rows_p] += s B_p A_p; DoRA: scaled to m_p) and detach them all.
         An NF4 base is dequantized first (merging into 4-bit codes would lose the delta)."""
         be = self.model.backend
         for name, proj in self.projections.items():
-            W = np.array(be.to_numpy(_base_weight(proj.base, be)), dtype=self.model.dtype)
+            W = be.to_numpy(_base_weight(proj.base, be)).astype(self.model.dtype)  # a copy
             for t, rows in zip(proj.targets, proj.slices):
-                W[rows] += be.to_numpy(proj.delta(t)).astype(W.dtype)
+                W[rows] = be.to_numpy(proj.merged_rows(t, be.asarray(W[rows]))).astype(W.dtype)
             self.model.params[name] = tensor(W, dtype=self.model.dtype, backend=be)
             self.model.adapters.pop(name, None)
         self.projections = {}
@@ -302,6 +338,11 @@ def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lor
                 for t, rows in parts:
                     proj.B[t] = tensor(np.zeros((rows.stop - rows.start, config.r)), dtype=model.dtype,
                                        requires_grad=True, backend=model.backend)
+                if config.dora:  # m = ||W_p||_row, so step 0 is the base (B = 0)
+                    W = model.backend.to_numpy(_base_weight(base, model.backend)).astype(np.float64)
+                    for t, rows in parts:
+                        proj.M[t] = tensor(np.sqrt((W[rows] ** 2).sum(1)), dtype=model.dtype, requires_grad=True,
+                                           backend=model.backend)
             lora.projections[name] = proj
             model.adapters[name] = proj
     return lora

@@ -1,7 +1,8 @@
 """PEFT-compatible adapters on disk: adapter_config.json + adapter_model.safetensors.
 
 Keys are PEFT's: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` (r, in) and
-`...lora_B.weight` (out, r); a classifier head is `base_model.model.score.weight` (num_classes, C),
+`...lora_B.weight` (out, r) (DoRA: also `...lora_magnitude_vector` (out,)); a classifier head is
+`base_model.model.score.weight` (num_classes, C),
 saved like PEFT's modules_to_save for task_type SEQ_CLS. HF stores q/k rows permuted per head
 (rotate-half RoPE, see models/hf_names.py), so the rows of B for q and k are permuted on the way out
 and back on the way in; A's columns (the input features) need nothing.
@@ -39,7 +40,9 @@ HEAD_KEY = PREFIX + "score.weight"
 
 
 def _key(i: int, target: str, which: str) -> str:
-    return f"{PREFIX}model.layers.{i}.{HF_MODULES[target]}.lora_{which}.weight"
+    """which: "A", "B" (lora_A/B.weight) or "magnitude" (DoRA's lora_magnitude_vector)."""
+    module = f"{PREFIX}model.layers.{i}.{HF_MODULES[target]}"
+    return f"{module}.lora_magnitude_vector" if which == "magnitude" else f"{module}.lora_{which}.weight"
 
 
 def _row_permutation(config, target: str):
@@ -59,6 +62,9 @@ def adapter_tensors(lora, head=None) -> dict:
             to_hf, _ = _row_permutation(c, t)
             out[_key(i, t, "A")] = np.ascontiguousarray(host(proj.A_part(t)), dtype=np.float32)
             out[_key(i, t, "B")] = np.ascontiguousarray(to_hf(host(proj.B[t].data)), dtype=np.float32)
+            if t in proj.M:  # one per output row: permuted as B's rows
+                out[_key(i, t, "magnitude")] = np.ascontiguousarray(to_hf(host(proj.M[t].data)[:, None])[:, 0],
+                                                                    dtype=np.float32)
     if head is not None:
         out[HEAD_KEY] = np.ascontiguousarray(head.numpy(), dtype=np.float32)
     return out
@@ -76,7 +82,8 @@ def save_adapter(directory, lora, head=None, base_model: str = "", force: bool =
     cfg = lora.config
     meta = {"peft_type": "LORA", "task_type": "SEQ_CLS" if head is not None else "CAUSAL_LM",
             "base_model_name_or_path": base_model or None, "r": cfg.r, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "bias": "none", "fan_in_fan_out": False,
+            "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora, "use_dora": cfg.dora, "bias": "none",
+            "fan_in_fan_out": False,
             "target_modules": [HF_MODULES[t].split(".")[1] for t in cfg.targets], "inference_mode": True,
             "init_lora_weights": True, "modules_to_save": ["classifier", "score"] if head is not None else None}
     blob = save(adapter_tensors(lora, head), metadata={"format": "pt"})
@@ -115,7 +122,7 @@ def read_adapter(directory) -> tuple:
     meta = read_json_object(cfg_path, "the adapter config")
     if meta.get("peft_type") != "LORA":
         raise FormatError(f"{cfg_path}: peft_type {meta.get('peft_type')!r} is not LORA")
-    unsupported = [k for k in ("use_dora", "fan_in_fan_out") if meta.get(k)]
+    unsupported = [k for k in ("fan_in_fan_out",) if meta.get(k)]
     unsupported += [k for k in ("rank_pattern", "alpha_pattern", "layers_to_transform") if meta.get(k)]
     if meta.get("bias", "none") != "none":
         unsupported.append(f"bias={meta['bias']!r}")
@@ -135,7 +142,8 @@ def read_adapter(directory) -> tuple:
         config = LoraConfig(targets=tuple(modules), r=get("r", int, "[1, 65536]"),
                             alpha=get("lora_alpha", float, "(0, inf)", 8.0),
                             dropout=get("lora_dropout", float, "[0, 1)", 0.0, True),
-                            rslora=get("use_rslora", bool, "", False, True))
+                            rslora=get("use_rslora", bool, "", False, True),
+                            dora=get("use_dora", bool, "", False, True))
     except ConfigError as exc:
         raise FormatError(f"{cfg_path}: bad LoRA config: {exc}") from None
     try:
@@ -165,7 +173,8 @@ def load_adapter(directory, model, quantized: dict | None = None):
         for p, t in enumerate(proj.targets):
             _, rows, in_f = part_rows(c, t)
             _, from_hf = _row_permutation(c, t)
-            for which, want in (("A", (config.r, in_f)), ("B", (rows.stop - rows.start, config.r))):
+            shapes = (("A", (config.r, in_f)), ("B", (rows.stop - rows.start, config.r)))
+            for which, want in shapes + ((("magnitude", (rows.stop - rows.start,)),) if config.dora else ()):
                 key = _key(i, t, which)
                 if key not in tensors:
                     raise FormatError(f"{where}: missing {key} (the model has {c.n_layers} layers)")
@@ -174,6 +183,9 @@ def load_adapter(directory, model, quantized: dict | None = None):
                                       f"{want}: the adapter was made for a different base")
             proj.A.data[p * config.r:(p + 1) * config.r] = tensors[_key(i, t, "A")]
             proj.B[t].data = np.ascontiguousarray(from_hf(tensors[_key(i, t, "B")]), dtype=model.dtype)
+            if config.dora:
+                proj.M[t].data = np.ascontiguousarray(from_hf(tensors[_key(i, t, "magnitude")][:, None])[:, 0],
+                                                      dtype=model.dtype)
     known = set(adapter_tensors(lora)) | {HEAD_KEY}
     extra = sorted(k for k in tensors if k not in known)
     if extra:

@@ -77,6 +77,7 @@ class FinetuneConfig(RunConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
     qlora: bool = False
     max_len: int = 256
     # the shared run settings, with fine-tuning's defaults
@@ -92,7 +93,7 @@ class FinetuneConfig(RunConfig):
     # settings that must match for resume to continue the same run
     IDENTITY = ("model", "data", "val_data", "text_field", "prompt_field", "completion_field", "messages_field",
                 "label_field", "task", "num_classes", "pooling", "mask_prompt", "lora_targets", "rank", "alpha",
-                "dropout", "rslora", "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
+                "dropout", "rslora", "dora", "qlora", "max_len", "batch_size", "grad_accum", "seed", "val_fraction")
 
 
 class Finetuner(Run):
@@ -133,7 +134,7 @@ class Finetuner(Run):
         else:
             self.train_set, self.val_set = ftdata.split(examples, cfg.val_fraction, cfg.seed)
         lcfg = LoraConfig(targets=cfg.lora_targets, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                          rslora=cfg.rslora, seed=cfg.seed)
+                          rslora=cfg.rslora, dora=cfg.dora, seed=cfg.seed)
         self.memory = None
         if cfg.qlora:
             self.lora, self.memory = attach_qlora(self.model, lcfg)

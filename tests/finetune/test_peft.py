@@ -44,21 +44,24 @@ def ours(base_dir, rng, **kw):
     for proj in lora.projections.values():
         for t in proj.targets:
             proj.B[t].data = rng.normal(0, 0.2, proj.B[t].shape).astype(np.float32)
+            if t in proj.M:  # DoRA: magnitudes away from the base's row norms
+                proj.M[t].data = (proj.M[t].data * rng.uniform(0.5, 1.5, proj.M[t].shape)).astype(np.float32)
     return model, lora
 
 
 def peft_state(tensors):
     """Our PEFT file keys -> the keys of a live peft model (adapter name 'default')."""
-    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-            for k, v in tensors.items()}
+    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+            .replace(".lora_magnitude_vector", ".lora_magnitude_vector.default.weight"): v for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("base", ["base_dir", "wide_base_dir"])
-def test_lora_logits_and_grads_equal_peft(base, rng, request):
+@pytest.mark.parametrize("base, dora", [("base_dir", False), ("wide_base_dir", False), ("base_dir", True),
+                                        ("wide_base_dir", True)])
+def test_lora_logits_and_grads_equal_peft(base, dora, rng, request):
     base_dir = request.getfixturevalue(base)
     tokens = rng.integers(0, CFG["vocab_size"], (2, 9))
-    model, lora = ours(base_dir, rng, targets="all", r=4, alpha=8, rslora=True)
-    pm = hf_peft(base_dir, r=4, lora_alpha=8, use_rslora=True, target_modules=ALL, lora_dropout=0.0)
+    model, lora = ours(base_dir, rng, targets="all", r=4, alpha=8, rslora=True, dora=dora)
+    pm = hf_peft(base_dir, r=4, lora_alpha=8, use_rslora=True, target_modules=ALL, lora_dropout=0.0, use_dora=dora)
     missing = pm.load_state_dict({k: torch.tensor(v) for k, v in peft_state(adapter_tensors(lora)).items()},
                                  strict=False)
     assert not missing.unexpected_keys
@@ -70,7 +73,7 @@ def test_lora_logits_and_grads_equal_peft(base, rng, request):
     loss.backward()
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-5)
     grads = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
-    assert len(grads) == 2 * 7 * CFG["n_layers"]
+    assert len(grads) == (3 if dora else 2) * 7 * CFG["n_layers"]  # DoRA: A, B and the magnitude
     # our grads in PEFT layout: temporarily swap .data for .grad and reuse the exporter
     saved = [(t, t.data) for t in lora.parameters()]
     for t, _ in saved:
@@ -149,3 +152,72 @@ def test_int_or_non_finite_adapter_tensors_are_refused(tmp_path, bad):
     message = "holds NaN or inf" if bad == "nan" else "has dtype int32"
     with pytest.raises(FormatError, match=rf"adapter_model\.safetensors: tensor '{k}' {message}"):
         load_adapter(tmp_path, Llama.from_preset("tiny"))
+
+
+def test_dora_adapters_load_both_ways_and_merge_as_peft_merges(base_dir, rng, tmp_path):
+    from peft import PeftModel
+
+    from fusegrad.finetune.peft_io import merge_adapter
+
+    tokens = rng.integers(0, CFG["vocab_size"], (1, 8))
+    model, lora = ours(base_dir, rng, targets=("q", "k", "down"), r=2, alpha=4, dora=True)
+    save_adapter(tmp_path / "ours", lora, base_model=str(base_dir))
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    pm = PeftModel.from_pretrained(hf, tmp_path / "ours")
+    with torch.no_grad():
+        np.testing.assert_allclose(model.logits(tokens).numpy(), pm(torch.tensor(tokens)).logits.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+    theirs = hf_peft(base_dir, r=3, lora_alpha=5, target_modules=["v_proj", "o_proj", "up_proj"], use_dora=True)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n or "lora_magnitude" in n:
+                p.copy_(p * 0.7 + torch.randn_like(p) * 0.2)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        ref = theirs(torch.tensor(tokens)).logits.numpy()
+    loaded = load_adapter(tmp_path / "theirs", Llama.from_pretrained(base_dir))
+    assert loaded.config.dora
+    np.testing.assert_allclose(loaded.model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
+    merged = merge_adapter(base_dir, tmp_path / "theirs")  # W' = m (W + s B A) / ||W + s B A||, as peft merges
+    assert not merged.adapters
+    unloaded = theirs.merge_and_unload()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged.logits(tokens).numpy(), unloaded(torch.tensor(tokens)).logits.numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_dora_with_dropout_and_as_a_llama_cpp_adapter_are_refused_by_name(base_dir, tmp_path):
+    import fusegrad as fg
+    from fusegrad.finetune.gguf_adapter import write_gguf_adapter
+
+    with pytest.raises(fg.ConfigError, match=r"DoRA with dropout \(0.1\) is not supported"):
+        LoraConfig(dora=True, dropout=0.1)
+    lora = attach_lora(Llama.from_pretrained(base_dir), LoraConfig(targets=("q",), r=2, dora=True))
+    with pytest.raises(fg.FormatError, match=r"DoRA's magnitudes have no place in a llama.cpp adapter"):
+        write_gguf_adapter(lora, tmp_path / "a.gguf")
+
+
+def test_finetune_dora_on_an_nf4_base_writes_an_adapter_peft_reads(rng, tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    from fusegrad.cli.main import main as run_cli
+
+    base_dir = tmp_path / "base"  # bytes for a vocabulary
+    Llama(LlamaConfig(**{**CFG, "vocab_size": 258}), seed=3).save_pretrained(base_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + {i} =", "completion": f" {2 * i}"}) + "\n" for i in range(12)))
+    assert run_cli(["finetune", "--model", str(base_dir), "--tokenizer", "byte", "--data",
+                    str(data), "--out", str(tmp_path / "run"), "--dora", "--qlora", "--lora_targets", "q,v,gate",
+                    "--max_steps", "3", "--batch_size", "4", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["use_dora"] is True
+    tokens = rng.integers(0, 258, (1, 8))
+    lora = load_adapter(tmp_path / "run", Llama.from_pretrained(base_dir))
+    hf = transformers.LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(hf, tmp_path / "run")(torch.tensor(tokens)).logits.numpy()
+    assert sorted(t for proj in lora.projections.values() for t in proj.M) == ["gate", "gate", "q", "q", "v", "v"]
+    assert all(np.abs(proj.B[t].data).max() > 0 for proj in lora.projections.values() for t in proj.targets)
+    np.testing.assert_allclose(lora.model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
