@@ -15,7 +15,8 @@ One dropout mask is drawn per fused projection (PEFT draws one per module; the d
 DoRA (`dora=True`, PEFT's use_dora) gives each part a magnitude m_p (out_p,), initialised to the row norms of
 W_p, and scales the part's rows by c_p = m_p / ||W_p + s B_p A_p||_row, the norm a constant of the step (DoRA's
 section 4.3, as PEFT detaches it): y[:, rows_p] = c_p (x W_p^T + u_p B_p^T). Backward: dm_p = sum_N g_p z_p / norm
-with z_p the unscaled rows, and g_p c_p flows on as the LoRA gradient does.
+with z_p the unscaled rows, and g_p c_p flows on as the LoRA gradient does. With dropout, as PEFT, the base term
+that c_p scales is the dropped-out x's: y_p = x W_p^T + (c_p - 1) x_d W_p^T + c_p l_p.
 
 >>> from fusegrad.models import Llama
 >>> model = Llama.from_preset("tiny", seed=0)
@@ -87,8 +88,6 @@ class LoraConfig:
             raise ConfigError(f"lora: rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
-        if self.dora and self.dropout > 0:  # PEFT then also feeds the dropped-out x through the base for DoRA
-            raise ConfigError(f"lora: DoRA with dropout ({self.dropout}) is not supported; use dropout 0")
 
     @property
     def scaling(self) -> float:
@@ -133,7 +132,7 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
             us *= scaling
             for p, (rows, B) in enumerate(zip(slices, Bs)):  # y[:, rows] += u_p B_p^T, no temporary
                 be.gemm_accumulate(y[:, rows], us[:, p * r:(p + 1) * r], B.data, trans_b=True)
-    norms, zs = [], []  # DoRA: per part ||W_p + s B_p A_p||_row (out_p,), and its unscaled rows (N, out_p)
+    norms, zs = [], []  # DoRA: per part ||W_p + s B_p A_p||_row (out_p,), and z_p (N, out_p), what c_p scales
     if Ms:
         with span("dora", "lora", parts=P):
             for p, (rows, B, M) in enumerate(zip(slices, Bs, Ms)):
@@ -141,35 +140,45 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
                 V *= scaling
                 V += W[rows]
                 norms.append(((V * V).sum(1)) ** 0.5)
-                zs.append(y[:, rows] * 1.0 if M.requires_grad else None)
-                y[:, rows] *= M.data / norms[-1]
+                if dropout_mask is None:  # z_p = x W_p^T + l_p, l_p = u_p B_p^T: y_p itself
+                    z = y[:, rows] * 1.0
+                else:  # as PEFT: the dropped-out x through the base too, z_p = x_d W_p^T + l_p
+                    z = be.gemm(xa, W[rows], trans_b=True)
+                    be.gemm_accumulate(z, us[:, p * r:(p + 1) * r], B.data, trans_b=True)
+                y[:, rows] += z * (M.data / norms[-1] - 1.0)  # y_p = x W_p^T + (c_p - 1) z_p + l_p
+                zs.append(z if M.requires_grad else None)
     base_t = base if isinstance(base, Tensor) else None
     inputs = tuple(tensors) + ((base_t,) if base_t is not None else ())
 
     def backward(g):
         g2 = g.reshape(-1, out_f)  # (N, out)
+        gl = g2  # the gradient of the LoRA branch: g_p c_p in DoRA's rows
         dBs, dA, du, dMs = [], None, None, []
-        if Ms:  # g_p -> dm_p, then g_p c_p on (a copy: g may be read elsewhere)
-            g2 = g2 * 1.0
+        if Ms:  # dm_p, and g_p c_p (in a copy: g may be read elsewhere)
+            gl = g2 * 1.0
             for rows, M, norm, z in zip(slices, Ms, norms, zs):
                 dMs.append((g2[:, rows] * z).sum(0) / norm if M.requires_grad else None)
-                g2[:, rows] *= M.data / norm
+                gl[:, rows] *= M.data / norm
         if P:
             with span("lora_backward", "lora", parts=P, r=r):
                 du = be.xp.empty_like(us)
                 for p, (rows, B) in enumerate(zip(slices, Bs)):
-                    gp = g2[:, rows]  # (N, out_p) view
+                    gp = gl[:, rows]  # (N, out_p) view
                     dBs.append(be.gemm(gp, us[:, p * r:(p + 1) * r], trans_a=True) if B.requires_grad else None)
                     du[:, p * r:(p + 1) * r] = be.gemm(gp, B.data)
                 du *= scaling
                 dA = be.gemm(du, xa, trans_a=True) if A.requires_grad else None  # (P r, in)
         dx = None
         if x.requires_grad:
-            dx = be.gemm(g2, _base_weight(base, be, weight_buffer))  # (N, in): the only GEMM the frozen base costs
-            if P and dropout_mask is None:
+            Wd = _base_weight(base, be, weight_buffer)
+            dx = be.gemm(gl if dropout_mask is None else g2, Wd)  # (N, in): the only GEMM the frozen base costs
+            if P and dropout_mask is None:  # (without dropout DoRA's z_p holds x W_p^T: c_p g_p covers it)
                 be.gemm_accumulate(dx, du, A.data)
             elif P:
-                dx += be.gemm(du, A.data) * dropout_mask
+                dxa = be.gemm(du, A.data)  # the dropped-out x's: the LoRA branch and DoRA's (c_p - 1) x_d W_p^T
+                for rows, M in zip(slices, Ms):
+                    be.gemm_accumulate(dxa, gl[:, rows] - g2[:, rows], Wd[rows])
+                dx += dxa * dropout_mask
             dx = dx.reshape(x.shape)
         grads = [dx] + ([dA] if A is not None else []) + dBs + dMs
         if base_t is not None:

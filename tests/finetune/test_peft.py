@@ -187,12 +187,10 @@ def test_dora_adapters_load_both_ways_and_merge_as_peft_merges(base_dir, rng, tm
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_dora_with_dropout_and_as_a_llama_cpp_adapter_are_refused_by_name(base_dir, tmp_path):
+def test_dora_as_a_llama_cpp_adapter_is_refused_by_name(base_dir, tmp_path):
     import fusegrad as fg
     from fusegrad.finetune.gguf_adapter import write_gguf_adapter
 
-    with pytest.raises(fg.ConfigError, match=r"DoRA with dropout \(0.1\) is not supported"):
-        LoraConfig(dora=True, dropout=0.1)
     lora = attach_lora(Llama.from_pretrained(base_dir), LoraConfig(targets=("q",), r=2, dora=True))
     with pytest.raises(fg.FormatError, match=r"DoRA's magnitudes have no place in a llama.cpp adapter"):
         write_gguf_adapter(lora, tmp_path / "a.gguf")
@@ -221,3 +219,43 @@ def test_finetune_dora_on_an_nf4_base_writes_an_adapter_peft_reads(rng, tmp_path
     assert sorted(t for proj in lora.projections.values() for t in proj.M) == ["gate", "gate", "q", "q", "v", "v"]
     assert all(np.abs(proj.B[t].data).max() > 0 for proj in lora.projections.values() for t in proj.targets)
     np.testing.assert_allclose(lora.model.logits(tokens).numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_with_dropout_gives_peft_loss_and_grads_under_the_same_masks(base_dir, rng):
+    tokens = rng.integers(0, CFG["vocab_size"], (2, 9))
+    model, lora = ours(base_dir, rng, targets="all", r=4, alpha=8, dora=True, dropout=0.3)
+    draws, real = [], lora.rng
+
+    class Recorded:  # the uniform draws of each fused projection's mask, in call order: wqkv, wo, w13, w2 a layer
+        def random(self, shape):
+            draws.append(real.random(shape))
+            return draws[-1]
+    lora.rng = Recorded()
+    loss = model.loss(tokens)
+    loss.backward()
+    pm = hf_peft(base_dir, r=4, lora_alpha=8, target_modules=ALL, lora_dropout=0.3, use_dora=True)
+    pm.load_state_dict({k: torch.tensor(v) for k, v in peft_state(adapter_tensors(lora)).items()}, strict=False)
+
+    class Fixed(torch.nn.Module):  # peft's dropout, with our mask
+        def __init__(self, keep):
+            super().__init__()
+            self.mask = torch.tensor((keep >= 0.3) / 0.7, dtype=torch.float32)
+
+        def forward(self, x):
+            return x * self.mask
+    fused = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3}
+    for name, module in pm.named_modules():
+        if name.split(".")[-1] in fused and hasattr(module, "lora_dropout"):
+            i = int(name.split("layers.")[1].split(".")[0])
+            module.lora_dropout["default"] = Fixed(draws[4 * i + fused[name.split(".")[-1]]])
+    pm.train()
+    logits = pm(torch.tensor(tokens[:, :-1])).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG["vocab_size"]), torch.tensor(tokens[:, 1:]).reshape(-1))
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    grads = {n: p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    for t in lora.parameters():
+        t.data, t.grad = t.grad, t.data
+    ours_as_peft = peft_state(adapter_tensors(lora))
+    for key, g in ours_as_peft.items():
+        np.testing.assert_allclose(g, grads[key], rtol=2e-4, atol=2e-6, err_msg=key)
