@@ -182,17 +182,27 @@ def _is_alpaca(r, fields) -> bool:
 
 
 def _alpaca_example(r, tokenizer, mask_prompt: bool):
-    """(ids, trained) of an Alpaca record. With a chat template: [system,] user (the instruction, a blank line and
-    the input when there is one), assistant (the output), loss on the assistant's turn. Without: Stanford Alpaca's
-    own prompt (the system field, if any, in place of its preamble) + the output + EOS, loss as for a completion."""
+    """(ids, trained) of an Alpaca record. With a chat template: [system,] LLaMA-Factory's `history` turns (pairs
+    of [instruction, response]), user (the instruction, a blank line and the input when there is one), assistant
+    (the output), loss on the assistant's turns. Without: Stanford Alpaca's own prompt (the system field, if any,
+    in place of its preamble) + the output + EOS, loss as for a completion."""
     instruction, output = _text(r, "instruction"), _text(r, "output")
     given = _text(r, "input") if r.get("input") not in (None, "") else ""  # Parquet gives None for a missing one
     system = _text(r, "system") if r.get("system") not in (None, "") else None
+    history = r.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, (list, tuple)) and len(h) == 2 and
+                                                all(isinstance(t, str) for t in h) for h in history):
+        raise FormatError(f"{_where(r)}: field 'history' must be a list of [instruction, response] pairs of "
+                          f"strings, got {history!r}"[:300])
     if getattr(tokenizer, "chat_template", None):
         user = f"{instruction}\n\n{given}" if given else instruction
         turns = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+            {"role": role, "content": text} for pair in history for role, text in zip(("user", "assistant"), pair)
+        ] + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return _chat_example(r, tokenizer, turns, "instruction")
+    if history:
+        raise FormatError(f"{_where(r)}: an Alpaca record with a 'history' of earlier turns needs a tokenizer with "
+                          f"a chat template ({getattr(tokenizer, 'source', tokenizer.kind)} has none)")
     prompt = (system or ALPACA_PREAMBLE[bool(given)]) + f"\n\n### Instruction:\n{instruction}\n\n"
     prompt += (f"### Input:\n{given}\n\n" if given else "") + "### Response:\n"
     return _completion_example(tokenizer, prompt, output, mask_prompt)

@@ -95,12 +95,18 @@ def test_alpaca_records_keep_their_input_and_are_chats_in_the_models_template(tm
              [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Say no."},
               {"role": "assistant", "content": "no"}]]
     wanted = [theirs.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"] for m in chats]
-    for path in write_all_kinds(tmp_path, ALPACA):  # an empty or null system field: no system turn
+    history = [["Say hi.", "hi"], ["Say yes.", "yes"]]  # LLaMA-Factory's earlier turns of a multi-turn record
+    chats.insert(0, [{"role": r, "content": t} for pair in history for r, t in zip(("user", "assistant"), pair)] +
+                 chats[0])
+    wanted.insert(0, theirs.apply_chat_template(chats[0], tokenize=True, return_dict=True)["input_ids"])
+    rows = [dict(ALPACA[0], history=history)] + ALPACA  # first: Parquet's columns are the first row's
+    for path in write_all_kinds(tmp_path, rows):  # an empty or null system field: no system turn
         for named in ({}, {"prompt": "instruction", "completion": "output"}):  # README's older advice reads the same
             got = examples(path, tokenizer, **named)
             assert [ids for ids, _, _ in got] == wanted, (path.name, named)
             assert [theirs.decode(np.array(ids[1:])[mask]) for ids, mask, _ in got] == \
-                ["Paris<|im_end|>\n", "yes<|im_end|>\n", "no<|im_end|>\n"], path.name
+                ["hi<|im_end|>\nyes<|im_end|>\nParis<|im_end|>\n", "Paris<|im_end|>\n", "yes<|im_end|>\n",
+                 "no<|im_end|>\n"], path.name
 
 
 def test_alpaca_records_without_a_chat_template_get_stanford_alpacas_prompt(tmp_path):
@@ -122,9 +128,13 @@ def test_alpaca_records_without_a_chat_template_get_stanford_alpacas_prompt(tmp_
     named.write_text(json.dumps({"instruction": "Add.", "output": "3", "body": "1 + 2 = 3"}) + "\n")
     assert bytes(np.array(examples(named, ByteTokenizer(), text="body")[0][0][1:-1], np.uint8)) == b"1 + 2 = 3"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"instruction": "Add.", "input": 3, "output": "3"}) + "\n")
-    with pytest.raises(FormatError, match=r"bad.jsonl: line 1: field 'input' must be a string, got 3"):
-        examples(bad, ByteTokenizer())
+    for record, match in [({"input": 3}, r"line 1: field 'input' must be a string, got 3"),
+                          ({"history": [["a"]]}, r"line 1: field 'history' must be a list of \[instruction, "),
+                          ({"history": [["a", "b"]]}, r"line 1: an Alpaca record with a 'history' of earlier turns "
+                                                      r"needs a tokenizer with a chat template \(byte has none\)")]:
+        bad.write_text(json.dumps({"instruction": "Add.", "input": "1 + 2", "output": "3"} | record) + "\n")
+        with pytest.raises(FormatError, match=match):
+            examples(bad, ByteTokenizer())
 
 
 # ChatML with tools, in the shape Qwen2.5's template gives them: schemas in a system turn, calls as JSON
