@@ -48,6 +48,8 @@ class Sampling:
         for name, ok in checks.items():
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise ConfigError(f"sampling: {name} must be {ranges[name]}, got {getattr(self, name)!r}")
+        for name in ("top_k", "repeat_last_n"):  # a JSON 40.0 counts as 40
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     def penalized(self, logits, context) -> np.ndarray:
         """(V,) float64 logits with the repetition penalty applied to the ids in `context`."""

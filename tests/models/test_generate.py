@@ -253,7 +253,8 @@ def test_a_repetition_window_penalizes_as_llama_cpps_penalties_sampler():
             logits = (rng.standard_normal(100) * 3).astype(np.float32)
             context = rng.integers(0, 100, 150)  # ids repeat; the window's ends cut through runs of them
             want = llamacpp_penalized(logits, context, len(context) if last_n == -1 else last_n, penalty)
-            got = Sampling(temperature=0.0, repetition_penalty=penalty, repeat_last_n=last_n).penalized(logits, context)
+            got = Sampling(temperature=0.0, repetition_penalty=penalty, repeat_last_n=float(last_n)).penalized(
+                logits, context)  # a whole float, as JSON may give it, counts as the integer
             assert (got != logits).any() == (last_n != 0)
             np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=str((last_n, penalty)))
 
