@@ -32,13 +32,15 @@ F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 
 F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _f16(b, i, table):
     """The little-endian fp16 at bytes b[i], b[i + 1], as float32."""
     return table[np.int64(b[i]) | np.int64(b[i + 1]) << 8]
 
 
-@njit(cache=True)
+# Each block decoder reads one block b (uint8) and writes its values into dst (float32); inlined where the row
+# loop calls it, so the type's flags (literals there) fold away.
+@njit(inline="always")
 def _legacy(b, dst, table, five, low):
     """Q4_0 / Q4_1 / Q5_0 / Q5_1: 32 values from fp16 d (and fp16 m when `low`), with `five` a uint32 of
     fifth bits, then 16 bytes of nibbles (value j the low nibble of byte j, value 16 + j its high one).
@@ -51,30 +53,25 @@ def _legacy(b, dst, table, five, low):
         high = np.int64(b[at]) | np.int64(b[at + 1]) << 8 | np.int64(b[at + 2]) << 16 | np.int64(b[at + 3]) << 24
         at += 4
     offset = 0 if low else (16 if five else 8)
-    for j in range(16):
-        byte = np.int64(b[at + j])
-        q0, q1 = byte & 15, byte >> 4
-        if five:
-            q0 |= ((high >> j) & 1) << 4
-            q1 |= ((high >> (j + 16)) & 1) << 4
-        if low:
-            dst[j] = d * np.float32(q0) + m
-            dst[j + 16] = d * np.float32(q1) + m
-        else:
-            dst[j] = d * np.float32(q0 - offset)
-            dst[j + 16] = d * np.float32(q1 - offset)
+    q = b[at:at + 16]
+    for half in range(2):  # the low nibbles, then the high ones: each loop one run of 16 values
+        seg = dst[16 * half:16 * half + 16]
+        for j in range(16):
+            v = np.int64(q[j]) >> (4 * half) & 15
+            if five:
+                v |= (high >> (j + 16 * half) & 1) << 4
+            seg[j] = d * np.float32(v) + m if low else d * np.float32(v - offset)
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _q8_0(b, dst, table):
     """Q8_0: fp16 d, 32 int8 values; value = q * d."""
     d = _f16(b, 0, table)
     for j in range(32):
-        q = np.int64(b[2 + j])
-        dst[j] = np.float32(q - ((q >> 7) << 8)) * d
+        dst[j] = np.float32(np.int8(b[2 + j])) * d  # the byte's bits as int8
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _k4(b, dst, table, five):
     """Q4_K / Q5_K: 256 values from fp16 d and dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32,
     (Q5_K) 32 bytes whose bit s is the fifth bit of sub-block s, 128 bytes of nibbles: sub-block s reads byte
@@ -88,26 +85,30 @@ def _k4(b, dst, table, five):
             sc = (np.int64(b[8 + s]) & 15) | (np.int64(b[s]) >> 6) << 4
             mn = np.int64(b[8 + s]) >> 4 | (np.int64(b[4 + s]) >> 6) << 4
         ds, dm = d * np.float32(sc), dmin * np.float32(mn)
-        shift = 4 * (s & 1)
+        shift, q, seg = 4 * (s & 1), b[at + 32 * (s >> 1):at + 32 * (s >> 1) + 32], dst[32 * s:32 * s + 32]
         for i in range(32):
-            q = np.int64(b[at + 32 * (s >> 1) + i]) >> shift & 15
+            v = np.int64(q[i]) >> shift & 15
             if five:
-                q |= (np.int64(b[16 + i]) >> s & 1) << 4
-            dst[32 * s + i] = ds * np.float32(q) - dm
+                v |= (np.int64(b[16 + i]) >> s & 1) << 4
+            seg[i] = ds * np.float32(v) - dm
 
 
-@njit(cache=True)
+@njit(inline="always")
 def _q6_k(b, dst, table):
-    """Q6_K: 256 values from 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one per 16 values),
-    fp16 d at 208. Value v = 128 h + r: low nibble of ql[64 h + r % 64] (its high one when r >= 64), bits
-    2 (r // 32) of qh[32 h + r % 32]; value = (d * scale[v // 16]) * (q - 32)."""
+    """Q6_K: 256 values from 128 bytes of low nibbles ql, 64 of 2-bit highs qh, 16 int8 scales (one per 16
+    values), fp16 d at 208. In each half h of 128 values, value 32 k + i (k < 4) takes the low (k < 2) or high
+    nibble of ql[64 h + 32 (k % 2) + i] and bits 2 k of qh[32 h + i]; value = (d * scale) * (q - 32)."""
     d = _f16(b, 208, table)
-    for v in range(256):
-        h, r = v >> 7, v & 127
-        lo = np.int64(b[64 * h + (r & 63)]) >> (4 * (r >> 6)) & 15
-        hi = np.int64(b[128 + 32 * h + (r & 31)]) >> (2 * (r >> 5)) & 3
-        sc = np.int64(b[192 + (v >> 4)])
-        dst[v] = (d * np.float32(sc - ((sc >> 7) << 8))) * np.float32((lo | hi << 4) - 32)
+    for h in range(2):
+        for k in range(4):
+            ql, qh = b[64 * h + 32 * (k & 1):64 * h + 32 * (k & 1) + 32], b[128 + 32 * h:160 + 32 * h]
+            seg, shift = dst[128 * h + 32 * k:128 * h + 32 * k + 32], 4 * (k >> 1)
+            for half in range(2):  # 16 values per scale
+                sc = np.int64(b[192 + 8 * h + 2 * k + half])
+                ds = d * np.float32(sc - ((sc >> 7) << 8))
+                for i in range(16 * half, 16 * half + 16):
+                    v = (np.int64(ql[i]) >> shift & 15) | (np.int64(qh[i]) >> (2 * k) & 3) << 4
+                    seg[i] = ds * np.float32(v - 32)
 
 
 @njit(cache=True)
@@ -116,34 +117,55 @@ def _floats(row, dst, qtype, table):
     bits = dst.view(np.uint32)
     if qtype == F32:
         bits[:] = row.view(np.uint32)
-        return
-    halves = row.view(np.uint16)
-    for j in range(dst.size):
-        if qtype == F16:
-            dst[j] = table[halves[j]]
-        else:
-            bits[j] = np.uint32(halves[j]) << 16
+    else:
+        halves = row.view(np.uint16)
+        for j in range(dst.size):
+            if qtype == F16:
+                dst[j] = table[halves[j]]
+            else:
+                bits[j] = np.uint32(halves[j]) << 16
+
+
+@njit(inline="always")
+def _blocks(qtype, row, dst, block, size, table):
+    """Every block of a row of a quantized type: one loop per type, its flags literals (a test per block costs
+    as much as decoding 32 values)."""
+    n = dst.size // block
+    if qtype == Q4_0:
+        for k in range(n):
+            _legacy(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, False, False)
+    elif qtype == Q4_1:
+        for k in range(n):
+            _legacy(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, False, True)
+    elif qtype == Q5_0:
+        for k in range(n):
+            _legacy(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, True, False)
+    elif qtype == Q5_1:
+        for k in range(n):
+            _legacy(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, True, True)
+    elif qtype == Q8_0:
+        for k in range(n):
+            _q8_0(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table)
+    elif qtype == Q4_K:
+        for k in range(n):
+            _k4(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, False)
+    elif qtype == Q5_K:
+        for k in range(n):
+            _k4(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table, True)
+    else:
+        for k in range(n):
+            _q6_k(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table)
 
 
 @njit(parallel=True, cache=True)  # no fastmath: every product and sum must round as numpy's
 def _dequantize_rows(raw, qtype, block, size, src_rows, table, out):
     # out (R, C): row r = the dequantized row src_rows[r] of raw (rows, C / block * size), type qtype
-    R, C = out.shape
-    for r in prange(R):
+    for r in prange(out.shape[0]):
         row, dst = raw[src_rows[r]], out[r]
         if qtype == F32 or qtype == F16 or qtype == BF16:
             _floats(row, dst, qtype, table)
         else:
-            for k in range(C // block):
-                b, seg = row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block]
-                if qtype == Q8_0:
-                    _q8_0(b, seg, table)
-                elif qtype == Q4_K or qtype == Q5_K:
-                    _k4(b, seg, table, qtype == Q5_K)
-                elif qtype == Q6_K:
-                    _q6_k(b, seg, table)
-                else:
-                    _legacy(b, seg, table, qtype == Q5_0 or qtype == Q5_1, qtype == Q4_1 or qtype == Q5_1)
+            _blocks(qtype, row, dst, block, size, table)
 
 
 def dequantize_part(part, src_rows, out) -> None:
