@@ -54,9 +54,10 @@ def describe_base(report: dict) -> str:
     >>> describe_base({"fp32_bytes": 800, "base_bytes": 150, "nf4_bytes": 104, "formats": {"Q4_1": 100, "Q6_K": 50}})
     'frozen base projections: Q4_1 100 B + Q6_K 50 B = 150 B, 0.188x fp32 (800 B), 1.44x NF4 (104 B)'
     """
-    parts = " + ".join(f"{f} {n:,} B" for f, n in sorted(report["formats"].items(), key=lambda kv: -kv[1]))
     held, fp32, nf4 = report["base_bytes"], report["fp32_bytes"], report["nf4_bytes"]
-    return (f"frozen base projections: {parts} = {held:,} B, {held / fp32:.3f}x fp32 ({fp32:,} B), "
+    parts = " + ".join(f"{f} {n:,} B" for f, n in sorted(report["formats"].items(), key=lambda kv: -kv[1]))
+    total = f" = {held:,} B" if len(report["formats"]) > 1 else ""
+    return (f"frozen base projections: {parts}{total}, {held / fp32:.3f}x fp32 ({fp32:,} B), "
             f"{held / nf4:.2f}x NF4 ({nf4:,} B)")
 
 
