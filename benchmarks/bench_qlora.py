@@ -16,7 +16,8 @@ Sides (--sides, comma-separated):
                 by the ggml kernel into the reused buffer; needs --model FILE.gguf
 
 --dequantize times one pass over every quantized weight (kernel on all cores, on one, the host reference);
---base auto takes a GGUF file's own blocks (the ggml kernel), nf4 (default) NF4.
+--base auto takes a GGUF file's own blocks (the ggml kernel), nf4 (default) NF4. --load times loading the model
+with each base (quantize="auto", "nf4", None), in turn.
 --gemm also times one weight's two GEMMs (y = x W^T, dx = g W) with W dequantized whole into the buffer
 against W dequantized a panel of rows at a time into a small buffer, each panel's GEMM right after it
 (blockwise inside the GEMM).
@@ -27,6 +28,7 @@ against W dequantized a panel of rows at a time into a small buffer, each panel'
     python -m benchmarks.bench_qlora --dequantize --model <dir>
     python -m benchmarks.bench_qlora --model SmolLM2-135M-Instruct.Q4_1.gguf --sides lora,qlora,qlora-gguf
     python -m benchmarks.bench_qlora --dequantize --base auto --model SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m benchmarks.bench_qlora --load --reps 3 --model SmolLM2-135M-Instruct.Q4_1.gguf
 """
 from __future__ import annotations
 
@@ -223,6 +225,13 @@ def bench_dequantize(args) -> dict:
                 "ns_per_weight": min(ts) / elements * 1e9} for c, ts in times.items()}
 
 
+def bench_load(args) -> dict:
+    """Seconds to load --model with each base (its file's blocks, NF4, float32), in turn, medians and mins."""
+    cases = {str(q): (lambda q=q: Llama.from_pretrained(args.model, quantize=q)) for q in ("auto", "nf4", None)}
+    times = alternate(cases, args.reps)
+    return {c: {"median_s": statistics.median(ts), "min_s": min(ts)} for c, ts in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a checkpoint (HF dir, llama2.c .bin, .gguf)")
@@ -237,13 +246,15 @@ def main(argv=None) -> None:
     p.add_argument("--sides", default="lora,qlora,qlora-host,qlora-keep")
     p.add_argument("--gemm", action="store_true", help="time whole vs panel dequantization around the GEMMs")
     p.add_argument("--dequantize", action="store_true", help="time one dequantization pass over the model")
+    p.add_argument("--load", action="store_true", help="time loading --model with each base")
     p.add_argument("--base", default="nf4", choices=("nf4", "auto"), help="--dequantize: NF4, or a GGUF's own blocks")
     p.add_argument("--panels", type=lambda s: [int(v) for v in s.split(",")], default=[64, 256])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     head = {"cpu": cpu_info().get("model"), "blas": blas_info(), "load_before": os.getloadavg()[0]}
-    result = bench_gemm(args) if args.gemm else bench_dequantize(args) if args.dequantize else bench_steps(args)
+    result = (bench_gemm(args) if args.gemm else bench_dequantize(args) if args.dequantize else
+              bench_load(args) if args.load else bench_steps(args))
     head["load_after"] = os.getloadavg()[0]
     head["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
