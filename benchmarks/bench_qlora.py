@@ -2,7 +2,8 @@
 from other processes weighs on every side alike. Each side is the step `fusegrad bench --lora [--qlora]`
 times (BenchRun: loss, backward, clip, AdamW on the adapters) on the same seeded batches. Per side: median,
 min and max wall seconds per step, median CPU seconds per step (all threads: steadier on a loaded machine),
-median seconds in the nf4_dequantize spans, and the median over rounds of its step time over LoRA's.
+median seconds in the dequantize spans (nf4_dequantize, ggml_dequantize), and the median over rounds of its
+step time over LoRA's. The process's peak RSS is printed at the end: run one side alone to read its own.
 
 Sides (--sides, comma-separated):
     lora        the fp32 base, frozen
@@ -11,8 +12,12 @@ Sides (--sides, comma-separated):
     qlora-host  NF4 base dequantized as before the kernel: numpy on the host, a new array per GEMM
     qlora-keep  the kernel into a new array in the forward, that array kept for the dx GEMM (one dequantize
                 per weight per step; every projection's fp32 weight alive between forward and backward)
+    qlora-gguf  a quantized GGUF file's own blocks as the base (from_pretrained(quantize="auto")), dequantized
+                by the ggml kernel into the reused buffer; needs --model FILE.gguf
 
---dequantize times one pass over every NF4 weight (kernel on all cores, on one, the host reference).
+--dequantize times one pass over every quantized weight (kernel on all cores, on one, the host reference);
+--base auto takes a GGUF file's own blocks (the ggml kernel), nf4 (default) NF4. --load times loading the model
+with each base (quantize="auto", "nf4", None), in turn.
 --gemm also times one weight's two GEMMs (y = x W^T, dx = g W) with W dequantized whole into the buffer
 against W dequantized a panel of rows at a time into a small buffer, each panel's GEMM right after it
 (blockwise inside the GEMM).
@@ -21,12 +26,16 @@ against W dequantized a panel of rows at a time into a small buffer, each panel'
     python -m benchmarks.bench_qlora --preset stories15M --batch 8 --seq 256 --sides lora,qlora,qlora-host
     python -m benchmarks.bench_qlora --gemm --model <dir>
     python -m benchmarks.bench_qlora --dequantize --model <dir>
+    python -m benchmarks.bench_qlora --model SmolLM2-135M-Instruct.Q4_1.gguf --sides lora,qlora,qlora-gguf
+    python -m benchmarks.bench_qlora --dequantize --base auto --model SmolLM2-135M-Instruct.Q4_1.gguf
+    python -m benchmarks.bench_qlora --load --reps 3 --model SmolLM2-135M-Instruct.Q4_1.gguf
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -66,7 +75,9 @@ class KeepForBackward(JitBackend):
         return w
 
 
-BACKENDS = {"lora": JitBackend, "qlora": JitBackend, "qlora-host": HostDequant, "qlora-keep": KeepForBackward}
+BACKENDS = {"lora": JitBackend, "qlora": JitBackend, "qlora-host": HostDequant, "qlora-keep": KeepForBackward,
+            "qlora-gguf": JitBackend}
+SPANS = ("nf4_dequantize", "ggml_dequantize")
 
 
 
@@ -85,7 +96,7 @@ def alternate(cases: dict, reps: int, before=None) -> dict:
 
 def make_side(name: str, args):
     be = BACKENDS[name]()
-    quantize = "nf4" if name != "lora" and args.model else None
+    quantize = None if name == "lora" or not args.model else "auto" if name == "qlora-gguf" else "nf4"
     with use_backend(be):
         model = (Llama.from_pretrained(args.model, backend=be, quantize=quantize) if args.model
                  else Llama.from_preset(args.preset, seed=0, backend=be))
@@ -110,7 +121,7 @@ def bench_steps(args) -> dict:
             if i >= args.warmup:
                 times[s].append(dt)
                 cpu[s].append(dc)
-                dequant[s].append(t.totals().get("nf4_dequantize", {}).get("total_s", 0.0))
+                dequant[s].append(sum(t.totals().get(span, {}).get("total_s", 0.0) for span in SPANS))
     out = {s: {"step_s": statistics.median(times[s]), "min_s": min(times[s]), "max_s": max(times[s]),
                "cpu_s": statistics.median(cpu[s]), "dequantize_s": statistics.median(dequant[s])} for s in sides}
     if "lora" in sides:  # per round: a side's step over the LoRA step of the same round, then the median
@@ -186,13 +197,13 @@ def bench_gemm(args) -> dict:
 
 
 def bench_dequantize(args) -> dict:
-    """One pass over every NF4 projection of the model (what each of a step's two passes costs): the kernel
-    into one reused buffer, on every core and on one, against the host reference's new array per weight;
+    """One pass over every quantized projection of the model (what each of a step's two passes costs): the
+    kernel into one reused buffer, on every core and on one, against the host reference's new array per weight;
     median and min (the figure least touched by load) over alternating reps, in ms."""
     import numba
 
     be = JitBackend()
-    model = (Llama.from_pretrained(args.model, backend=be, quantize="nf4") if args.model
+    model = (Llama.from_pretrained(args.model, backend=be, quantize=args.base) if args.model
              else Llama.from_preset(args.preset, seed=0, backend=be))
     if not model.quantized:
         quantize_projections(model)
@@ -203,20 +214,27 @@ def bench_dequantize(args) -> dict:
     def kernel(n):
         numba.set_num_threads(n)
         for q in qs:
-            be.dequantize_nf4(q, NF4_CODE, buffer[:q.size].reshape(q.shape))
+            q.dequantize_on(be, buffer[:q.size].reshape(q.shape))
         numba.set_num_threads(threads)
 
     cases = {f"kernel x{threads}": lambda: kernel(threads), "kernel x1": lambda: kernel(1),
-             "host": lambda: [Backend.dequantize_nf4(be, q, NF4_CODE) for q in qs]}
+             "host": lambda: [q.dequantize() for q in qs]}
     times = alternate(cases, args.reps)
     elements = sum(q.size for q in qs)
     return {c: {"median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
                 "ns_per_weight": min(ts) / elements * 1e9} for c, ts in times.items()}
 
 
+def bench_load(args) -> dict:
+    """Seconds to load --model with each base (its file's blocks, NF4, float32), in turn, medians and mins."""
+    cases = {str(q): (lambda q=q: Llama.from_pretrained(args.model, quantize=q)) for q in ("auto", "nf4", None)}
+    times = alternate(cases, args.reps)
+    return {c: {"median_s": statistics.median(ts), "min_s": min(ts)} for c, ts in times.items()}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a checkpoint (HF dir, llama2.c .bin)")
+    p.add_argument("--model", help="a checkpoint (HF dir, llama2.c .bin, .gguf)")
     p.add_argument("--preset", default="stories15M", help="without --model: a fresh preset model")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -228,19 +246,23 @@ def main(argv=None) -> None:
     p.add_argument("--sides", default="lora,qlora,qlora-host,qlora-keep")
     p.add_argument("--gemm", action="store_true", help="time whole vs panel dequantization around the GEMMs")
     p.add_argument("--dequantize", action="store_true", help="time one dequantization pass over the model")
+    p.add_argument("--load", action="store_true", help="time loading --model with each base")
+    p.add_argument("--base", default="nf4", choices=("nf4", "auto"), help="--dequantize: NF4, or a GGUF's own blocks")
     p.add_argument("--panels", type=lambda s: [int(v) for v in s.split(",")], default=[64, 256])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     head = {"cpu": cpu_info().get("model"), "blas": blas_info(), "load_before": os.getloadavg()[0]}
-    result = bench_gemm(args) if args.gemm else bench_dequantize(args) if args.dequantize else bench_steps(args)
+    result = (bench_gemm(args) if args.gemm else bench_dequantize(args) if args.dequantize else
+              bench_load(args) if args.load else bench_steps(args))
     head["load_after"] = os.getloadavg()[0]
+    head["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.json:
         print(json.dumps({**head, "result": result}))
         return
     print(f"{args.model or args.preset} batch {args.batch} seq {args.seq}; {head['cpu']}; "
           f"OpenBLAS {head['blas']['blas_core']}; "
-          f"load {head['load_before']:.2f} -> {head['load_after']:.2f}")
+          f"load {head['load_before']:.2f} -> {head['load_after']:.2f}; peak RSS {head['peak_rss_mb']:.0f} MB")
     for name, row in result.items():
         print(f"  {name:12s} " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
 

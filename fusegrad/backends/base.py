@@ -326,12 +326,21 @@ class Backend:
         p, _ = self.causal_probs(q, k_cache, start)  # (B, Hkv, G T, start + T)
         return self.merge_heads(self.mm(p, v_cache[:, :, :start + T]).reshape(q.shape))
 
-    # -- NF4 weights (QLoRA) ---------------------------------------------------------------------------------
+    # -- frozen quantized weights (QLoRA) ----------------------------------------------------------------------
     def dequantize_nf4(self, q, code, out=None):
         """An NF4Tensor or FusedNF4 (fusegrad.quant.nf4: host codes and scales) -> its float32 weight as this
         backend's array, written into `out` (a float32 array of q.shape, e.g. a buffer reused by every GEMM)
         when given, and returned; code: the 16 NF4 values. The reference dequantizes on the host and copies
         the result over."""
+        return self._host_dequantize(q, out)
+
+    def dequantize_ggml(self, q, out=None):
+        """A GGMLTensor or FusedGGML (fusegrad.quant.ggml: a GGUF file's blocks, Q8_0 ... Q6_K, F16, BF16, F32,
+        on the host) -> its float32 weight as this backend's array, into `out` when given (as dequantize_nf4).
+        The reference is the gguf package's dequantize on the host, copied over."""
+        return self._host_dequantize(q, out)
+
+    def _host_dequantize(self, q, out):
         w = self.asarray(q.dequantize())
         if out is None:
             return w

@@ -5,7 +5,7 @@ Each override takes the compiled path only for float32 arrays it was built for a
 (float64 gradient checks, odd layouts) to the reference in `Backend`, so no other dtype triggers a
 compile. GEMMs stay in numpy BLAS; these kernels do what sits between them, each in one or two passes
 over memory, writing in place where the caller allows. Attention lives in `cpu_jit_attention`, NF4
-dequantization in `cpu_jit_nf4`.
+dequantization in `cpu_jit_nf4`, ggml's blocks in `cpu_jit_ggml`.
 Shapes: N rows (tokens), C channels, Hd FFN hidden, V vocabulary.
 
 >>> from fusegrad.backends.numpy_backend import NumpyBackend
@@ -22,7 +22,7 @@ import time
 import numpy as np
 from numba import prange
 
-from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_nf4, openblas
+from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_ggml, cpu_jit_nf4, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
 from fusegrad.backends.jit_common import (SERIAL_MAX_WORK, exp_shifted, fast_exp, is_f32, jit, row_chunks, row_max,
                                           serial, traced_matmul)
@@ -369,6 +369,14 @@ class JitBackend(NumpyBackend):
             return super().dequantize_nf4(q, code, out)
         return cpu_jit_nf4.dequantize_nf4(q, code, out)
 
+    def dequantize_ggml(self, q, out=None):
+        """Straight from the file's blocks into `out` (a new array when None), rows permuted on the way."""
+        if out is None:
+            out = np.empty(q.shape, np.float32)
+        elif not (is_f32(out) and out.flags.c_contiguous):
+            return super().dequantize_ggml(q, out)
+        return cpu_jit_ggml.dequantize_ggml(q, out)
+
     def adamw_update(self, p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp=None, grad_scale=1.0) -> None:
         """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
         if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
@@ -412,4 +420,5 @@ class JitBackend(NumpyBackend):
         self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
         self.accumulate(p, x)
         cpu_jit_nf4.prewarm()
+        cpu_jit_ggml.prewarm()
         return time.perf_counter() - t0

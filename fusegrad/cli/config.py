@@ -77,7 +77,8 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "dropout": ("LoRA dropout probability", "[0, 1)"),
     "rslora": ("rank-stabilised scaling alpha / sqrt(r)", ""),
     "dora": ("DoRA (PEFT's use_dora): a learnt magnitude per output row of each adapted weight", ""),
-    "qlora": ("store the frozen base projections in NF4 (4-bit), dequantized per GEMM", ""),
+    "qlora": ("freeze the base projections quantized, dequantized per GEMM: a GGUF file's own blocks where it "
+              "stores them quantized (Q8_0 ... Q6_K), else NF4 (4-bit)", ""),
     "max_len": ("longest example in tokens (longer ones are cut)", POS),
     "force": ("overwrite an adapter already in the output directory", ""),
 }

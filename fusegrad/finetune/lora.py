@@ -1,4 +1,5 @@
-"""LoRA adapters on fusegrad's fused projections, with the base frozen (or stored in NF4, see qlora.py).
+"""LoRA adapters on fusegrad's fused projections, with the base frozen (or quantized: NF4 or a GGUF file's
+blocks, see qlora.py).
 
 Targets are the seven Llama projections q, k, v, o, gate, up, down. q/k/v share the fused `wqkv` and
 gate/up share `w13`, so one fused projection may carry up to three adapters. Each part p has its own
@@ -39,7 +40,6 @@ from fusegrad.core.tensor import Tensor, is_grad_enabled, tensor
 from fusegrad.core.trace import span
 from fusegrad.models.hf_names import HF_MODULES, fused_parts, in_features
 from fusegrad.ops._util import check_float, result
-from fusegrad.quant.nf4 import NF4_CODE
 
 # target -> (fused parameter kind, index of the part inside it)
 TARGETS = {"q": ("wqkv", 0), "k": ("wqkv", 1), "v": ("wqkv", 2), "o": ("wo", 0),
@@ -95,12 +95,12 @@ class LoraConfig:
 
 
 def _base_weight(base, be, out=None):
-    """The fp32 weight (out, in) of a base: a Tensor's array, or an NF4 base dequantized for this GEMM
-    where backend `be` keeps its arrays (into `out` when given)."""
+    """The fp32 weight (out, in) of a base: a Tensor's array, or a quantized base (NF4 or a GGUF file's blocks)
+    dequantized for this GEMM where backend `be` keeps its arrays (into `out` when given)."""
     if isinstance(base, Tensor):
         return base.data
-    with span("nf4_dequantize", "quant", shape=base.shape):
-        return be.dequantize_nf4(base, NF4_CODE, out)
+    with span(base.span, "quant", shape=base.shape):
+        return base.dequantize_on(be, out)
 
 
 def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scaling: float,
@@ -108,10 +108,10 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
     """x (..., in) -> (..., out) = x W^T + scaling * per-part (x A_p^T) B_p^T in rows `slices`; with DoRA
     magnitudes Ms[p] (out_p,), each part's rows scaled by Ms[p] / ||W_p + scaling B_p A_p||_row.
 
-    base: Tensor (out, in) (frozen or not) or NF4 (FusedNF4); A (P r, in) stacked per part; Bs[p] (out_p, r).
-    dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only (as PEFT).
-    weight_buffer: a float32 (out, in) array of x's backend that an NF4 base is dequantized into right
-    before each of its two GEMMs (forward, dx), so neither allocates; its contents are not kept.
+    base: Tensor (out, in) (frozen or not) or quantized (fused.Fused: NF4, GGUF blocks); A (P r, in) stacked per
+    part; Bs[p] (out_p, r). dropout_mask (N, in): 0 or 1/(1-p) per element of x, applied to the LoRA branch only
+    (as PEFT). weight_buffer: a float32 (out, in) array of x's backend that a quantized base is dequantized into
+    right before each of its two GEMMs (forward, dx), so neither allocates; its contents are not kept.
     """
     out_f, in_f = base.shape
     if x.ndim < 1 or x.shape[-1] != in_f:
@@ -188,7 +188,8 @@ def lora_linear(x: Tensor, base, A: Tensor | None, Bs: list, slices: list, scali
 
 
 class LoraProjection:
-    """One fused projection with its base (Tensor or NF4Tensor) and its parts' adapters; Llama calls it."""
+    """One fused projection with its base (Tensor or quantized: fused.Fused) and its parts' adapters; Llama calls
+    it."""
 
     def __init__(self, name: str, base, parts: list, state: "Lora"):
         self.name, self.base, self.state = name, base, state
@@ -253,11 +254,11 @@ class Lora:
         self.training = True
         self.rng = np.random.default_rng(config.seed + 1)  # dropout masks
         self.head = None  # a classifier head read with the adapter (peft_io.load_adapter)
-        self.weight_buffers = {}  # backend -> flat float32 array, the size of the largest NF4 base seen
+        self.weight_buffers = {}  # backend -> flat float32 array, the size of the largest quantized base seen
 
     def weight_buffer(self, base, be):
-        """The (out, in) view of this Lora's one buffer on backend `be` that NF4 `base` is dequantized into
-        for each GEMM (None for a Tensor base): every NF4 GEMM shares it, as only one runs at a time."""
+        """The (out, in) view of this Lora's one buffer on backend `be` that quantized `base` is dequantized
+        into for each GEMM (None for a Tensor base): every such GEMM shares it, as only one runs at a time."""
         if isinstance(base, Tensor):
             return None
         n, key = math.prod(base.shape), (be.name, str(be.device))
@@ -295,7 +296,7 @@ class Lora:
 
     def merge(self) -> None:
         """Fold every adapter into its base weight (W[rows_p] += s B_p A_p; DoRA: scaled to m_p) and detach them all.
-        An NF4 base is dequantized first (merging into 4-bit codes would lose the delta)."""
+        A quantized base is dequantized first (merging into 4-bit codes would lose the delta)."""
         be = self.model.backend
         for name, proj in self.projections.items():
             W = be.to_numpy(_base_weight(proj.base, be)).astype(self.model.dtype)  # a copy
@@ -316,7 +317,7 @@ def freeze(model) -> None:
 def attach_lora(model, config: LoraConfig, quantized: dict | None = None) -> Lora:
     """Freeze the model and attach LoRA adapters to every layer's target parts (PEFT init).
 
-    quantized: {fused name: NF4Tensor} bases (QLoRA); those projections get a LoraProjection even
+    quantized: {fused name: fused.Fused} bases (QLoRA); those projections get a LoraProjection even
     without targets, so their GEMMs dequantize on the fly.
     """
     c, quantized = model.config, quantized or {}

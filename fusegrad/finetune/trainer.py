@@ -39,7 +39,7 @@ from fusegrad.finetune import data as ftdata
 from fusegrad.finetune.lora import LoraConfig, attach_lora
 from fusegrad.finetune.losses import group_loss
 from fusegrad.finetune.peft_io import CONFIG_FILE, WEIGHTS_FILE, save_adapter
-from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.finetune.qlora import attach_qlora, describe_base
 from fusegrad.models.llama import Llama
 from fusegrad.parallel.mpi import DataParallel
 from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint, value, weights
@@ -120,7 +120,7 @@ class Finetuner(Run):
             raise FormatError(f"{cfg.out}: already holds {', '.join(taken)}; pass --resume to continue or "
                               f"--force to overwrite")
         self.model = Llama.from_pretrained(cfg.model, backend=get_backend(self.backend),  # NF4 as it is read
-                                           quantize="nf4" if cfg.qlora else None)
+                                           quantize="auto" if cfg.qlora else None)  # (or a GGUF's own blocks)
         self.model.config.checkpoint_activations = cfg.checkpoint_activations
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
@@ -245,7 +245,7 @@ class Finetuner(Run):
             text += "".join(f"\n{what}: {', '.join(os.path.relpath(p, cfg.data) for p in paths)}"
                             for what, paths in zip(("train", "val"), self.sources) if paths)
         if self.memory:
-            text += f"\nNF4 base projections: {self.memory['nf4_bytes']:,} bytes = {self.memory['ratio']:.3f}x fp32"
+            text += "\n" + describe_base(self.memory)
         return text
 
     def finish(self, result: dict, say) -> dict:

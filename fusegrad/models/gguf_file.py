@@ -7,6 +7,7 @@ read by fusegrad.data.gguf_vocab. Facts: FORMATS.md.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -15,7 +16,9 @@ from fusegrad.core.errors import ConfigError, FormatError
 from fusegrad.models.config import LlamaConfig, check_field, yarn_attention_factor
 from fusegrad.models.gguf_reader import GGUFContents
 from fusegrad.models.export import GGUF_PARTS
-from fusegrad.models.hf_names import HF_MODULES, check_hf_state, hf_shapes, part_heads, permute_to_hf
+from fusegrad.models.hf_names import (HF_MODULES, check_hf_state, fused_parts, hf_shapes, part_heads, permute_from_hf,
+                                      permute_to_hf)
+from fusegrad.quant.ggml import FLOATS, FusedGGML, GGMLTensor, kept
 
 ARCHS = ("llama", "qwen2")
 # llama.cpp's names of the weights outside the blocks, and of the norms inside blk.{i} -> Hugging Face's
@@ -187,6 +190,24 @@ class GGUFCheckpoint:
 
     def state(self) -> dict:
         return {name: self[name] for name in self.tensors}
+
+    def keep_quantized(self, config, kind: str, names: list):
+        """The fused projection `kind` (wqkv, wo, w13, w2) of HF modules `names` as the file's own blocks, copied
+        into memory (FusedGGML), or None when every module is F32/F16/BF16 (NF4 holds them in fewer bits) or
+        one is in a type no kernel decodes (Q2_K, Q3_K, IQ*: dequantized and quantized to NF4 instead).
+
+        Float modules beside quantized ones are kept as stored too. The rows stay the file's: llama.cpp's llama
+        q/k rows are fusegrad's own (interleaved-pair RoPE; __getitem__'s permute_to_hf and from_hf's
+        permute_from_hf cancel), qwen2's are Hugging Face's and get a row map."""
+        infos = [self.tensors[n] for n in names]
+        if all(t.qtype in FLOATS for t in infos) or not all(kept(t.qtype) for t in infos):
+            return None
+        parts = []
+        for t, (_, _, heads) in zip(infos, fused_parts(config, kind)):
+            unpermute = functools.partial(permute_from_hf, n_heads=heads) if heads and self.arch != "llama" else None
+            parts.append((GGMLTensor(np.array(self.file.raw(t)), t.qtype, t.shape,
+                                     f"{self.path}: tensor {t.name!r}"), unpermute))
+        return FusedGGML(parts)
 
 
 def llama3_scaling(factors: np.ndarray, head_dim: int, theta: float, path) -> dict:

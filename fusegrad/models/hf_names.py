@@ -11,6 +11,7 @@ import functools
 import numpy as np
 
 from fusegrad.core.errors import FormatError
+from fusegrad.quant.fused import Fused
 from fusegrad.quant.nf4 import FusedNF4, quantize_nf4
 
 # LoRA target / projection part -> its Hugging Face module inside a decoder layer
@@ -139,9 +140,10 @@ def to_hf(arrays: dict, config, partial: bool = False) -> dict:
 
 def from_hf(state, config, quantize=None, place=None) -> dict:
     """{HF name: array} (or an HFCheckpoint, read tensor by tensor) -> {fusegrad name: array}, fusing
-    q/k/v and gate/up. quantize(config, kind, [HF-layout arrays]) -> a quantized base replaces each fused
-    projection weight (QLoRA quantizes every HF module on its own, as bitsandbytes does). place(name, array)
-    -> where the array is kept (a slot of a weight block), called as each array is made."""
+    q/k/v and gate/up. quantize(config, kind, [HF names of its modules]) -> a quantized base (fused.Fused) that
+    replaces each fused projection weight, its modules read by the callback (QLoRA quantizes every HF module on
+    its own, as bitsandbytes does). place(name, array) -> where the array is kept (a slot of a weight block),
+    called as each array is made."""
     if isinstance(state, dict):
         check_hf_state({k: np.shape(v) for k, v in state.items()}, config)
     get = state.__getitem__
@@ -150,12 +152,11 @@ def from_hf(state, config, quantize=None, place=None) -> dict:
         kind = name.rsplit(".", 1)[-1]
         if kind in FUSED or kind == "bqkv":
             fused = "wqkv" if kind == "bqkv" else kind
-            parts = [get(n) for n in hf]
             quantized = quantize and kind in FUSED
-            p[name] = quantize(config, fused, parts) if quantized else fuse_from_hf(config, fused, parts)
+            p[name] = quantize(config, fused, hf) if quantized else fuse_from_hf(config, fused, [get(n) for n in hf])
         else:
             p[name] = np.asarray(get(hf[0]))
-        if place is not None and not isinstance(p[name], FusedNF4):
+        if place is not None and not isinstance(p[name], Fused):
             p[name] = place(name, p[name])
     return p
 

@@ -29,7 +29,7 @@ from fusegrad.core.tensor import Tensor, no_grad, tensor
 from fusegrad.ops.checkpoint import checkpoint
 from fusegrad.models.config import PRESETS, LlamaConfig, preset
 from fusegrad.models.hf_names import from_hf, param_shapes, quantize_parts, to_hf
-from fusegrad.quant.nf4 import NF4_CODE, FusedNF4
+from fusegrad.quant.fused import Fused
 from fusegrad.models.hf import save_hf
 from fusegrad.models.io import WeightBlock, load_pretrained, save_llama2c
 
@@ -62,7 +62,7 @@ class Llama:
         # adapter.parameters(), adapter.gemm_shapes(tokens) for FLOP counts and pre-warming, adapter.rng
         # (optional) the numpy Generator its dropout draws from, which activation checkpointing rewinds
         self.adapters = {}
-        self.quantized = {}  # projection name -> frozen 4-bit base (from_pretrained(quantize="nf4"), QLoRA)
+        self.quantized = {}  # projection name -> frozen quantized base (fused.Fused; from_pretrained(quantize=), QLoRA)
         self.rope_cos, self.rope_sin = config.rope_tables(self.dtype)
 
     @classmethod
@@ -111,8 +111,8 @@ class Llama:
         projection: base GEMM plus its deltas in one op, so a frozen (or NF4) base gets only its dx GEMM."""
         adapter = self.adapters.get(name)
         bias = self.params.get(name.replace("wqkv", "bqkv")) if name.endswith("wqkv") else None
-        if adapter is None and name in self.quantized:  # a 4-bit base without adapters: dequantize for this GEMM
-            w = x.backend.dequantize_nf4(self.quantized[name], NF4_CODE)  # a new array: linear's backward keeps it
+        if adapter is None and name in self.quantized:  # a quantized base without adapters: dequantize for this GEMM
+            w = self.quantized[name].dequantize_on(x.backend)  # a new array: linear's backward keeps it
             return ops.linear(x, Tensor(w, backend=x.backend), bias)
         if adapter is None:
             return ops.linear(x, self.params[name], bias)
@@ -258,18 +258,24 @@ class Llama:
         """Load a llama2.c `.bin` (version 0 or 1), a Hugging Face directory (config.json + *.safetensors
         in bf16/fp16/fp32, sharded or not) or a GGUF file (llama/qwen2, any type gguf dequantizes), tensor by
         tensor. quantize="nf4": every projection module is quantized as bitsandbytes does (NF4, blocks of 64,
-        double-quantized scales) as it is read, so the fp32 model never exists; the bases land in
-        `model.quantized` (frozen) for QLoRA."""
-        if quantize not in (None, "nf4"):
-            raise ConfigError(f"from_pretrained: quantize must be None or 'nf4', got {quantize!r}")
+        double-quantized scales) as it is read, so the fp32 model never exists; quantize="auto": as "nf4", but
+        a projection a GGUF file stores quantized (Q8_0 ... Q6_K) keeps the file's own blocks (FusedGGML: no
+        second quantization). The bases land in `model.quantized` (frozen) for QLoRA."""
+        if quantize not in (None, "nf4", "auto"):
+            raise ConfigError(f"from_pretrained: quantize must be None, 'nf4' or 'auto', got {quantize!r}")
         config, state = load_pretrained(path)
         model = cls(config, params={}, dtype=dtype, backend=backend)
         block = None
         if model.backend.xp is np:  # numpy arrays: all weights in one block of 2 MiB pages (faster generation)
             block = WeightBlock(param_shapes(config, quantized=bool(quantize)), dtype)
-        arrays = from_hf(state, config, quantize=quantize_parts if quantize else None,
+        keep = getattr(state, "keep_quantized", None) if quantize == "auto" else None  # a GGUF file's
+
+        def quantize_fused(c, kind, names):
+            return (keep and keep(c, kind, names)) or quantize_parts(c, kind, [state[n] for n in names])
+
+        arrays = from_hf(state, config, quantize=quantize_fused if quantize else None,
                          place=block.place if block is not None else None)
-        model.quantized = {n: a for n, a in arrays.items() if isinstance(a, FusedNF4)}
+        model.quantized = {n: a for n, a in arrays.items() if isinstance(a, Fused)}
         be, trainable = model.backend, not model.quantized  # fresh arrays: wrapped without another copy
         model.params = {n: Tensor(be.asarray(np.asarray(a, dtype=dtype)), requires_grad=trainable, backend=be)
                         for n, a in arrays.items() if n not in model.quantized}

@@ -2,7 +2,7 @@
 
 The model's weights (frozen ones too) and any extra tensors of the run (LoRA adapters, a classifier head) move
 into one shared-memory block. Each helper process (a fresh interpreter) builds the same model over that block,
-with the same adapters attached by a `setup` function and any NF4 bases (`model.quantized`, sent once), so it
+with the same adapters attached by a `setup` function and any quantized bases (`model.quantized`, sent once), so it
 always computes with the weights the optimizer last wrote; it owns a shared grad block of the trainable tensors
 only (for LoRA: tiny). Per micro-batch the work is split into slices: the main process runs the first and
 helper k the (k+1)-th, each process on ONE core (one OpenBLAS thread, one numba thread); the helpers' grads are

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusegrad.core.errors import ConfigError, FormatError, ShapeError
+from fusegrad.quant.fused import Fused
 
 # The 16 NF4 values (bitsandbytes, QLoRA paper appendix), index 0..15, sorted ascending.
 NF4_CODE = np.array([
@@ -132,6 +133,7 @@ class NF4Tensor:
     """
     scale_code = DYNAMIC_CODE  # what the uint8 absmax of a double-quantized tensor indexes
     nested_blocksize = NESTED_BLOCKSIZE
+    format = "NF4"
 
     def __init__(self, packed, absmax, shape, blocksize=64, nested_absmax=None, offset=None):
         self.packed, self.absmax = packed, absmax
@@ -270,36 +272,22 @@ def quantize_nf4(w: np.ndarray, blocksize: int = 64, double_quant: bool = True) 
     return NF4Tensor(packed, qabsmax, w.shape, blocksize, nested_absmax, offset)
 
 
-class FusedNF4:
+def nf4_nbytes(n: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """NF4Tensor.nbytes of `n` values, without quantizing them (what a base kept otherwise would take in NF4).
+
+    >>> nf4_nbytes(300 * 192) == quantize_nf4(np.ones((300, 192), np.float32)).nbytes
+    True
+    """
+    blocks = -(-n // blocksize)
+    if not double_quant:
+        return (n + 1) // 2 + 4 * blocks
+    return (n + 1) // 2 + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+
+
+class FusedNF4(Fused):
     """One weight made of row blocks quantized each on its own (QLoRA's q, k, v inside a fused q/k/v), as
-    bitsandbytes quantizes each Hugging Face module: parts [(NF4Tensor, unpermute or None)], where
-    unpermute maps a part's dequantized rows to the fused layout. Dequantizing concatenates the parts."""
+    bitsandbytes quantizes each Hugging Face module: parts [(NF4Tensor, unpermute or None)] (fused.Fused)."""
+    span = "nf4_dequantize"
 
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.shape = (sum(q.shape[0] for q, _ in parts), parts[0][0].shape[1])
-
-    @property
-    def size(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(q.nbytes for q, _ in self.parts)
-
-    def dequantize_with(self, dequantize_part, concatenate):
-        """The fused weight from each part's dequantize_part(NF4Tensor) (e.g. a device backend's kernel)."""
-        return concatenate([dequantize_part(q) if f is None else f(dequantize_part(q)) for q, f in self.parts])
-
-    def dequantize(self) -> np.ndarray:
-        """float32 (out, in): every part dequantized and put in the fused layout."""
-        out = np.empty(self.shape, np.float32)
-        lo = 0
-        for q, unpermute in self.parts:
-            rows = out[lo:lo + q.shape[0]]
-            if unpermute is None:
-                q.dequantize_into(rows)
-            else:
-                rows[...] = unpermute(q.dequantize())
-            lo += q.shape[0]
-        return out
+    def dequantize_on(self, backend, out=None):
+        return backend.dequantize_nf4(self, NF4_CODE, out)
