@@ -239,7 +239,8 @@ class Finetuner(Run):
         n_lora = sum(t.numel() for t in self.optimizer.params)
         procs = f"{self.workers.workers} worker processes" if self.workers is not None else "1 process"
         text = (f"fusegrad finetune: {cfg.task} on {len(self.train_set)} train / {len(self.val_set)} val examples, "
-                f"{'QLoRA' if cfg.qlora else 'LoRA'}{' (DoRA)' if cfg.dora else ''} r={cfg.rank} on {self.lora.config.targets}, "
+                f"{'QLoRA' if cfg.qlora else 'LoRA'}{' (DoRA)' if cfg.dora else ''} r={cfg.rank} on "
+                f"{self.lora.config.targets}, "
                 f"{n_lora:,} trainable params ({procs})")
         if isinstance(self.sources[0], list):  # a dataset directory's split files
             text += "".join(f"\n{what}: {', '.join(os.path.relpath(p, cfg.data) for p in paths)}"
