@@ -255,7 +255,8 @@ def lm_examples(records, tokenizer, max_len: int, mask_prompt: bool = True, fiel
                                                mask_prompt)
         else:
             raise FormatError(f"{_where(r)}: a record needs {fields.text!r}, {fields.prompt!r} and "
-                              f"{fields.completion!r}, or {fields.messages!r}, or Alpaca's 'instruction' and 'output' (has "
+                              f"{fields.completion!r}, or {fields.messages!r}, or Alpaca's 'instruction' and "
+                              f"'output' (has "
                               f"{sorted(k for k in r if not k.startswith('_'))}); name the fields with --text_field, "
                               f"--prompt_field, --completion_field or --messages_field"[:400])
         ids = ids[:max_len + 1]

@@ -77,10 +77,12 @@ def export_hf(model, directory, tokenizer, dtype, sampling=None) -> list:
     bos, eos, pad = _special_ids(tokenizer)
     model.save_pretrained(directory, dtype=dtype, bos_id=bos, eos_id=eos)
     gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad if pad is not None else None}
-    if sampling:  # temperature 0 is transformers' greedy decoding; a window over the whole context is its penalty
+    if sampling:  # temperature 0 is transformers' greedy decoding
         greedy = sampling.get("temperature") == 0
-        gen |= {"do_sample": not greedy} | {k: v for k, v in sampling.items() if not (greedy and k == "temperature")
-                                            and not (k == "repeat_last_n" and (v == -1 or v >= model.config.max_seq_len))}
+        window = sampling.get("repeat_last_n", -1)
+        if window == -1 or window >= model.config.max_seq_len:  # the whole context: transformers' own penalty
+            sampling = {k: v for k, v in sampling.items() if k != "repeat_last_n"}
+        gen |= {"do_sample": not greedy} | {k: v for k, v in sampling.items() if not (greedy and k == "temperature")}
     with atomic_write(os.path.join(directory, "generation_config.json"), "w") as f:
         json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
     if tokenizer is not None:

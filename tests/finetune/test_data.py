@@ -144,7 +144,8 @@ TOOLS_TEMPLATE = ("{%- if tools %}<|im_start|>system\nTools:{% for tool in tools
                   "</tool_call>{% endfor %}<|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
                   "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
 CALLING = [{"role": "user", "content": "Weather in Paris?"},
            {"role": "assistant", "content": None, "tool_calls": [
                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
@@ -173,7 +174,7 @@ def test_tool_calls_and_trls_conversational_prompt_completion_render_as_transfor
                                         '<|im_end|>\nIt is 18C.<|im_end|>\n')  # the call is learnt, not the result
     assert trained[2] == "Goodbye<|im_end|>\n"  # the completion only, not the prompt's assistant turn
     for bad, match in [({"messages": CALLING, "tools": "[{"}, r"line 1: field 'tools' is not valid JSON"),
-                       ({"messages": CALLING, "tools": {"name": "x"}}, r"line 1: chat: 'tools' must be a list of JSON "),
+                       ({"messages": CALLING, "tools": {"name": "x"}}, r"line 1: chat: 'tools' must be a list of "),
                        ({"messages": [{"role": "user", "content": None}]}, r"line 1: chat: message 0 must be")]:
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(FormatError, match=match):
