@@ -63,7 +63,7 @@ def serial(kernel):
 
 
 @intrinsic
-def _bits_of_float32(typingctx, x):
+def bits_of_float32(typingctx, x):
     """The int32 IEEE bits of the float32 `x` (an LLVM bitcast)."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.IntType(32))
@@ -71,7 +71,7 @@ def _bits_of_float32(typingctx, x):
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):
+def float32_from_bits(typingctx, bits):
     """The float32 whose IEEE bits are the int32 `bits` (an LLVM bitcast, which vectorises)."""
     def codegen(context, builder, signature, args):
         return builder.bitcast(args[0], ir.FloatType())
@@ -101,7 +101,7 @@ def fast_exp(x):
     xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
     kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))
     k = min(max(np.int32(kf), np.int32(-126)), np.int32(127))  # a normal 2^k, also for a NaN's garbage kf
-    p = _exp_reduced(xc, kf) * _float32_from_bits((k + np.int32(127)) << np.int32(23))
+    p = _exp_reduced(xc, kf) * float32_from_bits((k + np.int32(127)) << np.int32(23))
     p = np.float32(0.0) if x < np.float32(-87.33) else p
     p = np.float32(np.inf) if x > np.float32(88.72) else p
     return x if x != x else p  # NaN in, NaN out: a NaN loss must stay visible to the trainer
@@ -114,7 +114,7 @@ def exp_shifted(x):
     softmax). Callers keep `fast_exp` for a row whose max is not finite. -inf gives 0."""
     xc = max(x, np.float32(-87.0))
     kf = np.floor(xc * np.float32(1.44269504) + np.float32(0.5))  # in [-125, 127]: 2^k is normal
-    p = _exp_reduced(xc, kf) * _float32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
+    p = _exp_reduced(xc, kf) * float32_from_bits((np.int32(kf) + np.int32(127)) << np.int32(23))
     return np.float32(0.0) if x < np.float32(-87.33) else p
 
 
@@ -125,9 +125,9 @@ def row_max(row, n):
     # A NaN (positive sign) is the largest key, so the row's exp sum and loss become NaN and stay visible
     m = np.int32(-2147483648)
     for j in range(n):
-        b = _bits_of_float32(row[j])
+        b = bits_of_float32(row[j])
         m = max(m, b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-    return _float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+    return float32_from_bits(m ^ ((m >> np.int32(31)) & np.int32(0x7FFFFFFF)))
 
 
 def traced_matmul(a, b, op: str, out=None):

@@ -1,6 +1,6 @@
 """fusegrad's K-quant blocks are the bytes llama.cpp's own reference quantizers write (ggml's
-quantize_row_q4_K_ref / q5_K / q6_K, called through ctypes), on random rows of many scales, degenerate rows and
-the real SmolLM2-135M's weights; the gguf package dequantizes them as ggml does."""
+quantize_row_q2_K_ref / q3_K / q4_K / q5_K / q6_K, called through ctypes), on random rows of many scales, degenerate
+rows and the real SmolLM2-135M's weights; the gguf package dequantizes them as ggml does."""
 import numpy as np
 import pytest
 
@@ -10,7 +10,8 @@ from fusegrad.quant.kquants import dequantize_k, quantize_k
 from tests.llamacpp_lib import ggml_dequantize, ggml_quantize
 from tests.real_checkpoint import smollm2_dir
 
-KINDS = ("Q4_K", "Q5_K", "Q6_K")
+KINDS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
 def rows(case: str) -> np.ndarray:
@@ -45,7 +46,7 @@ def test_blocks_are_the_bytes_ggml_writes(kind, case):
     x = rows(case)
     with np.errstate(all="ignore"):
         ours, theirs = quantize_k(x, kind), ggml_quantize(x, kind.lower().replace("_k", "_K"))
-    assert ours.shape == (x.shape[0], 2 * {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[kind])
+    assert ours.shape == (x.shape[0], 2 * BYTES[kind])
     np.testing.assert_array_equal(ours.reshape(-1), theirs)
 
 
@@ -72,7 +73,7 @@ def test_gguf_dequantizes_the_blocks_as_ggml_does(kind):
     ours = dequantize_k(q, kind)
     np.testing.assert_array_equal(ours.reshape(-1), ggml_dequantize(q, kind.lower().replace("_k", "_K")))
     err = np.abs(ours - x).max(axis=1) / np.abs(x).max(axis=1)  # relative to each row's largest value
-    assert err.max() < {"Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[kind]
+    assert err.max() < {"Q2_K": 0.5, "Q3_K": 0.25, "Q4_K": 0.12, "Q5_K": 0.06, "Q6_K": 0.03}[kind]
 
 
 def test_rows_of_no_whole_super_block_are_refused():
