@@ -4,6 +4,7 @@ adapter alone as llama.cpp's GGUF LoRA adapter (gguf-lora).
 
     fusegrad export runs/default --format gguf --out model.gguf --dtype q8_0
     fusegrad export runs/default --out model-Q4_K_M.gguf --dtype q4_k_m   # llama-quantize's Q4_K_M, byte for byte
+    fusegrad export runs/default --out model-Q3_K_M.gguf --dtype q3_k_m   # also q2_k, q3_k_s/l, q4_k_s, q5_k_*, q6_k
     fusegrad export hf_dir --adapter runs/ft --format llama2c --out merged.bin
     fusegrad export runs/ft --out merged_hf      # an adapter dir alone: its base_model_name_or_path, merged
     fusegrad export runs/ft --format gguf-lora --out ft-lora.gguf   # for llama.cpp's --lora, beside the base GGUF
@@ -82,7 +83,8 @@ def add_parser(subparsers) -> None:
                                                 "gguf-lora)")
     p.add_argument("--format", default="", choices=("",) + FORMATS, help="default: from --out's name")
     p.add_argument("--dtype", default="", choices=("",) + DTYPES,
-                   help="gguf tensor type (default f16) or llama.cpp K-quant file type (q4_k_m: llama-quantize's mix)")
+                   help="gguf tensor type (f32 f16 bf16 q8_0 q5_0 q4_0; default f16) or a llama.cpp K-quant file type "
+                        "as llama-quantize writes it (q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k)")
     p.add_argument("--adapter", default="", help="a PEFT LoRA adapter dir to merge into the weights first")
     p.add_argument("--tokenizer", default="", help="tokenizer file/dir, when none lies beside the model")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

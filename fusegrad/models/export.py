@@ -1,7 +1,8 @@
 """Exports a model (and its tokenizer) for other runtimes: a Hugging Face directory, llama2.c's `.bin`
 (version 0, what run.c reads) with tokenizer.bin, or GGUF for llama.cpp (F32, F16, BF16, Q8_0, Q5_0 or Q4_0:
 a tensor whose rows are no whole number of blocks stays F16, as llama.cpp's converter keeps it; or llama-quantize's
-K-quant file types Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, tensor for tensor: models/gguf_types.py).
+K-quant file types Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, tensor for tensor:
+models/gguf_types.py).
 
 The tokenizer is duck-typed (fusegrad.data's tokenizers, which live above this layer): `.bos_id`,
 `.eos_ids`, `.kind`, `.save(dir)`, and for GGUF / tokenizer.bin its vocabulary: `.hf` (a `tokenizers`

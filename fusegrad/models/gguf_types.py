@@ -1,11 +1,12 @@
 """Which GGML type each tensor of a GGUF export gets, and its bytes in that type.
 
 A plain type (f32, f16, bf16, q8_0, q5_0, q4_0) goes to every 2-D weight, as llama.cpp's converter writes it: a
-tensor whose rows are no whole number of blocks stays F16. A llama.cpp file type (q4_k_s, q4_k_m, q5_k_s, q5_k_m,
-q6_k: llama-quantize's mixes) picks each weight's type by llama-quant.cpp's llama_tensor_get_type without an
-importance matrix (node-llama-cpp 3.22.1's llama.cpp): the output matrix (and a tied token_embd) Q6_K, attn_v and
-ffn_down of some layers more bits, and a type whose blocks do not fit a row falls back to a 32-value one
-(Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then F16. Norms and biases stay F32 in every file type.
+tensor whose rows are no whole number of blocks stays F16. A llama.cpp file type (q2_k, q3_k_s, q3_k_m, q3_k_l,
+q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k: llama-quantize's mixes) picks each weight's type by llama-quant.cpp's
+llama_tensor_get_type without an importance matrix (node-llama-cpp 3.22.1's llama.cpp): the output matrix (and a
+tied token_embd) Q6_K, attn_v, attn_output and ffn_down of some layers more bits, and a type whose blocks do not
+fit a row falls back to a 32-value one (Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), then F16.
+Norms and biases stay F32 in every file type.
 
 >>> shapes = {"token_embd.weight": (258, 576), "blk.0.attn_v.weight": (192, 576), "blk.0.ffn_down.weight": (576, 1536)}
 >>> gguf_types(shapes, "q4_k_m", n_layers=1, n_heads=9, n_kv_heads=3, arch="llama")
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegrad.quant.kquants import QK_K, quantize_k
+from fusegrad.quant.kquants import KINDS, QK_K, quantize_k
 
 PLAIN = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # the types gguf's own quantizers write
-MIXES = {"q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}  # -> base type
-BLOCK = {"Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32}
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp's tensor_type_fallback
+MIXES = {"q2_k": "Q2_K", "q3_k_s": "Q3_K", "q3_k_m": "Q3_K", "q3_k_l": "Q3_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K",
+         "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}  # -> base type
+BLOCK = {**{kind: QK_K for kind in KINDS}, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp's
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -53,19 +55,33 @@ def mix_types(shapes: dict, mix: str, n_layers: int, n_heads: int, n_kv_heads: i
         if name == "output.weight" or (tied and name == "token_embd.weight"):
             kind = "Q8_0" if shapes[name][-1] % QK_K else "Q6_K"
         elif "attn_v.weight" in name:
-            if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_v, n_v):
+            if mix == "q2_k":
+                kind = "Q4_K" if n_heads // n_kv_heads >= 4 else "Q3_K"  # llama.cpp's n_gqa()
+            elif mix == "q3_k_m":
+                kind = "Q5_K" if i_v < 2 else "Q4_K"
+            elif mix == "q3_k_l":
+                kind = "Q5_K"
+            elif mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_v, n_v):
                 kind = "Q6_K"
             elif mix == "q4_k_s" and i_v < 4:
                 kind = "Q5_K"
-            if seventy_b and kind == "Q4_K":
+            if seventy_b and kind in ("Q3_K", "Q4_K"):
                 kind = "Q5_K"
             i_v += 1
         elif "ffn_down" in name:
-            if mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_down, n_layers):
+            if mix == "q2_k":
+                kind = "Q3_K"
+            elif mix == "q3_k_m":
+                kind = "Q5_K" if i_down < n_layers // 16 else "Q4_K"
+            elif mix == "q3_k_l":
+                kind = "Q5_K"
+            elif mix in ("q4_k_m", "q5_k_m") and use_more_bits(i_down, n_layers):
                 kind = "Q6_K"
             elif mix == "q4_k_s" and i_down < n_layers // 8:
                 kind = "Q5_K"
             i_down += 1
+        elif "attn_output.weight" in name:
+            kind = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(mix, kind)
         types[name] = fitted(kind, shapes[name][-1])
     return {n: types[n] for n in shapes}
 
@@ -90,6 +106,6 @@ def encode(a, kind: str):
         return a, None
     if kind == "F16":
         return a.astype(np.float16), None
-    if kind in FALLBACK:
+    if kind in KINDS:  # fusegrad's own: gguf quantizes no K-quant
         return quantize_k(a, kind), qtype
     return gguf.quants.quantize(a, qtype), qtype

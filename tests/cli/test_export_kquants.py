@@ -1,6 +1,6 @@
-"""`fusegrad export --dtype q4_k_m` (and the other llama.cpp K-quant file types) writes what export_model writes
-(llama-quantize's bytes: tests/models/test_gguf_types.py); unknown types are refused with the choices, and a GGUF
-LoRA adapter takes none of them (llama.cpp's adapters are F32 / F16 here)."""
+"""`fusegrad export --dtype q4_k_m` (and the other llama.cpp K-quant file types, q2_k to q6_k) writes what
+export_model writes (llama-quantize's bytes: tests/models/test_gguf_types.py); unknown types are refused with the
+choices, and a GGUF LoRA adapter takes none of them (llama.cpp's adapters are F32 / F16 here)."""
 import gguf
 import pytest
 
@@ -29,9 +29,9 @@ def test_export_q4_k_m_from_the_command_line(tmp_path, capsys):
 def test_unknown_types_are_refused_with_the_choices(tmp_path):
     from fusegrad.cli.export import export
 
-    with pytest.raises(fg.ConfigError, match=r"--dtype is gguf's tensor type \(f32, .*, q4_k_s, q4_k_m, q5_k_s, "
-                                             r"q5_k_m, q6_k\), got 'q3_k_m' for gguf"):
-        export(tmp_path / "src", tmp_path / "m.gguf", dtype="q3_k_m")
+    with pytest.raises(fg.ConfigError, match=r"--dtype is gguf's tensor type \(f32, .*, q4_0, q2_k, q3_k_s, q3_k_m, "
+                                             r"q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k\), got 'iq4_xs' for gguf"):
+        export(tmp_path / "src", tmp_path / "m.gguf", dtype="iq4_xs")
 
 
 def test_a_gguf_lora_adapter_takes_no_k_quant(tmp_path):
