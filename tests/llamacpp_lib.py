@@ -10,7 +10,8 @@ import numpy as np
 
 from tests.llamacpp import node_llama_cpp
 
-BLOCK_BYTES = {"q2_K": 84, "q3_K": 110, "q4_K": 144, "q5_K": 176, "q6_K": 210}
+BLOCK_BYTES = {"q2_K": 84, "q3_K": 110, "q4_K": 144, "q5_K": 176, "q6_K": 210,  # bytes of 256 values
+               "q4_0": 144, "q5_0": 176, "q5_1": 192, "q8_0": 272}
 FTYPES = {"q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16,
           "q5_k_m": 17, "q6_k": 18}  # include/llama.h's llama_ftype
 

@@ -32,7 +32,7 @@ from fusegrad.models.gguf_types import MIXES, PLAIN, encode, gguf_types
 from fusegrad.models.hf_names import fused_parts, part_heads, permute_to_hf
 
 FORMATS = ("hf", "llama2c", "gguf")
-GGUF_DTYPES = PLAIN + tuple(MIXES)  # gguf's own quantizers' types; llama-quantize's K-quant mixes
+GGUF_DTYPES = PLAIN + tuple(MIXES)  # llama.cpp's converter's types; llama-quantize's K-quant mixes
 HF_DTYPES = ("float32", "bfloat16", "float16")
 
 

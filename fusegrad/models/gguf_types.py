@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fusegrad.quant.kquants import KINDS, QK_K, quantize_k
+from fusegrad.quant.kquants import BLOCK_VALUES, KINDS, QK_K, quantize_k
 
-PLAIN = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # the types gguf's own quantizers write
+PLAIN = ("f32", "f16", "bf16", "q8_0", "q5_0", "q4_0")  # llama.cpp's converter's types
 MIXES = {"q2_k": "Q2_K", "q3_k_s": "Q3_K", "q3_k_m": "Q3_K", "q3_k_l": "Q3_K", "q4_k_s": "Q4_K", "q4_k_m": "Q4_K",
          "q5_k_s": "Q5_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K"}  # -> base type
-BLOCK = {**{kind: QK_K for kind in KINDS}, "Q4_0": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32}
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}  # llama-quant.cpp's
 
 
@@ -37,9 +36,9 @@ def layer_of(name: str) -> int:
 
 def fitted(kind: str, cols: int) -> str:
     """`kind`, or its fallback when a row of `cols` is no whole number of its blocks; F16 when that fails too."""
-    if cols % BLOCK[kind]:
+    if cols % BLOCK_VALUES[kind]:
         kind = FALLBACK.get(kind, kind)
-    return "F16" if cols % BLOCK[kind] else kind
+    return "F16" if cols % BLOCK_VALUES[kind] else kind
 
 
 def mix_types(shapes: dict, mix: str, n_layers: int, n_heads: int, n_kv_heads: int, arch: str) -> dict:
@@ -93,7 +92,7 @@ def gguf_types(shapes: dict, dtype: str, n_layers: int, n_heads: int, n_kv_heads
         types = mix_types(weights, dtype, n_layers, n_heads, n_kv_heads, arch)
     else:
         kind = dtype.upper()
-        types = {n: kind if s[-1] % BLOCK.get(kind, 1) == 0 else "F16" for n, s in weights.items()}
+        types = {n: kind if s[-1] % BLOCK_VALUES.get(kind, 1) == 0 else "F16" for n, s in weights.items()}
     return {n: types.get(n, "F32") for n in shapes}
 
 
@@ -106,6 +105,6 @@ def encode(a, kind: str):
         return a, None
     if kind == "F16":
         return a.astype(np.float16), None
-    if kind in KINDS:  # fusegrad's own: gguf quantizes no K-quant
+    if kind in KINDS:  # fusegrad's kernels (gguf's NumPy quantizes no K-quant, and its Q8_0 ... are slower)
         return quantize_k(a, kind), qtype
     return gguf.quants.quantize(a, qtype), qtype

@@ -144,8 +144,8 @@ def test_llama2c_export_writes_no_tokenizer_bin_for_byte_level_bpe(model, tokeni
 def test_export_refuses_what_it_cannot_write(model, tmp_path):
     with pytest.raises(fg.ConfigError, match="format must be one of hf, llama2c, gguf, got 'onnx'"):
         export_model(model, tmp_path / "m", "onnx")
-    with pytest.raises(fg.ConfigError, match="GGUF dtype must be one of f32, f16, bf16, q8_0, q5_0, q4_0, q4_k_s, "
-                                            "q4_k_m, q5_k_s, q5_k_m, q6_k, got 'q4_k'"):
+    with pytest.raises(fg.ConfigError, match="GGUF dtype must be one of f32, f16, bf16, q8_0, q5_0, q4_0, q2_k, "
+                                            "q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, got 'q4_k'"):
         export_model(model, tmp_path / "m.gguf", "gguf", dtype="q4_k")
     with pytest.raises(fg.ConfigError, match="llama2.c files hold float32 only"):
         export_model(model, tmp_path / "m.bin", "llama2c", dtype="f16")

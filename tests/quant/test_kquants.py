@@ -1,6 +1,7 @@
 """fusegrad's K-quant blocks are the bytes llama.cpp's own reference quantizers write (ggml's
-quantize_row_q2_K_ref / q3_K / q4_K / q5_K / q6_K, called through ctypes), on random rows of many scales, degenerate
-rows and the real SmolLM2-135M's weights; the gguf package dequantizes them as ggml does."""
+quantize_row_q2_K_ref / q3_K / q4_K / q5_K / q6_K, called through ctypes), and so are the 32-value blocks they fall
+back to (quantize_row_q4_0_ref / q5_0 / q5_1 / q8_0), on random rows of many scales, degenerate rows and the real
+SmolLM2-135M's weights; the gguf package dequantizes them as ggml does."""
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from tests.real_checkpoint import smollm2_dir
 
 KINDS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+FALLBACKS = ("Q4_0", "Q5_0", "Q5_1", "Q8_0")
 
 
 def rows(case: str) -> np.ndarray:
@@ -50,6 +52,16 @@ def test_blocks_are_the_bytes_ggml_writes(kind, case):
     np.testing.assert_array_equal(ours.reshape(-1), theirs)
 
 
+@pytest.mark.parametrize("kind", FALLBACKS)
+@pytest.mark.parametrize("case", CASES)
+def test_32_value_blocks_are_the_bytes_ggml_writes(kind, case):
+    x = rows(case)
+    with np.errstate(all="ignore"):
+        ours, theirs = quantize_k(x, kind), ggml_quantize(x, kind.lower())
+    assert ours.shape == (x.shape[0], 16 * {"Q4_0": 18, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}[kind])
+    np.testing.assert_array_equal(ours.reshape(-1), theirs)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     return Llama.from_pretrained(smollm2_dir())
@@ -66,6 +78,14 @@ def test_real_weights_are_the_bytes_ggml_writes(smollm2, kind):
                                       err_msg=name)
 
 
+@pytest.mark.parametrize("kind", FALLBACKS)
+def test_real_weights_are_the_32_value_bytes_ggml_writes(smollm2, kind):
+    """SmolLM2-135M's rows of 576, which the K-quant file types write as these."""
+    for name in ("layers.0.wqkv", "layers.13.wo", "layers.21.w13", "tok_embeddings"):
+        x = smollm2.params[name].numpy()[:2048]
+        np.testing.assert_array_equal(quantize_k(x, kind).reshape(-1), ggml_quantize(x, kind.lower()), err_msg=name)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_gguf_dequantizes_the_blocks_as_ggml_does(kind):
     x = np.concatenate([rows("normal"), rows("negative-only"), rows("sparse"), rows("heavy-tailed")])
@@ -80,3 +100,6 @@ def test_rows_of_no_whole_super_block_are_refused():
     with pytest.raises(fg.ShapeError, match=r"Q4_K: rows must be a whole number of 256-value super-blocks, got "
                                             r"shape \(4, 576\)"):
         quantize_k(np.zeros((4, 576), np.float32), "Q4_K")
+    with pytest.raises(fg.ShapeError, match=r"Q8_0: rows must be a whole number of 32-value blocks, got shape "
+                                            r"\(4, 200\)"):
+        quantize_k(np.zeros((4, 200), np.float32), "Q8_0")
