@@ -6,7 +6,7 @@ of sum w |s L - m - x|^p over trial scales; the super-block then stores its larg
 and each block's as a fraction of those (4 bits for Q2_K's 16 blocks of 16, 6 bits for Q4_K / Q5_K's 8 blocks of
 32), and the levels are fitted again to the scales as stored. Every float operation is C's, in C's order
 (ggml_scalar.EXACT). A block function takes the super-block x (256,) float32, its bytes out, and scratch: L (256,)
-and small (64,) int32, f (64,) float32.
+and small (64,) int32, f (256,) float32.
 
 Byte layouts (ggml-common.h): Q2_K: 16 bytes of scale | min << 4, 64 of 2-bit levels, d, dmin (84). Q4_K: d, dmin,
 12 bytes of 6-bit scales and mins, 128 of 4-bit levels (144). Q5_K: Q4_K's with 32 bytes of fifth bits before the
@@ -20,11 +20,33 @@ from numba import njit
 from fusegrad.quant.ggml_scalar import EXACT, F32, fp16_bits, fp16_value, nearest_int, put_fp16
 
 
+@njit(inline="always", **EXACT)
+def levels(xm, iscale, nmax, L):
+    """L[i] = nearest_int(iscale * xm[i]) clamped to 0..nmax (a loop LLVM vectorises)."""
+    for i in range(xm.size):
+        L[i] = min(max(nearest_int(iscale * xm[i]), 0), nmax)
+
+
+@njit(inline="always", **EXACT)
+def fit_error(x, w, L, scale, lo, use_mad, t):
+    """sum w |scale L + lo - x|^(1 or 2), added left to right; the terms (into t) in a loop LLVM vectorises."""
+    for i in range(x.size):
+        diff = scale * F32(L[i]) + lo - x[i]
+        t[i] = w[i] * (abs(diff) if use_mad else diff * diff)
+    err = F32(0)
+    for i in range(x.size):
+        err += t[i]
+    return err
+
+
 @njit(**EXACT)
-def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
+def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux, tmp):
     """ggml's make_qkx2_quants on x (n,) with weights w (n,): levels into L[:n] -> (scale, min) with
-    value ~ scale * L - min, the best of nstep + 1 trial scales by sum w diff^2 (use_mad: sum w |diff|)."""
+    value ~ scale * L - min, the best of nstep + 1 trial scales by sum w diff^2 (use_mad: sum w |diff|).
+    tmp: >= 4n floats of scratch. C's sums add as they go; here each loop first computes its terms as C rounds
+    them, in vector registers, then adds them in C's order, so that only the additions stay scalar."""
     n = x.size
+    xm, t, wl, wl2 = tmp[:n], tmp[n:2 * n], tmp[2 * n:3 * n], tmp[3 * n:4 * n]
     lo, hi = x[0], x[0]
     sum_w = w[0]
     sum_x = sum_w * x[0]
@@ -40,23 +62,24 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
     if hi == lo:
         L[:n] = 0
         return F32(0), -lo
+    for i in range(n):
+        xm[i] = x[i] - lo
     iscale = F32(nmax) / (hi - lo)
     scale = F32(1) / iscale
-    best = F32(0)
-    for i in range(n):
-        L[i] = min(max(nearest_int(iscale * (x[i] - lo)), 0), nmax)
-        diff = scale * F32(L[i]) + lo - x[i]
-        best += w[i] * (abs(diff) if use_mad else diff * diff)
+    levels(xm, iscale, nmax, L)
+    best = fit_error(x, w, L, scale, lo, use_mad, t)
     for step in range(nstep + 1):
         iscale = (rmin + rdelta * F32(step) + F32(nmax)) / (hi - lo)
+        levels(xm, iscale, nmax, Laux)
+        for i in range(n):
+            wl[i] = w[i] * F32(Laux[i])
+            wl2[i] = wl[i] * F32(Laux[i])
+            t[i] = wl[i] * x[i]
         sum_l = sum_l2 = sum_xl = F32(0)
         for i in range(n):
-            l = min(max(nearest_int(iscale * (x[i] - lo)), 0), nmax)
-            Laux[i] = l
-            wl = w[i] * F32(l)
-            sum_l += wl
-            sum_l2 += wl * F32(l)
-            sum_xl += wl * x[i]
+            sum_l += wl[i]
+            sum_l2 += wl2[i]
+            sum_xl += t[i]
         D = sum_w * sum_l2 - sum_l * sum_l
         if D > 0:
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -64,13 +87,12 @@ def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
             if this_min > 0:  # a min above 0 is none: the scale fitted alone
                 this_min = F32(0)
                 this_scale = sum_xl / sum_l2
-            err = F32(0)
-            for i in range(n):
-                diff = this_scale * F32(Laux[i]) + this_min - x[i]
-                err += w[i] * (abs(diff) if use_mad else diff * diff)
+            err = fit_error(x, w, Laux, this_scale, this_min, use_mad, t)
             if err < best:
                 L[:n] = Laux[:n]
                 best, scale, lo = err, this_scale, this_min
+                for i in range(n):  # C's later trials level x - the new min
+                    xm[i] = x[i] - lo
     return scale, -lo
 
 
@@ -95,7 +117,8 @@ def q2_k_block(x, out, L, small, f):
         xb = x[16 * j:16 * j + 16]
         for i in range(16):
             w[i] = abs(xb[i])
-        scales[j], mins[j] = make_qkx2_quants(xb, w, 3, F32(-0.5), F32(0.1), 15, True, L[16 * j:16 * j + 16], small)
+        scales[j], mins[j] = make_qkx2_quants(xb, w, 3, F32(-0.5), F32(0.1), 15, True, L[16 * j:16 * j + 16], small,
+                                              f[64:])
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:
@@ -138,7 +161,8 @@ def scale_min_header(x, out, nmax, rmin, nstep, L, small, f):
         av_x = np.sqrt(sum_x2 / F32(32))
         for i in range(32):
             w[i] = av_x + abs(xb[i])
-        scales[j], mins[j] = make_qkx2_quants(xb, w, nmax, rmin, F32(0.1), nstep, False, L[32 * j:32 * j + 32], Laux)
+        scales[j], mins[j] = make_qkx2_quants(xb, w, nmax, rmin, F32(0.1), nstep, False, L[32 * j:32 * j + 32], Laux,
+                                              f[64:])
         if scales[j] > max_scale:
             max_scale = scales[j]
         if mins[j] > max_min:

@@ -5,7 +5,7 @@ Each block of 16 values is fitted with weights x^2 (make_q3_quants / make_qx_qua
 super-block stores its scale of largest magnitude as fp16 d and each block's as a signed fraction of it (6 bits
 for Q3_K, 8 for Q6_K), then fits the levels again to the scales as stored. Every float operation is C's, in C's
 order (ggml_scalar.EXACT). A block function takes the super-block x (256,) float32, its bytes out, and scratch:
-L (256,) and small (64,) int32, f (64,) float32.
+L (256,) and small (64,) int32, f (256,) float32.
 
 Byte layouts (ggml-common.h): Q3_K: 32 bytes of high bits (value j's in bit j // 32 of byte j % 32), 64 of low
 2 bits, 12 of 6-bit scales, d (110). Q6_K: 128 bytes of low nibbles, 64 of top 2 bits, 16 int8 scales, d (210).
@@ -27,69 +27,78 @@ def peak(x):
     return amax, mx
 
 
+@njit(inline="always", **EXACT)
+def signed_fit(x, w, wx, iscale, nmax, l, a, b):
+    """l[i] = nearest_int(iscale * x[i]) clamped to -nmax..nmax - 1 -> (sum w x l, sum w l^2) as C adds them, left
+    to right; the levels and the terms w x l, w l l (into a, b) in loops LLVM vectorises."""
+    for i in range(x.size):
+        l[i] = min(max(nearest_int(iscale * x[i]), -nmax), nmax - 1)
+        a[i] = wx[i] * F32(l[i])
+        b[i] = w[i] * F32(l[i]) * F32(l[i])
+    sumlx = suml2 = F32(0)
+    for i in range(x.size):
+        sumlx += a[i]
+        suml2 += b[i]
+    return sumlx, suml2
+
+
+@njit(inline="always", **EXACT)
+def weights(x, tmp):
+    """C's weights w = x^2 and w x, as C rounds them, into tmp -> (w, wx, and two more scratch rows)."""
+    n = x.size
+    w, wx = tmp[:n], tmp[n:2 * n]
+    for i in range(n):
+        w[i] = x[i] * x[i]
+        wx[i] = w[i] * x[i]
+    return w, wx, tmp[2 * n:3 * n], tmp[3 * n:4 * n]
+
+
 @njit(**EXACT)
-def make_qx_quants(x, nmax, L):
+def make_qx_quants(x, nmax, L, l, tmp):
     """ggml's make_qx_quants(rmse_type 1, no weights): levels 0..2 nmax - 1 into L -> the scale (value ~ scale *
-    (L - nmax)), the best of 19 trial scales with weights x^2."""
+    (L - nmax)), the best of 19 trial scales with weights x^2. l (n,) int32 and tmp (>= 4n) float32: scratch."""
     amax, mx = peak(x)
     if amax < GROUP_MAX_EPS:
         L[:x.size] = 0
         return F32(0)
-    iscale = F32(-nmax) / mx
-    sumlx = suml2 = F32(0)
+    w, wx, a, b = weights(x, tmp)
+    sumlx, suml2 = signed_fit(x, w, wx, F32(-nmax) / mx, nmax, l, a, b)
     for i in range(x.size):
-        l = min(max(nearest_int(iscale * x[i]), -nmax), nmax - 1)
-        L[i] = l + nmax
-        w = x[i] * x[i]
-        sumlx += w * x[i] * F32(l)
-        suml2 += w * F32(l) * F32(l)
+        L[i] = l[i] + nmax
     scale = sumlx / suml2 if suml2 != 0 else F32(0)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / mx
-        sumlx = suml2 = F32(0)
-        for i in range(x.size):
-            l = min(max(nearest_int(iscale * x[i]), -nmax), nmax - 1)
-            w = x[i] * x[i]
-            sumlx += w * x[i] * F32(l)
-            suml2 += w * F32(l) * F32(l)
+        sumlx, suml2 = signed_fit(x, w, wx, -(F32(nmax) + F32(0.1) * F32(step)) / mx, nmax, l, a, b)
         if suml2 > 0 and sumlx * sumlx > best * suml2:
             for i in range(x.size):
-                L[i] = min(max(nearest_int(iscale * x[i]), -nmax), nmax - 1) + nmax
+                L[i] = l[i] + nmax
             scale = sumlx / suml2
             best = scale * sumlx
     return scale
 
 
 @njit(**EXACT)
-def make_q3_quants(x, nmax, L):
+def make_q3_quants(x, nmax, L, l, tmp):
     """ggml's make_q3_quants(do_rmse): levels 0..2 nmax - 1 into L -> the scale, by up to 5 rounds of moving one
-    level at a time where that improves the weighted (x^2) fit."""
+    level at a time where that improves the weighted (x^2) fit. l (n,) int32 and tmp (>= 4n) float32: scratch."""
     amax, mx = peak(x)
     if amax < GROUP_MAX_EPS:
         L[:x.size] = 0
         return F32(0)
-    iscale = F32(-nmax) / mx
-    sumlx = suml2 = F32(0)
-    for i in range(x.size):
-        l = min(max(nearest_int(iscale * x[i]), -nmax), nmax - 1)
-        L[i] = l
-        w = x[i] * x[i]
-        sumlx += w * x[i] * F32(l)
-        suml2 += w * F32(l) * F32(l)
+    w, wx, a, b = weights(x, tmp)
+    sumlx, suml2 = signed_fit(x, w, wx, F32(-nmax) / mx, nmax, L, a, b)
     for _ in range(5):
         changed = False
         for i in range(x.size):
-            w = x[i] * x[i]
-            slx = sumlx - w * x[i] * F32(L[i])
+            slx = sumlx - wx[i] * F32(L[i])
             if slx > 0:
-                sl2 = suml2 - w * F32(L[i]) * F32(L[i])
+                sl2 = suml2 - w[i] * F32(L[i]) * F32(L[i])
                 new_l = min(max(nearest_int(x[i] * sl2 / slx), -nmax), nmax - 1)
                 if new_l != L[i]:
-                    slx += w * x[i] * F32(new_l)
-                    sl2 += w * F32(new_l) * F32(new_l)
+                    slx += wx[i] * F32(new_l)
+                    sl2 += w[i] * F32(new_l) * F32(new_l)
                     if sl2 > 0 and slx * slx * suml2 > sumlx * sumlx * sl2:
                         L[i], sumlx, suml2 = new_l, slx, sl2
                         changed = True
@@ -113,13 +122,13 @@ def refit_signed(x, L, nmax, d, sc, size):
 
 
 @njit(**EXACT)
-def largest_scale(x, L, f, q3):
+def largest_scale(x, L, small, f, q3):
     """Each block of 16's scale into f[:16] (q3: Q3_K's make_q3_quants, else Q6_K's make_qx_quants) -> the one of
     largest magnitude (the first; 0 when all are 0 or NaN) and that magnitude."""
     amax = largest = F32(0)
     for j in range(16):
-        xb, Lb = x[16 * j:16 * j + 16], L[16 * j:16 * j + 16]
-        f[j] = make_q3_quants(xb, 4, Lb) if q3 else make_qx_quants(xb, 32, Lb)
+        xb, Lb, l, tmp = x[16 * j:16 * j + 16], L[16 * j:16 * j + 16], small[16:32], f[64:]
+        f[j] = make_q3_quants(xb, 4, Lb, l, tmp) if q3 else make_qx_quants(xb, 32, Lb, l, tmp)
         if abs(f[j]) > amax:
             amax, largest = abs(f[j]), f[j]
     return largest, amax
@@ -127,7 +136,7 @@ def largest_scale(x, L, f, q3):
 
 @njit(**EXACT)
 def q3_k_block(x, out, L, small, f):
-    largest, _ = largest_scale(x, L, f, True)
+    largest, _ = largest_scale(x, L, small, f, True)
     sc = small[:16]
     sc[:] = 0  # all scales 0: stored as 0 (-32), d 0, and the first fit's levels stay
     d = 0
@@ -156,7 +165,7 @@ def q3_k_block(x, out, L, small, f):
 
 @njit(**EXACT)
 def q6_k_block(x, out, L, small, f):
-    largest, amax = largest_scale(x, L, f, False)
+    largest, amax = largest_scale(x, L, small, f, False)
     if amax < GROUP_MAX_EPS:  # the whole super-block written as zeros
         out[:] = 0
         return

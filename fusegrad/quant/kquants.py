@@ -39,7 +39,7 @@ def quantize_blocks(x, out, kind):
     """x (n, values) float32 -> out (n, block bytes) uint8: each row one (super-)block of KINDS[kind]."""
     n = x.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
-        L, small, f = np.empty(QK_K, np.int32), np.empty(64, np.int32), np.empty(64, np.float32)
+        L, small, f = np.empty(QK_K, np.int32), np.empty(64, np.int32), np.empty(256, np.float32)
         for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
             if kind == 0:
                 q2_k_block(x[i], out[i], L, small, f)
