@@ -151,11 +151,13 @@ def q3_k_block(x, out, L, small, f):
         out[104 + j % 4] |= (sc[j] >> 4) << (2 * (j // 4))
         sc[j] -= 32
     refit_signed(x, L, 4, fp16_value(d), sc, 16)
-    out[:32] = 0
-    for j in range(256):
-        if L[j] > 3:
-            out[j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+    for i in range(32):  # value 32 k + i's third bit in bit k of byte i
+        bits = 0
+        for k in range(8):
+            if L[32 * k + i] > 3:
+                bits |= 1 << k
+                L[32 * k + i] -= 4
+        out[i] = bits
     for h in range(2):  # each half of 128: value 32 k + i in bits 2k of byte i
         for i in range(32):
             b = 128 * h + i
