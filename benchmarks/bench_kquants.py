@@ -1,14 +1,15 @@
-"""K-quant speed: fusegrad's NumPy quantizer (fusegrad/quant/kquants.py) against llama.cpp's own C reference
+"""K-quant speed: fusegrad's numba quantizers (fusegrad/quant/kquants.py) against llama.cpp's own C reference
 quantizers on the same weights, byte-identical output checked. Default model: the real SmolLM2-135M-Instruct.
 
-    PYTHONPATH=. python benchmarks/bench_kquants.py [--model HF_DIR] [--repeat 3]
+    PYTHONPATH=. python benchmarks/bench_kquants.py [--model HF_DIR] [--repeat 3] [--kinds Q4_K,Q6_K] [--mix q4_k_m]
 
-Blocks: all the model's 2-D weights (134M values, cut to a multiple of 256) as Q4_K, Q5_K and Q6_K, fusegrad's
+Blocks: all the model's 2-D weights (134M values, cut to a multiple of 256) as each of --kinds, fusegrad's
 `quantize_k` on one thread and on every core against ggml's quantize_row_*_ref (libggml-base through ctypes, one
-thread). File: fusegrad's `export_model(..., dtype="q4_k_m")` from the loaded model against llama_model_quantize
+thread). File: fusegrad's `export_model(..., dtype=MIX)` from the loaded model against llama_model_quantize
 (libllama, as many threads as cores) on fusegrad's F32 export of it. Each pair alternates (ours, theirs, ours, ...);
-prints medians, ranges and ratios, the CPU and the load average before and after. The libraries are node-llama-cpp 3.22.1's prebuilt CPU build
-(tests/llamacpp.py installs it).
+prints medians, ranges and ratios, the CPU and the load average before and after. The libraries are node-llama-cpp
+3.22.1's prebuilt CPU build (tests/llamacpp.py installs it). The kernels are compiled (or loaded from numba's cache)
+by the byte check before any timing.
 """
 import argparse
 import os
@@ -51,6 +52,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="Hugging Face directory (default: the tests' SmolLM2-135M-Instruct)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating")
+    ap.add_argument("--kinds", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K", help="block types, comma-separated")
+    ap.add_argument("--mix", default="q4_k_m", help="the file type of the whole-file comparison")
     args = ap.parse_args()
     if args.model is None:
         from tests.real_checkpoint import smollm2_dir
@@ -60,7 +63,7 @@ def main():
     values = values[:values.size // 256 * 256]
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; load average {load()} before")
     print(f"model {args.model}: {values.size / 1e6:.1f}M weight values")
-    for kind in ("Q4_K", "Q5_K", "Q6_K"):
+    for kind in args.kinds.split(","):
         ggml_kind = kind.lower().replace("_k", "_K")
         assert np.array_equal(quantize_k(values, kind), ggml_quantize(values, ggml_kind)), kind
         times = alternate({"fusegrad quantize_k, 1 thread": lambda: quantize_k(values, kind, threads=1),
@@ -71,10 +74,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         f32, ours, theirs = (os.path.join(tmp, f"{name}.gguf") for name in ("f32", "ours", "theirs"))
         export_model(model, f32, "gguf", dtype="f32")
-        report("Q4_K_M", alternate({"fusegrad export_model": lambda: export_model(model, ours, "gguf", dtype="q4_k_m"),
-                                    "llama_model_quantize": lambda: llama_quantize(f32, theirs, "q4_k_m",
-                                                                                   os.cpu_count())},
-                                   args.repeat))
+        report(args.mix.upper(), alternate({
+            "fusegrad export_model": lambda: export_model(model, ours, "gguf", dtype=args.mix),
+            "llama_model_quantize": lambda: llama_quantize(f32, theirs, args.mix, os.cpu_count())}, args.repeat))
     print(f"load average {load()} after")
 
 
