@@ -16,6 +16,8 @@ True
 """
 from __future__ import annotations
 
+from types import FunctionType
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -27,38 +29,35 @@ from fusegrad.quant.kquant_minmax import q2_k_block, q4_k_block, q5_k_block
 from fusegrad.quant.kquant_symmetric import q3_k_block, q6_k_block
 
 QK_K = 256
-KINDS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q5_1", "Q8_0")  # quantize_blocks' `kind`: the index
+BLOCKS = {"Q2_K": q2_k_block, "Q3_K": q3_k_block, "Q4_K": q4_k_block, "Q5_K": q5_k_block, "Q6_K": q6_k_block,
+          "Q4_0": q4_0_block, "Q5_0": q5_0_block, "Q5_1": q5_1_block, "Q8_0": q8_0_block}
+KINDS = tuple(BLOCKS)
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q4_0": 18, "Q5_0": 22, "Q5_1": 24,
                "Q8_0": 34}
 BLOCK_VALUES = {kind: QK_K if kind.endswith("_K") else 32 for kind in KINDS}
 CHUNK = 64  # super-blocks a thread takes at a time (~1 ms of work), with one set of scratch arrays
 
 
-@njit(parallel=True, **EXACT)
-def quantize_blocks(x, out, kind):
-    """x (n, values) float32 -> out (n, block bytes) uint8: each row one (super-)block of KINDS[kind]."""
+def quantize_blocks(x, out):
+    """x (n, values) float32 -> out (n, block bytes) uint8: each row one (super-)block by the global `block`, which
+    each kind's twin of this function (KERNELS) binds to its block function."""
     n = x.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         L, small, f = np.empty(QK_K, np.int32), np.empty(64, np.int32), np.empty(256, np.float32)
         for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
-            if kind == 0:
-                q2_k_block(x[i], out[i], L, small, f)
-            elif kind == 1:
-                q3_k_block(x[i], out[i], L, small, f)
-            elif kind == 2:
-                q4_k_block(x[i], out[i], L, small, f)
-            elif kind == 3:
-                q5_k_block(x[i], out[i], L, small, f)
-            elif kind == 4:
-                q6_k_block(x[i], out[i], L, small, f)
-            elif kind == 5:
-                q4_0_block(x[i], out[i], L, small, f)
-            elif kind == 6:
-                q5_0_block(x[i], out[i], L, small, f)
-            elif kind == 7:
-                q5_1_block(x[i], out[i], L, small, f)
-            else:
-                q8_0_block(x[i], out[i], L, small, f)
+            block(x[i], out[i], L, small, f)  # noqa: F821 (bound in the twin's globals)
+
+
+def kernel(kind: str):
+    """quantize_blocks for `kind`, compiled on first use and cached by numba under its own name: a kind compiles
+    alone (all nine in one function took 42 s before a first export)."""
+    f = quantize_blocks
+    twin = FunctionType(f.__code__, {**f.__globals__, "block": BLOCKS[kind]}, f"quantize_{kind.lower()}_blocks")
+    twin.__qualname__ = twin.__name__
+    return njit(parallel=True, **EXACT)(twin)
+
+
+KERNELS = {kind: kernel(kind) for kind in KINDS}
 
 
 def quantize_k(a, kind: str, threads: int | None = None):
@@ -74,7 +73,7 @@ def quantize_k(a, kind: str, threads: int | None = None):
     every = numba.get_num_threads()
     numba.set_num_threads(min(threads or every, numba.config.NUMBA_NUM_THREADS))
     try:
-        quantize_blocks(x, out, KINDS.index(kind))
+        KERNELS[kind](x, out)
     finally:
         numba.set_num_threads(every)
     return out.reshape(*a.shape[:-1], a.shape[-1] // values * BLOCK_BYTES[kind])
