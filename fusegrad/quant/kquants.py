@@ -35,7 +35,7 @@ KINDS = tuple(BLOCKS)
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210, "Q4_0": 18, "Q5_0": 22, "Q5_1": 24,
                "Q8_0": 34}
 BLOCK_VALUES = {kind: QK_K if kind.endswith("_K") else 32 for kind in KINDS}
-CHUNK = 64  # super-blocks a thread takes at a time (~1 ms of work), with one set of scratch arrays
+CHUNK = 64  # (super-)blocks a thread takes at a time, with one set of scratch arrays
 
 
 def quantize_blocks(x, out):
@@ -49,8 +49,8 @@ def quantize_blocks(x, out):
 
 
 def kernel(kind: str):
-    """quantize_blocks for `kind`, compiled on first use and cached by numba under its own name: a kind compiles
-    alone (all nine in one function took 42 s before a first export)."""
+    """quantize_blocks for `kind`, compiled on first use and cached by numba under its own name, so that an export
+    compiles only the kinds it writes (docs/performance.md, K-quant export)."""
     f = quantize_blocks
     twin = FunctionType(f.__code__, {**f.__globals__, "block": BLOCKS[kind]}, f"quantize_{kind.lower()}_blocks")
     twin.__qualname__ = twin.__name__
