@@ -82,7 +82,7 @@ class PeftSide:
             base = transformers.LlamaForCausalLM.from_pretrained(os.path.join(tmp, "hf"), dtype=torch.float32,
                                                                  quantization_config=quant)
         config = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=0.0,
-                            target_modules=lora["peft_target_modules"])
+                            target_modules=lora["peft_target_modules"], use_dora=lora.get("dora", False))
         self.model = get_peft_model(base, config).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, betas=BETAS, eps=EPS, **LORA_STEP)

@@ -98,6 +98,8 @@ def add_parser(subparsers):
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
     p.add_argument("--qlora", action="store_true", help="with --lora: the base projections in NF4")
+    p.add_argument("--dora", action="store_true", help="with --lora: DoRA (a magnitude per output row; the peer "
+                                                       "peft's use_dora)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square sgemm measuring the peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint_activations", "--checkpoint-activations", action="store_true",
@@ -115,8 +117,8 @@ def check_args(args) -> None:
     if args.vs == "peft" and not args.lora or args.vs == "torch" and args.lora:
         raise ConfigError(f"bench: --vs {args.vs} {'needs' if args.vs == 'peft' else 'cannot time'} --lora "
                           f"(the peer of --lora is --vs peft, of the full step --vs torch)")
-    if args.qlora and not args.lora:
-        raise ConfigError("bench: --qlora needs --lora")
+    if (args.qlora or args.dora) and not args.lora:
+        raise ConfigError(f"bench: --{'qlora' if args.qlora else 'dora'} needs --lora")
     if args.ranks < 0 or args.ranks and args.batch % args.ranks:
         raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
     if args.ranks and args.lora:
@@ -151,7 +153,8 @@ class BenchRun(Run):
         self.info = {}
         named, extras, setup = model.named_parameters(), (), None
         if lora:  # adapters as fine-tuning attaches them (no dropout)
-            cfg = LoraConfig(targets=lora["targets"], r=lora["rank"], alpha=lora["alpha"], seed=seed)
+            cfg = LoraConfig(targets=lora["targets"], r=lora["rank"], alpha=lora["alpha"],
+                             dora=lora.get("dora", False), seed=seed)
             self.lora, memory = attach_qlora(model, cfg) if lora["qlora"] else (attach_lora(model, cfg), None)
             named = extras = self.lora.named_parameters()
             setup = (worker_adapters, {"lora": dataclasses.asdict(cfg), "num_classes": 0})
@@ -395,7 +398,8 @@ def noise(rows: dict) -> list:
 
 def spec_of(args) -> dict:
     """What a side needs to build its step (JSON: it goes to worker processes as is)."""
-    lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora) if args.lora else None
+    lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora,
+                dora=args.dora) if args.lora else None
     if args.model:
         config = load_model(args.model)[0].config
         if args.seq > config.max_seq_len:
@@ -493,7 +497,8 @@ def format_report(out: dict, vs: str | None = None) -> str:
              + (f" (OPENBLAS_CORETYPE={out['openblas_coretype_env']})" if out["openblas_coretype_env"] else "")]
     if "lora" in out:
         lo = out["lora"]
-        lines.append(f"{'QLoRA' if lo['qlora'] else 'LoRA'} r {lo['rank']} alpha {lo['alpha']} on {lo['targets']}: "
+        lines.append(f"{'QLoRA' if lo['qlora'] else 'LoRA'}{' (DoRA)' if lo.get('dora') else ''} r {lo['rank']} "
+                     f"alpha {lo['alpha']} on {lo['targets']}: "
                      f"{lo['trainable_params']} trainable params"
                      + (f", NF4 base {lo['memory']['nf4_bytes']} B vs fp32 {lo['memory']['fp32_bytes']} B "
                         f"({lo['memory']['ratio']:.3f}x)" if lo["memory"] else ""))

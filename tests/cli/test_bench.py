@@ -150,6 +150,16 @@ def test_bench_lora_vs_peft_json(capsys):
     assert out["speedup_vs_peft"] > 0 and out["rss_ratio_vs_peft"] > 0
 
 
+def test_bench_dora_vs_peft_times_the_same_adapters(capsys):
+    pytest.importorskip("peft")
+    out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
+                         "--lora", "--dora", "--targets", "q,v", "--rank", "4", "--vs", "peft", "--gemm-size", "64"))
+    cfg = preset("tiny", max_seq_len=8)  # DoRA's magnitudes: one per output row of each adapted part
+    assert out["lora"]["dora"] and out["lora"]["trainable_params"] == lora_params(cfg, ("q", "v"), 4) + \
+        cfg.n_layers * (cfg.dim + cfg.kv_dim)
+    assert out["losses_agree"] and out["loss_step0"] == pytest.approx(out["peft"]["loss_step0"], rel=1e-4)
+
+
 def test_bench_qlora_reports_nf4_memory(capsys):
     out = json.loads(run(capsys, "--preset", "tiny", "--batch", "2", "--seq", "8", "--steps", "1", "--json",
                          "--lora", "--qlora", "--workers", "2", "--gemm-size", "64"))
@@ -217,7 +227,7 @@ def test_bench_two_ranks_split_the_global_batch(capsys):
 
 @pytest.mark.parametrize("argv, match", [(["--vs", "peft"], "--vs peft needs --lora"),
                                          (["--lora", "--vs", "torch"], "--vs torch cannot time --lora"),
-                                         (["--qlora"], "--qlora needs --lora"),
+                                         (["--qlora"], "--qlora needs --lora"), (["--dora"], "--dora needs --lora"),
                                          (["--batch", "3", "--ranks", "2"], "--batch 3 must split evenly"),
                                          (["--lora", "--ranks", "2"], "does not combine with --lora"),
                                          (["--lora", "--workers", "3"], "--workers 3 must be 0 .auto. or 1..2"),
