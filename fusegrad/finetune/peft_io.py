@@ -63,8 +63,7 @@ def adapter_tensors(lora, head=None) -> dict:
             out[_key(i, t, "A")] = np.ascontiguousarray(host(proj.A_part(t)), dtype=np.float32)
             out[_key(i, t, "B")] = np.ascontiguousarray(to_hf(host(proj.B[t].data)), dtype=np.float32)
             if t in proj.M:  # one per output row: permuted as B's rows
-                out[_key(i, t, "magnitude")] = np.ascontiguousarray(to_hf(host(proj.M[t].data)[:, None])[:, 0],
-                                                                    dtype=np.float32)
+                out[_key(i, t, "magnitude")] = np.ascontiguousarray(to_hf(host(proj.M[t].data)), dtype=np.float32)
     if head is not None:
         out[HEAD_KEY] = np.ascontiguousarray(head.numpy(), dtype=np.float32)
     return out
@@ -184,8 +183,7 @@ def load_adapter(directory, model, quantized: dict | None = None):
             proj.A.data[p * config.r:(p + 1) * config.r] = tensors[_key(i, t, "A")]
             proj.B[t].data = np.ascontiguousarray(from_hf(tensors[_key(i, t, "B")]), dtype=model.dtype)
             if config.dora:
-                proj.M[t].data = np.ascontiguousarray(from_hf(tensors[_key(i, t, "magnitude")][:, None])[:, 0],
-                                                      dtype=model.dtype)
+                proj.M[t].data = np.ascontiguousarray(from_hf(tensors[_key(i, t, "magnitude")]), dtype=model.dtype)
     known = set(adapter_tensors(lora)) | {HEAD_KEY}
     extra = sorted(k for k in tensors if k not in known)
     if extra:

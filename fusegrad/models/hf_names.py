@@ -22,7 +22,7 @@ NORMS = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layern
 
 
 def permute_to_hf(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, ...)."""
+    """llama2.c (interleaved-pair RoPE) rows -> HF (rotate-half) rows; w is (n_heads D, ...) or (n_heads D,)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
 
