@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 import time
 
+import numba
 import numpy as np
 from numba import prange
 
 from fusegrad.backends import cpu_jit_attention, cpu_jit_decode, cpu_jit_ggml, cpu_jit_nf4, openblas
 from fusegrad.backends.base import ATTENTION_BLOCK, rope_tables
 from fusegrad.backends.jit_common import (SERIAL_MAX_WORK, exp_shifted, fast_exp, is_f32, jit, row_chunks, row_max,
-                                          serial, traced_matmul)
+                                          traced_matmul)
 from fusegrad.core.trace import span
 from fusegrad.backends.numpy_backend import NumpyBackend
 
@@ -42,9 +43,6 @@ def _rmsnorm_forward(x, w, eps, y, rstd):  # x, y (N, C); w (C,); rstd (N, 1)
         rstd[i, 0] = r
         for j in range(C):
             y[i, j] = x[i, j] * r * w[j]
-
-
-_rmsnorm_forward_serial = serial(_rmsnorm_forward)
 
 
 @jit
@@ -75,9 +73,6 @@ def _swiglu_forward(h13, out):  # h13 (N, 2 Hd) -> out (N, Hd)
         for j in range(Hd):
             a = h13[i, j]
             out[i, j] = a / (np.float32(1.0) + fast_exp(-a)) * h13[i, Hd + j]
-
-
-_swiglu_forward_serial = serial(_swiglu_forward)
 
 
 @jit
@@ -272,7 +267,7 @@ class JitBackend(NumpyBackend):
         x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
         y = np.empty_like(x)
         rstd = np.empty((x.shape[0], 1), np.float32)
-        (_rmsnorm_forward_serial if x.size < SERIAL_MAX_WORK else _rmsnorm_forward)(x, weight, float(eps), y, rstd)
+        (_rmsnorm_forward.serial if x.size < SERIAL_MAX_WORK else _rmsnorm_forward)(x, weight, float(eps), y, rstd)
         return y, rstd
 
     def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
@@ -305,7 +300,7 @@ class JitBackend(NumpyBackend):
             return super().swiglu_forward(h13)
         h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
         out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
-        (_swiglu_forward_serial if out.size < SERIAL_MAX_WORK else _swiglu_forward)(h2, out)
+        (_swiglu_forward.serial if out.size < SERIAL_MAX_WORK else _swiglu_forward)(h2, out)
         return out.reshape(h13.shape[:-1] + (out.shape[1],))
 
     def swiglu_backward(self, g, h13):
@@ -392,12 +387,24 @@ class JitBackend(NumpyBackend):
         _add_into(out.reshape(-1), x.reshape(-1))
 
     def prewarm_kernels(self) -> float:
-        """Compile (first run) or load from the disk cache (later runs) every kernel; seconds taken.
+        """Compile (first run) or load from the disk cache (later runs) every kernel, both twins (a worker's
+        slice runs the serial ones); seconds taken.
 
         >>> JitBackend().prewarm_kernels() >= 0.0
         True
         """
         t0 = time.perf_counter()
+        self._call_every_kernel()
+        if numba.get_num_threads() > 1:
+            threads = numba.get_num_threads()
+            numba.set_num_threads(1)  # this thread's count only
+            try:
+                self._call_every_kernel()
+            finally:
+                numba.set_num_threads(threads)
+        return time.perf_counter() - t0
+
+    def _call_every_kernel(self) -> None:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((4, 8)).astype(np.float32)
         w = np.ones(8, np.float32)
@@ -421,4 +428,3 @@ class JitBackend(NumpyBackend):
         self.accumulate(p, x)
         cpu_jit_nf4.prewarm()
         cpu_jit_ggml.prewarm()
-        return time.perf_counter() - t0

@@ -23,7 +23,7 @@ import math
 import numpy as np
 from numba import prange
 
-from fusegrad.backends.jit_common import fast_exp, jit, serial
+from fusegrad.backends.jit_common import fast_exp, jit
 
 DECODE_SERIAL_MAX_WORK = 1 << 22  # alone the parallel kernel draws level at ~2.4M (4096 positions x 9 heads x 64)
 
@@ -74,15 +74,12 @@ def _attention_cached(qkv, k_cache, v_cache, start, cos, sin, n_heads, y):
                 out[d] += pj * values[j, d]
 
 
-_attention_cached_serial = serial(_attention_cached)
-
-
 def attention_cached(qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads: int, cos, sin):
     """`Backend.attention_cached` for float32 numpy arrays (caches C-ordered, written in place)."""
     B, T, _ = qkv.shape
     D = k_cache.shape[3]
     y = np.empty((B, T, n_heads * D), np.float32)
     work = B * n_heads * T * (start + T) * D
-    kernel = _attention_cached_serial if work < DECODE_SERIAL_MAX_WORK else _attention_cached
+    kernel = _attention_cached.serial if work < DECODE_SERIAL_MAX_WORK else _attention_cached
     kernel(np.ascontiguousarray(qkv), k_cache, v_cache, start, cos, sin, n_heads, y)
     return y

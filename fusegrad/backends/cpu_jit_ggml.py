@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from fusegrad.backends.cpu_jit_nf4 import row_map
-from fusegrad.backends.jit_common import is_f32  # also sets numba's threading layer
+from fusegrad.backends.jit_common import is_f32, kernel  # also sets numba's threading layer
 from fusegrad.core.errors import ShapeError
 
 # ggml's type numbers (gguf.GGMLQuantizationType)
@@ -157,7 +157,7 @@ def _blocks(qtype, row, dst, block, size, table):
             _q6_k(row[k * size:(k + 1) * size], dst[k * block:(k + 1) * block], table)
 
 
-@njit(parallel=True, cache=True)  # no fastmath: every product and sum must round as numpy's
+@kernel(cache=True)  # no fastmath: every product and sum must round as numpy's
 def _dequantize_rows(raw, qtype, block, size, src_rows, table, out):
     # out (R, C): row r = the dequantized row src_rows[r] of raw (rows, C / block * size), type qtype
     for r in prange(out.shape[0]):

@@ -19,14 +19,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from fusegrad.backends.jit_common import is_f32  # also sets numba's threading layer
+from fusegrad.backends.jit_common import is_f32, kernel  # also sets numba's threading layer
 from fusegrad.core.errors import ShapeError
 
 _NO_INDEX = np.zeros(1, np.uint8)  # placeholders for the arrays a plain (not double-quantized) tensor lacks
 _NO_FLOAT = np.zeros(1, np.float32)
 
 
-@njit(parallel=True, cache=True)  # no fastmath: the products must round exactly as numpy's
+@kernel(cache=True)  # no fastmath: the products must round exactly as numpy's
 def _dequantize_rows(packed, scales, absmax, absmax_code, nested_absmax, offset, nested_blocksize,
                      double_quant, code, blocksize, src_rows, out, by_words):
     # out (R, C): row r = the dequantized row src_rows[r] of the (n / C, C) source. Element f of the

@@ -48,18 +48,42 @@ FAST = {"reassoc", "contract", "arcp", "nsz"}
 # error_model="numpy": a float division by zero gives inf/NaN instead of raising, so a loop with a division
 # vectorises (numba's default checks every divisor: SiLU ran 7x slower, 6.6 against 0.9 ns an element)
 OPTIONS = dict(cache=True, fastmath=FAST, error_model="numpy")
-jit = njit(parallel=True, **OPTIONS)
 SERIAL_MAX_WORK = 1 << 16  # multiply-adds (or elements) under which a kernel's `serial` twin runs
 
 
-def serial(kernel):
-    """The `jit` kernel compiled again for the calling thread alone (its prange loops run as range), for work
-    too small to wake the other threads for (tens of microseconds a call in a VM, more on a busy machine).
-    Cached on disk under its own name: numba keys its cache by function name and bytecode, not `parallel`."""
-    f = kernel.py_func
-    twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
-    twin.__qualname__ = f.__qualname__ + "_serial"
-    return njit(**OPTIONS)(twin)
+class Kernel:
+    """A numba kernel compiled for numba's threads (its prange loops shared out) and, at first need, again for
+    the calling thread alone (`serial`, prange run as range). A thread whose numba thread count is 1 (a worker
+    process, `one_core()`) always runs the serial twin: a parallel launch hands the loop to numba's pool and
+    waits, 0.3-0.4 ms a call on a KVM guest even with one thread (docs/performance.md, round 15), against
+    microseconds of work for many of these loops. Callers pick `serial` themselves for small work on more
+    threads. The twin is cached on disk under its own name (numba keys its cache by name and bytecode, not
+    by `parallel`)."""
+
+    def __init__(self, f, options: dict):
+        self.py_func, self.options = f, options
+        self.parallel = njit(parallel=True, **options)(f)
+        self._serial = None
+
+    @property
+    def serial(self):
+        if self._serial is None:
+            f = self.py_func
+            twin = FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__, f.__closure__)
+            twin.__qualname__ = f.__qualname__ + "_serial"
+            self._serial = njit(**self.options)(twin)
+        return self._serial
+
+    def __call__(self, *args):
+        return (self.serial if numba.get_num_threads() == 1 else self.parallel)(*args)
+
+
+def kernel(**options):
+    """Decorator: the function as a `Kernel` compiled with these numba options (cache, fastmath, ...)."""
+    return lambda f: Kernel(f, options)
+
+
+jit = kernel(**OPTIONS)
 
 
 @intrinsic
