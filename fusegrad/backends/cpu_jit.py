@@ -376,15 +376,15 @@ class JitBackend(NumpyBackend):
         """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
         if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
             return super().adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp, grad_scale)
-        _adamw(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr),
-               float(beta1), float(beta2), float(eps), float(wd), lr / (1.0 - beta1 ** step),
-               math.sqrt(1.0 - beta2 ** step), float(grad_scale))
+        kernel = _adamw.serial if p.size < SERIAL_MAX_WORK else _adamw  # a norm's or an adapter's few weights
+        kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr), float(beta1), float(beta2),
+               float(eps), float(wd), lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), float(grad_scale))
 
     def accumulate(self, out, x) -> None:
         """out += x on every core for C-contiguous float32 arrays of one shape."""
         if not (is_f32(out, x) and out.shape == x.shape and out.flags.c_contiguous and x.flags.c_contiguous):
             return super().accumulate(out, x)
-        _add_into(out.reshape(-1), x.reshape(-1))
+        (_add_into.serial if out.size < SERIAL_MAX_WORK else _add_into)(out.reshape(-1), x.reshape(-1))
 
     def prewarm_kernels(self) -> float:
         """Compile (first run) or load from the disk cache (later runs) every kernel, both twins (a worker's
@@ -423,8 +423,9 @@ class JitBackend(NumpyBackend):
         self.swiglu_forward(big)
         k_cache = np.zeros((1, 2, 4, 4), np.float32)
         self.attention_cached(qkv[:, :2], k_cache, np.zeros_like(k_cache), 0, 2, 2, cos, sin)
-        p = x.copy()
-        self.adamw_update(p, x, np.zeros_like(x), np.zeros_like(x), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
-        self.accumulate(p, x)
+        for g in (x, big):  # the serial twins, then (more threads) the parallel ones
+            p = g.copy()
+            self.adamw_update(p, g, np.zeros_like(g), np.zeros_like(g), 1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+            self.accumulate(p, g)
         cpu_jit_nf4.prewarm()
         cpu_jit_ggml.prewarm()

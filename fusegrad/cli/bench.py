@@ -10,7 +10,7 @@ peak (MFU), peak RSS, GEMM dispatches per step.
 
 The step is the one `fusegrad train` runs (train/loop.py: loss, backward, global-norm clip 1.0, AdamW with
 betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, at a constant lr 3e-4 here); with --lora, the step
-`fusegrad finetune` runs (adapters only, base frozen or NF4 with --qlora; clip 1.0, lr 1e-3, no weight decay).
+`fusegrad finetune` runs (adapters only, base frozen, quantized with --qlora; clip 1.0, lr 1e-3, no weight decay).
 Either is split over one worker process per core, as `fusegrad train` and `fusegrad finetune` do by default.
 Each step gets the next batch of one seeded stream; the first --warmup steps are not timed.
 
@@ -59,7 +59,7 @@ from fusegrad.core.errors import BackendError, ConfigError
 from fusegrad.core.settings import field_spec
 from fusegrad.core.trace import TRACER, mark_step, trace
 from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora
-from fusegrad.finetune.qlora import attach_qlora
+from fusegrad.finetune.qlora import attach_qlora, describe_base
 from fusegrad.finetune.trainer import slice_losses, worker_adapters
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig, preset
 from fusegrad.parallel.mpi import DataParallel
@@ -97,7 +97,10 @@ def add_parser(subparsers):
     p.add_argument("--targets", default="q,v", help="LoRA target modules (q,k,v,o,gate,up,down or all)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha / r)")
-    p.add_argument("--qlora", action="store_true", help="with --lora: the base projections in NF4")
+    p.add_argument("--qlora", action="store_true", help="with --lora: the base projections quantized (--quantize)")
+    p.add_argument("--quantize", choices=("auto", "nf4"), default="auto",
+                   help="with --qlora, as `fusegrad finetune`: auto keeps a GGUF file's own quantized blocks and "
+                        "quantizes the rest to NF4; nf4 quantizes every projection to NF4")
     p.add_argument("--dora", action="store_true", help="with --lora: DoRA (a magnitude per output row; the peer "
                                                        "peft's use_dora)")
     p.add_argument("--gemm-size", type=int, default=2048, help="side of the square sgemm measuring the peak")
@@ -119,6 +122,8 @@ def check_args(args) -> None:
                           f"(the peer of --lora is --vs peft, of the full step --vs torch)")
     if (args.qlora or args.dora) and not args.lora:
         raise ConfigError(f"bench: --{'qlora' if args.qlora else 'dora'} needs --lora")
+    if args.quantize != "auto" and not args.qlora:
+        raise ConfigError(f"bench: --quantize {args.quantize} chooses --qlora's base format; add --qlora")
     if args.ranks < 0 or args.ranks and args.batch % args.ranks:
         raise ConfigError(f"bench: --batch {args.batch} must split evenly over --ranks {args.ranks}")
     if args.ranks and args.lora:
@@ -180,8 +185,11 @@ class BenchRun(Run):
 
 def base_model(spec: dict) -> Llama:
     """The weights every side starts from: the checkpoint spec["model"], or a fresh model seeded spec["seed"]."""
-    model = load_model(spec["model"])[0] if spec.get("model") else Llama(LlamaConfig.from_dict(spec["config"]),
-                                                                         seed=spec["seed"])
+    path, lora = spec.get("model"), spec.get("lora") or {}
+    if path and lora.get("qlora") and str(path).endswith(".gguf"):  # the file's own blocks kept, as finetune does
+        model = Llama.from_pretrained(path, quantize=lora["quantize"])
+    else:
+        model = load_model(path)[0] if path else Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
     model.config.checkpoint_activations = spec["config"].get("checkpoint_activations", False)  # also a --model's
     return model
 
@@ -398,7 +406,7 @@ def noise(rows: dict) -> list:
 
 def spec_of(args) -> dict:
     """What a side needs to build its step (JSON: it goes to worker processes as is)."""
-    lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora,
+    lora = dict(targets=args.targets, rank=args.rank, alpha=args.alpha, qlora=args.qlora, quantize=args.quantize,
                 dora=args.dora) if args.lora else None
     if args.model:
         config = load_model(args.model)[0].config
@@ -500,8 +508,7 @@ def format_report(out: dict, vs: str | None = None) -> str:
         lines.append(f"{'QLoRA' if lo['qlora'] else 'LoRA'}{' (DoRA)' if lo.get('dora') else ''} r {lo['rank']} "
                      f"alpha {lo['alpha']} on {lo['targets']}: "
                      f"{lo['trainable_params']} trainable params"
-                     + (f", NF4 base {lo['memory']['nf4_bytes']} B vs fp32 {lo['memory']['fp32_bytes']} B "
-                        f"({lo['memory']['ratio']:.3f}x)" if lo["memory"] else ""))
+                     + (f"; {describe_base(lo['memory'])}" if lo["memory"] else ""))
     for name, row in [("fusegrad", out)] + ([(vs, out[vs])] if vs else []):
         s, (t0, t1), (m0, m1) = row["step_s"], row["spread"]["tokens_per_s"], row["spread"]["mfu"]
         lines.append(f"{name:>9}: {row['tokens_per_s']:8.1f} tok/s ({t0:.1f}-{t1:.1f})  step {s['median']:.3f}s "

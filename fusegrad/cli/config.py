@@ -79,6 +79,8 @@ SETTINGS = {  # name: (meaning, range) for the fields of TrainConfig (train/trai
     "dora": ("DoRA (PEFT's use_dora): a learnt magnitude per output row of each adapted weight", ""),
     "qlora": ("freeze the base projections quantized, dequantized per GEMM: a GGUF file's own blocks where it "
               "stores them quantized (Q8_0 ... Q6_K), else NF4 (4-bit)", ""),
+    "quantize": ("with --qlora: auto keeps a GGUF file's own quantized blocks and quantizes the rest to NF4; nf4 "
+                 "quantizes every projection to NF4", "auto|nf4"),
     "max_len": ("longest example in tokens (longer ones are cut)", POS),
     "force": ("overwrite an adapter already in the output directory", ""),
 }

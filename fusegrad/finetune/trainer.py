@@ -79,6 +79,7 @@ class FinetuneConfig(RunConfig):
     rslora: bool = False
     dora: bool = False
     qlora: bool = False
+    quantize: str = "auto"  # --qlora's base: auto (a GGUF file's own blocks where it has them, else NF4) | nf4
     max_len: int = 256
     # the shared run settings, with fine-tuning's defaults
     batch_size: int = 8
@@ -110,6 +111,10 @@ class Finetuner(Run):
             raise ConfigError(f"finetune: max_len must be >= 1, got {cfg.max_len}")
         if cfg.pooling not in ("last", "mean"):
             raise ConfigError(f"finetune: pooling must be 'last' or 'mean', got {cfg.pooling!r}")
+        if cfg.quantize not in ("auto", "nf4"):
+            raise ConfigError(f"finetune: quantize must be 'auto' or 'nf4', got {cfg.quantize!r}")
+        if cfg.quantize != "auto" and not cfg.qlora:
+            raise ConfigError(f"finetune: quantize = {cfg.quantize!r} chooses --qlora's base format; add --qlora")
         if not cfg.model or not cfg.data:
             raise ConfigError("finetune: give --model PATH (HF dir, .gguf or llama2.c .bin) and --data FILE "
                               "(JSONL, JSON, Parquet, Arrow or CSV)")
@@ -120,7 +125,7 @@ class Finetuner(Run):
             raise FormatError(f"{cfg.out}: already holds {', '.join(taken)}; pass --resume to continue or "
                               f"--force to overwrite")
         self.model = Llama.from_pretrained(cfg.model, backend=get_backend(self.backend),  # NF4 as it is read
-                                           quantize="auto" if cfg.qlora else None)  # (or a GGUF's own blocks)
+                                           quantize=cfg.quantize if cfg.qlora else None)  # (or a GGUF's blocks)
         self.model.config.checkpoint_activations = cfg.checkpoint_activations
         self.tokenizer = tokenizer_for_model(cfg.model, self.model.config.vocab_size, tokenizer_beside(cfg.model),
                                              cfg.tokenizer, cfg.force_tokenizer)
@@ -259,6 +264,7 @@ class Finetuner(Run):
     def state(self) -> dict:
         return {"format": "fusegrad-finetune", "version": 1, "step": self.step,
                 "config": {k: getattr(self.cfg, k) for k in FinetuneConfig.IDENTITY},
+                "base_formats": self.base_formats(),
                 "lora": self.lora.state_dict(), "head": {} if self.head is None else {"score": self.head.numpy()},
                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state(),
                 "dropout_rng": rng_state(self.lora.rng), "history": self.history}
@@ -266,6 +272,23 @@ class Finetuner(Run):
     def save(self) -> None:
         save_checkpoint(self.state_path, self.state())
         save_adapter(self.cfg.out, self.lora, self.head, base_model=os.path.abspath(self.cfg.model), force=True)
+
+    def base_formats(self) -> list:
+        """The formats the frozen base projections are held in (["NF4"], ["Q4_K", "Q6_K"], ...; [] unquantized)."""
+        return sorted({f for q in self.model.quantized.values() for f in q.formats()})
+
+    def check_base_formats(self, saved, path: str) -> None:
+        """A resumed QLoRA run must dequantize the same base it trained on: the file's blocks and NF4 differ in
+        every weight. Checkpoints from before the record was kept had NF4 bases (or none without --qlora)."""
+        if saved is None:
+            saved = ["NF4"] if self.cfg.qlora else []
+        elif not (isinstance(saved, list) and all(isinstance(f, str) for f in saved)):
+            raise FormatError(f"{path}: checkpoint field 'base_formats' is not a list of format names: {saved!r}")
+        now = self.base_formats()
+        if saved != now:
+            hint = " (pass --quantize nf4)" if saved == ["NF4"] else " (pass --quantize auto)"
+            raise FinetuneError(f"{path}: the checkpoint's frozen base was {'+'.join(saved) or 'float'}, this "
+                                f"run's is {'+'.join(now) or 'float'}: resume on the base it trained on{hint}")
 
     def load(self) -> None:
         """Resume from finetune_state.safetensors: every field is checked (FormatError naming the file and field)
@@ -283,6 +306,7 @@ class Finetuner(Run):
                   if saved.get(k, "<missing>") != getattr(self.cfg, k)}
         if differ:
             raise FinetuneError(f"{path}: resume settings differ from the checkpoint's (saved, now): {differ}")
+        self.check_base_formats(state.get("base_formats"), path)
         lora = weights(state, "lora", {n: t.shape for n, t in self.lora.named_parameters()}, path)
         head = None if self.head is None else weights(state, "head", {"score": self.head.shape}, path)["score"]
         epoch = value(state, "sampler/epoch", int, path, "[0, inf)")

@@ -55,3 +55,26 @@ def test_a_workers_attention_runs_serial_twins_and_matches(monkeypatch):
         y_one, _ = JitBackend().attention_forward(qkv, 4, 4, cos, sin)
     assert ran[-2:] == ["_serial", "_serial"]  # 70 rows: two 64-row query blocks, each one softmax call
     np.testing.assert_allclose(y_one, y_all, rtol=1e-6, atol=1e-6)
+
+
+def test_the_optimizer_and_grad_sums_run_a_small_tensor_serially(monkeypatch):
+    """The main process updates every parameter on all its threads; a norm's or an adapter's few weights are not
+    worth a parallel launch. Both twins give the reference's numbers."""
+    from fusegrad.backends import cpu_jit
+    from fusegrad.backends.numpy_backend import NumpyBackend
+
+    adamw, add = _spied(monkeypatch, cpu_jit._adamw), _spied(monkeypatch, cpu_jit._add_into)
+    rng = np.random.default_rng(2)
+    for n in (288, jit_common.SERIAL_MAX_WORK + 1):
+        p, g, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
+        v = np.abs(v)
+        want = [a.copy() for a in (p, m, v)]
+        NumpyBackend().adamw_update(*want[:1], g, *want[1:], 1e-2, 0.9, 0.95, 1e-8, 0.1, 3)
+        JitBackend().adamw_update(p, g, m, v, 1e-2, 0.9, 0.95, 1e-8, 0.1, 3)
+        for got, ref in zip((p, m, v), want):
+            np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-7)
+        total = p + g
+        JitBackend().accumulate(p, g)
+        np.testing.assert_array_equal(p, total)
+    big = "parallel" if numba.get_num_threads() > 1 else "_serial"
+    assert adamw == ["_serial", big] and add == ["_serial", big]

@@ -171,6 +171,23 @@ def test_bench_qlora_reports_nf4_memory(capsys):
     assert abs(out["loss_step0"] - math.log(cfg.vocab_size)) < 0.5
 
 
+def test_bench_qlora_on_a_gguf_keeps_its_blocks_unless_told_nf4(capsys, tmp_path):
+    """As `fusegrad finetune --qlora`: a GGUF file's quantized projections stay in its own blocks (--quantize auto),
+    or all become NF4 (--quantize nf4); the log line names what the base holds."""
+    from fusegrad.data.tokenizer import ByteTokenizer
+    from fusegrad.models.export import export_model
+
+    path = tmp_path / "tiny-q8_0.gguf"
+    export_model(Llama(preset("tiny", vocab_size=258), seed=0), path, "gguf", ByteTokenizer(), "q8_0")
+    args = ("--model", str(path), "--batch", "2", "--seq", "8", "--steps", "1", "--lora", "--qlora",
+            "--workers", "1", "--gemm-size", "64")
+    kept = json.loads(run(capsys, *args, "--json"))["lora"]["memory"]
+    assert set(kept["formats"]) == {"Q8_0"} and kept["base_bytes"] == kept["fp32_bytes"] * 34 // 128
+    nf4 = json.loads(run(capsys, *args, "--quantize", "nf4", "--json"))["lora"]["memory"]
+    assert set(nf4["formats"]) == {"NF4"} and nf4["base_bytes"] == kept["nf4_bytes"]
+    assert "frozen base projections: Q8_0 " in run(capsys, *args)
+
+
 def base_loss(cfg, batch, seq):
     return Llama(cfg, seed=0).loss(bench.batch_tokens(0, 0, batch, seq, cfg.vocab_size)).item()
 
@@ -228,6 +245,7 @@ def test_bench_two_ranks_split_the_global_batch(capsys):
 @pytest.mark.parametrize("argv, match", [(["--vs", "peft"], "--vs peft needs --lora"),
                                          (["--lora", "--vs", "torch"], "--vs torch cannot time --lora"),
                                          (["--qlora"], "--qlora needs --lora"), (["--dora"], "--dora needs --lora"),
+                                         (["--lora", "--quantize", "nf4"], "--quantize nf4 chooses --qlora's base"),
                                          (["--batch", "3", "--ranks", "2"], "--batch 3 must split evenly"),
                                          (["--lora", "--ranks", "2"], "does not combine with --lora"),
                                          (["--lora", "--workers", "3"], "--workers 3 must be 0 .auto. or 1..2"),

@@ -185,3 +185,38 @@ def test_finetune_qlora_on_the_q4_1_file_saves_an_adapter_peft_loads(tmp_path, c
         theirs = PeftModel.from_pretrained(base, out).eval()(input_ids=torch.tensor([ids])).logits.numpy()[0]
     np.testing.assert_allclose(ours, theirs, atol=2e-3)
     assert np.abs(ours - before).max() > 1e-2  # the adapter changes what the base gives
+
+
+def test_a_resumed_run_keeps_the_base_it_trained_on(files, tmp_path):
+    """--quantize nf4 makes NF4 of a GGUF's blocks too; a checkpoint records its base's formats, and a resume on
+    another base (or an older checkpoint, whose GGUF bases were NF4, on the file's blocks) is refused by name."""
+    from fusegrad.core.errors import ConfigError
+    from fusegrad.finetune.trainer import FinetuneConfig, FinetuneError, Finetuner
+    from fusegrad.train.checkpoint import load_checkpoint, save_checkpoint
+
+    (tmp_path / "qa.jsonl").write_text('{"prompt": "2+2=", "completion": "4"}\n' * 8)
+
+    def run(**kw):
+        return Finetuner(FinetuneConfig(**{
+            "model": str(files["llama-q4_k_m"]), "data": str(tmp_path / "qa.jsonl"), "tokenizer": "byte",
+            "out": str(tmp_path / "ft"), "qlora": True, "batch_size": 4, "max_steps": 2, "rank": 2, "workers": 1,
+            "quiet": True, **kw}))
+
+    first = run()
+    assert first.base_formats() == ["Q4_K", "Q6_K"]
+    first.train_step()
+    first.save()
+    with pytest.raises(FinetuneError, match=r"ft/finetune_state.safetensors: the checkpoint's frozen base was "
+                                            r"Q4_K\+Q6_K, this run's is NF4: .* \(pass --quantize auto\)"):
+        run(resume=True, quantize="nf4")
+    assert run(resume=True).step == 1
+    state = load_checkpoint(first.state_path)
+    del state["base_formats"]  # as saved before the record was kept
+    save_checkpoint(first.state_path, state)
+    with pytest.raises(FinetuneError, match=r"frozen base was NF4, this run's is Q4_K\+Q6_K: .* \(pass --quantize "
+                                            r"nf4\)"):
+        run(resume=True)
+    resumed = run(resume=True, quantize="nf4")
+    assert resumed.step == 1 and resumed.base_formats() == ["NF4"]
+    with pytest.raises(ConfigError, match="quantize = 'nf4' chooses --qlora's base format; add --qlora"):
+        run(qlora=False, quantize="nf4", out=str(tmp_path / "other"))
