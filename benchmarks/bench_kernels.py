@@ -1,17 +1,22 @@
 """Each numba kernel against its numpy reference at the stories15M training shapes (batch 8 x seq 256).
 
     python benchmarks/bench_kernels.py [--repeats 5]
+    python benchmarks/bench_kernels.py --twins        # each kernel's serial twin against its parallel launch
 
-Prints the median milliseconds of both and their ratio. Kernels are pre-warmed first (disk cache).
+Prints the median milliseconds of both and their ratio. Kernels are pre-warmed first (disk cache). --twins times
+memory-bound kernels at growing sizes on numba's threads (and on one, as a worker process runs them): where a
+parallel launch starts to pay on this machine (jit_common.Kernel, SERIAL_MAX_WORK).
 """
 import argparse
 import statistics
 import time
 
+import numba
 import numpy as np
 
+from fusegrad.backends import cpu_jit_attention
 from fusegrad.backends.base import rope_tables
-from fusegrad.backends.cpu_jit import JitBackend
+from fusegrad.backends.cpu_jit import JitBackend, _adamw, _add_into, _swiglu_forward
 from fusegrad.backends.numpy_backend import NumpyBackend
 
 reference, cpu_jit = NumpyBackend(), JitBackend()  # the contract's reference bodies; the numba overrides
@@ -54,11 +59,37 @@ def cases(rng):
     }
 
 
+def twins(repeats: int) -> None:
+    """Microseconds a call of each twin, back to back (the median of `repeats` means over 50 calls)."""
+    def us(kernel, *args):
+        return 1e3 * median_ms(lambda: [kernel(*args) for _ in range(50)], repeats) / 50
+
+    rng = np.random.default_rng(0)
+    heads, flat = np.ones((1, 1, 1, 48), np.float32), np.zeros((1, 1, 48), np.float32)
+    for threads in sorted({numba.get_num_threads(), 1}, reverse=True):
+        numba.set_num_threads(threads)
+        rows = cpu_jit_attention._block_rows
+        print(f"numba threads {threads}: a 48-float _block_rows {us(rows.parallel, heads, flat, 0, 1, True):.1f} us "
+              f"parallel, {us(rows.serial, heads, flat, 0, 1, True):.1f} us serial")
+        print(f"{'elements':>10}" + "".join(f"{k + ' ' + t:>20}" for k in ("adamw", "add", "swiglu")
+                                            for t in ("serial", "parallel")))
+        for n in (2304, 1 << 16, 1 << 18, 1 << 20, 1 << 22):
+            p, g, m, v = (rng.random(n, dtype=np.float32) for _ in range(4))
+            h13, out = rng.random((n // 128, 256), dtype=np.float32), np.empty((n // 128, 128), np.float32)
+            cells = [us(twin, *a) for kernel, a in ((_adamw, (p, g, m, v, 1e-3, 0.9, 0.95, 1e-8, 0.1, 0.01, 0.5, 1.0)),
+                                                    (_add_into, (p, g)), (_swiglu_forward, (h13, out)))
+                     for twin in (kernel.serial, kernel.parallel)]
+            print(f"{n:>10}" + "".join(f"{c:>20.1f}" for c in cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--twins", action="store_true", help="serial twins against parallel launches")
     args = parser.parse_args()
     cpu_jit.prewarm_kernels()
+    if args.twins:
+        return twins(args.repeats)
     print(f"{'kernel':<28}{'reference ms':>14}{'numba ms':>10}{'ratio':>8}")
     for name, run in cases(np.random.default_rng(0)).items():
         ref = median_ms(lambda: run(reference), args.repeats)

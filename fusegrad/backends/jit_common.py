@@ -55,7 +55,7 @@ class Kernel:
     """A numba kernel compiled for numba's threads (its prange loops shared out) and, at first need, again for
     the calling thread alone (`serial`, prange run as range). A thread whose numba thread count is 1 (a worker
     process, `one_core()`) always runs the serial twin: a parallel launch hands the loop to numba's pool and
-    waits, 0.3-0.4 ms a call on a KVM guest even with one thread (docs/performance.md, round 15), against
+    waits: 0.08-0.17 ms a call on a KVM guest even with one thread (docs/performance.md, round 15), against
     microseconds of work for many of these loops. Callers pick `serial` themselves for small work on more
     threads. The twin is cached on disk under its own name (numba keys its cache by name and bytecode, not
     by `parallel`)."""
