@@ -267,7 +267,7 @@ class JitBackend(NumpyBackend):
         x, weight = np.ascontiguousarray(x), np.ascontiguousarray(weight)
         y = np.empty_like(x)
         rstd = np.empty((x.shape[0], 1), np.float32)
-        (_rmsnorm_forward.serial if x.size < SERIAL_MAX_WORK else _rmsnorm_forward)(x, weight, float(eps), y, rstd)
+        _rmsnorm_forward.sized(x.size)(x, weight, float(eps), y, rstd)
         return y, rstd
 
     def rmsnorm_backward(self, dy, x, weight, rstd, need_dx: bool = True, need_dw: bool = True):
@@ -300,7 +300,7 @@ class JitBackend(NumpyBackend):
             return super().swiglu_forward(h13)
         h2 = np.ascontiguousarray(h13).reshape(-1, h13.shape[-1])
         out = np.empty((h2.shape[0], h2.shape[1] // 2), np.float32)
-        (_swiglu_forward.serial if out.size < SERIAL_MAX_WORK else _swiglu_forward)(h2, out)
+        _swiglu_forward.sized(out.size)(h2, out)
         return out.reshape(h13.shape[:-1] + (out.shape[1],))
 
     def swiglu_backward(self, g, h13):
@@ -376,15 +376,15 @@ class JitBackend(NumpyBackend):
         """The reference's math in one parallel pass, in place on p, m, v (tmp is unused)."""
         if not all(is_f32(a) and a.flags.c_contiguous and a.shape == p.shape for a in (p, g, m, v)):
             return super().adamw_update(p, g, m, v, lr, beta1, beta2, eps, wd, step, tmp, grad_scale)
-        kernel = _adamw.serial if p.size < SERIAL_MAX_WORK else _adamw  # a norm's or an adapter's few weights
-        kernel(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr), float(beta1), float(beta2),
-               float(eps), float(wd), lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), float(grad_scale))
+        _adamw.sized(p.size)(  # a norm's or an adapter's few weights: serially
+            p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr), float(beta1), float(beta2),
+            float(eps), float(wd), lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), float(grad_scale))
 
     def accumulate(self, out, x) -> None:
         """out += x on every core for C-contiguous float32 arrays of one shape."""
         if not (is_f32(out, x) and out.shape == x.shape and out.flags.c_contiguous and x.flags.c_contiguous):
             return super().accumulate(out, x)
-        (_add_into.serial if out.size < SERIAL_MAX_WORK else _add_into)(out.reshape(-1), x.reshape(-1))
+        _add_into.sized(out.size)(out.reshape(-1), x.reshape(-1))
 
     def prewarm_kernels(self) -> float:
         """Compile (first run) or load from the disk cache (later runs) every kernel, both twins (a worker's

@@ -80,6 +80,6 @@ def attention_cached(qkv, k_cache, v_cache, start: int, n_heads: int, n_kv_heads
     D = k_cache.shape[3]
     y = np.empty((B, T, n_heads * D), np.float32)
     work = B * n_heads * T * (start + T) * D
-    kernel = _attention_cached.serial if work < DECODE_SERIAL_MAX_WORK else _attention_cached
-    kernel(np.ascontiguousarray(qkv), k_cache, v_cache, start, cos, sin, n_heads, y)
+    _attention_cached.sized(work, DECODE_SERIAL_MAX_WORK)(np.ascontiguousarray(qkv), k_cache, v_cache, start, cos,
+                                                          sin, n_heads, y)
     return y

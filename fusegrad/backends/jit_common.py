@@ -56,8 +56,8 @@ class Kernel:
     the calling thread alone (`serial`, prange run as range). A thread whose numba thread count is 1 (a worker
     process, `one_core()`) always runs the serial twin: a parallel launch hands the loop to numba's pool and
     waits: 0.08-0.17 ms a call on a KVM guest even with one thread (docs/performance.md, round 15), against
-    microseconds of work for many of these loops. Callers pick `serial` themselves for small work on more
-    threads. The twin is cached on disk under its own name (numba keys its cache by name and bytecode, not
+    microseconds of work for many of these loops. On more threads a caller that knows its work small picks the
+    twin with `sized`. The twin is cached on disk under its own name (numba keys its cache by name and bytecode, not
     by `parallel`)."""
 
     def __init__(self, f, options: dict):
@@ -73,6 +73,11 @@ class Kernel:
             twin.__qualname__ = f.__qualname__ + "_serial"
             self._serial = njit(**self.options)(twin)
         return self._serial
+
+    def sized(self, work: int, serial_below: int = SERIAL_MAX_WORK):
+        """The serial twin for `work` (multiply-adds or elements) under `serial_below`, too little to wake the
+        other threads for; else this kernel (which still runs serially on one thread)."""
+        return self.serial if work < serial_below else self
 
     def __call__(self, *args):
         return (self.serial if numba.get_num_threads() == 1 else self.parallel)(*args)

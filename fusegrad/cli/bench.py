@@ -61,6 +61,7 @@ from fusegrad.core.trace import TRACER, mark_step, trace
 from fusegrad.finetune.lora import HF_MODULES, LoraConfig, attach_lora
 from fusegrad.finetune.qlora import attach_qlora, describe_base
 from fusegrad.finetune.trainer import slice_losses, worker_adapters
+from fusegrad.models.gguf_reader import is_gguf
 from fusegrad.models.llama import PRESETS, Llama, LlamaConfig, preset
 from fusegrad.parallel.mpi import DataParallel
 from fusegrad.parallel.workers import peak_rss_mb, run_slice
@@ -186,7 +187,7 @@ class BenchRun(Run):
 def base_model(spec: dict) -> Llama:
     """The weights every side starts from: the checkpoint spec["model"], or a fresh model seeded spec["seed"]."""
     path, lora = spec.get("model"), spec.get("lora") or {}
-    if path and lora.get("qlora") and str(path).endswith(".gguf"):  # the file's own blocks kept, as finetune does
+    if path and lora.get("qlora") and is_gguf(path):  # the file's own blocks kept, as finetune does
         model = Llama.from_pretrained(path, quantize=lora["quantize"])
     else:
         model = load_model(path)[0] if path else Llama(LlamaConfig.from_dict(spec["config"]), seed=spec["seed"])
